@@ -1,0 +1,169 @@
+"""pipelines.yaml: parsed and validated with pydantic; every error names its YAML path.
+
+    models:   {alias: model reference}          # real (hub) models by default
+    profiles: {name: {models: {alias: ref}}}    # --profile swaps models without editing pipelines
+    pipelines:
+      NAME:
+        ingest: {shard_size: 256, min_side: 16, ...}
+        steps:                                   # each step writes annotations/<step>/
+          - name: stage1
+            stages:
+              - {stage: ocr, params: {batch_size: 4}}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.registry import UnknownStageError, stage_class
+from engine.stage import Stage
+
+
+class ConfigError(ValueError):
+    """A pipelines.yaml problem; the message starts with the file and the YAML path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestConfig(_Strict):
+    shard_size: int = Field(256, ge=1, description="images per shard (the unit of resume)")
+    min_side: int = Field(16, ge=1, description="smaller images are quarantined as too_small")
+    max_pixels: int = Field(178_956_970, ge=1, description="larger images are decompression_bomb")
+    source: str | None = Field(None, description="dataset / origin name recorded on each image")
+
+
+class StageSpec(_Strict):
+    stage: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepConfig(_Strict):
+    name: str
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str) -> str:
+        if not v or not v.replace("_", "").replace("-", "").isalnum():
+            raise ValueError("step name must be letters, digits, '_' or '-' (it names a folder)")
+        if v in ("images", "quarantine", "models", "exports"):
+            raise ValueError(f"step name {v!r} is reserved")
+        return v
+
+
+class PipelineConfig(_Strict):
+    description: str = ""
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    steps: list[StepConfig] = Field(min_length=1)
+    rounds: int = Field(0, ge=0, description="stage-3 refinement rounds after the steps")
+    refine: dict[str, Any] = Field(default_factory=dict, description="stage-3 settings")
+
+
+class ProfileConfig(_Strict):
+    description: str = ""
+    models: dict[str, str] = Field(default_factory=dict)
+
+
+class FileConfig(_Strict):
+    models: dict[str, str] = Field(default_factory=dict)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    pipelines: dict[str, PipelineConfig]
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class Pipeline:
+    """A validated pipeline with its profile applied: builds stage objects per step."""
+
+    def __init__(self, name: str, config: PipelineConfig, models: dict[str, str], origin: str, profile: str | None):
+        self.name = name
+        self.config = config
+        self.models = models
+        self.origin = origin
+        self.profile = profile
+        seen = set()
+        for i, step in enumerate(config.steps):
+            if step.name in seen:
+                raise ConfigError(f"{origin}: pipelines.{name}.steps[{i}].name: duplicate step {step.name!r}")
+            seen.add(step.name)
+            for j, spec in enumerate(step.stages):
+                self._check_stage(spec, f"pipelines.{name}.steps[{i}].stages[{j}]")
+
+    def _check_stage(self, spec: StageSpec, path: str) -> None:
+        try:
+            cls = stage_class(spec.stage)
+        except UnknownStageError as exc:
+            raise ConfigError(f"{self.origin}: {path}.stage: {exc.args[0]}") from None
+        try:
+            cls.Params(**spec.params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"{self.origin}: {path}.params.{_yaml_path(err['loc'])}: {err['msg']}") from None
+
+    @property
+    def steps(self) -> list[StepConfig]:
+        return self.config.steps
+
+    def step(self, name: str) -> StepConfig:
+        for s in self.config.steps:
+            if s.name == name:
+                return s
+        raise ConfigError(f"pipeline {self.name!r} has no step {name!r}; steps: {[s.name for s in self.steps]}")
+
+    def build_stages(self, step: StepConfig) -> list[Stage]:
+        return [stage_class(s.stage)(s.params, models=self.models) for s in step.stages]
+
+    def step_hash(self, step_name: str) -> str:
+        """Hash of everything that decides a step's output: its stages, the steps before it, models."""
+        upto = []
+        for s in self.steps:
+            upto.append(s.model_dump())
+            if s.name == step_name:
+                break
+        payload = {"ingest": self.config.ingest.model_dump(exclude={"shard_size"}), "steps": upto, "models": self.models}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def ingest_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.config.ingest.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path) -> FileConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return FileConfig(**(raw or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{path}: {_yaml_path(err['loc'])}: {err['msg']}") from None
+    except TypeError:
+        raise ConfigError(f"{path}: the top level must be a mapping with a 'pipelines' key") from None
+
+
+def load_pipeline(path: str | Path, name: str, profile: str | None = None) -> Pipeline:
+    cfg = load_config(path)
+    if name not in cfg.pipelines:
+        raise ConfigError(f"{path}: pipelines.{name}: no such pipeline; defined: {sorted(cfg.pipelines)}")
+    models = dict(cfg.models)
+    if profile:
+        if profile not in cfg.profiles:
+            raise ConfigError(f"{path}: profiles.{profile}: no such profile; defined: {sorted(cfg.profiles)}")
+        models.update(cfg.profiles[profile].models)
+    return Pipeline(name, cfg.pipelines[name], models, str(path), profile)

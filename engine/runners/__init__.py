@@ -1,0 +1,1 @@
+"""Runner adapters: the only modules that import ray or apache_beam."""

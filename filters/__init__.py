@@ -1,0 +1,1 @@
+"""Stage-2 filters: each fills checks, status and reason, and never deletes an annotation."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: real photos (scikit-image, Debian darknet) and image-record batches."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from engine.stage import IMAGE_BYTES_COLUMN, records_to_table
+from schemas.records import empty_record
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+DARKNET_DIR = "/usr/share/darknet/data"
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """name -> encoded bytes of real photos shipped by installed packages."""
+    from skimage import data
+
+    out = {name: _png(getattr(data, name)()) for name in SKIMAGE_PHOTOS}
+    for path in sorted(glob.glob(os.path.join(DARKNET_DIR, "*.jpg"))):
+        out["darknet_" + os.path.basename(path)[:-4]] = open(path, "rb").read()
+    return out
+
+
+def make_batch(images: dict[str, bytes]) -> pa.Table:
+    """Image records (no annotations yet) plus the transient image-bytes column."""
+    records = []
+    for name, data in images.items():
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        records.append(
+            empty_record(
+                {"image_id": hashlib.sha256(data).hexdigest(), "uri": name, "width": w, "height": h, "source": "test"}
+            )
+        )
+    table = records_to_table(records)
+    return table.append_column(IMAGE_BYTES_COLUMN, pa.array(list(images.values()), pa.binary()))
+
+
+@pytest.fixture(scope="session")
+def photo_batch(photos) -> pa.Table:
+    """Four real photos as a stage input batch."""
+    names = list(photos)[:4]
+    return make_batch({n: photos[n] for n in names})
