@@ -1,0 +1,78 @@
+"""OCR text regions with RapidOCR (PP-OCR det + rec, ONNX; the models ship in the wheel).
+
+The FLD-5B role of the "OCR service": line-level quads with their text. Writes regions of
+kind `text` with quad (clockwise from top-left, as Florence-2's <OCR_WITH_REGION>), box,
+label = the recognised string and score = recognition confidence.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from engine.stage import Resources, Stage, StageParams, decode_image, pick_device
+from schemas.geometry import clamp_box, quad_to_box
+from schemas.records import make_ann_id, new_annotation
+
+BUNDLED = "rapidocr"  # the PP-OCR models inside the rapidocr wheel
+
+
+class OCRParams(StageParams):
+    model: str = Field(BUNDLED, description="'rapidocr' (bundled PP-OCR) or a RapidOCR config YAML with local models")
+    min_score: float = Field(0.5, ge=0, le=1, description="RapidOCR text_score: lines below are not returned")
+    box_thresh: float = Field(0.5, ge=0, le=1)
+    use_cls: bool = Field(True, description="text-direction classifier (upside-down lines)")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per worker")
+
+
+class RapidOCRAnnotator(Stage):
+    name = "ocr"
+    Params = OCRParams
+    default_resources = Resources(cpus=1, gpus=0, batch_size=8, concurrency=1)
+    needs_images = True
+    uses_model = True
+
+    def setup(self) -> None:
+        from rapidocr import RapidOCR
+
+        p: OCRParams = self.params
+        params: dict[str, Any] = {
+            "Global.log_level": "error",
+            "Global.text_score": p.min_score,
+            "Global.use_cls": p.use_cls,
+            "Det.box_thresh": p.box_thresh,
+            "EngineConfig.onnxruntime.intra_op_num_threads": p.threads,
+            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+            "EngineConfig.onnxruntime.use_cuda": pick_device() == "cuda",
+        }
+        model = self.resolve_model(p.model)
+        self._engine = RapidOCR(config_path=None if model == BUNDLED else model, params=params)
+        from importlib.metadata import version
+
+        self._model_ref = model
+        self._revision = f"rapidocr-{version('rapidocr')}"
+
+    def process_record(self, record: dict, image: bytes | None) -> None:
+        img = decode_image(image)
+        out = self._engine(np.asarray(img))
+        if out.boxes is None or out.txts is None:
+            return
+        w, h = record["width"], record["height"]
+        source = self.source(self._model_ref, self._revision)
+        for i, (quad_pts, text, score) in enumerate(zip(out.boxes, out.txts, out.scores)):
+            quad = [float(min(max(v, 0.0), w if j % 2 == 0 else h)) for j, v in enumerate(np.asarray(quad_pts).reshape(-1))]
+            record["regions"].append(
+                new_annotation(
+                    source,
+                    score=float(score),
+                    ann_id=make_ann_id(record["image_id"], self.name, "text", i),
+                    kind="text",
+                    box=clamp_box(quad_to_box(quad), w, h),
+                    quad=quad,
+                    polygon=None,
+                    mask=None,
+                    label=str(text),
+                    brief=None,
+                )
+            )

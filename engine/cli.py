@@ -1,0 +1,164 @@
+"""The `fld` command line (typer + rich)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+def _render(tables: list[dict]) -> None:
+    for t in tables:
+        rt = Table(title=t["title"], title_justify="left")
+        for c in t["columns"]:
+            rt.add_column(str(c))
+        for row in t["rows"]:
+            rt.add_row(*["" if v is None else str(v) for v in row])
+        out_console.print(rt)
+
+
+@app.command()
+def run(
+    pipelines: Path = typer.Argument(..., help="pipelines.yaml"),
+    pipeline: str = typer.Option(..., "--pipeline", "-p", help="pipeline name in the YAML"),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="folder, list file (csv/jsonl/parquet), tar(s), or COCO JSON"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (resumable)"),
+    runner: str = typer.Option("local", "--runner", "-r", help="local | ray | beam"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="swap models by a profile of the YAML (e.g. offline)"),
+    force: bool = typer.Option(False, "--force", help="redo everything, ignoring committed shards"),
+    from_step: Optional[str] = typer.Option(None, "--from", help="redo this step and the ones after it"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:port)"),
+    beam_runner: Optional[str] = typer.Option(None, "--beam-runner", help="Beam runner (DirectRunner, FlinkRunner, ...)"),
+    beam_option: list[str] = typer.Option([], "--beam-option", help="extra Beam pipeline option, repeatable (--beam-option=--project=x)"),
+) -> None:
+    """Ingest SRC and run every step of PIPELINE into OUT; rerun to resume."""
+    from engine.config import ConfigError, load_pipeline
+    from engine.run import run_pipeline
+    from engine.store import StoreError
+
+    options: dict = {}
+    if address:
+        options["address"] = address
+    if beam_runner:
+        options["beam_runner"] = beam_runner
+    if beam_option:
+        options["beam_options"] = list(beam_option)
+    try:
+        pipe = load_pipeline(pipelines, pipeline, profile)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=console, disable=not console.is_terminal and os.environ.get("FLD_PROGRESS") != "1") as prog:
+
+            def factory(name: str, total: int):
+                task = prog.add_task(name, total=total or None, info="")
+
+                def advance(shard: str, rows: int, skipped: bool = False) -> None:
+                    prog.update(task, advance=1, info=f"{shard}: {rows} {'(resumed)' if skipped else ''}")
+
+                return advance
+
+            summary = run_pipeline(pipe, input, str(out), runner=runner, force=force, from_step=from_step,
+                                   runner_options=options, progress_factory=factory)
+    except (ConfigError, StoreError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    ing = summary.ingest
+    console.print(
+        f"[bold]inputs {ing.get('inputs', 0)} = images {ing.get('images', 0)} + quarantined {ing.get('quarantined', 0)}"
+        f" + duplicates {ing.get('duplicates', 0)}[/]"
+    )
+    rows = []
+    for step, s in summary.steps.items():
+        for stage, c in s["counters"].items():
+            rows.append([step, stage, c.get("records_in", 0), c.get("records_out", 0),
+                         ", ".join(f"{k}={v}" for k, v in c.get("annotations_added", {}).items()),
+                         ", ".join(f"{k}={v}" for k, v in c.get("dropped", {}).items()), c.get("errors", 0),
+                         c.get("seconds", 0), f"{s['shards_run']} run / {s['shards_skipped']} resumed"])
+    _render([{"title": f"{pipeline} -> {out} ({runner}, {summary.seconds}s)",
+              "columns": ["step", "stage", "in", "out", "added", "dropped", "errors", "seconds", "shards"], "rows": rows}])
+    for r in summary.rounds:
+        console.print(f"round {r.get('round')}: {json.dumps({k: v for k, v in r.items() if k != 'round'}, default=str)}")
+
+
+@app.command()
+def query(
+    out: Path = typer.Argument(..., help="output folder of fld run"),
+    sql: str = typer.Argument(..., help="SQL over the views images, texts, regions, groundings, quarantine, records"),
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step's annotations (default: the latest)"),
+) -> None:
+    """Read-only SQL over OUT (DuckDB)."""
+    from engine.query import QueryError, run_query
+
+    try:
+        cols, rows = run_query(out, sql, step)
+    except QueryError as exc:
+        _fail(str(exc))
+    if format == "json":
+        sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
+    elif format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    elif format == "table":
+        _render([{"title": "", "columns": cols, "rows": rows}])
+    else:
+        _fail(f"--format must be table, csv or json, not {format!r}")
+
+
+@app.command()
+def stats(
+    out: Path = typer.Argument(..., help="output folder of fld run"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step (default: the latest)"),
+    format: str = typer.Option("table", "--format", "-f", help="table | json"),
+) -> None:
+    """Counts per table, status and reason; per-stage counters; the filter funnel."""
+    from engine.query import QueryError
+    from engine.stats import collect_stats
+
+    try:
+        tables = collect_stats(out, step)
+    except QueryError as exc:
+        _fail(str(exc))
+    if format == "json":
+        sys.stdout.write(json.dumps(tables, default=str) + "\n")
+    else:
+        _render(tables)
+
+
+@app.command()
+def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write the sample images to")) -> None:
+    """Write the quickstart's sample images (generated scenes with text + photos from installed packages)."""
+    from engine.samples import write_samples
+
+    paths = write_samples(dest)
+    console.print(f"wrote {len(paths)} sample images to {dest}")
+
+
+@app.command()
+def stages() -> None:
+    """List the registered stages."""
+    from engine.registry import STAGES
+
+    _render([{"title": "stages", "columns": ["name", "class"], "rows": [[k, v] for k, v in sorted(STAGES.items())]}])
+
+
+if __name__ == "__main__":
+    app()

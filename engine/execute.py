@@ -1,0 +1,79 @@
+"""Engine-neutral pieces of running a step on one shard; every runner uses these.
+
+A step's shard k reads images/part-k (step 0) or annotations/<previous step>/part-k, so
+every runner writes the same files with the same rows in the same order.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import pyarrow as pa
+
+from engine.counters import delta, merge, snapshot
+from engine.stage import IMAGE_BYTES_COLUMN, Stage, records_to_table
+from schemas.records import IMAGE_RECORD_SCHEMA, empty_record
+from schemas.validate import validate_table
+
+
+def initial_records(images: pa.Table) -> pa.Table:
+    """Image records a pipeline starts from: no annotations, or the imported (`human`) ones."""
+    from engine.ingest.human import human_annotations
+
+    rows = images.select([c for c in images.column_names if c != "bytes"]).to_pylist()
+    return records_to_table(human_annotations(empty_record(r), r.get("human")) for r in rows)
+
+
+def step_input_folder(step_names: list[str], index: int) -> str:
+    return "images" if index == 0 else f"annotations/{step_names[index - 1]}"
+
+
+def attach_images(records: pa.Table, images: pa.Table) -> pa.Table:
+    """Add the transient image-bytes column, joined by image_id (order of `records` kept)."""
+    by_id = dict(zip(images.column("image_id").to_pylist(), images.column("bytes").to_pylist()))
+    ids = records.column("image_id").to_pylist()
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise KeyError(f"{len(missing)} record(s) have no image in images/ (first: {missing[0]})")
+    return records.append_column(IMAGE_BYTES_COLUMN, pa.array([by_id[i] for i in ids], pa.binary()))
+
+
+def batches(table: pa.Table, size: int) -> Iterable[pa.Table]:
+    for start in range(0, table.num_rows, max(1, size)):
+        yield table.slice(start, size)
+
+
+def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None) -> pa.Table:
+    """Apply one stage over a table in batches of its declared size, counting what it did."""
+    stage.ensure_setup()
+    outs = []
+    for batch in batches(table, stage.resources.batch_size):
+        t0 = time.perf_counter()
+        before = snapshot(batch)
+        out = stage(batch)
+        if out.num_rows != batch.num_rows:
+            raise RuntimeError(f"stage {stage.name!r} returned {out.num_rows} records for {batch.num_rows}: stages never drop records")
+        if counters is not None:
+            merge(counters.setdefault(stage.name, {}), delta(before, snapshot(out), time.perf_counter() - t0))
+        outs.append(out)
+    if not outs:
+        return table
+    return pa.concat_tables(outs)
+
+
+def finalize(table: pa.Table, name: str) -> pa.Table:
+    """Drop the image column, order columns as the schema, and validate before writing."""
+    table = table.select([f.name for f in IMAGE_RECORD_SCHEMA]).cast(IMAGE_RECORD_SCHEMA)
+    validate_table(table, name=name)
+    return table
+
+
+def run_stages_on_shard(stages: list[Stage], records: pa.Table, images: pa.Table | None, name: str) -> tuple[pa.Table, dict]:
+    """The whole step on one shard, in-process: what the local runner and Beam/Ray fallbacks call."""
+    counters: dict = {}
+    table = records
+    if images is not None and any(s.needs_images for s in stages):
+        table = attach_images(table, images)
+    for stage in stages:
+        table = run_stage(stage, table, counters)
+    return finalize(table, name), counters
