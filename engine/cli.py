@@ -153,6 +153,21 @@ def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write t
 
 
 @app.command()
+def quickstart(
+    out: Path = typer.Option(Path("out/quickstart"), "--out", "-o", help="output folder"),
+    samples_dir: Path = typer.Option(Path("samples"), "--samples", help="where the sample images are written"),
+    pipelines: Path = typer.Option(Path("pipelines.yaml"), "--pipelines", help="pipelines.yaml"),
+    pipeline: str = typer.Option("quickstart", "--pipeline", "-p"),
+    profile: Optional[str] = typer.Option("offline", "--profile", help="offline: no network needed"),
+    runner: str = typer.Option("local", "--runner", "-r"),
+) -> None:
+    """The main job on the embedded default: sample images -> the quickstart pipeline -> stats."""
+    samples(samples_dir)
+    run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [])
+    stats(out, None, "table")
+
+
+@app.command()
 def stages() -> None:
     """List the registered stages."""
     from engine.registry import STAGES

@@ -18,6 +18,22 @@ def _table(con, title: str, sql: str) -> Table:
     return {"title": title, "columns": [d[0] for d in cur.description], "rows": [list(r) for r in cur.fetchall()]}
 
 
+def _funnel_tables(con) -> list[Table]:
+    """The filter funnel and the quantiles of every check (engine.funnel), as plain tables."""
+    from engine.funnel import QUANTILE_NAMES, check_quantiles, funnel
+
+    rows = [[r["type"], r["filter"], r["in"], r["dropped"], r["out"],
+             ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())] for r in funnel(con)]
+    quant = [[r["type"], r["check"], r["n"], round(r["mean"], 4), *(round(r[q], 4) for q in QUANTILE_NAMES)]
+             for r in check_quantiles(con)]
+    return [
+        {"title": "filter funnel (first reason of each drop)",
+         "columns": ["type", "filter", "in", "dropped", "out", "reasons"], "rows": rows},
+        {"title": "checks (all annotations, dropped included)",
+         "columns": ["type", "check", "n", "mean", *QUANTILE_NAMES], "rows": quant},
+    ]
+
+
 def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
     store = ShardStore(out)
     folder = resolve_step(store, step)
@@ -61,12 +77,7 @@ def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
                    "columns": ["step", "stage", "records in", "records out", "added", "dropped", "errors", "seconds"],
                    "rows": rows})
     if folder is not None:
-        try:
-            from engine.funnel import funnel_tables
-        except ImportError:
-            funnel_tables = None
-        if funnel_tables is not None:
-            tables.extend(funnel_tables(con))
+        tables.extend(_funnel_tables(con))
     try:
         from refine.metrics import round_metrics_table
     except ImportError:

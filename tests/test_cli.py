@@ -1,0 +1,129 @@
+"""End to end through the `fld` CLI: run (resume, --from, stale config), query, stats."""
+import json
+import shutil
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from test_ocr import WORDS, rendered_sign
+
+runner = CliRunner()
+
+PIPELINES = """
+pipelines:
+  ocr:
+    ingest: {shard_size: 2}
+    steps:
+      - name: stage1
+        stages:
+          - {stage: ocr, params: {batch_size: 2, min_score: MIN}}
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, photos):
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "sign.jpg").write_bytes(rendered_sign())
+    (d / "copy_of_sign.jpg").write_bytes(rendered_sign())  # exact duplicate
+    for name in ("astronaut", "coffee", "chelsea"):
+        (d / f"{name}.png").write_bytes(photos[name])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("not an image at all")
+    return d
+
+
+def _yaml(tmp_path, min_score=0.5):
+    p = tmp_path / "pipelines.yaml"
+    p.write_text(textwrap.dedent(PIPELINES).replace("MIN", str(min_score)))
+    return p
+
+
+def _run(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res
+
+
+def _query(out, sql, *extra):
+    res = _run("query", out, sql, "--format", "json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, inputs):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _yaml(tmp)
+    out = tmp / "out"
+    res = _run("run", cfg, "--pipeline", "ocr", "--input", inputs, "--out", out)
+    assert res.exit_code == 0, res.output
+    return cfg, out, res.output
+
+
+def test_run_reports_the_input_equation(done):
+    _, _, output = done
+    assert "inputs 7 = images 4 + quarantined 2 + duplicates 1" in output
+
+
+def test_query_views_and_join(done):
+    _, out, _ = done
+    rows = _query(out, "SELECT count(*) AS n FROM regions WHERE kind='text'")
+    assert rows[0]["n"] >= 3
+    rows = _query(out, "SELECT i.uri, r.label FROM regions r JOIN images i USING (image_id) "
+                       "WHERE i.uri LIKE '%sign.jpg' ORDER BY r.box[2]")
+    assert [r["label"] for r in rows] == WORDS
+    q = _query(out, "SELECT reason, count(*) AS n FROM quarantine GROUP BY reason ORDER BY reason")
+    assert {r["reason"]: r["n"] for r in q} == {"duplicate": 1, "empty": 1, "not_image": 1}
+    csv_out = _run("query", out, "SELECT count(*) AS n FROM images", "--format", "csv")
+    assert csv_out.stdout.splitlines() == ["n", "4"]
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM images", "COPY (SELECT * FROM images) TO '/tmp/x.csv'",
+                                 "CREATE TABLE t AS SELECT 1", "ATTACH 'x.db'", "INSTALL httpfs"])
+def test_query_is_read_only(done, sql):
+    _, out, _ = done
+    res = _run("query", out, sql)
+    assert res.exit_code == 2 and "read-only" in res.output
+
+
+def test_stats_json(done):
+    _, out, _ = done
+    res = _run("stats", out, "--format", "json")
+    assert res.exit_code == 0, res.output
+    tables = {t["title"]: t for t in json.loads(res.stdout)}
+    ingest = tables["ingest (inputs = images + quarantined + duplicates)"]["rows"][0]
+    assert ingest == [7, 4, 2, 1]
+    counters = tables["per-stage counters (all committed shards)"]["rows"]
+    assert counters[0][:4] == ["stage1", "ocr", 4, 4]
+
+
+def test_rerun_resumes_everything_and_changes_nothing(done, inputs):
+    cfg, out, _ = done
+    before = _query(out, "SELECT image_id, ann_id, label FROM regions ORDER BY ann_id")
+    res = _run("run", cfg, "--pipeline", "ocr", "--input", inputs, "--out", out)
+    assert res.exit_code == 0 and "0 run / 4 resumed" in res.output
+    assert _query(out, "SELECT image_id, ann_id, label FROM regions ORDER BY ann_id") == before
+
+
+def test_changed_config_is_refused_then_redone_with_from(tmp_path, done, inputs):
+    cfg, out, _ = done
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    (work / ".lock").unlink(missing_ok=True)
+    strict = _yaml(tmp_path, 0.99)
+    res = _run("run", strict, "--pipeline", "ocr", "--input", inputs, "--out", work)
+    assert res.exit_code == 2 and "--from stage1" in res.output
+    res = _run("run", strict, "--pipeline", "ocr", "--out", work, "--from", "stage1")  # no --input needed
+    assert res.exit_code == 0, res.output
+    n_strict = _query(work, "SELECT count(*) AS n FROM regions")[0]["n"]
+    n_default = _query(out, "SELECT count(*) AS n FROM regions")[0]["n"]
+    assert n_strict < n_default
+
+
+def test_bad_config_and_missing_input_give_clear_errors(tmp_path):
+    cfg = _yaml(tmp_path)
+    res = _run("run", cfg, "--pipeline", "nope", "--input", tmp_path, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "pipelines.nope" in res.output
+    res = _run("run", cfg, "--pipeline", "ocr", "--input", tmp_path / "missing", "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "missing" in res.output
