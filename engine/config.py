@@ -37,6 +37,8 @@ class IngestConfig(_Strict):
     min_side: int = Field(16, ge=1, description="smaller images are quarantined as too_small")
     max_pixels: int = Field(178_956_970, ge=1, description="larger images are decompression_bomb")
     source: str | None = Field(None, description="dataset / origin name recorded on each image")
+    image_root: str | None = Field(None, description="COCO input: image folder, relative to the JSON's folder")
+    workers: int = Field(1, ge=1, description="threads that read and decode within a shard")
 
 
 class StageSpec(_Strict):
@@ -132,12 +134,12 @@ class Pipeline:
             upto.append(s.model_dump())
             if s.name == step_name:
                 break
-        payload = {"ingest": self.config.ingest.model_dump(exclude={"shard_size"}), "steps": upto, "models": self.models}
+        payload = {"ingest": self.config.ingest.model_dump(exclude={"shard_size", "workers"}), "steps": upto, "models": self.models}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def ingest_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.config.ingest.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.config.ingest.model_dump(exclude={"workers"}), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path) -> FileConfig:

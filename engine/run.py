@@ -46,7 +46,7 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, progress: Cal
         if store.shards("images"):
             return aggregate_ingest(store)
         raise ConfigError(f"{store.out} has no ingested images yet: give --input")
-    items = list_inputs(src, cfg.source)
+    items = list_inputs(src, cfg.source, image_root=cfg.image_root)
     chunks = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
     seen: set[str] = set()
     for k, chunk in enumerate(chunks):
@@ -64,7 +64,7 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, progress: Cal
                 progress(shard, len(chunk), skipped=True)
             continue
         t0 = time.perf_counter()
-        images, quarantine, counters = ingest_shard(chunk, cfg.min_side, cfg.max_pixels, seen)
+        images, quarantine, counters = ingest_shard(chunk, cfg.min_side, cfg.max_pixels, seen, workers=cfg.workers)
         meta = {"config_hash": pipeline.ingest_hash, "inputs_hash": ihash, "runner": "driver"}
         store.write_shard("quarantine", shard, quarantine, meta)
         store.write_shard("images", shard, images, {**meta, "counters": counters, "seconds": round(time.perf_counter() - t0, 3)})

@@ -165,11 +165,10 @@ def decode_image(data: bytes):
     """Bytes from images/ -> RGB PIL image with EXIF orientation applied (as ingest measured)."""
     from PIL import Image, ImageOps
 
+    from engine.ingest.pixels import to_rgb  # 16-bit scaled, not clipped to white
+
     img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def pick_device() -> str:

@@ -1,0 +1,28 @@
+"""Decoded image -> 8-bit RGB, keeping the picture for high-bit-depth files.
+
+Pillow's plain convert("RGB") clips 16-bit samples ("I;16", "I") at 255, so a 16-bit PNG
+becomes an almost white image; every model would then see garbage. Scaling the 16-bit range
+to 8 bits first keeps the content. No fld-engine imports: engine.stage.decode_image may use it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy of `img`; 16-bit and 32-bit integer grey are scaled from 0..65535 to 0..255.
+
+    Raises ValueError for a mode Pillow cannot convert to RGB (ingest's 'unsupported_mode').
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        # "I" holds 16-bit PNG data on some Pillow versions and plain 8-bit values on others.
+        shift = 8 if img.mode != "I" or arr.max(initial=0) > 255 else 0
+        grey = np.clip(arr >> shift, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
