@@ -144,6 +144,25 @@ def stats(
 
 
 @app.command()
+def export(
+    out: Path = typer.Argument(..., help="output folder of fld run"),
+    format: str = typer.Option("florence", "--format", "-f", help="florence | coco | webdataset"),
+    dest: Path = typer.Option(..., "--dest", "-d", help="folder to write the export to"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
+    task: list[str] = typer.Option([], "--task", help="florence: only these task tokens, repeatable"),
+) -> None:
+    """Export kept annotations: Florence-2 training shards, COCO JSON, or WebDataset tars."""
+    from engine.export import ExportError, export as do_export
+    from engine.query import QueryError
+
+    try:
+        counts = do_export(out, dest, format, step, task or None)
+    except (ExportError, QueryError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"exported to {dest}: {json.dumps(counts)}")
+
+
+@app.command()
 def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write the sample images to")) -> None:
     """Write the quickstart's sample images (generated scenes with text + photos from installed packages)."""
     from engine.samples import write_samples
