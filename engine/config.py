@@ -102,6 +102,10 @@ class Pipeline:
             seen.add(step.name)
             for j, spec in enumerate(step.stages):
                 self._check_stage(spec, f"pipelines.{name}.steps[{i}].stages[{j}]")
+        if config.rounds or config.refine:
+            from refine.loop import parse_refine_config  # stage 3 owns its settings' schema
+
+            parse_refine_config(self)
 
     def _check_stage(self, spec: StageSpec, path: str) -> None:
         try:

@@ -26,12 +26,7 @@ class ModelRef:
         if self.kind == "random":
             return "random-" + hashlib.sha1(json.dumps(self.random_config(), sort_keys=True).encode()).hexdigest()[:12]
         if self.kind == "local":
-            h = hashlib.sha1()
-            for name in sorted(os.listdir(self.location)):
-                if name.endswith(".json"):
-                    h.update(name.encode())
-                    h.update(Path(self.location, name).read_bytes())
-            return "local-" + h.hexdigest()[:12]
+            return "local-" + _directory_fingerprint(Path(self.location))
         return os.environ.get("FLD_HUB_REVISION", "main")
 
     def random_config(self) -> dict:
@@ -49,6 +44,22 @@ class ModelRef:
 
             return yaml.safe_load(text) or {}
         return {"preset": self.location}
+
+
+def _directory_fingerprint(root: Path) -> str:
+    """Configs whole; weights by name, size and their first MiB (safetensors headers, checkpoints
+    differ there): two checkpoints with the same config but other weights get other revisions."""
+    h = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(root))
+        h.update(rel.encode())
+        if path.suffix in (".json", ".yaml", ".yml", ".txt"):
+            h.update(path.read_bytes())
+        else:
+            h.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
 
 
 def parse_model_ref(ref: str) -> ModelRef:

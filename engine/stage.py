@@ -95,16 +95,14 @@ class Stage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
-        images = None
-        if self.needs_images:
-            if IMAGE_BYTES_COLUMN not in batch.column_names:
-                raise ValueError(f"stage {self.name!r} needs images but the batch has no {IMAGE_BYTES_COLUMN!r} column")
-            images = batch.column(IMAGE_BYTES_COLUMN).to_pylist()
-        records = table_to_records(batch)
-        out = self.process_batch(records, images)
+        has_images = IMAGE_BYTES_COLUMN in batch.column_names
+        if self.needs_images and not has_images:
+            raise ValueError(f"stage {self.name!r} needs images but the batch has no {IMAGE_BYTES_COLUMN!r} column")
+        images = batch.column(IMAGE_BYTES_COLUMN).to_pylist() if self.needs_images else None
+        out = self.process_batch(table_to_records(batch), images)
         table = records_to_table(out)
-        if images is not None:
-            table = table.append_column(IMAGE_BYTES_COLUMN, pa.array(images, pa.binary()))
+        if has_images:  # carried through for the next stage of the step, whether this one used it or not
+            table = table.append_column(IMAGE_BYTES_COLUMN, batch.column(IMAGE_BYTES_COLUMN))
         return table
 
     def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:

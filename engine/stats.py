@@ -18,12 +18,12 @@ def _table(con, title: str, sql: str) -> Table:
     return {"title": title, "columns": [d[0] for d in cur.description], "rows": [list(r) for r in cur.fetchall()]}
 
 
-def _funnel_tables(con) -> list[Table]:
+def _funnel_tables(con, order: list[str] | None) -> list[Table]:
     """The filter funnel and the quantiles of every check (engine.funnel), as plain tables."""
     from engine.funnel import QUANTILE_NAMES, check_quantiles, funnel
 
     rows = [[r["type"], r["filter"], r["in"], r["dropped"], r["out"],
-             ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())] for r in funnel(con)]
+             ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())] for r in funnel(con, order)]
     quant = [[r["type"], r["check"], r["n"], round(r["mean"], 4), *(round(r[q], 4) for q in QUANTILE_NAMES)]
              for r in check_quantiles(con)]
     return [
@@ -77,7 +77,9 @@ def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
                    "columns": ["step", "stage", "records in", "records out", "added", "dropped", "errors", "seconds"],
                    "rows": rows})
     if folder is not None:
-        tables.extend(_funnel_tables(con))
+        # only the first reason is stored, so the funnel follows the order the filters ran in
+        order = [stage for step_counters in counters.values() for stage in step_counters] or None
+        tables.extend(_funnel_tables(con, order))
     try:
         from refine.metrics import round_metrics_table
     except ImportError:

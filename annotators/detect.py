@@ -1,0 +1,375 @@
+"""Stage `detect`: object regions from a transformers object detector (FLD-5B's object specialist).
+
+Two families, because they answer different questions:
+- `detr`: closed-vocabulary DETR-family detectors (DETR, Conditional/Deformable DETR, RT-DETR,
+  D-FINE, ...) through AutoModelForObjectDetection + AutoImageProcessor; `vocabulary`, when given,
+  keeps only those of the model's categories.
+- `owlv2`: OWLv2 zero-shot detection; `vocabulary` is the list of category names to look for
+  (each wrapped in `prompt_template`), so the label set is the pipeline's choice, not the model's.
+
+Both use the processors' own `post_process_*` (box decoding and rescaling, OWLv2's square
+padding) and write boxes in original-image pixels, clamped to the image.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from engine.models import parse_model_ref
+from engine.stage import Resources, Stage, StageParams, decode_image, pick_device
+from schemas.geometry import clamp_box
+from schemas.records import make_ann_id, new_annotation
+
+FAMILIES = ("detr", "owlv2")
+DEFAULT_THRESHOLD = {"detr": 0.5, "owlv2": 0.1}
+
+# Tiny label set of the random DETR preset: real category names, so downstream stages
+# (region_text, filters) see realistic labels.
+TINY_LABELS = ["person", "cat", "cup", "rocket", "car", "dog", "bicycle", "chair"]
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class DetectorModel:
+    """A loaded detector: model + processor, with what provenance records."""
+
+    model: Any
+    processor: Any  # image processor (detr) or Owlv2Processor (owlv2)
+    family: str
+    ref: str
+    revision: str
+    device: str
+
+    @property
+    def labels(self) -> dict[int, str]:
+        return {int(k): v for k, v in (self.model.config.id2label or {}).items()}
+
+    def save(self, directory: str) -> None:
+        """save_pretrained of model and processor: a local directory reference loads it back."""
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+
+def _seed_of(config: Any) -> int:
+    return int(hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8], 16)
+
+
+@contextlib.contextmanager
+def _seeded(config: Any):
+    """Same config -> same random weights on every worker, without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_of(config))
+        yield
+
+
+@functools.lru_cache(maxsize=4)
+def clip_bpe_tokenizer(max_length: int):
+    """The CLIP BPE tokenizer (same vocabulary and ids as openai/clip-*), built offline from the
+    BPE merges bundled with open_clip, as CLIPTokenizer (what Owlv2Processor expects)."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # open_clip's slice
+    tokens = list(bytes_to_unicode().values())
+    tokens = tokens + [t + "</w>" for t in tokens] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _tiny_detr() -> tuple[dict, dict]:
+    """Conditional DETR (its per-query reference points give distinct boxes even untrained) with
+    a tiny native ResNet backbone: no timm, no pretrained backbone download."""
+    config = {
+        "model_type": "conditional_detr",
+        "backbone_config": {
+            "model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32, 64, 128],
+            "depths": [1, 1, 1, 1], "layer_type": "basic", "out_features": ["stage4"],
+        },
+        "use_timm_backbone": False, "use_pretrained_backbone": False,
+        "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+        "encoder_attention_heads": 2, "decoder_attention_heads": 2, "num_queries": 20,
+        "id2label": {str(i): name for i, name in enumerate(TINY_LABELS)},
+    }
+    return config, {"size": {"shortest_edge": 128, "longest_edge": 192}}
+
+
+def _tiny_owlv2() -> dict:
+    return {
+        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "max_position_embeddings": 16},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 128, "patch_size": 16},
+        "projection_dim": 32,
+    }
+
+
+def _random_detr(location: str, config: dict) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForObjectDetection
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+        get_image_processor_class_from_name,
+    )
+
+    if config.get("preset") == "tiny":
+        model_cfg, proc_kwargs = _tiny_detr()
+    elif "preset" in config:
+        raise ValueError(f"random:{location}: unknown detr preset; use 'tiny' or a .json/.yaml transformers config")
+    else:
+        model_cfg = dict(config)
+        proc_kwargs = model_cfg.pop("image_processor", {}) or {}
+        if "model_type" not in model_cfg:
+            raise ValueError(f"random:{location}: the config needs a 'model_type' (e.g. conditional_detr, detr)")
+    model_cfg = json.loads(json.dumps(model_cfg))  # a private copy
+    model_type = model_cfg.pop("model_type")
+    proc_kwargs = dict(proc_kwargs)
+    class_name = proc_kwargs.pop("image_processor_type", None)  # as preprocessor_config.json names it
+    if not class_name:
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+        class_name = names if isinstance(names, str) else names.get("torchvision") or names.get("pil")
+    if not class_name:
+        raise ValueError(
+            f"random:{location}: no image processor known for model_type {model_type!r}; "
+            f"set image_processor.image_processor_type (e.g. RTDetrImageProcessor)"
+        )
+    hf_config = AutoConfig.for_model(model_type, **model_cfg)
+    with _seeded({"model_type": model_type, **model_cfg}):
+        model = AutoModelForObjectDetection.from_config(hf_config)
+    processor = get_image_processor_class_from_name(class_name)(**proc_kwargs)
+    return model, processor
+
+
+def _random_owlv2(location: str, config: dict) -> tuple[Any, Any]:
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    if config.get("preset") == "tiny":
+        config = _tiny_owlv2()
+    elif "preset" in config:
+        raise ValueError(f"random:{location}: unknown owlv2 preset; use 'tiny' or a .json/.yaml Owlv2Config")
+    hf_config = Owlv2Config(**config)
+    with _seeded(config):
+        model = Owlv2ForObjectDetection(hf_config)
+    size = hf_config.vision_config.image_size
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": size, "width": size}),
+        tokenizer=clip_bpe_tokenizer(hf_config.text_config.max_position_embeddings),
+    )
+    return model, processor
+
+
+def load_detector(ref: str, family: str, device: str | None = None) -> DetectorModel:
+    """Hub id or local directory (from_pretrained), or random:<preset|config> of the family."""
+    if family not in FAMILIES:
+        raise ValueError(f"detector family must be one of {FAMILIES}, got {family!r}")
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "random":
+        builder = _random_detr if family == "detr" else _random_owlv2
+        model, processor = builder(parsed.location, parsed.random_config())
+    else:
+        try:
+            model, processor = _pretrained(parsed.location, parsed.revision if parsed.kind == "hub" else None, family)
+        except OSError as exc:
+            raise OSError(f"detector {ref!r} ({parsed.kind}, family {family}) could not be loaded: {exc}") from exc
+    device = device or pick_device()
+    model = model.to(device).eval()
+    return DetectorModel(model, processor, family, ref, parsed.revision, device)
+
+
+def _pretrained(location: str, revision: str | None, family: str) -> tuple[Any, Any]:
+    kwargs = {"revision": revision} if revision else {}
+    if family == "detr":
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+        return (
+            AutoModelForObjectDetection.from_pretrained(location, **kwargs),
+            AutoImageProcessor.from_pretrained(location, **kwargs),
+        )
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    model = Owlv2ForObjectDetection.from_pretrained(location, **kwargs)
+    return model, Owlv2Processor.from_pretrained(location, **kwargs)
+
+
+# ---------------------------------------------------------------------------- stage
+class ObjectDetectorParams(StageParams):
+    model: str = Field("detector", description="model reference or alias of the pipeline's models: section")
+    family: Literal["detr", "owlv2"] = "detr"
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="minimum score; default 0.5 (detr) / 0.1 (owlv2)"
+    )
+    vocabulary: list[str] = Field(
+        default_factory=list, description="owlv2: categories to detect (required); detr: keep only these labels"
+    )
+    prompt_template: str = Field("a photo of a {}", description="owlv2 text query for a category")
+    max_detections: int = Field(100, ge=1, description="per image, highest scores first")
+    min_box_size: float = Field(1.0, ge=0.0, description="drop boxes narrower or shorter than this (pixels)")
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _clean_vocabulary(cls, v: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in v]
+        if any(not c for c in cleaned):
+            raise ValueError("vocabulary entries must be non-empty category names")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("vocabulary has duplicate entries")
+        return cleaned
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{}" not in v:
+            raise ValueError("prompt_template must contain '{}' where the category name goes")
+        return v
+
+    @model_validator(mode="after")
+    def _owlv2_needs_vocabulary(self) -> "ObjectDetectorParams":
+        if self.family == "owlv2" and not self.vocabulary:
+            raise ValueError("family owlv2 is zero-shot: give the categories to detect in 'vocabulary'")
+        return self
+
+
+class ObjectDetector(Stage):
+    """Object regions (kind object, label = category, score = detector confidence)."""
+
+    name: ClassVar[str] = "detect"
+    Params: ClassVar[type[StageParams]] = ObjectDetectorParams
+    # gpus 0 by default so CPU-only clusters can schedule it; on GPU clusters set params gpus: 0.5 (two actors a GPU)
+    default_resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, batch_size=8, concurrency=1)
+    needs_images: ClassVar[bool] = True
+    uses_model: ClassVar[bool] = True
+
+    params: ObjectDetectorParams
+
+    def setup(self) -> None:
+        p = self.params
+        self.detector = load_detector(self.resolve_model(p.model), p.family)
+        self.threshold = p.threshold if p.threshold is not None else DEFAULT_THRESHOLD[p.family]
+        self._source = self.source(self.detector.ref, self.detector.revision)
+        if p.family == "detr":
+            known = set(self.detector.labels.values())
+            missing = [c for c in p.vocabulary if c not in known]
+            if missing:
+                raise ValueError(
+                    f"detect: vocabulary entries {missing} are not categories of {self.detector.ref} "
+                    f"(it knows {len(known)}, e.g. {sorted(known)[:10]})"
+                )
+        else:
+            queries = [p.prompt_template.format(c) for c in p.vocabulary]
+            # tokenized once: every batch reuses the same query ids
+            self._queries = self.detector.processor.tokenizer(
+                queries, padding="max_length", truncation=True, return_tensors="pt"
+            )
+
+    # ------------------------------------------------------------------ batches
+    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
+        decoded = []
+        for rec, data in zip(records, images or [None] * len(records)):
+            rec["regions"] = [r for r in rec["regions"] if not self._is_own(r)]
+            pil = self.guarded(rec, lambda data=data, rec=rec: self._decode(rec, data))
+            if pil is not None:
+                decoded.append((rec, pil))
+        step = self.resources.batch_size
+        for start in range(0, len(decoded), step):
+            chunk = decoded[start:start + step]
+            try:
+                detections = self.detect([pil for _, pil in chunk])
+            except Exception:  # noqa: BLE001 - find which image fails, keep the others
+                detections = []
+                for rec, pil in chunk:
+                    detections.append(self.guarded(rec, lambda pil=pil: self.detect([pil])[0]))
+            for (rec, _), dets in zip(chunk, detections):
+                if dets is not None:
+                    self._add_regions(rec, dets)
+        return records
+
+    def _is_own(self, region: dict) -> bool:
+        """Made by this very stage configuration: a rerun replaces them. Another detect stage of the
+        pipeline (e.g. DETR and OWLv2 side by side) has other params, so its regions stay."""
+        source = region.get("source") or {}
+        return source.get("annotator") == self.name and source.get("params_hash") == self.params_hash
+
+    @staticmethod
+    def _decode(record: dict, data: bytes | None):
+        if data is None:
+            raise ValueError("no image bytes for this record")
+        pil = decode_image(data)
+        if pil.size != (record["width"], record["height"]):
+            raise ValueError(f"decoded size {pil.size} differs from the record's {record['width']}x{record['height']}")
+        return pil
+
+    @torch.inference_mode()
+    def detect(self, pils: list) -> list[list[tuple[float, str, list[float]]]]:
+        """One forward pass for the images -> per image [(score, label, [x0, y0, x1, y1])], raw pixels."""
+        d = self.detector
+        sizes = [(im.height, im.width) for im in pils]
+        if d.family == "detr":
+            inputs = d.processor(images=pils, return_tensors="pt").to(d.device)
+            outputs = d.model(**inputs)
+            results = d.processor.post_process_object_detection(outputs, threshold=self.threshold, target_sizes=sizes)
+            labels = d.labels
+            names = [[labels.get(int(i), str(int(i))) for i in r["labels"]] for r in results]
+        else:
+            pixel_values = d.processor.image_processor(images=pils, return_tensors="pt")["pixel_values"]
+            n = len(pils)
+            outputs = d.model(
+                input_ids=self._queries["input_ids"].repeat(n, 1).to(d.device),
+                attention_mask=self._queries["attention_mask"].repeat(n, 1).to(d.device),
+                pixel_values=pixel_values.to(d.device),
+            )
+            vocab = list(self.params.vocabulary)
+            results = d.processor.post_process_grounded_object_detection(
+                outputs, threshold=self.threshold, target_sizes=sizes, text_labels=[vocab] * n
+            )
+            names = [r["text_labels"] for r in results]
+        out = []
+        for r, label_names in zip(results, names):
+            scores = r["scores"].float().cpu().tolist()
+            boxes = r["boxes"].float().cpu().tolist()
+            out.append(list(zip(scores, label_names, boxes)))
+        return out
+
+    def _add_regions(self, record: dict, detections: list[tuple[float, str, list[float]]]) -> None:
+        p = self.params
+        keep = set(p.vocabulary) if p.family == "detr" and p.vocabulary else None
+        width, height = record["width"], record["height"]
+        kept = []
+        for score, label, box in sorted(detections, key=lambda d: -d[0]):
+            if keep is not None and label not in keep:
+                continue
+            box = clamp_box(box, width, height)
+            if box[2] - box[0] < p.min_box_size or box[3] - box[1] < p.min_box_size:
+                continue  # degenerate after clamping (mostly outside the image)
+            kept.append((score, label, box))
+            if len(kept) == p.max_detections:
+                break
+        for i, (score, label, box) in enumerate(kept):
+            record["regions"].append(
+                new_annotation(
+                    source=self._source,
+                    score=float(score),
+                    # the params hash keeps ids unique when several detect stages annotate one image
+                    ann_id=make_ann_id(record["image_id"], self.name, "object", i, self.params_hash),
+                    kind="object",
+                    box=box,
+                    quad=None,
+                    polygon=None,
+                    mask=None,
+                    label=label,
+                    brief=None,
+                )
+            )
+
+
+__all__ = ["ObjectDetector", "ObjectDetectorParams", "DetectorModel", "load_detector", "clip_bpe_tokenizer"]

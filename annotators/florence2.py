@@ -1,0 +1,308 @@
+"""Stage `florence2`: captions, objects, dense region captions, OCR lines and phrase grounding
+from one Florence-2 checkpoint.
+
+Why Florence-2 as a specialist: the paper's brief-caption specialist is a Florence-2 captioner,
+and once a round of refinement exists (stage 3) the engine's own checkpoint re-annotates every
+task. Generated text is parsed by the processor's own `post_process_generation` (transformers'
+rules for location tokens), then mapped to records in original-image pixels. The mapping takes
+a text, not a model call (`annotate_from_text`), so tests can feed hand-written sequences.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from annotators.florence2_model import Florence2Model
+from engine.stage import Resources, Stage, StageParams, decode_image, record_error
+from schemas.geometry import quad_to_box
+from schemas.records import make_ann_id, new_annotation
+
+TaskName = Literal[
+    "caption",
+    "detailed_caption",
+    "more_detailed_caption",
+    "od",
+    "dense_region_caption",
+    "ocr_with_region",
+    "phrase_grounding",
+]
+# Run order: captions before grounding (grounding reads the brief caption of the same batch).
+TASK_TOKENS: dict[str, str] = {
+    "caption": "<CAPTION>",
+    "detailed_caption": "<DETAILED_CAPTION>",
+    "more_detailed_caption": "<MORE_DETAILED_CAPTION>",
+    "od": "<OD>",
+    "dense_region_caption": "<DENSE_REGION_CAPTION>",
+    "ocr_with_region": "<OCR_WITH_REGION>",
+    "phrase_grounding": "<CAPTION_TO_PHRASE_GROUNDING>",
+}
+TOKEN_TASKS = {token: name for name, token in TASK_TOKENS.items()}
+CAPTION_TIERS = {"<CAPTION>": "brief", "<DETAILED_CAPTION>": "detailed", "<MORE_DETAILED_CAPTION>": "more_detailed"}
+
+
+class Florence2Params(StageParams):
+    model: str = Field("florence2", description="model reference or an alias of the pipeline's models:")
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_TOKENS), min_length=1)
+    max_new_tokens: int = Field(1024, ge=1, description="the hub checkpoints' default; dense outputs need it")
+    num_beams: int = Field(3, ge=1, description="Florence-2's recommended decoding")
+    no_repeat_ngram_size: int = Field(3, ge=0, description="0 disables; 3 as the hub generation config")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="None: float32 on CPU, bfloat16 on CUDA"
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks must not repeat: {v}")
+        return v
+
+
+# ------------------------------------------------------------------------ geometry
+def _clamp_or_none(box: list[float], width: int, height: int) -> list[float] | None:
+    """Clamp each coordinate into the image; None for a degenerate or inverted box.
+
+    An inverted box (x1 < x0) is a malformed generation, not a box to be re-sorted.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+    y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return [x0, y0, x1, y1]
+
+
+def _clamp_quad(quad: list[float], width: int, height: int) -> list[float]:
+    return [min(max(float(v), 0.0), width if i % 2 == 0 else height) for i, v in enumerate(quad)]
+
+
+_TOKEN_DEBRIS = re.compile(r"loc_\d+|</?poly>|<sep>")
+
+
+def is_token_debris(label: str) -> bool:
+    """A label made of location-token fragments ("loc_200>") is a malformed generation of a
+    barely-trained model, not a category: keeping it would teach the next round garbage."""
+    return bool(_TOKEN_DEBRIS.search(label)) or label.strip("<>/ ") == ""
+
+
+def find_phrase(caption: str, phrase: str, start: int) -> tuple[int, int] | None:
+    """Char span of the first occurrence of phrase at or after start (exact, then case-insensitive)."""
+    pos = caption.find(phrase, start)
+    if pos >= 0:
+        return pos, pos + len(phrase)
+    m = re.compile(re.escape(phrase), re.IGNORECASE).search(caption, start)
+    return (m.start(), m.end()) if m else None
+
+
+# ------------------------------------------------------------------------- stage
+class Florence2Annotator(Stage):
+    """Florence-2 over a batch of images, one batched generate per task."""
+
+    name = "florence2"
+    Params = Florence2Params
+    default_resources = Resources(cpus=1.0, gpus=0.0, batch_size=4, concurrency=1)
+    needs_images = True
+    uses_model = True
+
+    params: Florence2Params
+
+    def setup(self) -> None:
+        self.model_ref = self.resolve_model(self.params.model)
+        self.florence = Florence2Model.load(self.model_ref, dtype=self.params.dtype)
+        self._source = self.source(self.model_ref, self.florence.revision)
+
+    @property
+    def gen_kwargs(self) -> dict[str, Any]:
+        p = self.params
+        return {"max_new_tokens": p.max_new_tokens, "num_beams": p.num_beams, "no_repeat_ngram_size": p.no_repeat_ngram_size}
+
+    # ---------------------------------------------------------------- batching
+    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
+        pixels: dict[int, Any] = {}
+        for i, rec in enumerate(records):
+            data = images[i] if images else None
+            img = self.guarded(rec, lambda data=data, rec=rec: self._decode(rec, data))
+            if img is not None:
+                pixels[i] = img
+        order = [name for name in TASK_TOKENS if name in self.params.tasks]
+        captions: dict[int, dict] = {}  # record index -> brief caption made in this batch
+        for name in order:
+            task = TASK_TOKENS[name]
+            if task == "<CAPTION_TO_PHRASE_GROUNDING>":
+                inputs = {i: self._grounding_caption(records[i], captions.get(i)) for i in pixels}
+                todo = [i for i in pixels if inputs[i] is not None]
+                texts = self._generate(records, pixels, todo, task, [inputs[i]["text"] for i in todo])
+                for i, text in texts.items():
+                    self.guarded(records[i], lambda i=i, text=text: self.annotate_from_text(records[i], task, text, inputs[i]))
+                continue
+            texts = self._generate(records, pixels, list(pixels), task, None)
+            for i, text in texts.items():
+                added = self.guarded(records[i], lambda i=i, text=text: self.annotate_from_text(records[i], task, text))
+                if task == "<CAPTION>" and added:
+                    captions[i] = added[0]
+        return records
+
+    def _decode(self, rec: dict, data: bytes | None):
+        if data is None:
+            raise ValueError(f"image {rec['image_id']} ({rec.get('uri')}): no image bytes")
+        img = decode_image(data)
+        if img.size != (rec["width"], rec["height"]):
+            raise ValueError(
+                f"image {rec['image_id']} ({rec.get('uri')}): decoded size {img.size} != record "
+                f"{rec['width']}x{rec['height']}; geometry would be in the wrong frame"
+            )
+        return img
+
+    def _generate(
+        self, records: list[dict], pixels: dict[int, Any], todo: list[int], task: str, text_inputs: list[str] | None
+    ) -> dict[int, str]:
+        """Batched generate in chunks of batch_size; a failing chunk is retried image by image
+        so one bad image is recorded on its record and the others still get annotations."""
+        out: dict[int, str] = {}
+        size = max(1, self.resources.batch_size)
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            chunk_inputs = text_inputs[start : start + size] if text_inputs is not None else None
+            try:
+                texts = self.florence.generate([pixels[i] for i in chunk], task, chunk_inputs, **self.gen_kwargs)
+                out.update(zip(chunk, texts))
+            except Exception:  # noqa: BLE001 - isolate the failing image below
+                for k, i in enumerate(chunk):
+                    one = [chunk_inputs[k]] if chunk_inputs is not None else None
+                    try:
+                        out[i] = self.florence.generate([pixels[i]], task, one, **self.gen_kwargs)[0]
+                    except Exception as exc:  # noqa: BLE001 - per-element error contract
+                        record_error(records[i], self.name, exc)
+        return out
+
+    @staticmethod
+    def _grounding_caption(record: dict, made_now: dict | None) -> dict | None:
+        """The brief caption to ground: this batch's, else the record's first kept brief text."""
+        if made_now is not None:
+            return made_now
+        for t in record.get("texts") or []:
+            if t.get("tier") == "brief" and t.get("status") == "kept" and (t.get("text") or "").strip():
+                return t
+        return None
+
+    # ----------------------------------------------------------------- mapping
+    def annotate_from_text(self, record: dict, task: str, text: str, caption: dict | None = None) -> list[dict]:
+        """Parse a generated text with the processor and append the annotations to the record.
+
+        Returns the annotations added. `caption` (a text annotation) is the grounded caption of
+        <CAPTION_TO_PHRASE_GROUNDING>.
+        """
+        if task not in TOKEN_TASKS:
+            raise ValueError(f"florence2 stage maps {sorted(TOKEN_TASKS)}, not {task!r}")
+        w, h = int(record["width"]), int(record["height"])
+        kind = TOKEN_TASKS[task]
+        if task in CAPTION_TIERS:
+            answer = self.florence.parse(text, task, (w, h))[task]
+            anns = self.texts_from_answer(record, kind, CAPTION_TIERS[task], answer)
+            record.setdefault("texts", []).extend(anns)
+        elif task in ("<OD>", "<DENSE_REGION_CAPTION>"):
+            answer = self.florence.parse(text, task, (w, h))[task]
+            anns = self.regions_from_boxes(record, kind, answer, with_brief=task == "<DENSE_REGION_CAPTION>")
+            record.setdefault("regions", []).extend(anns)
+        elif task == "<OCR_WITH_REGION>":
+            answer = self.florence.parse(text, task, (w, h))[task]
+            anns = self.regions_from_quads(record, kind, answer)
+            record.setdefault("regions", []).extend(anns)
+        else:
+            if caption is None:
+                raise ValueError(f"{task} needs the caption annotation it grounds")
+            # The processor's own post-processor (the one post_process_generation calls), at
+            # instance level: several boxes of one phrase share one char span.
+            instances = self.florence.processor.post_processor(
+                text=text, image_size=(w, h), parse_tasks=["phrase_grounding"]
+            )["phrase_grounding"]
+            anns = self.groundings_from_instances(record, kind, caption, instances)
+            record.setdefault("groundings", []).extend(anns)
+        return anns
+
+    def texts_from_answer(self, record: dict, kind: str, tier: str, answer: str) -> list[dict]:
+        text = answer.strip()
+        if not text:
+            return []  # an empty generation is no caption
+        return [new_annotation(self._source, ann_id=make_ann_id(record["image_id"], self.name, kind, 0), tier=tier, text=text)]
+
+    def regions_from_boxes(self, record: dict, kind: str, answer: dict, with_brief: bool) -> list[dict]:
+        w, h = int(record["width"]), int(record["height"])
+        out = []
+        for k, (box, label) in enumerate(zip(answer["bboxes"], answer["labels"])):
+            clamped = _clamp_or_none(box, w, h)
+            label = (label or "").strip()
+            if clamped is None or not label or is_token_debris(label):
+                continue  # degenerate box, or a region without its text
+            out.append(
+                new_annotation(
+                    self._source,
+                    ann_id=make_ann_id(record["image_id"], self.name, kind, k),
+                    kind="object",
+                    box=clamped,
+                    quad=None,
+                    polygon=None,
+                    mask=None,
+                    label=label,
+                    brief=label if with_brief else None,
+                )
+            )
+        return out
+
+    def regions_from_quads(self, record: dict, kind: str, answer: dict) -> list[dict]:
+        w, h = int(record["width"]), int(record["height"])
+        out = []
+        for k, (quad, label) in enumerate(zip(answer["quad_boxes"], answer["labels"])):
+            quad = _clamp_quad(quad, w, h)
+            box = _clamp_or_none(quad_to_box(quad), w, h)
+            label = (label or "").strip()
+            if box is None or not label or is_token_debris(label):
+                continue
+            out.append(
+                new_annotation(
+                    self._source,
+                    ann_id=make_ann_id(record["image_id"], self.name, kind, k),
+                    kind="text",
+                    box=box,
+                    quad=quad,
+                    polygon=None,
+                    mask=None,
+                    label=label,
+                    brief=None,
+                )
+            )
+        return out
+
+    def groundings_from_instances(self, record: dict, kind: str, caption: dict, instances: list[dict]) -> list[dict]:
+        """One grounding per box; the phrase's span is its first occurrence after the previous
+        phrase (phrases come in caption order); a phrase not in the caption is skipped."""
+        w, h = int(record["width"]), int(record["height"])
+        text = caption["text"]
+        cursor = 0
+        first = 0  # flat index of this instance's first box, as post_process_generation lists them
+        out = []
+        for inst in instances:
+            phrase, boxes = inst["cat_name"].strip(), inst["bbox"]
+            span = find_phrase(text, phrase, cursor) if phrase else None
+            if span is not None:
+                cursor = span[1]
+                for j, box in enumerate(boxes):
+                    clamped = _clamp_or_none(box, w, h)
+                    if clamped is None:
+                        continue
+                    out.append(
+                        new_annotation(
+                            self._source,
+                            ann_id=make_ann_id(record["image_id"], self.name, kind, first + j, caption["ann_id"]),
+                            text_ann_id=caption["ann_id"],
+                            phrase=text[span[0] : span[1]],
+                            char_start=span[0],
+                            char_end=span[1],
+                            box=clamped,
+                            mask=None,
+                        )
+                    )
+            first += len(boxes)
+        return out

@@ -1,0 +1,110 @@
+"""The stage-2 filter funnel: per annotation type and filter, how many came in, how many it
+dropped and why; plus quantiles of every check, so thresholds can be chosen from the data
+(and re-applied in SQL) instead of guessed.
+
+Works on the DuckDB views of engine.query.open_views (texts, regions, groundings: one row
+per annotation with status, reason, checks). Only the first reason of a drop is stored, so the
+funnel is sequential: a filter's "in" is what no earlier filter dropped. The order is the
+pipeline's stage order when given, else the usual stage-2 order below, then any other reason
+prefix alphabetically.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+ANNOTATION_VIEWS = ("texts", "regions", "groundings")
+STAGE2_ORDER = ("text_filter", "region_filter", "clip_score", "grounding_filter")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+QUANTILE_NAMES = tuple(f"p{round(q * 100)}" for q in QUANTILES)
+
+
+def _views(con) -> list[str]:
+    names = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return [v for v in ANNOTATION_VIEWS if v in names]
+
+
+def _prefix(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def _ordered(filters: Iterable[str], order: Sequence[str]) -> list[str]:
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(set(filters), key=lambda f: (rank.get(f, len(rank)), f))
+
+
+def funnel(con, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (annotation type, filter) in funnel order, then a `total` row per type:
+    {"type", "filter", "in", "dropped", "out", "reasons": {reason: count}}.
+
+    A filter appears when it dropped something or wrote a check on that type.
+    """
+    order = list(order or []) + [f for f in STAGE2_ORDER if f not in (order or [])]
+    rows: list[dict[str, Any]] = []
+    for view in _views(con):
+        total, dropped_total = con.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE status = 'dropped') FROM {view}"
+        ).fetchall()[0]
+        by_reason = con.execute(
+            f"SELECT coalesce(reason, '(none)'), count(*) FROM {view} WHERE status = 'dropped' "
+            "GROUP BY ALL ORDER BY 2 DESC, 1"
+        ).fetchall()
+        check_prefixes = {
+            r[0]
+            for r in con.execute(
+                f"SELECT DISTINCT split_part(k, '.', 1) FROM (SELECT unnest(map_keys(checks)) AS k FROM {view})"
+            ).fetchall()
+        }
+        filters = {_prefix(reason) for reason, _ in by_reason} | (check_prefixes & set(order))
+        remaining = int(total)
+        for name in _ordered(filters, order):
+            reasons = {reason: int(n) for reason, n in by_reason if _prefix(reason) == name}
+            dropped = sum(reasons.values())
+            rows.append(
+                {"type": view, "filter": name, "in": remaining, "dropped": dropped, "out": remaining - dropped,
+                 "reasons": reasons}
+            )
+            remaining -= dropped
+        rows.append(
+            {"type": view, "filter": "total", "in": int(total), "dropped": int(dropped_total),
+             "out": int(total) - int(dropped_total), "reasons": {r: int(n) for r, n in by_reason}}
+        )
+    return rows
+
+
+def check_quantiles(con, only_kept: bool = False) -> list[dict[str, Any]]:
+    """Per annotation type and check key: n, mean and p5/p25/p50/p75/p95 of the values."""
+    rows: list[dict[str, Any]] = []
+    where = "WHERE status = 'kept'" if only_kept else ""
+    qs = "[" + ", ".join(str(q) for q in QUANTILES) + "]"
+    for view in _views(con):
+        result = con.execute(
+            f"SELECT k, count(v), avg(v), quantile_cont(v, {qs}) FROM ("
+            f"SELECT unnest(map_keys(checks)) AS k, unnest(map_values(checks)) AS v FROM {view} {where}"
+            ") WHERE v IS NOT NULL GROUP BY k ORDER BY k"
+        ).fetchall()
+        for key, n, mean, quantiles in result:
+            row = {"type": view, "check": key, "n": int(n), "mean": float(mean)}
+            row.update({name: float(v) for name, v in zip(QUANTILE_NAMES, quantiles)})
+            rows.append(row)
+    return rows
+
+
+def funnel_tables(con, order: Sequence[str] | None = None) -> list:
+    """The funnel and the check quantiles as rich Tables (what `fld stats` prints)."""
+    from rich.table import Table
+
+    drops = Table(title="Filter funnel (first reason of each drop)")
+    for col in ("type", "filter", "in", "dropped", "out", "% dropped", "reasons"):
+        drops.add_column(col, justify="right" if col in ("in", "dropped", "out", "% dropped") else "left")
+    for r in funnel(con, order):
+        pct = f"{100.0 * r['dropped'] / r['in']:.1f}" if r["in"] else "-"
+        reasons = ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())
+        style = "bold" if r["filter"] == "total" else None
+        drops.add_row(r["type"], r["filter"], str(r["in"]), str(r["dropped"]), str(r["out"]), pct, reasons, style=style)
+
+    checks = Table(title="Checks (all annotations, dropped included)")
+    for col in ("type", "check", "n", "mean", *QUANTILE_NAMES):
+        checks.add_column(col, justify="left" if col in ("type", "check") else "right")
+    for r in check_quantiles(con):
+        checks.add_row(r["type"], r["check"], str(r["n"]), *(f"{r[k]:.4g}" for k in ("mean", *QUANTILE_NAMES)))
+    return [drops, checks]

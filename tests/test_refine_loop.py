@@ -1,0 +1,201 @@
+"""Stage 3: merge policy, refine config validation, and one full round end to end on CPU."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from refine.merge import MergePolicy, merge_record
+from refine.metrics import agreement_sums, reduce_agreement, token_f1
+from schemas.records import new_annotation, source_of
+
+OLD = source_of("florence2", "random:tiny")
+NEW = source_of("refine", "models/round1")
+HUMAN = source_of("human")
+
+
+def _region(src, i, box, label="dog", score=0.9, round_=0, kind="object"):
+    ann = new_annotation(src, score, ann_id=f"{src['annotator']}-r{i}", kind=kind, box=box, quad=None, polygon=None,
+                         mask=None, label=label, brief=None)
+    ann["round"] = round_
+    return ann
+
+
+def _text(src, i, text, tier="brief", status="kept", round_=0):
+    ann = new_annotation(src, None, ann_id=f"{src['annotator']}-t{i}", tier=tier, text=text)
+    ann["round"] = round_
+    if status == "dropped":
+        ann.update(status="dropped", reason="text_filter:too_few_objects")
+    return ann
+
+
+def _flags(ann):
+    return sorted(k for k, v in ann["checks"].items() if k in ("merge.new", "merge.kept", "merge.replaced") and v == 1.0)
+
+
+def test_merge_policy_replaces_unions_and_suppresses():
+    old = {"image_id": "img", "texts": [_text(OLD, 0, "a dog on grass"), _text(OLD, 1, "long text", tier="detailed")],
+           "regions": [_region(OLD, 0, [10, 10, 50, 50]), _region(OLD, 1, [60, 60, 90, 90], score=0.4),
+                       _region(HUMAN, 2, [100, 100, 140, 140], label="cat", score=None)],
+           "groundings": [new_annotation(OLD, 0.5, ann_id="g0", text_ann_id="florence2-t0", phrase="a dog",
+                                         char_start=0, char_end=5, box=[10, 10, 50, 50], mask=None)],
+           "errors": []}
+    new = {"image_id": "img",
+           "texts": [_text(NEW, 0, "a brown dog on the grass", round_=1),
+                     _text(NEW, 1, "garbage", tier="detailed", status="dropped", round_=1)],
+           "regions": [_region(NEW, 0, [11, 11, 50, 51], score=None, round_=1),  # agrees with old 0
+                       _region(NEW, 1, [61, 61, 89, 89], score=None, round_=1),  # duplicates old 1 (lower score)
+                       _region(NEW, 2, [101, 100, 140, 141], label="cat", score=None, round_=1),  # duplicates human
+                       _region(NEW, 3, [0, 100, 20, 120], label="ball", score=None, round_=1)],  # new object
+           "groundings": [], "errors": [{"stage": "refine", "error": "x"}]}
+    out = merge_record(old, new, MergePolicy(nms_iou=0.7, agreement_weight=0.5))
+    texts = {t["ann_id"]: t for t in out["texts"]}
+    assert texts["florence2-t0"]["status"] == "dropped" and texts["florence2-t0"]["reason"] == "merge:replaced"
+    assert texts["refine-t0"]["status"] == "kept"
+    assert texts["florence2-t1"]["status"] == "kept"  # the new detailed caption failed its filter: old one stays
+    assert out["groundings"][0]["reason"] == "merge:replaced"  # follows its caption
+    regions = {r["ann_id"]: r for r in out["regions"]}
+    assert regions["human-r2"]["status"] == "kept"  # ground truth is never dropped
+    assert regions["refine-r2"]["reason"] == "merge:nms"
+    assert regions["florence2-r0"]["checks"]["merge.agreement"] > 0.9
+    assert regions["refine-r3"]["status"] == "kept" and regions["refine-r3"]["checks"]["merge.agreement"] == 0.0
+    # old 1 (0.4 x 0.98) loses to new 1 (1.0 x 0.98): replaced by the round-k box
+    assert regions["florence2-r1"]["reason"] == "merge:replaced" and regions["refine-r1"]["status"] == "kept"
+    kept_objects = [r for r in out["regions"] if r["status"] == "kept"]
+    assert len(kept_objects) == 4  # one of each pair + human + the new ball
+    for ann in out["texts"] + out["regions"] + out["groundings"]:
+        assert len(_flags(ann)) == 1, ann  # exactly one of new / kept / replaced
+    assert out["errors"] == [{"stage": "refine", "error": "x"}]
+
+
+def test_agreement_figures():
+    old = [{"regions": [_region(OLD, 0, [0, 0, 10, 10]), _region(OLD, 1, [20, 20, 30, 30])],
+            "texts": [_text(OLD, 0, "a dog on the grass")]}]
+    new = [{"regions": [_region(NEW, 0, [0, 0, 10, 11])], "texts": [_text(NEW, 0, "a dog on grass")]}]
+    m = reduce_agreement([agreement_sums(old, new)])
+    assert m["object_precision@0.5"] == 1.0 and m["object_recall@0.5"] == 0.5
+    assert m["object_mean_iou"] == pytest.approx(10 / 11, abs=1e-3)
+    assert m["brief_token_f1"] == pytest.approx(token_f1("a dog on grass", "a dog on the grass"), abs=1e-4)
+    assert token_f1("A dog.", "a DOG") == 1.0
+
+
+# ---------------------------------------------------------------------- end to end
+def _coco_input(photos, folder):
+    """Real photos + a COCO file with one box and one caption each (imported as `human`)."""
+    names = [n for n in photos if n.startswith("darknet_")][:3] + ["coffee"]
+    images, anns = [], []
+    for i, name in enumerate(names, start=1):
+        data = photos[name]
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            ext = "jpg" if im.format == "JPEG" else "png"
+        (folder / f"{name}.{ext}").write_bytes(data)
+        images.append({"id": i, "file_name": f"{name}.{ext}", "width": w, "height": h})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [w * 0.2, h * 0.2, w * 0.5, h * 0.5],
+                     "area": w * h * 0.25, "iscrowd": 0})
+    anns += [{"id": 100 + i, "image_id": i, "caption": "a dog sitting on a wooden bench"} for i in range(1, len(names) + 1)]
+    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    path = folder / "instances.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+PIPELINE = """
+models:
+  florence2: random:tiny
+pipelines:
+  refine_test:
+    ingest: {shard_size: 2}
+    steps:
+      - name: stage2
+        stages:
+          - {stage: text_filter}
+          - {stage: region_filter}
+    rounds: 1
+    refine:
+      model: florence2
+      train_tasks: ["<CAPTION>", "<OD>", "<REGION_PROPOSAL>", "<REGION_TO_DESCRIPTION>"]
+      train: {steps: 40, batch_size: 4, lr: 1.0e-3, warmup_steps: 2, checkpoint_every: 20, log_every: 10}
+      relabel: {tasks: [caption, od], batch_size: 4, max_new_tokens: 24, num_beams: 1}
+"""
+
+
+def test_refine_config_errors_name_the_yaml_path(tmp_path):
+    from engine.config import ConfigError, load_pipeline
+    from refine.loop import parse_refine_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINE.replace("lr: 1.0e-3", "lrr: 1.0e-3"))
+    with pytest.raises(ConfigError, match=r"pipelines\.refine_test\.refine\.train\.lrr"):
+        parse_refine_config(load_pipeline(path, "refine_test"))
+    path.write_text(PIPELINE.replace("tasks: [caption, od]", "tasks: [caption, oops]"))
+    with pytest.raises(ConfigError, match=r"refine\.relabel\.tasks\[1\]: Input should be"):
+        parse_refine_config(load_pipeline(path, "refine_test"))
+
+
+@pytest.mark.slow
+def test_one_full_round_end_to_end(photos, tmp_path):
+    from engine.config import load_pipeline
+    from engine.query import run_query
+    from engine.run import run_pipeline
+    from engine.store import ShardStore
+    from refine.loop import run_rounds
+    from refine.metrics import round_metrics, round_metrics_table
+    from schemas.validate import validate_table
+
+    torch.set_num_threads(1)
+    src = _coco_input(photos, tmp_path)
+    (tmp_path / "pipelines.yaml").write_text(PIPELINE)
+    pipeline = load_pipeline(tmp_path / "pipelines.yaml", "refine_test")
+    out = tmp_path / "out"
+    summary = run_pipeline(pipeline, str(src), str(out))
+    store = ShardStore(out)
+    assert store.shards("annotations/round1") == ["part-00000", "part-00001"]
+    assert (out / "models" / "round1" / "model.safetensors").exists()
+
+    rows = []
+    for shard in store.shards("annotations/round1"):
+        table = store.read_shard("annotations/round1", shard)
+        validate_table(table, name=shard)
+        rows += table.to_pylist()
+    assert len(rows) == 4
+    for rec in rows:
+        anns = rec["texts"] + rec["regions"] + rec["groundings"]
+        humans = [a for a in anns if a["source"]["annotator"] == "human"]
+        assert humans and all(a["round"] == 0 for a in humans)
+        assert all(a["status"] == "kept" for a in humans if a in rec["regions"])
+        refined = [a for a in anns if a["source"]["annotator"] == "refine"]
+        assert refined and all(a["round"] == 1 for a in refined)  # the new model said something for every image
+        for a in anns:
+            flags = [k for k, v in dict(a["checks"]).items() if k in ("merge.new", "merge.kept", "merge.replaced") and v == 1]
+            assert len(flags) == 1 and (flags == ["merge.new"]) == (a["round"] == 1)
+        assert len({a["ann_id"] for a in anns}) == len(anns)
+    # the stage-2 filters ran on the new annotations
+    assert any(k.startswith("region_filter.") for rec in rows for r in rec["regions"] if r["round"] == 1
+               for k in dict(r["checks"]))
+    new_texts = [t for rec in rows for t in rec["texts"] if t["round"] == 1]
+    assert new_texts and all(any(k.startswith("text_filter.") for k in dict(t["checks"])) for t in new_texts)
+    assert all(t["status"] == "kept" for rec in rows for t in rec["texts"] if t["round"] == 0)  # human captions stay
+
+    (m,) = round_metrics(out)
+    assert summary.rounds[0]["round"] == 1 and m["round"] == 1
+    assert m["train"]["steps"] == 40 and m["train"]["last_loss"] < m["train"]["first_loss"]
+    assert set(m["train"]["examples"]) == {"<CAPTION>", "<OD>", "<REGION_PROPOSAL>"}  # no brief region texts
+    assert set(m["train"]["loss_by_task"]) <= {"<CAPTION>", "<OD>", "<REGION_PROPOSAL>"}
+    assert m["agreement"]["object_prev"] == 4 and "object_f1@0.5" in m["agreement"]
+    assert m["ground_truth"]["gt_boxes"] == 4 and 0.0 <= m["ground_truth"]["map"] <= 1.0
+    assert round_metrics_table(store)["rows"][0][0] == 1
+
+    cols, q = run_query(out, "SELECT round, count(*) FROM regions GROUP BY round ORDER BY round", step="round1")
+    assert [r[0] for r in q][0] == 0 and q[-1][0] == 1
+
+    # a rerun resumes: nothing is retrained or rewritten
+    model_mtime = (out / "models" / "round1" / "model.safetensors").stat().st_mtime
+    commits = store.committed("annotations/round1")
+    again = run_rounds(store, pipeline)
+    assert again[0]["round_hash"] == m["round_hash"]
+    assert (out / "models" / "round1" / "model.safetensors").stat().st_mtime == model_mtime
+    assert store.committed("annotations/round1") == commits
