@@ -25,13 +25,21 @@ from engine.registry import stage_class  # noqa: E402
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table  # noqa: E402
 from schemas.records import empty_record  # noqa: E402
 
-# stage -> (params, stages that must run first to give it input annotations)
-CASES: dict[str, tuple[dict, list[tuple[str, dict]]]] = {
-    "ocr": ({"batch_size": 8}, []),
-    "florence2": ({"model": "random:tiny", "batch_size": 8, "max_new_tokens": 16, "num_beams": 1}, []),
-    "detect": ({"model": "random:tiny", "family": "detr", "batch_size": 8}, []),
-    "detect_owlv2": ({"model": "random:tiny", "family": "owlv2", "vocabulary": ["dog", "cat", "person", "car"],
-                      "batch_size": 8}, []),
+# case -> (stage name, params, stages run first to give it input annotations)
+DETECT = ("detect", {"model": "random:tiny", "family": "detr", "threshold": 0.0, "max_detections": 5})
+CAPTIONS = ("florence2", {"model": "random:tiny", "tasks": ["caption"], "max_new_tokens": 16, "num_beams": 1})
+CASES: dict[str, tuple[str, dict, list[tuple[str, dict]]]] = {
+    "ocr": ("ocr", {"batch_size": 8}, []),
+    "florence2": ("florence2", {"model": "random:tiny", "batch_size": 8, "max_new_tokens": 16, "num_beams": 1,
+                                "tasks": ["caption", "od"]}, []),
+    "detect_detr": ("detect", {**DETECT[1], "batch_size": 8}, []),
+    "detect_owlv2": ("detect", {"model": "random:tiny", "family": "owlv2", "batch_size": 8,
+                                "vocabulary": ["dog", "cat", "person", "car"]}, []),
+    "region_text": ("region_text", {"clip_model": "random:tiny", "captioner": "random:tiny", "max_new_tokens": 8,
+                                    "num_beams": 1, "batch_size": 8}, [DETECT]),
+    "grounding": ("grounding", {"model": "random:tiny", "box_threshold": 0.0, "text_threshold": 0.0,
+                                "batch_size": 8}, [CAPTIONS]),
+    "masks": ("masks", {"model": "random:tiny", "targets": ["regions"], "batch_size": 8}, [DETECT]),
 }
 
 
@@ -70,7 +78,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--only", default="")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP oversubscription)")
     args = ap.parse_args()
     import torch
 
@@ -78,10 +86,9 @@ def main() -> None:
     table = image_batch(args.images)
     only = set(filter(None, args.only.split(",")))
     print(f"{'annotator':<16}{'batch':>6}{'img/s b=1':>12}{'img/s batched':>15}{'ratio':>8}")
-    for case, (params, before) in CASES.items():
+    for case, (name, params, before) in CASES.items():
         if only and case not in only:
             continue
-        name = case.split("_")[0] if case not in ("region_text", "grounding", "masks") else case
         inp = table
         for pre_name, pre_params in before:
             inp = run_stage(stage_class(pre_name)(pre_params), inp)
