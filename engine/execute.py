@@ -38,6 +38,22 @@ def attach_images(records: pa.Table, images: pa.Table) -> pa.Table:
     return records.append_column(IMAGE_BYTES_COLUMN, pa.array([by_id[i] for i in ids], pa.binary()))
 
 
+def step_input_table(store, step_index: int, input_folder: str, needs_images: bool, shard: str) -> pa.Table:
+    """What a step's first stage sees for one shard: its records, plus image bytes when a stage needs
+    pixels. Distributed runners call this inside their read tasks so they see what the local runner sees."""
+    images = None
+    if step_index == 0:
+        images = store.read_shard("images", shard)
+        records = initial_records(images)
+    else:
+        records = store.read_shard(input_folder, shard)
+    if needs_images:
+        if images is None:
+            images = store.read_shard("images", shard, columns=["image_id", "bytes"])
+        records = attach_images(records, images)
+    return records
+
+
 def batches(table: pa.Table, size: int) -> Iterable[pa.Table]:
     for start in range(0, table.num_rows, max(1, size)):
         yield table.slice(start, size)

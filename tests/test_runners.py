@@ -1,0 +1,254 @@
+"""Local, Ray and Beam runners write the same shards from the same real photos and models.
+
+One real local Ray cluster for the module; Beam runs in-process (FnApiRunner). Pipeline:
+step `annotate` = real RapidOCR + Florence-2 (`random:tiny`, deterministic weights) and step
+`measure` = a CPU-only stage defined here (needs pixels; a Ray task, not an actor).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from engine import registry
+from engine.config import load_pipeline
+from engine.query import run_query
+from engine.run import run_pipeline
+from engine.stage import Resources, Stage, StageParams, decode_image
+from engine.store import ShardStore
+from schemas.validate import validate_table
+
+SHARD_SIZE = 2
+
+
+class TextContrastParams(StageParams):
+    min_contrast: float = 10.0
+    fail_on_uri: str | None = None  # raise (not record) on this image: exercises Beam's dead-letter path
+
+
+class TextContrastFilter(Stage):
+    """Pixel contrast (std of gray levels) inside each OCR text box; low-contrast boxes are dropped."""
+
+    name = "text_contrast"
+    Params = TextContrastParams
+    default_resources = Resources(cpus=0.5, batch_size=3)
+    needs_images = True
+    uses_model = False
+
+    def process_batch(self, records, images):
+        for rec, data in zip(records, images):
+            if self.params.fail_on_uri and rec["uri"].endswith(self.params.fail_on_uri):
+                raise RuntimeError(f"refusing {rec['uri']}")
+            gray = np.asarray(decode_image(data).convert("L"), dtype=np.float32)
+            for ann in rec["regions"]:
+                x0, y0, x1, y1 = (int(round(v)) for v in ann["box"])
+                crop = gray[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
+                contrast = float(crop.std()) if crop.size else 0.0
+                ann["checks"][f"{self.name}.contrast"] = contrast
+                if ann["status"] == "kept" and contrast < self.params.min_contrast:
+                    ann["status"], ann["reason"] = "dropped", f"{self.name}:low_contrast"
+        return records
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_stage_registered():
+    """Register the test stage; Ray workers get its class by value (this module is not importable there)."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    registry.STAGES["text_contrast"] = f"{__name__}:TextContrastFilter"
+    yield
+    registry.STAGES.pop("text_contrast", None)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="fldray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def rendered_text_png() -> bytes:
+    img = Image.new("RGB", (420, 140), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 20), "FLORENCE DATA", fill="black", font=ImageFont.load_default(size=36))
+    d.text((20, 80), "ENGINE 2026", fill=(30, 30, 120), font=ImageFont.load_default(size=36))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def input_dir(tmp_path_factory, photos):
+    d = tmp_path_factory.mktemp("runner_inputs")
+    names = ["coffee", "rocket", "chelsea"] + [n for n in photos if n.startswith("darknet_")][:2]
+    for n in names:
+        (d / f"{n}.img").write_bytes(photos[n])
+        os.rename(d / f"{n}.img", d / (f"{n}.png" if photos[n][:4] == b"\x89PNG" else f"{n}.jpg"))
+    (d / "text_sign.png").write_bytes(rendered_text_png())
+    return d
+
+
+PIPELINE_YAML = f"""
+models:
+  ocr: rapidocr
+  florence2: random:tiny
+pipelines:
+  equal:
+    ingest: {{shard_size: {SHARD_SIZE}}}
+    steps:
+      - name: annotate
+        stages:
+          - {{stage: ocr, params: {{model: ocr, batch_size: 2, threads: 1}}}}
+          - {{stage: florence2, params: {{model: florence2, tasks: [caption, od], max_new_tokens: 12, num_beams: 1, batch_size: 2}}}}
+      - name: measure
+        stages:
+          - {{stage: text_contrast, params: {{min_contrast: 20.0}}}}
+  deadletter:
+    ingest: {{shard_size: {SHARD_SIZE}}}
+    steps:
+      - name: measure
+        stages:
+          - {{stage: text_contrast, params: {{fail_on_uri: rocket.png}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def pipelines_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("runner_cfg") / "pipelines.yaml"
+    p.write_text(PIPELINE_YAML)
+    return p
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, input_dir, pipelines_file, ray_cluster):
+    """The same pipeline on the same photos with each runner: {runner: (out dir, summary)}."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = {}
+    for runner in ("local", "ray", "beam"):
+        dest = tmp_path_factory.mktemp(f"out_{runner}")
+        pipe = load_pipeline(pipelines_file, "equal")
+        out[runner] = (dest, run_pipeline(pipe, str(input_dir), str(dest), runner=runner))
+    return out
+
+
+def _close(a, b, path="") -> None:
+    """Deep equality with a float tolerance (scores, geometry); names the first differing path."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), f"{path}: {a} != {b}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _without_seconds(counters: dict) -> dict:
+    return {stage: {k: v for k, v in c.items() if k != "seconds"} for stage, c in counters.items()}
+
+
+def test_same_shards_rows_and_counters_on_every_runner(runs):
+    local_out, local_summary = runs["local"]
+    local = ShardStore(local_out)
+    assert local_summary.ingest["images"] == 6 and len(local.shards("images")) == 3
+    for step in ("annotate", "measure"):
+        folder = f"annotations/{step}"
+        shards = local.shards(folder)
+        assert shards == ["part-00000", "part-00001", "part-00002"]
+        for runner in ("ray", "beam"):
+            other = ShardStore(runs[runner][0])
+            assert other.shards(folder) == shards, f"{runner} {folder}"
+            for shard in shards:
+                a, b = local.read_shard(folder, shard), other.read_shard(folder, shard)
+                validate_table(b, name=f"{runner}:{folder}/{shard}")
+                assert b.schema.equals(a.schema)
+                _close(a.to_pylist(), b.to_pylist(), f"{runner}:{folder}/{shard}")
+                rec_a, rec_b = local.commit_record(folder, shard), other.commit_record(folder, shard)
+                assert rec_b["runner"] == runner and rec_a["runner"] == "local"
+                assert rec_b["config_hash"] == rec_a["config_hash"] and rec_b["rows"] == rec_a["rows"]
+                assert _without_seconds(rec_b["counters"]) == _without_seconds(rec_a["counters"])
+        assert _without_seconds(runs["ray"][1].steps[step]["counters"]) == _without_seconds(local_summary.steps[step]["counters"])
+
+
+def test_real_content_reaches_every_runner(runs):
+    """OCR read the rendered sign, Florence-2 captioned every image, the CPU stage measured pixels."""
+    sql_regions = ("SELECT image_id, ann_id, kind, label, box, score, status, reason FROM regions "
+                   "WHERE annotator = 'ocr' ORDER BY ann_id")
+    sql_captions = "SELECT image_id, ann_id, tier, text FROM texts ORDER BY ann_id"
+    results = {}
+    for runner, (out, _) in runs.items():
+        results[runner] = (run_query(out, sql_regions, "measure")[1], run_query(out, sql_captions, "annotate")[1])
+    ocr_rows, captions = results["local"]
+    labels = " ".join(r[3] for r in ocr_rows).upper()
+    assert "FLORENCE" in labels and "2026" in labels, labels
+    assert {r[6] for r in ocr_rows} <= {"kept", "dropped"}
+    assert len({c[0] for c in captions}) == 6 and all(c[2] == "brief" for c in captions)
+    for runner in ("ray", "beam"):
+        _close(results[runner][0], ocr_rows, runner)
+        assert results[runner][1] == captions
+    measured = run_query(runs["ray"][0], "SELECT count(*) FROM regions WHERE checks['text_contrast.contrast'] IS NOT NULL", "measure")[1]
+    assert measured[0][0] == run_query(runs["ray"][0], "SELECT count(*) FROM regions", "measure")[1][0][0] > 0
+
+
+def test_observability(runs):
+    ray_out, beam_out = runs["ray"][0], runs["beam"][0]
+    stats = (ray_out / "logs" / "annotate.ray-stats.txt").read_text()
+    assert "StageActor" in stats and "run_cpu_stage" not in stats
+    assert "run_cpu_stage" in (ray_out / "logs" / "measure.ray-stats.txt").read_text()
+    manifest = json.loads((beam_out / "manifest.json").read_text())
+    metrics = manifest["engine_metrics"]["annotate"]
+    assert metrics["runner"] == "beam" and metrics["ocr"]["records"] == 6 and metrics["florence2"]["records"] == 6
+    assert metrics["write"] == {"shards": 3, "records": 6}
+    assert manifest["counters"]["annotate"]["ocr"]["records_in"] == 6
+
+
+def test_beam_dead_letter_keeps_the_record_with_its_error(tmp_path, input_dir, pipelines_file):
+    out = tmp_path / "beam_dead"
+    summary = run_pipeline(load_pipeline(pipelines_file, "deadletter"), str(input_dir), str(out), runner="beam")
+    store = ShardStore(out)
+    rows = [r for s in store.shards("annotations/measure") for r in store.read_shard("annotations/measure", s).to_pylist()]
+    assert len(rows) == 6 and len({r["image_id"] for r in rows}) == 6
+    bad = [r for r in rows if r["uri"].endswith("rocket.png")]
+    assert len(bad) == 1 and bad[0]["errors"][0]["stage"] == "text_contrast"
+    assert "refusing" in bad[0]["errors"][0]["error"]
+    assert all(not r["errors"] for r in rows if r is not bad[0])
+    counters = summary.steps["measure"]["counters"]["text_contrast"]
+    assert counters["records_in"] == 6 and counters["errors"] == 1 and counters["dead_letter"] == 1
+    metrics = json.loads((out / "manifest.json").read_text())["engine_metrics"]["measure"]["text_contrast"]
+    assert metrics["dead_letter"] == 1 and metrics["batches_retried_per_element"] == 1
+
+
+def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input_dir, pipelines_file):
+    """Half the shards committed by local, the rest by Ray: skipped vs run, and `runner` says who wrote which."""
+    out = tmp_path / "mixed"
+    shutil.copytree(runs["local"][0], out)
+    store = ShardStore(out)
+    for folder in ("annotations/annotate", "annotations/measure"):
+        for shard in ("part-00001", "part-00002"):
+            store.shard_path(folder, shard).unlink()
+    summary = run_pipeline(load_pipeline(pipelines_file, "equal"), None, str(out), runner="ray")
+    assert summary.steps["annotate"]["shards_run"] == 2 and summary.steps["annotate"]["shards_skipped"] == 1
+    writers = {s: r["runner"] for s, r in store.committed("annotations/annotate").items()}
+    assert writers == {"part-00000": "local", "part-00001": "ray", "part-00002": "ray"}
+    local = ShardStore(runs["local"][0])
+    for shard in writers:
+        _close(local.read_shard("annotations/measure", shard).to_pylist(), store.read_shard("annotations/measure", shard).to_pylist())
