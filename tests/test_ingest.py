@@ -75,11 +75,11 @@ def messy_folder(tmp_path, photos, chelsea_rgb) -> tuple[Path, dict[str, tuple[i
 
     put("astronaut.png", photos["astronaut"])
     good["astronaut.png"] = (512, 512)
-    dog = photos["darknet_dog"]
+    dog = photos["jpeg_0"]
     put("nested/dog.JPG", dog)  # upper-case extension, nested folder
     good["nested/dog.JPG"] = (768, 576)
-    put("nested/deeper/person.jpeg", photos["darknet_person"])
-    good["nested/deeper/person.jpeg"] = (640, 424)
+    put("nested/deeper/person.jpeg", photos["jpeg_1"])
+    good["nested/deeper/person.jpeg"] = Image.open(io.BytesIO(photos["jpeg_1"])).size  # no EXIF rotation
     put("cmyk.jpg", _encode(chelsea_rgb.convert("CMYK"), "JPEG", quality=90))
     good["cmyk.jpg"] = (451, 300)
     camera16 = (np.asarray(Image.open(io.BytesIO(photos["camera"])).convert("L"), dtype=np.uint16) * 257)
@@ -225,7 +225,7 @@ def test_decode_input_reads_lazily_and_reports_read_errors():
 def test_list_files_csv_jsonl_parquet_and_urls(tmp_path, photos):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    names = ["astronaut", "coffee", "darknet_horses"]
+    names = ["astronaut", "coffee", "jpeg_2"]
     for n in names:
         (imgs / f"{n}.png").write_bytes(photos[n])
     rel = [f"imgs/{n}.png" for n in names]
@@ -251,7 +251,7 @@ def test_list_files_csv_jsonl_parquet_and_urls(tmp_path, photos):
     import fsspec
 
     mem = fsspec.filesystem("memory")
-    mem.pipe("/fld-test/a.jpg", photos["darknet_dog"])
+    mem.pipe("/fld-test/a.jpg", photos["jpeg_0"])
     mem.pipe("/fld-test/urls.csv", b"uri\nmemory://fld-test/a.jpg\nmemory://fld-test/missing.jpg\n")
     items = list_inputs("memory://fld-test/urls.csv")
     assert [it.uri for it in items] == ["memory://fld-test/a.jpg", "memory://fld-test/missing.jpg"]
@@ -264,12 +264,12 @@ def test_remote_folder_and_glob_through_fsspec(photos):
 
     mem = fsspec.filesystem("memory")
     mem.pipe("/fld-remote/data/b.png", photos["coffee"])
-    mem.pipe("/fld-remote/data/sub/a.JPG", photos["darknet_dog"])
-    mem.pipe("/fld-remote/data/.cache/a.jpg", photos["darknet_dog"])
+    mem.pipe("/fld-remote/data/sub/a.JPG", photos["jpeg_0"])
+    mem.pipe("/fld-remote/data/.cache/a.jpg", photos["jpeg_0"])
     mem.pipe("/fld-remote/data/notes.txt", b"x")
     tar_bytes = io.BytesIO()
     with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
-        _add_member(tar, "k1.jpg", photos["darknet_person"])
+        _add_member(tar, "k1.jpg", photos["jpeg_1"])
         _add_member(tar, "k1.txt", b"a person with a dog and a horse")
     mem.pipe("/fld-remote/data/shard-0.tar", tar_bytes.getvalue())
 
@@ -280,7 +280,7 @@ def test_remote_folder_and_glob_through_fsspec(photos):
         "memory://fld-remote/data/sub/a.JPG",
     ]
     assert {it.source for it in items} == {"data"}
-    assert items[1].read() == photos["darknet_person"] and items[1].human["captions"][0]["text"].startswith("a person")
+    assert items[1].read() == photos["jpeg_1"] and items[1].human["captions"][0]["text"].startswith("a person")
     shards = list_inputs("memory://fld-remote/data/*.tar")
     assert [it.uri for it in shards] == ["memory://fld-remote/data/shard-0.tar::k1.jpg"]
     assert shards[0].source == "data"
@@ -313,18 +313,18 @@ def test_webdataset_tar_groups_members_and_captions(tmp_path, photos):
     with tarfile.open(shards / "shard-000000.tar", "w") as tar:
         _add_member(tar, "000002.png", photos["coffee"])
         _add_member(tar, "000002.json", json.dumps({"caption": "a cup of coffee on a saucer", "w": 600}).encode())
-        _add_member(tar, "000001.jpg", photos["darknet_dog"])
+        _add_member(tar, "000001.jpg", photos["jpeg_0"])
         _add_member(tar, "000001.txt", b"a dog next to a bicycle\n")
         _add_member(tar, "000003.cls", b"7")  # no image member: not a sample to ingest
-        _add_member(tar, "sub/000004.seg.jpg", photos["darknet_horses"])  # key "sub/000004", ext "seg.jpg"
-        _add_member(tar, "sub/000005.jpg", photos["darknet_person"])
+        _add_member(tar, "sub/000004.seg.jpg", photos["jpeg_2"])  # key "sub/000004", ext "seg.jpg"
+        _add_member(tar, "sub/000005.jpg", photos["jpeg_1"])
     with tarfile.open(shards / "shard-000001.tar", "w") as tar:
-        _add_member(tar, "000009.jpeg", photos["darknet_horses"])
+        _add_member(tar, "000009.jpeg", photos["jpeg_2"])
 
     items = list_inputs(str(shards / "shard-000000.tar"))
     assert [it.uri.split("::")[1] for it in items] == ["000001.jpg", "000002.png", "sub/000005.jpg"]
     assert items[0].uri == f"{shards / 'shard-000000.tar'}::000001.jpg"
-    assert items[0].read() == photos["darknet_dog"] and items[1].read() == photos["coffee"]
+    assert items[0].read() == photos["jpeg_0"] and items[1].read() == photos["coffee"]
     assert items[0].human["captions"] == [{"text": "a dog next to a bicycle"}]
     assert items[1].human["captions"] == [{"text": "a cup of coffee on a saucer"}]
     assert items[2].human is None and items[0].source == "shard-000000"
@@ -373,7 +373,7 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 def coco_dataset(tmp_path, photos) -> tuple[Path, np.ndarray]:
     (tmp_path / "val").mkdir()
     (tmp_path / "annotations").mkdir()
-    (tmp_path / "val" / "dog.jpg").write_bytes(photos["darknet_dog"])  # 768 x 576
+    (tmp_path / "val" / "dog.jpg").write_bytes(photos["jpeg_0"])  # 768 x 576
     (tmp_path / "val" / "coffee.png").write_bytes(photos["coffee"])  # 600 x 400
     crowd = _square_mask(400, 600, (100, 50, 300, 150))
     coco = {

@@ -39,7 +39,7 @@ def setup_dirs(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("resume")
     src = root / "in"
     src.mkdir()
-    names = ["coffee", "rocket", "chelsea", "astronaut"] + [n for n in photos if n.startswith("darknet_")][:2]
+    names = ["coffee", "rocket", "chelsea", "astronaut"] + [n for n in photos if n.startswith("jpeg_")][:2]
     for n in names:
         (src / (f"{n}.png" if photos[n][:4] == b"\x89PNG" else f"{n}.jpg")).write_bytes(photos[n])
     cfg = root / "pipelines.yaml"

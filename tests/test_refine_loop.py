@@ -85,7 +85,7 @@ def test_agreement_figures():
 # ---------------------------------------------------------------------- end to end
 def _coco_input(photos, folder):
     """Real photos + a COCO file with one box and one caption each (imported as `human`)."""
-    names = [n for n in photos if n.startswith("darknet_")][:3] + ["coffee"]
+    names = [n for n in photos if n.startswith("jpeg_")][:3] + ["coffee"]
     images, anns = [], []
     for i, name in enumerate(names, start=1):
         data = photos[name]

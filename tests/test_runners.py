@@ -93,7 +93,7 @@ def rendered_text_png() -> bytes:
 @pytest.fixture(scope="module")
 def input_dir(tmp_path_factory, photos):
     d = tmp_path_factory.mktemp("runner_inputs")
-    names = ["coffee", "rocket", "chelsea"] + [n for n in photos if n.startswith("darknet_")][:2]
+    names = ["coffee", "rocket", "chelsea"] + [n for n in photos if n.startswith("jpeg_")][:2]
     for n in names:
         (d / f"{n}.img").write_bytes(photos[n])
         os.rename(d / f"{n}.img", d / (f"{n}.png" if photos[n][:4] == b"\x89PNG" else f"{n}.jpg"))
