@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
 import random
 import sys

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
 import shutil
 import sys
@@ -24,7 +23,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pyarrow as pa  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 PIPELINES = """

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
