@@ -163,6 +163,24 @@ def export(
 
 
 @app.command()
+def show(
+    out: Path = typer.Argument(..., help="output folder of fld run"),
+    report: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
+    limit: int = typer.Option(50, "--limit", help="at most this many images"),
+) -> None:
+    """A self-contained HTML page: images with boxes, masks and caption phrases linked by colour."""
+    from engine.query import QueryError
+    from engine.show import build_report
+
+    try:
+        n = build_report(out, report, step, limit)
+    except (QueryError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {report} ({n} images)")
+
+
+@app.command()
 def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write the sample images to")) -> None:
     """Write the quickstart's sample images (generated scenes with text + photos from installed packages)."""
     from engine.samples import write_samples
