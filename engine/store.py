@@ -195,7 +195,8 @@ class ShardStore:
                 manifest[key].update(value)
             else:
                 manifest[key] = value
-        folders = ["images", "quarantine"] + [f for f in self.annotation_folders()]
-        manifest["shards"] = {f: self.committed(f) for f in folders if self.committed(f)}
+        folders = ["images", "quarantine"] + self.annotation_folders()
+        committed = {f: self.committed(f) for f in folders}
+        manifest["shards"] = {f: shards for f, shards in committed.items() if shards}
         _atomic_write_bytes(self.out / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
         return manifest

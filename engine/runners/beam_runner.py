@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from engine.counters import merge
 from engine.runners.base import StepJob
 from engine.runners.tagged import (
+    input_row_counts,
     COUNTERS_COLUMN,
     ROW_COLUMN,
     SHARD_COLUMN,
@@ -243,12 +244,7 @@ class BeamRunner:
                 | "write" >> beam.ParDo(WriteShardFn(out, job.output_folder, job.config_hash, rows)))
 
     def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
-        rows = {}
-        for shard in job.shards:
-            rec = store.commit_record(job.input_folder, shard)
-            if rec is None:
-                raise RuntimeError(f"{store.out}/{job.input_folder}/{shard} has no commit record: input shard not committed")
-            rows[shard] = int(rec["rows"])
+        rows = input_row_counts(store, job)
         options = PipelineOptions(self.beam_options)
         wave = options.view_as(FldOptions).shards_per_pipeline or len(job.shards)
         metrics: dict = {}

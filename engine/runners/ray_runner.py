@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from engine.counters import merge
 from engine.runners.base import StepJob
 from engine.runners.tagged import (
+    input_row_counts,
     SHARD_COLUMN,
     StageRecipe,
     assemble_shard,
@@ -178,12 +179,7 @@ class RayRunner:
 
     def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
         self.connect()
-        rows = {}
-        for shard in job.shards:
-            rec = store.commit_record(job.input_folder, shard)
-            if rec is None:
-                raise RuntimeError(f"{store.out}/{job.input_folder}/{shard} has no commit record: input shard not committed")
-            rows[shard] = int(rec["rows"])
+        rows = input_row_counts(store, job)
         t0 = time.perf_counter()
         pending: dict[str, list[pa.Table]] = {}
         arrived: dict[str, int] = {}

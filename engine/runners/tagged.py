@@ -85,6 +85,17 @@ def step_recipes(job) -> tuple[list[Stage], list[StageRecipe]]:
     return stages, recipes
 
 
+def input_row_counts(store, job) -> dict[str, int]:
+    """Rows of each pending input shard, from its commit record: how a writer knows a shard is complete."""
+    rows = {}
+    for shard in job.shards:
+        rec = store.commit_record(job.input_folder, shard)
+        if rec is None:
+            raise RuntimeError(f"{store.out}/{job.input_folder}/{shard} has no commit record: input shard not committed")
+        rows[shard] = int(rec["rows"])
+    return rows
+
+
 def tag(table: pa.Table, shard: str, first_row: int) -> pa.Table:
     n = table.num_rows
     return (
