@@ -15,8 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.")
-console = Console(stderr=True)
-out_console = Console()
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, which cuts cells.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+console = Console(stderr=True, width=_WIDTH)
+out_console = Console(width=_WIDTH)
 
 
 def _fail(msg: str, code: int = 2) -> None:
