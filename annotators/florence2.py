@@ -202,13 +202,9 @@ class Florence2Annotator(Stage):
             answer = self.florence.parse(text, task, (w, h))[task]
             anns = self.texts_from_answer(record, kind, CAPTION_TIERS[task], answer)
             record.setdefault("texts", []).extend(anns)
-        elif task in ("<OD>", "<DENSE_REGION_CAPTION>"):
+        elif task in ("<OD>", "<DENSE_REGION_CAPTION>", "<OCR_WITH_REGION>"):
             answer = self.florence.parse(text, task, (w, h))[task]
-            anns = self.regions_from_boxes(record, kind, answer, with_brief=task == "<DENSE_REGION_CAPTION>")
-            record.setdefault("regions", []).extend(anns)
-        elif task == "<OCR_WITH_REGION>":
-            answer = self.florence.parse(text, task, (w, h))[task]
-            anns = self.regions_from_quads(record, kind, answer)
+            anns = self.regions_from_answer(record, kind, answer)
             record.setdefault("regions", []).extend(anns)
         else:
             if caption is None:
@@ -228,49 +224,29 @@ class Florence2Annotator(Stage):
             return []  # an empty generation is no caption
         return [new_annotation(self._source, ann_id=make_ann_id(record["image_id"], self.name, kind, 0), tier=tier, text=text)]
 
-    def regions_from_boxes(self, record: dict, kind: str, answer: dict, with_brief: bool) -> list[dict]:
+    def regions_from_answer(self, record: dict, kind: str, answer: dict) -> list[dict]:
+        """Object regions from <OD> / <DENSE_REGION_CAPTION> boxes (a dense caption is also the
+        region's brief), text regions from <OCR_WITH_REGION> quads."""
         w, h = int(record["width"]), int(record["height"])
+        quads = "quad_boxes" in answer
         out = []
-        for k, (box, label) in enumerate(zip(answer["bboxes"], answer["labels"])):
-            clamped = _clamp_or_none(box, w, h)
+        for k, (geometry, label) in enumerate(zip(answer["quad_boxes" if quads else "bboxes"], answer["labels"])):
+            quad = _clamp_quad(geometry, w, h) if quads else None
+            box = _clamp_or_none(quad_to_box(quad) if quads else geometry, w, h)
             label = (label or "").strip()
-            if clamped is None or not label or is_token_debris(label):
+            if box is None or not label or is_token_debris(label):
                 continue  # degenerate box, or a region without its text
             out.append(
                 new_annotation(
                     self._source,
                     ann_id=make_ann_id(record["image_id"], self.name, kind, k),
-                    kind="object",
-                    box=clamped,
-                    quad=None,
-                    polygon=None,
-                    mask=None,
-                    label=label,
-                    brief=label if with_brief else None,
-                )
-            )
-        return out
-
-    def regions_from_quads(self, record: dict, kind: str, answer: dict) -> list[dict]:
-        w, h = int(record["width"]), int(record["height"])
-        out = []
-        for k, (quad, label) in enumerate(zip(answer["quad_boxes"], answer["labels"])):
-            quad = _clamp_quad(quad, w, h)
-            box = _clamp_or_none(quad_to_box(quad), w, h)
-            label = (label or "").strip()
-            if box is None or not label or is_token_debris(label):
-                continue
-            out.append(
-                new_annotation(
-                    self._source,
-                    ann_id=make_ann_id(record["image_id"], self.name, kind, k),
-                    kind="text",
+                    kind="text" if quads else "object",
                     box=box,
                     quad=quad,
                     polygon=None,
                     mask=None,
                     label=label,
-                    brief=None,
+                    brief=label if kind == "dense_region_caption" else None,
                 )
             )
         return out

@@ -426,8 +426,8 @@ class Florence2Model:
         tokenizer = self.processor.tokenizer
         n_tokens = len(tokenizer)
         vocab = self.model.config.text_config.vocab_size
-        if vocab > n_tokens:  # padded embedding rows have no token: never generate them
-            gen_kwargs.setdefault("suppress_tokens", list(range(n_tokens, vocab)))
+        if vocab > n_tokens:  # padded embedding rows have no token: never generate them (caller's list kept)
+            gen_kwargs["suppress_tokens"] = sorted(set(gen_kwargs.get("suppress_tokens") or ()) | set(range(n_tokens, vocab)))
         with torch.inference_mode():
             ids = self.model.generate(
                 input_ids=inputs["input_ids"].to(self.device),

@@ -50,8 +50,7 @@ class RapidOCRAnnotator(Stage):
         self._engine = RapidOCR(config_path=None if model == BUNDLED else model, params=params)
         from importlib.metadata import version
 
-        self._model_ref = model
-        self._revision = f"rapidocr-{version('rapidocr')}"
+        self._source = self.source(model, f"rapidocr-{version('rapidocr')}")
 
     def process_record(self, record: dict, image: bytes | None) -> None:
         img = decode_image(image)
@@ -59,12 +58,11 @@ class RapidOCRAnnotator(Stage):
         if out.boxes is None or out.txts is None:
             return
         w, h = record["width"], record["height"]
-        source = self.source(self._model_ref, self._revision)
         for i, (quad_pts, text, score) in enumerate(zip(out.boxes, out.txts, out.scores)):
             quad = [float(min(max(v, 0.0), w if j % 2 == 0 else h)) for j, v in enumerate(np.asarray(quad_pts).reshape(-1))]
             record["regions"].append(
                 new_annotation(
-                    source,
+                    self._source,
                     score=float(score),
                     ann_id=make_ann_id(record["image_id"], self.name, "text", i),
                     kind="text",

@@ -33,6 +33,10 @@ PRONOUNS: frozenset[str] = frozenset(
 )
 
 
+# Stripped from both ends of a stored phrase before it is compared with the blacklist.
+PHRASE_PUNCTUATION = " .,;:!?\"'()[]"
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A noun chunk of a text: text[start:end] == text of the chunk."""
@@ -106,10 +110,11 @@ def is_pronoun_phrase(phrase: str) -> bool:
     return bool(words) and all(w in PRONOUNS for w in words)
 
 
-def is_blacklisted(phrase: str, blacklist: Iterable[str] = GROUNDING_BLACKLIST) -> bool:
-    """The phrase names no groundable region: in the blacklist, empty, or pronouns only."""
-    key = normalize_phrase(phrase)
-    return not key or key in {normalize_phrase(b) for b in blacklist} or is_pronoun_phrase(key)
+def is_blacklisted(phrase: str, blacklist: Iterable[str] = GROUNDING_BLACKLIST, pronouns: bool = True) -> bool:
+    """The phrase names no groundable region: empty, in the blacklist, or (with `pronouns`)
+    pronouns only; compared lower-cased, punctuation at either end ignored."""
+    key = normalize_phrase(phrase or "").strip(PHRASE_PUNCTUATION)
+    return not key or key in {normalize_phrase(b) for b in blacklist} or (pronouns and is_pronoun_phrase(key))
 
 
 def groundable_chunks(

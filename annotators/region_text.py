@@ -118,13 +118,12 @@ class RegionTextAnnotator(Stage):
 
     def _non_text_tokens(self) -> list[int]:
         """Token ids a <CAPTION> answer never contains: location / polygon tokens (an undertrained
-        captioner emits them and they would eat the token budget) and embedding rows that have no
-        token. Suppressed during generation so the whole budget goes to words."""
+        captioner emits them and they would eat the token budget). Suppressed during generation so
+        the whole budget goes to words (Florence2Model.generate adds the token-less embedding rows)."""
         tokenizer = self.captioner.processor.tokenizer
         markup = [f"<loc_{i}>" for i in range(1000)] + ["<poly>", "</poly>", "<sep>"]
         ids = [i for i in tokenizer.convert_tokens_to_ids(markup) if i is not None and i != tokenizer.unk_token_id]
-        vocab = self.captioner.model.config.text_config.vocab_size
-        return sorted(set(ids) | set(range(len(tokenizer), vocab)))
+        return sorted(set(ids))
 
     # ------------------------------------------------------------------ batches
     def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:

@@ -61,12 +61,9 @@ def write_inputs(dest: Path, n: int) -> int:
 def bare_loop(store, batch_size: int) -> tuple[float, int]:
     """The stage alone: load it, call it on batches of the same records and bytes."""
     from annotators.ocr import RapidOCRAnnotator
-    from engine.execute import attach_images, batches, initial_records
+    from engine.execute import batches, step_input_table
 
-    tables = []
-    for shard in store.shards("images"):
-        images = store.read_shard("images", shard)
-        tables.append(attach_images(initial_records(images), images))
+    tables = [step_input_table(store, 0, "images", True, shard) for shard in store.shards("images")]
     t0 = time.perf_counter()
     stage = RapidOCRAnnotator({"batch_size": batch_size, "threads": 1})
     stage.ensure_setup()

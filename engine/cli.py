@@ -52,6 +52,7 @@ def run(
 ) -> None:
     """Ingest SRC and run every step of PIPELINE into OUT; rerun to resume."""
     from engine.config import ConfigError, load_pipeline
+    from engine.counters import summary_cells
     from engine.run import run_pipeline
     from engine.store import StoreError
 
@@ -87,10 +88,7 @@ def run(
     rows = []
     for step, s in summary.steps.items():
         for stage, c in s["counters"].items():
-            rows.append([step, stage, c.get("records_in", 0), c.get("records_out", 0),
-                         ", ".join(f"{k}={v}" for k, v in c.get("annotations_added", {}).items()),
-                         ", ".join(f"{k}={v}" for k, v in c.get("dropped", {}).items()), c.get("errors", 0),
-                         c.get("seconds", 0), f"{s['shards_run']} run / {s['shards_skipped']} resumed"])
+            rows.append([step, stage, *summary_cells(c), f"{s['shards_run']} run / {s['shards_skipped']} resumed"])
     _render([{"title": f"{pipeline} -> {out} ({runner}, {summary.seconds}s)",
               "columns": ["step", "stage", "in", "out", "added", "dropped", "errors", "seconds", "shards"], "rows": rows}])
     for r in summary.rounds:

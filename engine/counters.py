@@ -58,3 +58,11 @@ def merge(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
         else:
             total[key] = round(total.get(key, 0) + value, 4) if isinstance(value, float) else total.get(key, 0) + value
     return total
+
+
+def summary_cells(c: dict[str, Any]) -> list:
+    """One stage's counters as table cells: records in, out, added, dropped, errors, seconds."""
+    return [c.get("records_in", 0), c.get("records_out", 0),
+            ", ".join(f"{k}={v}" for k, v in c.get("annotations_added", {}).items()),
+            ", ".join(f"{k}={v}" for k, v in c.get("dropped", {}).items()),
+            c.get("errors", 0), c.get("seconds", 0)]

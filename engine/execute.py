@@ -59,18 +59,24 @@ def batches(table: pa.Table, size: int) -> Iterable[pa.Table]:
         yield table.slice(start, size)
 
 
+def apply_stage(stage: Stage, batch: pa.Table) -> tuple[pa.Table, float]:
+    """(the stage's output for one batch, seconds it took); a stage never drops records."""
+    t0 = time.perf_counter()
+    out = stage(batch)
+    seconds = time.perf_counter() - t0
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"stage {stage.name!r} returned {out.num_rows} records for {batch.num_rows}: stages never drop records")
+    return out, seconds
+
+
 def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None) -> pa.Table:
     """Apply one stage over a table in batches of its declared size, counting what it did."""
     stage.ensure_setup()
     outs = []
     for batch in batches(table, stage.resources.batch_size):
-        t0 = time.perf_counter()
-        before = snapshot(batch)
-        out = stage(batch)
-        if out.num_rows != batch.num_rows:
-            raise RuntimeError(f"stage {stage.name!r} returned {out.num_rows} records for {batch.num_rows}: stages never drop records")
+        out, seconds = apply_stage(stage, batch)
         if counters is not None:
-            merge(counters.setdefault(stage.name, {}), delta(before, snapshot(out), time.perf_counter() - t0))
+            merge(counters.setdefault(stage.name, {}), delta(snapshot(batch), snapshot(out), seconds))
         outs.append(out)
     if not outs:
         return table
@@ -84,12 +90,9 @@ def finalize(table: pa.Table, name: str) -> pa.Table:
     return table
 
 
-def run_stages_on_shard(stages: list[Stage], records: pa.Table, images: pa.Table | None, name: str) -> tuple[pa.Table, dict]:
-    """The whole step on one shard, in-process: what the local runner and Beam/Ray fallbacks call."""
+def run_stages_on_shard(stages: list[Stage], table: pa.Table, name: str) -> tuple[pa.Table, dict]:
+    """The whole step on one shard (its step_input_table), in-process: what the local runner calls."""
     counters: dict = {}
-    table = records
-    if images is not None and any(s.needs_images for s in stages):
-        table = attach_images(table, images)
     for stage in stages:
         table = run_stage(stage, table, counters)
     return finalize(table, name), counters

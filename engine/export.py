@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from engine.query import resolve_step
 from engine.stage import table_to_records
 from engine.store import ShardStore
+from schemas.geometry import box_area
 
 FORMATS = ("florence", "coco", "webdataset")
 FLORENCE_SCHEMA = pa.schema(
@@ -113,7 +114,7 @@ def _coco(store, folder, dest: Path) -> dict:
                 cat = categories.setdefault(r["label"], len(categories) + 1)
                 x0, y0, x1, y1 = r["box"]
                 ann = {"id": len(annotations) + 1, "image_id": image_no, "category_id": cat,
-                       "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                       "bbox": [x0, y0, x1 - x0, y1 - y0], "area": box_area(r["box"]), "iscrowd": 0,
                        "score": r["score"], "fld_ann_id": r["ann_id"]}
                 if r["mask"]:
                     ann["segmentation"] = {"size": r["mask"]["size"], "counts": r["mask"]["counts"]}

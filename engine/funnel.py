@@ -89,22 +89,16 @@ def check_quantiles(con, only_kept: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def funnel_tables(con, order: Sequence[str] | None = None) -> list:
-    """The funnel and the check quantiles as rich Tables (what `fld stats` prints)."""
-    from rich.table import Table
-
-    drops = Table(title="Filter funnel (first reason of each drop)")
-    for col in ("type", "filter", "in", "dropped", "out", "% dropped", "reasons"):
-        drops.add_column(col, justify="right" if col in ("in", "dropped", "out", "% dropped") else "left")
-    for r in funnel(con, order):
-        pct = f"{100.0 * r['dropped'] / r['in']:.1f}" if r["in"] else "-"
-        reasons = ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())
-        style = "bold" if r["filter"] == "total" else None
-        drops.add_row(r["type"], r["filter"], str(r["in"]), str(r["dropped"]), str(r["out"]), pct, reasons, style=style)
-
-    checks = Table(title="Checks (all annotations, dropped included)")
-    for col in ("type", "check", "n", "mean", *QUANTILE_NAMES):
-        checks.add_column(col, justify="left" if col in ("type", "check") else "right")
-    for r in check_quantiles(con):
-        checks.add_row(r["type"], r["check"], str(r["n"]), *(f"{r[k]:.4g}" for k in ("mean", *QUANTILE_NAMES)))
-    return [drops, checks]
+def funnel_tables(con, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The funnel and the check quantiles as plain titled tables (what `fld stats` prints)."""
+    rows = [[r["type"], r["filter"], r["in"], r["dropped"], r["out"],
+             f"{100.0 * r['dropped'] / r['in']:.1f}" if r["in"] else "-",
+             ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())] for r in funnel(con, order)]
+    quant = [[r["type"], r["check"], r["n"], round(r["mean"], 4), *(round(r[q], 4) for q in QUANTILE_NAMES)]
+             for r in check_quantiles(con)]
+    return [
+        {"title": "filter funnel (first reason of each drop)",
+         "columns": ["type", "filter", "in", "dropped", "out", "% dropped", "reasons"], "rows": rows},
+        {"title": "checks (all annotations, dropped included)",
+         "columns": ["type", "check", "n", "mean", *QUANTILE_NAMES], "rows": quant},
+    ]

@@ -14,6 +14,7 @@ from typing import Callable
 
 from engine.config import ConfigError, Pipeline
 from engine.counters import merge
+from engine.execute import step_input_folder
 from engine.runners.base import StepJob, get_runner
 from engine.store import ShardStore, StoreError, shard_name
 
@@ -43,16 +44,17 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, progress: Cal
     cfg = pipeline.config.ingest
     if src is None:
         if store.shards("images"):
-            return aggregate_ingest(store)
+            return aggregate_counters(store, "images")
         raise ConfigError(f"{store.out} has no ingested images yet: give --input")
     items = list_inputs(src, cfg.source, image_root=cfg.image_root)
     chunks = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
     seen: set[str] = set()
+    committed = store.committed("images")
     for k, chunk in enumerate(chunks):
         shard = shard_name(k)
         ihash = _inputs_hash([it.uri for it in chunk])
-        rec = store.commit_record("images", shard)
-        if rec and store.is_committed("images", shard):
+        rec = committed.get(shard)
+        if rec is not None:
             if rec.get("config_hash") != pipeline.ingest_hash or rec.get("inputs_hash") != ihash:
                 raise StaleOutputError(
                     f"{store.out}/images/{shard} was ingested from other inputs or ingest settings; "
@@ -69,14 +71,7 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, progress: Cal
         store.write_shard("images", shard, images, {**meta, "counters": counters, "seconds": round(time.perf_counter() - t0, 3)})
         if progress:
             progress(shard, len(chunk), skipped=False)
-    return aggregate_ingest(store)
-
-
-def aggregate_ingest(store: ShardStore) -> dict:
-    total: dict = {}
-    for rec in store.committed("images").values():
-        merge(total, rec.get("counters", {}))
-    return total
+    return aggregate_counters(store, "images")
 
 
 def aggregate_counters(store: ShardStore, folder: str) -> dict:
@@ -124,16 +119,16 @@ def run_pipeline(
             if from_index is not None and i >= from_index:
                 store.uncommit(folder)
             h = pipeline.step_hash(step.name)
-            input_folder = "images" if i == 0 else f"annotations/{step_names[i - 1]}"
-            inputs = store.shards(input_folder)
-            stale = [s for s in inputs if store.is_committed(folder, s) and not store.is_committed(folder, s, h)]
+            inputs = store.shards(step_input_folder(step_names, i))
+            hashes = {s: rec.get("config_hash") for s, rec in store.committed(folder).items()}
+            stale = [s for s in inputs if s in hashes and hashes[s] != h]
             if stale:
                 raise StaleOutputError(
                     f"step {step.name!r} in {out} was written with a different configuration "
                     f"(shards {stale[:3]}{'...' if len(stale) > 3 else ''}); rerun with --from {step.name} "
                     "to redo it and the steps after it, or --force to redo everything"
                 )
-            pending = [s for s in inputs if not store.is_committed(folder, s, h)]
+            pending = [s for s in inputs if hashes.get(s) != h]
             if pending:
                 job = StepJob(pipeline, i, pending, h)
                 pf = progress_factory(step.name, len(pending)) if progress_factory else None

@@ -87,6 +87,8 @@ def build_report(out: str | Path, dest: str | Path, step: str | None = None, lim
         raise ValueError(f"{out} has no committed annotations to show")
     cards = []
     for shard in store.shards(folder):
+        if len(cards) >= limit:
+            break
         images = store.read_shard("images", shard, columns=["image_id", "bytes"])
         by_id = dict(zip(images.column("image_id").to_pylist(), images.column("bytes").to_pylist()))
         for rec in table_to_records(store.read_shard(folder, shard)):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.counters import summary_cells
+from engine.funnel import funnel_tables
 from engine.query import open_views, resolve_step
 from engine.store import ShardStore
 
@@ -18,28 +20,13 @@ def _table(con, title: str, sql: str) -> Table:
     return {"title": title, "columns": [d[0] for d in cur.description], "rows": [list(r) for r in cur.fetchall()]}
 
 
-def _funnel_tables(con, order: list[str] | None) -> list[Table]:
-    """The filter funnel and the quantiles of every check (engine.funnel), as plain tables."""
-    from engine.funnel import QUANTILE_NAMES, check_quantiles, funnel
-
-    rows = [[r["type"], r["filter"], r["in"], r["dropped"], r["out"],
-             ", ".join(f"{k.split(':', 1)[-1]} {v}" for k, v in r["reasons"].items())] for r in funnel(con, order)]
-    quant = [[r["type"], r["check"], r["n"], round(r["mean"], 4), *(round(r[q], 4) for q in QUANTILE_NAMES)]
-             for r in check_quantiles(con)]
-    return [
-        {"title": "filter funnel (first reason of each drop)",
-         "columns": ["type", "filter", "in", "dropped", "out", "reasons"], "rows": rows},
-        {"title": "checks (all annotations, dropped included)",
-         "columns": ["type", "check", "n", "mean", *QUANTILE_NAMES], "rows": quant},
-    ]
-
-
 def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
     store = ShardStore(out)
     folder = resolve_step(store, step)
     con = open_views(out, step)
     tables: list[Table] = []
-    ingest = store.read_manifest().get("ingest", {})
+    manifest = store.read_manifest()
+    ingest = manifest.get("ingest", {})
     tables.append(
         {
             "title": "ingest (inputs = images + quarantined + duplicates)",
@@ -65,21 +52,18 @@ def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
         tables.append(_table(con, "texts per tier (kept): count and mean words", """
             SELECT tier, count(*) AS n, round(avg(len(string_split(text, ' '))), 2) AS mean_words
             FROM texts WHERE status = 'kept' GROUP BY tier ORDER BY tier"""))
-    counters = store.read_manifest().get("counters", {})
+    counters = manifest.get("counters", {})
     rows = []
     for step_name, stages in counters.items():
         for stage, c in stages.items():
-            rows.append([step_name, stage, c.get("records_in", 0), c.get("records_out", 0),
-                         ", ".join(f"{k}={v}" for k, v in c.get("annotations_added", {}).items()),
-                         ", ".join(f"{k}={v}" for k, v in c.get("dropped", {}).items()),
-                         c.get("errors", 0), c.get("seconds", 0)])
+            rows.append([step_name, stage, *summary_cells(c)])
     tables.append({"title": "per-stage counters (all committed shards)",
                    "columns": ["step", "stage", "records in", "records out", "added", "dropped", "errors", "seconds"],
                    "rows": rows})
     if folder is not None:
         # only the first reason is stored, so the funnel follows the order the filters ran in
         order = [stage for step_counters in counters.values() for stage in step_counters] or None
-        tables.extend(_funnel_tables(con, order))
+        tables.extend(funnel_tables(con, order))
     try:
         from refine.metrics import round_metrics_table
     except ImportError:

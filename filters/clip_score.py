@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from engine.stage import Resources, Stage, StageParams, decode_image, pick_device
+from engine.stage import Resources, Stage, StageParams, decode_image
 from filters.decision import drop, is_kept, reset_all, set_check
 from filters.per_kind import merge_per_key
 
@@ -93,7 +93,7 @@ class ClipScoreFilter(Stage):
     def setup(self) -> None:
         from annotators.clip_model import ClipModel
 
-        self.clip = ClipModel.load(self.resolve_model(self.params.model), device=pick_device())
+        self.clip = ClipModel.load(self.resolve_model(self.params.model))
 
     # ------------------------------------------------------------------ scoring
     def pair_scores(self, images: list, texts: list[str]) -> list[float]:

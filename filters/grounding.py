@@ -16,13 +16,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from annotators.phrases import GROUNDING_BLACKLIST, is_pronoun_phrase, normalize_phrase
+from annotators.phrases import GROUNDING_BLACKLIST, is_blacklisted, normalize_phrase
 from engine.stage import Resources, Stage, StageParams
 from filters.decision import drop, is_kept, reset_all, set_check
 from filters.mask_agreement import mask_box_iou
-
-
-PHRASE_PUNCTUATION = " .,;:!?\"'()[]"
 
 
 class GroundingFilterParams(StageParams):
@@ -58,8 +55,7 @@ class GroundingFilter(Stage):
 
     def is_blacklisted(self, phrase: str) -> bool:
         """Empty, in the blacklist, or (with drop_pronouns) pronouns only; compared lower-cased."""
-        key = normalize_phrase(phrase or "").strip(PHRASE_PUNCTUATION)
-        return not key or key in self.banned or (self.params.drop_pronouns and is_pronoun_phrase(key))
+        return is_blacklisted(phrase, self.banned, pronouns=self.params.drop_pronouns)
 
     def filter_record(self, rec: dict) -> None:
         p: GroundingFilterParams = self.params  # type: ignore[assignment]

@@ -27,7 +27,7 @@ class ExampleSet:
 
     examples: list[Example]
     images: dict[str, bytes]
-    by_task: dict[str, list[int]] = field(default_factory=dict)
+    by_task: dict[str, list[int]] = field(init=False)  # task -> indices of its examples
 
     def __post_init__(self) -> None:
         missing = sorted({ex.image_id for ex in self.examples} - set(self.images))

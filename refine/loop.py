@@ -76,9 +76,16 @@ class RefineConfig(_Strict):
     @field_validator("train_tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in ALL_TASKS]
-        if unknown:
-            raise ValueError(f"unknown training task(s) {unknown}; known: {list(ALL_TASKS)}")
+        TaskCodec(v)  # the codec's own check: a ValueError naming the unknown task(s)
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _one_target_limit(cls, v: TrainConfig) -> TrainConfig:
+        """The target limit sizes the codec's examples and the trainer's labels alike: one setting,
+        `refine.max_target_tokens`, rather than a train value the loop would silently overwrite."""
+        if "max_target_tokens" in v.model_fields_set:
+            raise ValueError("set refine.max_target_tokens (it sizes the training targets), not refine.train.max_target_tokens")
         return v
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.ingest.human import HUMAN
 from schemas.geometry import box_iou_matrix
 
-HUMAN = "human"
 NEW, KEPT, REPLACED = "merge.new", "merge.kept", "merge.replaced"
 
 
@@ -54,7 +54,8 @@ def _drop(ann: dict, reason: str) -> None:
         ann["reason"] = reason
 
 
-def _is_human(ann: dict) -> bool:
+def is_human(ann: dict) -> bool:
+    """Imported ground truth (engine.ingest.human)."""
     return (ann.get("source") or {}).get("annotator") == HUMAN
 
 
@@ -63,7 +64,7 @@ def _merge_texts(old: list[dict], new: list[dict]) -> set[str]:
     replaced = set()
     new_tiers = {t["tier"] for t in new if t["status"] == "kept"}
     for t in old:
-        if t["status"] == "kept" and t["tier"] in new_tiers and not _is_human(t):
+        if t["status"] == "kept" and t["tier"] in new_tiers and not is_human(t):
             _drop(t, "merge:replaced")
             _mark(t, REPLACED)
             replaced.add(t["ann_id"])
@@ -110,7 +111,7 @@ def _merge_regions(old: list[dict], new: list[dict], policy: MergePolicy) -> Non
     scores = []
     for (r, _), a in zip(cands, agreement):
         base = 1.0 if r.get("score") is None else float(r["score"])
-        merged = 2.0 if _is_human(r) else base * ((1 - w) + w * float(a))
+        merged = 2.0 if is_human(r) else base * ((1 - w) + w * float(a))
         r["checks"] = {**r["checks"], "merge.agreement": float(a), "merge.score": float(merged)}
         scores.append(merged)
     kind_ids = {k: i for i, k in enumerate(sorted(set(kinds)))}
@@ -123,7 +124,7 @@ def _merge_regions(old: list[dict], new: list[dict], policy: MergePolicy) -> Non
         ).tolist()
     )
     for i, (r, was_old) in enumerate(cands):
-        if i in keep or _is_human(r):
+        if i in keep or is_human(r):
             continue
         if was_old:
             _drop(r, "merge:replaced")

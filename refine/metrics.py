@@ -15,7 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from refine.merge import is_human
 from schemas.geometry import box_iou_matrix
+from schemas.records import REGION_KINDS, TIERS
 
 MATCH_IOU = 0.5
 _WORD = re.compile(r"[a-z0-9]+")
@@ -51,7 +53,7 @@ def agreement_sums(old_records: Iterable[dict], new_records: Iterable[dict], iou
     """Additive counts of one shard: old = round k-1 records, new = round k relabelled (filtered)."""
     s: dict[str, float] = Counter()
     for old, new in zip(old_records, new_records):
-        for kind in ("object", "text"):
+        for kind in REGION_KINDS:
             a = [r["box"] for r in _kept(old.get("regions")) if r["kind"] == kind]
             b = [r["box"] for r in _kept(new.get("regions")) if r["kind"] == kind]
             pairs = match_boxes(a, b)
@@ -60,7 +62,7 @@ def agreement_sums(old_records: Iterable[dict], new_records: Iterable[dict], iou
             s[f"{kind}.matched"] += len(pairs)
             s[f"{kind}.iou_sum"] += sum(p[2] for p in pairs)
             s[f"{kind}.tp"] += sum(1 for p in pairs if p[2] >= iou_threshold)
-        for tier in ("brief", "detailed", "more_detailed"):
+        for tier in TIERS:
             prev = [t["text"] for t in _kept(old.get("texts")) if t["tier"] == tier]
             cur = [t["text"] for t in _kept(new.get("texts")) if t["tier"] == tier]
             if prev and cur:
@@ -75,7 +77,7 @@ def reduce_agreement(sums: Iterable[dict]) -> dict:
     for s in sums:
         total.update(s)
     out: dict[str, float | int] = {}
-    for kind in ("object", "text"):
+    for kind in REGION_KINDS:
         prev, new, tp = total[f"{kind}.prev"], total[f"{kind}.new"], total[f"{kind}.tp"]
         if not prev and not new:
             continue
@@ -88,7 +90,7 @@ def reduce_agreement(sums: Iterable[dict]) -> dict:
         out[f"{kind}_f1@{MATCH_IOU}"] = round(2 * p * r / (p + r), 4) if p + r else 0.0
         m = total[f"{kind}.matched"]
         out[f"{kind}_mean_iou"] = round(total[f"{kind}.iou_sum"] / m, 4) if m else 0.0
-    for tier in ("brief", "detailed", "more_detailed"):
+    for tier in TIERS:
         n = total[f"{tier}.pairs"]
         if n:
             out[f"{tier}_token_f1"] = round(total[f"{tier}.f1_sum"] / n, 4)
@@ -113,7 +115,7 @@ def coco_map(records: Iterable[dict], round_: int) -> dict | None:
             label = r["label"].strip().lower()
             x0, y0, x1, y1 = r["box"]
             item = {"image_id": i, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
-            if (r.get("source") or {}).get("annotator") == "human" and r["status"] == "kept":
+            if is_human(r) and r["status"] == "kept":
                 item["category_id"] = cats.setdefault(label, len(cats) + 1)
                 gts.append(item | {"id": len(gts) + 1})
             elif r.get("round") == round_ and (r["status"] == "kept" or (r.get("reason") or "").startswith("merge:")):

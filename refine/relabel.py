@@ -8,13 +8,11 @@ groundings' `text_ann_id` follow their captions).
 """
 from __future__ import annotations
 
-import copy
-
 import pyarrow as pa
 
 from annotators.florence2 import Florence2Annotator, Florence2Params
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
-from schemas.records import make_ann_id
+from schemas.records import empty_record, make_ann_id
 
 ANNOTATOR = "refine"
 
@@ -26,14 +24,11 @@ class RefineRelabeler(Florence2Annotator):
     Params = Florence2Params
 
 
-def blank_records(records: list[dict]) -> list[dict]:
-    """Same images, no annotations: the relabel output holds only what the new model says."""
-    out = []
-    for rec in records:
-        blank = {k: copy.deepcopy(v) for k, v in rec.items() if k not in ("texts", "regions", "groundings", "errors")}
-        blank.update(texts=[], regions=[], groundings=[], errors=[])
-        out.append(blank)
-    return out
+def blank_table(table: pa.Table) -> pa.Table:
+    """Same images, no annotations: the relabel output holds only what the new model says
+    (only the image columns are read; the old annotations are never converted)."""
+    images = table.select(["image_id", "uri", "width", "height", "source"]).to_pylist()
+    return records_to_table(empty_record(image) for image in images)
 
 
 def stamp_round(records: list[dict], round_: int) -> list[dict]:
@@ -58,7 +53,7 @@ def relabel_table(stage: RefineRelabeler, table: pa.Table, round_: int) -> pa.Ta
 
     if IMAGE_BYTES_COLUMN not in table.column_names:
         raise ValueError(f"relabel needs the {IMAGE_BYTES_COLUMN!r} column (attach images/ first)")
-    blank = records_to_table(blank_records(table_to_records(table)))
+    blank = blank_table(table)
     blank = blank.append_column(IMAGE_BYTES_COLUMN, table.column(IMAGE_BYTES_COLUMN))
     out = run_stage(stage, blank)
     records = stamp_round(table_to_records(out), round_)

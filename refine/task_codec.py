@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from schemas.geometry import mask_to_polygon, rle_to_mask
+from schemas.geometry import box_to_quad, mask_to_polygon, rle_to_mask
 from schemas.loc_tokens import (
     box_to_tokens,
     clean_phrase,
@@ -34,10 +34,11 @@ from schemas.loc_tokens import (
 )
 
 CAPTION_TASKS = {"brief": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "more_detailed": "<MORE_DETAILED_CAPTION>"}
+_CAPTION_TIER = {task: tier for tier, task in CAPTION_TASKS.items()}
+# The tasks this codec encodes: a subset of annotators.florence2_model.TASKS (not imported here,
+# it pulls the model code; tests/test_task_codec.py checks the subset).
 ALL_TASKS: tuple[str, ...] = (
-    "<CAPTION>",
-    "<DETAILED_CAPTION>",
-    "<MORE_DETAILED_CAPTION>",
+    *CAPTION_TASKS.values(),
     "<OD>",
     "<DENSE_REGION_CAPTION>",
     "<REGION_PROPOSAL>",
@@ -164,8 +165,8 @@ class TaskCodec:
         return [Example(iid, task, "", target)] if target else []
 
     def _task(self, task, iid, w, h, texts, objects, lines, groundings) -> list[Example]:
-        if task in CAPTION_TASKS.values():
-            tier = next(t for t, tok in CAPTION_TASKS.items() if tok == task)
+        if task in _CAPTION_TIER:
+            tier = _CAPTION_TIER[task]
             return [ex for t in texts if t["tier"] == tier for ex in self._text_example(iid, task, t["text"] or "")]
         if task == "<OD>":
             items = [(r["label"], r["box"]) for r in objects if clean_phrase(r.get("label") or "")]
@@ -180,8 +181,7 @@ class TaskCodec:
         if task == "<OCR_WITH_REGION>":
             pieces = []
             for r in lines:
-                quad = r.get("quad") or [r["box"][0], r["box"][1], r["box"][2], r["box"][1],
-                                         r["box"][2], r["box"][3], r["box"][0], r["box"][3]]
+                quad = r.get("quad") or box_to_quad(r["box"])
                 pieces.append(clean_phrase(r["label"]) + quad_to_tokens(quad, w, h))
             target = _join_whole(pieces, self.budget, self.count)
             return [Example(iid, task, "", target)] if target else []

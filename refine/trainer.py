@@ -153,6 +153,21 @@ def token_losses(logits, labels):
 
 
 # ------------------------------------------------------------------------------ loop
+def _first_loss(history: list[dict]) -> float | None:
+    """The loss of step 1 (kept in the first log entry), else the first logged window's loss."""
+    return history[0].get("first_loss", history[0]["loss"]) if history else None
+
+
+def _result(out_dir: Path, history: list[dict], steps: int, first_loss: float | None,
+            resumed_from: int | None) -> TrainResult:
+    """The run's result from its log entries: last loss and per-task losses of the last entry,
+    mean samples/s over the entries."""
+    last = history[-1] if history else None
+    rates = [h["samples_per_s"] for h in history if h.get("samples_per_s")]
+    return TrainResult(str(out_dir), steps, first_loss, last["loss"] if last else None, last["tasks"] if last else {},
+                       history, sum(rates) / len(rates) if rates else None, resumed_from)
+
+
 @dataclass
 class _World:
     rank: int = 0
@@ -221,7 +236,7 @@ def _train_loop(model_ref: str, data: ExampleSet, out_dir: Path, cfg: TrainConfi
     log_path = out_dir / LOG_FILE
     window: dict[str, list[float]] = {}
     window_loss, window_n, window_t, window_samples = 0.0, 0, time.perf_counter(), 0
-    first_loss = history[0].get("first_loss", history[0]["loss"]) if history else None
+    first_loss = _first_loss(history)
     step = start
     while step < cfg.steps:
         if stop_after is not None and step >= stop_after:
@@ -291,18 +306,7 @@ def _train_loop(model_ref: str, data: ExampleSet, out_dir: Path, cfg: TrainConfi
                 "history": history,
                 "config": cfg.model_dump(),
             }, cfg.keep_checkpoints)
-    last = history[-1] if history else None
-    rates = [h["samples_per_s"] for h in history if h.get("samples_per_s")]
-    result = TrainResult(
-        model_dir=str(out_dir),
-        steps=step,
-        first_loss=first_loss,
-        last_loss=last["loss"] if last else None,
-        loss_by_task=last["tasks"] if last else {},
-        history=history,
-        samples_per_s=sum(rates) / len(rates) if rates else None,
-        resumed_from=int(ckpt.name.split("-")[1]) if ckpt else None,
-    )
+    result = _result(out_dir, history, step, first_loss, int(ckpt.name.split("-")[1]) if ckpt else None)
     if world.main and step >= cfg.steps:
         model.eval()
         wrapped.save(out_dir)  # the final model: a local dir any loader reads
@@ -393,8 +397,4 @@ def result_from_dir(out_dir: str | Path, resumed_from: int | None = None) -> Tra
         entry = json.loads(line)
         by_step[entry["step"]] = entry  # a resumed run logs again the steps after its checkpoint: last wins
     history = [by_step[k] for k in sorted(by_step)]
-    first = history[0].get("first_loss", history[0]["loss"]) if history else None
-    last = history[-1] if history else None
-    rates = [h["samples_per_s"] for h in history if h.get("samples_per_s")]
-    return TrainResult(str(out_dir), last["step"] if last else 0, first, last["loss"] if last else None,
-                       last["tasks"] if last else {}, history, sum(rates) / len(rates) if rates else None, resumed_from)
+    return _result(out_dir, history, history[-1]["step"] if history else 0, _first_loss(history), resumed_from)

@@ -342,4 +342,4 @@ def test_location_token_debris_is_not_a_label():
     stage._source = source_of("florence2")
     rec = {"image_id": "x", "width": 100, "height": 100}
     answer = {"bboxes": [[1, 1, 50, 50], [2, 2, 60, 60]], "labels": ["loc_200>", "dog"]}
-    assert [r["label"] for r in stage.regions_from_boxes(rec, "od", answer, with_brief=False)] == ["dog"]
+    assert [r["label"] for r in stage.regions_from_answer(rec, "od", answer)] == ["dog"]

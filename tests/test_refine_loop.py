@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from refine.merge import MergePolicy, merge_record
-from refine.metrics import agreement_sums, reduce_agreement, token_f1
+from refine.metrics import agreement_sums, coco_map, reduce_agreement, token_f1
 from schemas.records import new_annotation, source_of
 
 OLD = source_of("florence2", "random:tiny")
@@ -80,6 +80,16 @@ def test_agreement_figures():
     assert m["object_mean_iou"] == pytest.approx(10 / 11, abs=1e-3)
     assert m["brief_token_f1"] == pytest.approx(token_f1("a dog on grass", "a dog on the grass"), abs=1e-4)
     assert token_f1("A dog.", "a DOG") == 1.0
+
+
+def test_coco_map_scores_round_k_against_human_boxes():
+    gt = _region(HUMAN, 0, [10, 10, 50, 50], score=None)
+    hit, miss = _region(NEW, 0, [10, 10, 50, 50], round_=1), _region(NEW, 1, [60, 60, 90, 90], round_=1)
+    recs = lambda *regions: [{"width": 100, "height": 100, "regions": list(regions)}]  # noqa: E731
+    assert coco_map(recs(_region(OLD, 0, [10, 10, 50, 50])), 1) is None  # no ground truth
+    assert coco_map(recs(gt, hit), 1)["map"] == pytest.approx(1.0)
+    assert coco_map(recs(gt, miss), 1)["map"] == 0.0
+    assert coco_map(recs(gt, hit), 2)["predictions"] == 0  # only round k's regions are predictions
 
 
 # ---------------------------------------------------------------------- end to end
@@ -199,3 +209,12 @@ def test_one_full_round_end_to_end(photos, tmp_path):
     assert again[0]["round_hash"] == m["round_hash"]
     assert (out / "models" / "round1" / "model.safetensors").stat().st_mtime == model_mtime
     assert store.committed("annotations/round1") == commits
+
+
+def test_target_limit_is_set_once(tmp_path):
+    from engine.config import ConfigError, load_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINE.replace("lr: 1.0e-3,", "lr: 1.0e-3, max_target_tokens: 64,"))
+    with pytest.raises(ConfigError, match=r"refine\.train: .*set refine\.max_target_tokens"):
+        load_pipeline(path, "refine_test")

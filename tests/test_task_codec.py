@@ -116,3 +116,9 @@ def test_region_examples_are_capped_and_bad_task_named(record):
     with pytest.raises(ValueError, match="<FOO>"):
         TaskCodec(["<FOO>"])
     assert approx_token_count("ab<loc_1><loc_2>") == 3
+
+
+def test_codec_tasks_are_florence2_tasks():
+    from annotators.florence2_model import TASKS
+
+    assert len(set(ALL_TASKS)) == len(ALL_TASKS) and set(ALL_TASKS) <= set(TASKS)

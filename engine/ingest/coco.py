@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.ingest.locations import basename
+
 
 class CocoError(ValueError):
     """A COCO file that cannot be imported; the message names the file and the entry."""
@@ -50,7 +52,7 @@ def read_coco(coco: Any, path: str) -> list[dict]:
     """
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise CocoError(f"{path}: not a COCO file (no 'images' list)")
-    origin = path.rstrip("/").rsplit("/", 1)[-1]
+    origin = basename(path)
     categories: dict[Any, str] = {}
     for j, cat in enumerate(coco.get("categories") or []):
         where = f"{path} categories[{j}]"

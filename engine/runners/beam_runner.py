@@ -34,11 +34,11 @@ from engine.runners.tagged import (
     SHARD_COLUMN,
     StageRecipe,
     assemble_shard,
+    empty_part,
     read_tagged_chunk,
     run_tagged_batch,
     shard_seconds,
     step_recipes,
-    tag,
     worker_stage,
 )
 from engine.stage import IMAGE_BYTES_COLUMN, record_error, records_to_table, table_to_records
@@ -169,7 +169,7 @@ class WriteShardFn(beam.DoFn):
     def process(self, item: tuple[str, Iterable[Element]]) -> Iterable[str]:
         shard, elements = item
         elements = [e for e in elements]
-        parts = [elements_to_table(elements)] if elements else [tag(records_to_table([]), shard, 0)]
+        parts = [elements_to_table(elements)] if elements else [empty_part(shard)]
         table, counters = assemble_shard(parts, self.folder, shard, self.rows[shard])
         ShardStore(self.out).write_shard(self.folder, shard, table, {
             "config_hash": self.config_hash, "runner": "beam", "counters": counters, "seconds": shard_seconds(counters)})

@@ -17,12 +17,12 @@ class LocalRunner:
 
     def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
         stages = job.pipeline.build_stages(job.step)
+        needs_images = any(s.needs_images for s in stages)
         total: dict = {}
         for shard in job.shards:
             t0 = time.perf_counter()
-            needs_images = any(s.needs_images for s in stages)
             table = step_input_table(store, job.step_index, job.input_folder, needs_images, shard)
-            table, counters = run_stages_on_shard(stages, table, None, f"{job.output_folder}/{shard}")
+            table, counters = run_stages_on_shard(stages, table, f"{job.output_folder}/{shard}")
             store.write_shard(
                 job.output_folder,
                 shard,

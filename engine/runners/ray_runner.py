@@ -30,6 +30,7 @@ from engine.runners.tagged import (
     StageRecipe,
     assemble_shard,
     chunk_bounds,
+    empty_part,
     read_tagged_chunk,
     run_tagged_batch,
     shard_seconds,
@@ -186,7 +187,7 @@ class RayRunner:
         total: dict = {}
 
         def commit(shard: str) -> None:
-            table, counters = assemble_shard(pending.pop(shard, []) or [_empty_part()], job.output_folder, shard, rows[shard])
+            table, counters = assemble_shard(pending.pop(shard, []) or [empty_part(shard)], job.output_folder, shard, rows[shard])
             store.write_shard(job.output_folder, shard, table,
                               {"config_hash": job.config_hash, "runner": self.name, "counters": counters,
                                "seconds": shard_seconds(counters)})
@@ -224,10 +225,3 @@ class RayRunner:
         logs = Path(store.out) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         (logs / f"{job.step.name}.ray-stats.txt").write_text(stats)
-
-
-def _empty_part() -> pa.Table:
-    from engine.runners.tagged import tag
-    from schemas.records import IMAGE_RECORD_SCHEMA
-
-    return tag(IMAGE_RECORD_SCHEMA.empty_table(), "", 0)

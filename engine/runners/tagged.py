@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.counters import delta, merge, snapshot
-from engine.execute import finalize, step_input_table
+from engine.execute import apply_stage, finalize, step_input_table
 from engine.stage import IMAGE_BYTES_COLUMN, Stage
+from schemas.records import IMAGE_RECORD_SCHEMA
 
 SHARD_COLUMN = "__fld_shard"
 ROW_COLUMN = "__fld_row"
@@ -105,6 +105,11 @@ def tag(table: pa.Table, shard: str, first_row: int) -> pa.Table:
     )
 
 
+def empty_part(shard: str) -> pa.Table:
+    """A tagged table of no rows: what an empty input shard assembles from."""
+    return tag(IMAGE_RECORD_SCHEMA.empty_table(), shard, 0)
+
+
 def read_tagged_chunk(store, step_index: int, input_folder: str, needs_images: bool, shard: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of one input shard, tagged; what a distributed read task emits."""
     table = step_input_table(store, step_index, input_folder, needs_images, shard)
@@ -125,11 +130,7 @@ def run_tagged_batch(stage: Stage, batch: pa.Table) -> pa.Table:
     """
     tags = batch.select(list(TAG_COLUMNS))
     data = batch.drop_columns(list(TAG_COLUMNS))
-    t0 = time.perf_counter()
-    out = stage(data)
-    seconds = time.perf_counter() - t0
-    if out.num_rows != data.num_rows:
-        raise RuntimeError(f"stage {stage.name!r} returned {out.num_rows} records for {data.num_rows}: stages never drop records")
+    out, seconds = apply_stage(stage, data)
     shards = tags.column(SHARD_COLUMN).to_pylist()
     cells = tags.column(COUNTERS_COLUMN).to_pylist()
     first_index: dict[str, list[int]] = {}
