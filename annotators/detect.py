@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from engine.models import parse_model_ref
-from engine.stage import Resources, Stage, StageParams, decode_image, pick_device
+from engine.stage import Resources, Stage, StageParams, pick_device
 from schemas.geometry import clamp_box
 from schemas.records import make_ann_id, new_annotation
 
@@ -273,13 +273,11 @@ class ObjectDetector(Stage):
             )
 
     # ------------------------------------------------------------------ batches
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         decoded = []
-        for rec, data in zip(records, images or [None] * len(records)):
+        for rec, pil in zip(records, images):
             rec["regions"] = [r for r in rec["regions"] if not self._is_own(r)]
-            pil = self.guarded(rec, lambda data=data, rec=rec: self._decode(rec, data))
-            if pil is not None:
-                decoded.append((rec, pil))
+            decoded.append((rec, pil))
         step = self.resources.batch_size
         for start in range(0, len(decoded), step):
             chunk = decoded[start:start + step]
@@ -299,15 +297,6 @@ class ObjectDetector(Stage):
         pipeline (e.g. DETR and OWLv2 side by side) has other params, so its regions stay."""
         source = region.get("source") or {}
         return source.get("annotator") == self.name and source.get("params_hash") == self.params_hash
-
-    @staticmethod
-    def _decode(record: dict, data: bytes | None):
-        if data is None:
-            raise ValueError("no image bytes for this record")
-        pil = decode_image(data)
-        if pil.size != (record["width"], record["height"]):
-            raise ValueError(f"decoded size {pil.size} differs from the record's {record['width']}x{record['height']}")
-        return pil
 
     @torch.inference_mode()
     def detect(self, pils: list) -> list[list[tuple[float, str, list[float]]]]:

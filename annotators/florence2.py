@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from annotators.florence2_model import Florence2Model
-from engine.stage import Resources, Stage, StageParams, decode_image, record_error
+from engine.stage import Resources, Stage, StageParams, record_error
 from schemas.geometry import quad_to_box
 from schemas.records import make_ann_id, new_annotation
 
@@ -119,13 +119,8 @@ class Florence2Annotator(Stage):
         return {"max_new_tokens": p.max_new_tokens, "num_beams": p.num_beams, "no_repeat_ngram_size": p.no_repeat_ngram_size}
 
     # ---------------------------------------------------------------- batching
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
-        pixels: dict[int, Any] = {}
-        for i, rec in enumerate(records):
-            data = images[i] if images else None
-            img = self.guarded(rec, lambda data=data, rec=rec: self._decode(rec, data))
-            if img is not None:
-                pixels[i] = img
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
+        pixels: dict[int, Any] = dict(enumerate(images))
         order = [name for name in TASK_TOKENS if name in self.params.tasks]
         captions: dict[int, dict] = {}  # record index -> brief caption made in this batch
         for name in order:
@@ -143,17 +138,6 @@ class Florence2Annotator(Stage):
                 if task == "<CAPTION>" and added:
                     captions[i] = added[0]
         return records
-
-    def _decode(self, rec: dict, data: bytes | None):
-        if data is None:
-            raise ValueError(f"image {rec['image_id']} ({rec.get('uri')}): no image bytes")
-        img = decode_image(data)
-        if img.size != (rec["width"], rec["height"]):
-            raise ValueError(
-                f"image {rec['image_id']} ({rec.get('uri')}): decoded size {img.size} != record "
-                f"{rec['width']}x{rec['height']}; geometry would be in the wrong frame"
-            )
-        return img
 
     def _generate(
         self, records: list[dict], pixels: dict[int, Any], todo: list[int], task: str, text_inputs: list[str] | None

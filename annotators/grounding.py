@@ -22,7 +22,7 @@ from pydantic import field_validator
 
 from annotators.phrases import groundable_chunks, load_spacy, normalize_phrase
 from engine.models import ModelRef, parse_model_ref
-from engine.stage import Resources, Stage, StageParams, decode_image, pick_device, record_error
+from engine.stage import Resources, Stage, StageParams, pick_device, record_error
 from schemas.geometry import box_area, clamp_box
 from schemas.records import TIERS, make_ann_id, new_annotation
 
@@ -316,9 +316,9 @@ class GroundingAnnotator(Stage):
             sets.append([i for i, (s, e) in enumerate(offsets) if e > s and s >= start and e <= end])
         return sets
 
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         source = self.source(self.model_ref, self.revision)
-        pil_images: list = [None] * len(records)
+        pil_images: list = list(images)
         prompts: list[Prompt] = []
         phrases = self._phrases(records)
         occurrences = [occ for _, occ in phrases]
@@ -329,14 +329,6 @@ class GroundingAnnotator(Stage):
                 keys = phrases[i][0]
                 if not keys:
                     continue
-                if images is None or images[i] is None:
-                    raise ValueError(f"image {rec['image_id']} ({rec['uri']}): no image bytes")
-                pil_images[i] = decode_image(images[i])
-                if pil_images[i].size != (rec["width"], rec["height"]):
-                    raise ValueError(
-                        f"image {rec['image_id']}: decoded size {pil_images[i].width}x{pil_images[i].height} "
-                        f"differs from the record's {rec['width']}x{rec['height']}"
-                    )
                 prompts.extend(self._prompts(i, keys))
             except Exception as exc:  # noqa: BLE001 - per-image error contract
                 record_error(rec, self.name, exc)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import field_validator
 
 from engine.models import ModelRef, parse_model_ref
-from engine.stage import Resources, Stage, StageParams, decode_image, pick_device, record_error
+from engine.stage import Resources, Stage, StageParams, pick_device, record_error
 from schemas.geometry import box_area, box_iou, clamp_box, mask_to_polygon, mask_to_rle, rle_to_box
 
 Target = Literal["groundings", "regions"]
@@ -148,15 +148,13 @@ class SamMaskAnnotator(Stage):
                 out.append((collection, ann))
         return out
 
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
-        for i, rec in enumerate(records):
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
+        for rec, image in zip(records, images):
             targets = self._targets(rec)
             if not targets:
                 continue
             try:
-                if images is None or images[i] is None:
-                    raise ValueError(f"image {rec['image_id']} ({rec['uri']}): no image bytes")
-                self._segment(rec, decode_image(images[i]), targets)
+                self._segment(rec, image, targets)
             except Exception as exc:  # noqa: BLE001 - per-image error contract
                 record_error(rec, self.name, exc)
         return records

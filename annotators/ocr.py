@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from engine.stage import Resources, Stage, StageParams, decode_image, pick_device
+from engine.stage import Resources, Stage, StageParams, pick_device
 from schemas.geometry import clamp_box, quad_to_box
 from schemas.records import make_ann_id, new_annotation
 
@@ -52,9 +52,8 @@ class RapidOCRAnnotator(Stage):
 
         self._source = self.source(model, f"rapidocr-{version('rapidocr')}")
 
-    def process_record(self, record: dict, image: bytes | None) -> None:
-        img = decode_image(image)
-        out = self._engine(np.asarray(img))
+    def process_record(self, record: dict, image) -> None:
+        out = self._engine(np.asarray(image))
         if out.boxes is None or out.txts is None:
             return
         w, h = record["width"], record["height"]

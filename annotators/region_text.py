@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 import torch
 from pydantic import Field
 
-from engine.stage import Resources, Stage, StageParams, decode_image, record_error
+from engine.stage import Resources, Stage, StageParams, record_error
 
 CATEGORY, CAPTION, CHUNK = 0, 1, 2
 CHECK_KEYS = {CATEGORY: "sim_category", CAPTION: "sim_caption", CHUNK: "sim_chunk_best"}
@@ -126,11 +126,10 @@ class RegionTextAnnotator(Stage):
         return sorted(set(ids))
 
     # ------------------------------------------------------------------ batches
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         regions: list[_Region] = []
-        for i, rec in enumerate(records):
-            data = images[i] if images else None
-            found = self.guarded(rec, lambda rec=rec, data=data: self._crops(rec, data))
+        for rec, image in zip(records, images):
+            found = self.guarded(rec, lambda rec=rec, image=image: self._crops(rec, image))
             regions.extend(found or [])
         if not regions:
             return records
@@ -146,13 +145,10 @@ class RegionTextAnnotator(Stage):
             and (self.params.overwrite or not region.get("brief"))
         )
 
-    def _crops(self, record: dict, data: bytes | None) -> list[_Region]:
+    def _crops(self, record: dict, image) -> list[_Region]:
         todo = [r for r in record["regions"] if self._eligible(r)]
         if not todo:
             return []
-        if data is None:
-            raise ValueError("no image bytes for this record")
-        image = decode_image(data)
         out = []
         for region in todo:
             x0, y0, x1, y1 = region["box"]

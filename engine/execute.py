@@ -11,7 +11,7 @@ from typing import Iterable
 import pyarrow as pa
 
 from engine.counters import delta, merge, snapshot
-from engine.stage import IMAGE_BYTES_COLUMN, Stage, records_to_table
+from engine.stage import IMAGE_BYTES_COLUMN, PIXELS_COLUMN, Stage, records_to_table, with_pixels
 from schemas.records import IMAGE_RECORD_SCHEMA, empty_record
 from schemas.validate import validate_table
 
@@ -28,29 +28,47 @@ def step_input_folder(step_names: list[str], index: int) -> str:
     return "images" if index == 0 else f"annotations/{step_names[index - 1]}"
 
 
-def attach_images(records: pa.Table, images: pa.Table) -> pa.Table:
-    """Add the transient image-bytes column, joined by image_id (order of `records` kept)."""
+def image_needs(stages: list[Stage]) -> frozenset[str]:
+    """Which transient image columns a step's stages read: "pixels" (decoded once) and/or "bytes"."""
+    return frozenset(s.image_input for s in stages if s.needs_images)
+
+
+def transient_columns(needs: frozenset[str]) -> list[str]:
+    """The columns attach_images adds for `needs`."""
+    return [col for need, col in (("bytes", IMAGE_BYTES_COLUMN), ("pixels", PIXELS_COLUMN)) if need in needs]
+
+
+def attach_images(records: pa.Table, images: pa.Table, needs: frozenset[str] = frozenset({"pixels"})) -> pa.Table:
+    """Add the transient image columns a step needs, joined by image_id (order of `records` kept):
+    the pixels decoded once here for every stage of the step, and/or the encoded bytes."""
+    if not needs:
+        return records
     by_id = dict(zip(images.column("image_id").to_pylist(), images.column("bytes").to_pylist()))
     ids = records.column("image_id").to_pylist()
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise KeyError(f"{len(missing)} record(s) have no image in images/ (first: {missing[0]})")
-    return records.append_column(IMAGE_BYTES_COLUMN, pa.array([by_id[i] for i in ids], pa.binary()))
+    encoded = [by_id[i] for i in ids]
+    if "bytes" in needs:
+        records = records.append_column(IMAGE_BYTES_COLUMN, pa.array(encoded, pa.binary()))
+    if "pixels" in needs:
+        records = with_pixels(records, encoded)
+    return records
 
 
-def step_input_table(store, step_index: int, input_folder: str, needs_images: bool, shard: str) -> pa.Table:
-    """What a step's first stage sees for one shard: its records, plus image bytes when a stage needs
-    pixels. Distributed runners call this inside their read tasks so they see what the local runner sees."""
+def step_input_table(store, step_index: int, input_folder: str, needs: frozenset[str], shard: str) -> pa.Table:
+    """What a step's first stage sees for one shard: its records, plus the image columns its stages
+    need. Distributed runners call this inside their read tasks so they see what the local runner sees."""
     images = None
     if step_index == 0:
         images = store.read_shard("images", shard)
         records = initial_records(images)
     else:
         records = store.read_shard(input_folder, shard)
-    if needs_images:
+    if needs:
         if images is None:
             images = store.read_shard("images", shard, columns=["image_id", "bytes"])
-        records = attach_images(records, images)
+        records = attach_images(records, images, needs)
     return records
 
 

@@ -1,4 +1,8 @@
-"""Stage name -> class. Entries are import paths so that listing stages imports no model code."""
+"""Stage name -> class. Entries are import paths so that listing stages imports no model code.
+
+A pipeline may also name a stage defined outside the package by its import path,
+`stage: mypackage.module:MyStage` (the class must subclass engine.stage.Stage).
+"""
 from __future__ import annotations
 
 import importlib
@@ -25,13 +29,26 @@ class UnknownStageError(KeyError):
     pass
 
 
+def _import(target: str, name: str) -> type[Stage]:
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownStageError(f"stage {name!r}: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise UnknownStageError(f"stage {name!r}: {target} is not a subclass of engine.stage.Stage")
+    return cls
+
+
 def stage_class(name: str) -> type[Stage]:
+    if ":" in name:  # an import path: module.path:ClassName
+        return _import(name, name)
     try:
         target = STAGES[name]
     except KeyError:
-        raise UnknownStageError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}") from None
-    module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+        raise UnknownStageError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))} "
+                                "(or give an import path module:Class)") from None
+    cls = _import(target, name)
     if cls.name != name:
         raise RuntimeError(f"registry entry {name!r} points to {target} whose name is {cls.name!r}")
     return cls

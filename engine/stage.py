@@ -18,9 +18,14 @@ from pydantic import BaseModel, ConfigDict
 
 from schemas.records import IMAGE_RECORD_SCHEMA, params_hash, source_of
 
-# Runners attach the image bytes to a batch under this column for stages with
-# needs_images; it is dropped before a shard is written (annotation shards never copy bytes).
-IMAGE_BYTES_COLUMN = "image_bytes"
+# Transient columns a runner attaches to a step's batches for stages with needs_images; they are
+# dropped before a shard is written (annotation shards never copy image data).
+IMAGE_BYTES_COLUMN = "image_bytes"  # the original encoded bytes (stages with image_input = "bytes")
+# Raw RGB pixels (height x width x 3 uint8, row-major, EXIF orientation applied), decoded ONCE per
+# step when the step's shard is read, so the stages of a step never decode the same image again.
+PIXELS_COLUMN = "image_pixels"
+TRANSIENT_COLUMNS = (IMAGE_BYTES_COLUMN, PIXELS_COLUMN)
+DECODE_STAGE = "decode"  # the `stage` of an error recorded when an image cannot be decoded for a step
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,10 @@ class Stage:
     name: ClassVar[str] = "stage"
     Params: ClassVar[type[StageParams]] = StageParams
     default_resources: ClassVar[Resources] = Resources()
-    needs_images: ClassVar[bool] = False  # the runner attaches image bytes when True
+    needs_images: ClassVar[bool] = False  # the runner attaches the images of the batch when True
+    # "pixels": process_batch gets decoded RGB PIL images (decoded once per step by the runner);
+    # "bytes": it gets the original encoded bytes (e.g. a stage that forwards files untouched).
+    image_input: ClassVar[str] = "pixels"
     uses_model: ClassVar[bool] = False  # CPU-only stages run as Ray tasks, model stages as actors
 
     def __init__(self, params: StageParams | dict | None = None, models: dict[str, str] | None = None):
@@ -95,23 +103,32 @@ class Stage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
-        has_images = IMAGE_BYTES_COLUMN in batch.column_names
-        if self.needs_images and not has_images:
-            raise ValueError(f"stage {self.name!r} needs images but the batch has no {IMAGE_BYTES_COLUMN!r} column")
-        images = batch.column(IMAGE_BYTES_COLUMN).to_pylist() if self.needs_images else None
-        out = self.process_batch(table_to_records(batch), images)
-        table = records_to_table(out)
-        if has_images:  # carried through for the next stage of the step, whether this one used it or not
-            table = table.append_column(IMAGE_BYTES_COLUMN, batch.column(IMAGE_BYTES_COLUMN))
+        records = table_to_records(batch)
+        if self.needs_images:
+            images = batch_images(batch, records, self.image_input, self.name)
+            todo = [i for i, im in enumerate(images) if im is not None]  # undecodable ones carry their error
+            if len(todo) == len(records):
+                records = self.process_batch(records, images)
+            elif todo:
+                done = self.process_batch([records[i] for i in todo], [images[i] for i in todo])
+                for i, rec in zip(todo, done):
+                    records[i] = rec
+        else:
+            records = self.process_batch(records, None)
+        table = records_to_table(records)
+        for col in TRANSIENT_COLUMNS:  # carried through for the next stage of the step
+            if col in batch.column_names:
+                table = table.append_column(col, batch.column(col))
         return table
 
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
-        """Default: one record at a time, each failure recorded on its record."""
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
+        """Default: one record at a time, each failure recorded on its record. `images[i]` is the
+        decoded RGB PIL image of records[i] (or its bytes with image_input = "bytes")."""
         for i, rec in enumerate(records):
             self.guarded(rec, lambda rec=rec, i=i: self.process_record(rec, images[i] if images else None))
         return records
 
-    def process_record(self, record: dict, image: bytes | None) -> None:
+    def process_record(self, record: dict, image) -> None:
         raise NotImplementedError(f"{type(self).__name__} implements neither process_record nor process_batch")
 
     def guarded(self, record: dict, fn) -> Any:
@@ -142,8 +159,8 @@ def _checks_to_dict(value: Any) -> dict:
 
 
 def table_to_records(table: pa.Table) -> list[dict]:
-    """Image records as plain dicts (maps as dicts); drops the transient image column."""
-    cols = [c for c in table.column_names if c != IMAGE_BYTES_COLUMN]
+    """Image records as plain dicts (maps as dicts); drops the transient image columns."""
+    cols = [c for c in table.column_names if c not in TRANSIENT_COLUMNS]
     records = table.select(cols).to_pylist()
     for rec in records:
         for key in ("texts", "regions", "groundings"):
@@ -167,6 +184,76 @@ def decode_image(data: bytes):
 
     img = Image.open(io.BytesIO(data))
     return to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_pixels(data: bytes | None, width: int, height: int) -> bytes:
+    """Encoded bytes -> the raw RGB buffer of PIXELS_COLUMN; the decoded size must be the record's
+    (all geometry is in those pixels), else a ValueError that names both sizes."""
+    import numpy as np
+
+    if data is None:
+        raise ValueError("no image bytes for this record")
+    img = decode_image(data)
+    if img.size != (width, height):
+        raise ValueError(f"decoded size {img.width}x{img.height} differs from the record's {width}x{height}; "
+                         "geometry would be in the wrong frame")
+    return np.asarray(img, dtype=np.uint8).tobytes()
+
+
+def pixels_image(buffer: bytes, width: int, height: int):
+    """A PIXELS_COLUMN cell -> RGB PIL image (no decode, no copy of the pixel data)."""
+    from PIL import Image
+
+    if len(buffer) != width * height * 3:
+        raise ValueError(f"pixel buffer of {len(buffer)} bytes is not {width}x{height}x3")
+    return Image.frombuffer("RGB", (width, height), buffer, "raw", "RGB", 0, 1)
+
+
+def with_pixels(table: pa.Table, encoded: list[bytes | None]) -> pa.Table:
+    """`table` (image records) + PIXELS_COLUMN: each image decoded once for a step. Where decoding
+    fails the cell is null and the failure is recorded on that record's `errors` (stage "decode")."""
+    widths, heights = table.column("width").to_pylist(), table.column("height").to_pylist()
+    cells, failures = [], {}
+    for i, (data, w, h) in enumerate(zip(encoded, widths, heights)):
+        try:
+            cells.append(decode_pixels(data, int(w), int(h)))
+        except Exception as exc:  # noqa: BLE001 - one image's problem, the step goes on
+            failures[i] = exc
+            cells.append(None)
+    if failures:
+        transient = {c: table.column(c) for c in table.column_names if c in TRANSIENT_COLUMNS}
+        records = table_to_records(table)
+        for i, exc in failures.items():
+            record_error(records[i], DECODE_STAGE, exc)
+        table = records_to_table(records)
+        for c, col in transient.items():
+            table = table.append_column(c, col)
+    return table.append_column(PIXELS_COLUMN, pa.array(cells, pa.binary()))
+
+
+def batch_images(batch: pa.Table, records: list[dict], image_input: str, stage: str) -> list:
+    """The images a stage gets for `records` (rows of `batch`): PIL images from the step's pixel
+    column, or encoded bytes. A batch that only carries bytes (a stage called directly, outside a
+    runner) is decoded here. None marks an image that could not be decoded (error on its record)."""
+    cols = batch.column_names
+    if image_input == "bytes":
+        if IMAGE_BYTES_COLUMN not in cols:
+            raise ValueError(f"stage {stage!r} needs image bytes but the batch has no {IMAGE_BYTES_COLUMN!r} column")
+        return batch.column(IMAGE_BYTES_COLUMN).to_pylist()
+    if PIXELS_COLUMN in cols:
+        buffers = batch.column(PIXELS_COLUMN).to_pylist()
+    elif IMAGE_BYTES_COLUMN in cols:
+        buffers = []
+        for rec, data in zip(records, batch.column(IMAGE_BYTES_COLUMN).to_pylist()):
+            try:
+                buffers.append(decode_pixels(data, int(rec["width"]), int(rec["height"])))
+            except Exception as exc:  # noqa: BLE001 - recorded on the image, the batch goes on
+                record_error(rec, DECODE_STAGE, exc)
+                buffers.append(None)
+    else:
+        raise ValueError(f"stage {stage!r} needs images but the batch has neither {PIXELS_COLUMN!r} nor {IMAGE_BYTES_COLUMN!r}")
+    return [None if b is None else pixels_image(b, int(r["width"]), int(r["height"]))
+            for b, r in zip(buffers, records)]
 
 
 def pick_device() -> str:

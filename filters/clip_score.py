@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from engine.stage import Resources, Stage, StageParams, decode_image
+from engine.stage import Resources, Stage, StageParams
 from filters.decision import drop, is_kept, reset_all, set_check
 from filters.per_kind import merge_per_key
 
@@ -118,7 +118,7 @@ class ClipScoreFilter(Stage):
         text = (text or "").strip()
         return p.region_template.format(text) if text else ""
 
-    def _jobs(self, rec: dict, data: bytes | None) -> list[tuple[str, dict, Any, str]]:
+    def _jobs(self, rec: dict, image) -> list[tuple[str, dict, Any, str]]:
         """(type, annotation, PIL image or crop, text) of every annotation of rec to score."""
         p: ClipScoreParams = self.params  # type: ignore[assignment]
         wanted = []
@@ -132,20 +132,17 @@ class ClipScoreFilter(Stage):
                     wanted.append((ann_type, ann, text))
         if not wanted:
             return []
-        if data is None:
-            raise ValueError(f"image {rec.get('image_id')}: no image bytes to score against")
-        image = decode_image(data)
         jobs = []
         for ann_type, ann, text in wanted:
             pixels = image if ann_type == "text" else crop_box(image, ann["box"], p.crop_padding)
             jobs.append((ann_type, ann, pixels, text))
         return jobs
 
-    def process_batch(self, records: list[dict], images: list[bytes] | None) -> list[dict]:
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         reset_all(records, self.name)
         jobs: list[tuple[str, dict, Any, str]] = []
-        for i, rec in enumerate(records):
-            found = self.guarded(rec, lambda rec=rec, i=i: self._jobs(rec, images[i] if images else None))
+        for rec, image in zip(records, images):
+            found = self.guarded(rec, lambda rec=rec, image=image: self._jobs(rec, image))
             jobs.extend(found or [])
         scores = self.pair_scores([j[2] for j in jobs], [j[3] for j in jobs])
         for (ann_type, ann, _, _), score in zip(jobs, scores):

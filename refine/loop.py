@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from annotators.florence2 import TASK_TOKENS, TaskName
 from engine.config import ConfigError, Pipeline, _yaml_path
 from engine.registry import stage_class
-from engine.stage import IMAGE_BYTES_COLUMN, Stage, records_to_table, table_to_records
+from engine.stage import PIXELS_COLUMN, Stage, records_to_table, table_to_records
 from refine.merge import MergePolicy, merge_records
 from refine.metrics import agreement_sums, coco_map, reduce_agreement
 from refine.task_codec import ALL_TASKS, TaskCodec
@@ -148,7 +148,7 @@ def refine_shard(records, images, relabeler, filters: list[Stage], policy: Merge
     counters: dict = {}
     new = relabel_table(relabeler, attach_images(records, images), k)
     for f in filters:
-        if f.needs_images and IMAGE_BYTES_COLUMN not in new.column_names:
+        if f.needs_images and PIXELS_COLUMN not in new.column_names:
             new = attach_images(new, images)
         new = run_stage(f, new, counters)
     old_recs, new_recs = table_to_records(records), table_to_records(new)

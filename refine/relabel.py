@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from annotators.florence2 import Florence2Annotator, Florence2Params
-from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
+from engine.stage import PIXELS_COLUMN, records_to_table, table_to_records
 from schemas.records import empty_record, make_ann_id
 
 ANNOTATOR = "refine"
@@ -48,13 +48,13 @@ def stamp_round(records: list[dict], round_: int) -> list[dict]:
 
 
 def relabel_table(stage: RefineRelabeler, table: pa.Table, round_: int) -> pa.Table:
-    """table: image records + image bytes -> new records (annotations of this round only) + bytes."""
+    """table: image records + pixels -> new records (annotations of this round only) + pixels."""
     from engine.execute import run_stage
 
-    if IMAGE_BYTES_COLUMN not in table.column_names:
-        raise ValueError(f"relabel needs the {IMAGE_BYTES_COLUMN!r} column (attach images/ first)")
+    if PIXELS_COLUMN not in table.column_names:
+        raise ValueError(f"relabel needs the {PIXELS_COLUMN!r} column (attach images/ first)")
     blank = blank_table(table)
-    blank = blank.append_column(IMAGE_BYTES_COLUMN, table.column(IMAGE_BYTES_COLUMN))
+    blank = blank.append_column(PIXELS_COLUMN, table.column(PIXELS_COLUMN))
     out = run_stage(stage, blank)
     records = stamp_round(table_to_records(out), round_)
-    return records_to_table(records).append_column(IMAGE_BYTES_COLUMN, out.column(IMAGE_BYTES_COLUMN))
+    return records_to_table(records).append_column(PIXELS_COLUMN, out.column(PIXELS_COLUMN))

@@ -197,7 +197,7 @@ def test_bad_image_is_recorded_and_batch_goes_on(stage, photo_batch):
     st = Florence2Annotator({**FAST, "tasks": ["caption"], "max_new_tokens": 8})
     records = table_to_records(st(batch))
     assert [len(r["errors"]) for r in records] == [0, 1, 0, 0]
-    assert records[1]["errors"][0]["stage"] == "florence2" and "UnidentifiedImageError" in records[1]["errors"][0]["error"]
+    assert records[1]["errors"][0]["stage"] == "decode" and "UnidentifiedImageError" in records[1]["errors"][0]["error"]
     assert [len(r["texts"]) for r in records] == [1, 0, 1, 1]
 
 

@@ -156,7 +156,7 @@ def test_bad_image_is_recorded_and_batch_goes_on(stage, photo_batch):
     images[0] = b"not an image"
     table = table.set_column(table.schema.get_field_index(IMAGE_BYTES_COLUMN), IMAGE_BYTES_COLUMN, pa.array(images, pa.binary()))
     records = table_to_records(stage(table))
-    assert records[0]["errors"] and records[0]["errors"][0]["stage"] == "grounding"
+    assert records[0]["errors"] and records[0]["errors"][0]["stage"] == "decode"
     assert "UnidentifiedImageError" in records[0]["errors"][0]["error"]
     assert records[1]["errors"] == [] and records[1]["groundings"]
 

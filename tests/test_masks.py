@@ -135,7 +135,7 @@ def test_bad_image_recorded_batch_goes_on(stage, photo_batch):
                              pa.array(images, pa.binary()))
     first, second = table_to_records(stage(table))
     assert first["errors"] == [] and all(g["mask"] is not None for g in first["groundings"])
-    assert second["errors"][0]["stage"] == "masks" and all(g["mask"] is None for g in second["groundings"])
+    assert second["errors"][0]["stage"] == "decode" and all(g["mask"] is None for g in second["groundings"])
 
 
 def test_params_are_checked():

@@ -53,4 +53,4 @@ def test_a_corrupt_image_is_recorded_and_the_batch_goes_on(ocr):
     batch = batch.set_column(idx, "image_bytes", pa.array([rendered_sign(), b"\xff\xd8\xff broken"], pa.binary()))
     good, bad = table_to_records(ocr(batch))
     assert [r["label"] for r in good["regions"]] == WORDS
-    assert bad["regions"] == [] and bad["errors"][0]["stage"] == "ocr"
+    assert bad["regions"] == [] and bad["errors"][0]["stage"] == "decode"

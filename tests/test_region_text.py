@@ -171,7 +171,7 @@ def test_overwrite_and_bad_image(loaded, photo_batch):
         table.column_names.index(IMAGE_BYTES_COLUMN), IMAGE_BYTES_COLUMN, pa.array([b"\x89PNG broken"] + images[1:])
     )
     records = table_to_records(make_stage(loaded, overwrite=True)(broken))
-    assert records[0]["errors"][0]["stage"] == "region_text"
+    assert records[0]["errors"][0]["stage"] == "decode"
     assert all(r["brief"] in (None, "a human-written brief") for r in records[0]["regions"])
     for rec in records[1:]:
         assert not rec["errors"]

@@ -22,7 +22,7 @@ from engine import registry
 from engine.config import load_pipeline
 from engine.query import run_query
 from engine.run import run_pipeline
-from engine.stage import Resources, Stage, StageParams, decode_image
+from engine.stage import Resources, Stage, StageParams
 from engine.store import ShardStore
 from schemas.validate import validate_table
 
@@ -47,7 +47,7 @@ class TextContrastFilter(Stage):
         for rec, data in zip(records, images):
             if self.params.fail_on_uri and rec["uri"].endswith(self.params.fail_on_uri):
                 raise RuntimeError(f"refusing {rec['uri']}")
-            gray = np.asarray(decode_image(data).convert("L"), dtype=np.float32)
+            gray = np.asarray(data.convert("L"), dtype=np.float32)
             for ann in rec["regions"]:
                 x0, y0, x1, y1 = (int(round(v)) for v in ann["box"])
                 crop = gray[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]

@@ -26,6 +26,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from engine.counters import merge
+from engine.execute import image_needs
 from engine.runners.base import StepJob
 from engine.runners.tagged import (
     input_row_counts,
@@ -41,7 +42,7 @@ from engine.runners.tagged import (
     step_recipes,
     worker_stage,
 )
-from engine.stage import IMAGE_BYTES_COLUMN, record_error, records_to_table, table_to_records
+from engine.stage import TRANSIENT_COLUMNS, record_error, records_to_table, table_to_records
 from engine.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ class FldOptions(PipelineOptions):
 
 def elements_to_table(elements: list[Element]) -> pa.Table:
     table = records_to_table([e[2] for e in elements])
-    if any(e[3] is not None for e in elements):
-        table = table.append_column(IMAGE_BYTES_COLUMN, pa.array([e[3] for e in elements], pa.binary()))
+    for col in TRANSIENT_COLUMNS:  # e[3]: {column: value} of the step's image columns, or None
+        if any(e[3] and col in e[3] for e in elements):
+            table = table.append_column(col, pa.array([(e[3] or {}).get(col) for e in elements], pa.binary()))
     return (
         table.append_column(SHARD_COLUMN, pa.array([e[0] for e in elements], pa.string()))
         .append_column(ROW_COLUMN, pa.array([e[1] for e in elements], pa.int64()))
@@ -75,7 +77,9 @@ def elements_to_table(elements: list[Element]) -> pa.Table:
 
 
 def table_to_elements(table: pa.Table) -> list[Element]:
-    images = table.column(IMAGE_BYTES_COLUMN).to_pylist() if IMAGE_BYTES_COLUMN in table.column_names else [None] * table.num_rows
+    cols = [c for c in TRANSIENT_COLUMNS if c in table.column_names]
+    values = {c: table.column(c).to_pylist() for c in cols}
+    images = [{c: values[c][i] for c in cols} or None for i in range(table.num_rows)]
     records = table_to_records(table.drop_columns([SHARD_COLUMN, ROW_COLUMN, COUNTERS_COLUMN]))
     shards = table.column(SHARD_COLUMN).to_pylist()
     rows = table.column(ROW_COLUMN).to_pylist()
@@ -86,11 +90,11 @@ def table_to_elements(table: pa.Table) -> list[Element]:
 class ReadShardFn(beam.DoFn):
     """Shard name -> its tagged elements (the read runs on a worker, like Ray's read tasks)."""
 
-    def __init__(self, out: str, step_index: int, input_folder: str, needs_images: bool, rows: dict[str, int]):
-        self.out, self.step_index, self.input_folder, self.needs_images, self.rows = out, step_index, input_folder, needs_images, rows
+    def __init__(self, out: str, step_index: int, input_folder: str, needs: frozenset[str], rows: dict[str, int]):
+        self.out, self.step_index, self.input_folder, self.needs, self.rows = out, step_index, input_folder, needs, rows
 
     def process(self, shard: str) -> Iterable[Element]:
-        table = read_tagged_chunk(ShardStore(self.out), self.step_index, self.input_folder, self.needs_images, shard, 0, self.rows[shard])
+        table = read_tagged_chunk(ShardStore(self.out), self.step_index, self.input_folder, self.needs, shard, 0, self.rows[shard])
         yield from table_to_elements(table)
 
 
@@ -228,10 +232,10 @@ class BeamRunner:
 
     def build(self, p: beam.Pipeline, store: ShardStore, job: StepJob, shards: list[str], rows: dict[str, int]):
         stages, recipes = step_recipes(job)
-        needs_images = any(s.needs_images for s in stages)
+        needs = image_needs(stages)
         out = str(Path(store.out).resolve())
         elements = (p | "shards" >> beam.Create(shards)
-                    | "read" >> beam.ParDo(ReadShardFn(out, job.step_index, job.input_folder, needs_images, rows)))
+                    | "read" >> beam.ParDo(ReadShardFn(out, job.step_index, job.input_folder, needs, rows)))
         for i, (stage, recipe) in enumerate(zip(stages, recipes)):
             label = f"{i}-{stage.name}"
             bs = stage.resources.batch_size

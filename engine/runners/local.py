@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from engine.counters import merge
-from engine.execute import run_stages_on_shard, step_input_table
+from engine.execute import image_needs, run_stages_on_shard, step_input_table
 from engine.runners.base import StepJob
 from engine.store import ShardStore
 
@@ -17,11 +17,11 @@ class LocalRunner:
 
     def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
         stages = job.pipeline.build_stages(job.step)
-        needs_images = any(s.needs_images for s in stages)
+        needs = image_needs(stages)
         total: dict = {}
         for shard in job.shards:
             t0 = time.perf_counter()
-            table = step_input_table(store, job.step_index, job.input_folder, needs_images, shard)
+            table = step_input_table(store, job.step_index, job.input_folder, needs, shard)
             table, counters = run_stages_on_shard(stages, table, f"{job.output_folder}/{shard}")
             store.write_shard(
                 job.output_folder,

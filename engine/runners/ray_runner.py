@@ -37,7 +37,7 @@ from engine.runners.tagged import (
     step_recipes,
     worker_stage,
 )
-from engine.stage import IMAGE_BYTES_COLUMN
+from engine.execute import image_needs, transient_columns
 from engine.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def run_cpu_stage(batch: pa.Table, recipe: StageRecipe) -> pa.Table:
     return run_tagged_batch(worker_stage(recipe), batch)
 
 
-def _shard_datasource(store: ShardStore, job: StepJob, needs_images: bool, rows: dict[str, int], chunks_per_shard: int):
+def _shard_datasource(store: ShardStore, job: StepJob, needs: frozenset[str], rows: dict[str, int], chunks_per_shard: int):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -78,7 +78,7 @@ def _shard_datasource(store: ShardStore, job: StepJob, needs_images: bool, rows:
             for shard in [s for s in job.shards if rows[s] > 0]:
                 for start, stop in chunk_bounds(rows[shard], chunks_per_shard):
                     def read(shard=shard, start=start, stop=stop):
-                        return [read_tagged_chunk(worker_store, job.step_index, job.input_folder, needs_images, shard, start, stop)]
+                        return [read_tagged_chunk(worker_store, job.step_index, job.input_folder, needs, shard, start, stop)]
 
                     meta = BlockMetadata(num_rows=stop - start, size_bytes=None, exec_stats=None,
                                          input_files=[str(store.shard_path(job.input_folder, shard))])
@@ -144,7 +144,7 @@ class RayRunner:
         import ray
 
         stages, recipes = step_recipes(job)
-        needs_images = any(s.needs_images for s in stages)
+        needs = image_needs(stages)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))  # an actor asking for none never starts
         model_stages = [s for s in stages if s.uses_model]
@@ -156,7 +156,7 @@ class RayRunner:
         widest = max([s.resources.concurrency for s in model_stages] or [1])
         # enough blocks to keep every actor busy and balanced even when the step has few shards
         chunks = self.chunks_per_shard or max(1, -(-BLOCKS_PER_ACTOR * widest // max(1, len(job.shards))))
-        ds = ray.data.read_datasource(_shard_datasource(store, job, needs_images, rows, chunks),
+        ds = ray.data.read_datasource(_shard_datasource(store, job, needs, rows, chunks),
                                       num_cpus=READ_TASK_CPUS)
         task_cpus = min(1.0, max(cluster_cpus - sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages)), 0.25))
         for stage, recipe in zip(stages, recipes):
@@ -174,8 +174,8 @@ class RayRunner:
                                     num_cpus=cpus_of[id(stage)], **common)
             else:
                 ds = ds.map_batches(run_cpu_stage, fn_args=(recipe,), num_cpus=min(res.cpus, task_cpus), **common)
-        if needs_images:
-            ds = ds.drop_columns([IMAGE_BYTES_COLUMN], num_cpus=READ_TASK_CPUS)  # 1 CPU by default: would wait for the actors
+        if needs:
+            ds = ds.drop_columns(transient_columns(needs), num_cpus=READ_TASK_CPUS)  # 1 CPU by default: would wait for the actors
         return ds
 
     def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from engine.counters import delta, merge, snapshot
 from engine.execute import apply_stage, finalize, step_input_table
-from engine.stage import IMAGE_BYTES_COLUMN, Stage
+from engine.stage import TRANSIENT_COLUMNS, Stage
 from schemas.records import IMAGE_RECORD_SCHEMA
 
 SHARD_COLUMN = "__fld_shard"
@@ -110,9 +110,9 @@ def empty_part(shard: str) -> pa.Table:
     return tag(IMAGE_RECORD_SCHEMA.empty_table(), shard, 0)
 
 
-def read_tagged_chunk(store, step_index: int, input_folder: str, needs_images: bool, shard: str, start: int, stop: int) -> pa.Table:
+def read_tagged_chunk(store, step_index: int, input_folder: str, needs: frozenset[str], shard: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of one input shard, tagged; what a distributed read task emits."""
-    table = step_input_table(store, step_index, input_folder, needs_images, shard)
+    table = step_input_table(store, step_index, input_folder, needs, shard)
     return tag(table.slice(start, stop - start), shard, start)
 
 
@@ -167,7 +167,7 @@ def assemble_shard(parts: list[pa.Table], folder: str, shard: str, expected_rows
     for cell in table.column(COUNTERS_COLUMN).to_pylist():
         if cell:
             merge(counters, json.loads(cell))
-    keep = [c for c in table.column_names if c not in TAG_COLUMNS and c != IMAGE_BYTES_COLUMN]
+    keep = [c for c in table.column_names if c not in TAG_COLUMNS and c not in TRANSIENT_COLUMNS]
     return finalize(table.select(keep), f"{folder}/{shard}"), counters
 
 
