@@ -249,6 +249,7 @@ class ObjectDetector(Stage):
     default_resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, batch_size=8, concurrency=1)
     needs_images: ClassVar[bool] = True
     uses_model: ClassVar[bool] = True
+    model_params: ClassVar[dict[str, str]] = {"model": "hf"}
 
     params: ObjectDetectorParams
 

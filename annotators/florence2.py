@@ -105,6 +105,7 @@ class Florence2Annotator(Stage):
     default_resources = Resources(cpus=1.0, gpus=0.0, batch_size=4, concurrency=1)
     needs_images = True
     uses_model = True
+    model_params = {"model": "hf"}
 
     params: Florence2Params
 

@@ -222,6 +222,7 @@ class GroundingAnnotator(Stage):
     default_resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, batch_size=8, concurrency=1)
     needs_images: ClassVar[bool] = True
     uses_model: ClassVar[bool] = True
+    model_params: ClassVar[dict[str, str]] = {"model": "hf", "spacy_model": "spacy"}
 
     params: GroundingParams
 

@@ -32,6 +32,7 @@ class RapidOCRAnnotator(Stage):
     default_resources = Resources(cpus=1, gpus=0, batch_size=8, concurrency=1)
     needs_images = True
     uses_model = True
+    model_params = {"model": "rapidocr"}
 
     def setup(self) -> None:
         from rapidocr import RapidOCR

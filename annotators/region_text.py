@@ -103,6 +103,7 @@ class RegionTextAnnotator(Stage):
     default_resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, batch_size=8, concurrency=1)
     needs_images: ClassVar[bool] = True
     uses_model: ClassVar[bool] = True
+    model_params: ClassVar[dict[str, str]] = {"clip_model": "open_clip", "captioner": "hf"}
 
     params: RegionTextParams
 

@@ -62,6 +62,10 @@ class Stage:
     # "bytes": it gets the original encoded bytes (e.g. a stage that forwards files untouched).
     image_input: ClassVar[str] = "pixels"
     uses_model: ClassVar[bool] = False  # CPU-only stages run as Ray tasks, model stages as actors
+    # Params that hold a model reference (or an alias of the pipeline's models:), and how that model
+    # loads: "hf" (transformers from_pretrained), "open_clip", "rapidocr", "spacy". Preflight resolves
+    # them before anything runs and a step's configuration identity includes their revisions.
+    model_params: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: StageParams | dict | None = None, models: dict[str, str] | None = None):
         if params is None:
@@ -91,6 +95,11 @@ class Stage:
     def resolve_model(self, ref: str) -> str:
         """A model parameter may name an alias of the pipeline's `models:` section."""
         return self.models.get(ref, ref)
+
+    def model_refs(self) -> dict[str, str]:
+        """{param: resolved model reference} of the models this stage actually uses (None: a default)."""
+        return {name: self.resolve_model(getattr(self.params, name)) for name in self.model_params
+                if getattr(self.params, name, None) is not None}
 
     # -------------------------------------------------------------------- contract
     def setup(self) -> None:

@@ -89,6 +89,7 @@ class ClipScoreFilter(Stage):
     default_resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, batch_size=32)
     needs_images: ClassVar[bool] = True
     uses_model: ClassVar[bool] = True
+    model_params: ClassVar[dict[str, str]] = {"model": "open_clip"}
 
     def setup(self) -> None:
         from annotators.clip_model import ClipModel

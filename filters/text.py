@@ -119,6 +119,7 @@ class TextFilter(Stage):
     Params: ClassVar[type[StageParams]] = TextFilterParams
     default_resources: ClassVar[Resources] = Resources(cpus=1.0, batch_size=64)
     uses_model: ClassVar[bool] = True  # the spaCy pipeline: loaded once per worker (actor)
+    model_params: ClassVar[dict[str, str]] = {"spacy_model": "spacy"}
 
     def setup(self) -> None:
         from annotators.phrases import load_spacy
