@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,20 @@ def _render(tables: list[dict]) -> None:
         for row in t["rows"]:
             rt.add_row(*["" if v is None else str(v) for v in row])
         out_console.print(rt)
+
+
+@contextmanager
+def _progress_display():
+    """A progress factory for run_pipeline: rich bars on a terminal, plain lines otherwise."""
+    from engine.progress import PlainProgress, RichProgress
+
+    if console.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=console) as prog:
+            yield lambda name, images, shards: RichProgress(prog, name, images)
+    else:
+        yield lambda name, images, shards: PlainProgress(name, images, shards, out=sys.stderr,
+                                                          every=float(os.environ.get("FLD_PROGRESS_EVERY", "5")))
 
 
 @app.command()
@@ -65,19 +80,9 @@ def run(
         options["beam_options"] = list(beam_option)
     try:
         pipe = load_pipeline(pipelines, pipeline, profile)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=console, disable=not console.is_terminal and os.environ.get("FLD_PROGRESS") != "1") as prog:
-
-            def factory(name: str, total: int):
-                task = prog.add_task(name, total=total or None, info="")
-
-                def advance(shard: str, rows: int, skipped: bool = False) -> None:
-                    prog.update(task, advance=1, info=f"{shard}: {rows} {'(resumed)' if skipped else ''}")
-
-                return advance
-
+        with _progress_display() as factory:
             summary = run_pipeline(pipe, input, str(out), runner=runner, force=force, from_step=from_step,
-                                   runner_options=options, progress_factory=factory)
+                                   runner_options=options, progress=factory)
     except (ConfigError, StoreError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     ing = summary.ingest

@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,10 @@ class IngestConfig(_Strict):
     max_pixels: int = Field(178_956_970, ge=1, description="larger images are decompression_bomb")
     source: str | None = Field(None, description="dataset / origin name recorded on each image")
     image_root: str | None = Field(None, description="COCO input: image folder, relative to the JSON's folder")
-    workers: int = Field(1, ge=1, description="threads that read and decode within a shard")
+    workers: int = Field(1, ge=0, description="chunks ingested at once: local processes, Ray / Beam tasks (0 on Ray: "
+                         "as many as the cluster runs)")
+    read_threads: int = Field(1, ge=1, description="threads reading the inputs of one chunk (raise it for "
+                              "high-latency object stores and URLs)")
 
 
 class StageSpec(_Strict):
@@ -132,18 +133,21 @@ class Pipeline:
         return [stage_class(s.stage)(s.params, models=self.models) for s in step.stages]
 
     def step_hash(self, step_name: str) -> str:
-        """Hash of everything that decides a step's output: its stages, the steps before it, models."""
-        upto = []
+        """The configuration identity of a step (engine.identity): what it reads + its stages."""
+        from engine import identity
+
+        h = self.ingest_hash
         for s in self.steps:
-            upto.append(s.model_dump())
+            h = identity.step_hash(self.build_stages(s), h, [spec.stage for spec in s.stages])
             if s.name == step_name:
-                break
-        payload = {"ingest": self.config.ingest.model_dump(exclude={"shard_size", "workers"}), "steps": upto, "models": self.models}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+                return h
+        raise ConfigError(f"pipeline {self.name!r} has no step {step_name!r}; steps: {[s.name for s in self.steps]}")
 
     @property
     def ingest_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.config.ingest.model_dump(exclude={"workers"}), sort_keys=True).encode()).hexdigest()[:16]
+        from engine import identity
+
+        return identity.ingest_hash(self.config.ingest)
 
 
 def load_config(path: str | Path) -> FileConfig:

@@ -1,19 +1,23 @@
 """Engine-neutral pieces of running a step on one shard; every runner uses these.
 
-A step's shard k reads images/part-k (step 0) or annotations/<previous step>/part-k, so
-every runner writes the same files with the same rows in the same order.
+A step's shard k reads images/part-k (the first step) or <input folder>/part-k, so every runner
+writes the same files with the same rows in the same order. Stages see a shard in the same
+batches on every runner (rows [0, b), [b, 2b), ... of the shard, b = the stage's batch size), and
+every worker limits its threads to the stage's CPUs, so the numbers are the same too.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 
 from engine.counters import delta, merge, snapshot
-from engine.stage import IMAGE_BYTES_COLUMN, PIXELS_COLUMN, Stage, records_to_table, with_pixels
+from engine.stage import IMAGE_BYTES_COLUMN, PIXELS_COLUMN, TRANSIENT_COLUMNS, Stage, records_to_table, with_pixels
 from schemas.records import IMAGE_RECORD_SCHEMA, empty_record
 from schemas.validate import validate_table
+
+IMAGES = "images"
 
 
 def initial_records(images: pa.Table) -> pa.Table:
@@ -25,7 +29,7 @@ def initial_records(images: pa.Table) -> pa.Table:
 
 
 def step_input_folder(step_names: list[str], index: int) -> str:
-    return "images" if index == 0 else f"annotations/{step_names[index - 1]}"
+    return IMAGES if index == 0 else f"annotations/{step_names[index - 1]}"
 
 
 def image_needs(stages: list[Stage]) -> frozenset[str]:
@@ -56,25 +60,61 @@ def attach_images(records: pa.Table, images: pa.Table, needs: frozenset[str] = f
     return records
 
 
-def step_input_table(store, step_index: int, input_folder: str, needs: frozenset[str], shard: str) -> pa.Table:
+def read_step_input(store, input_folder: str, shard: str, needs: frozenset[str]) -> pa.Table:
     """What a step's first stage sees for one shard: its records, plus the image columns its stages
     need. Distributed runners call this inside their read tasks so they see what the local runner sees."""
     images = None
-    if step_index == 0:
-        images = store.read_shard("images", shard)
+    if input_folder == IMAGES:
+        images = store.read_shard(IMAGES, shard)
         records = initial_records(images)
     else:
         records = store.read_shard(input_folder, shard)
     if needs:
         if images is None:
-            images = store.read_shard("images", shard, columns=["image_id", "bytes"])
+            images = store.read_shard(IMAGES, shard, columns=["image_id", "bytes"])
         records = attach_images(records, images, needs)
     return records
 
 
+# ------------------------------------------------------------------------- threads
+def limit_threads(cpus: float) -> None:
+    """A worker uses the CPUs its stage declared. Library defaults (every core) in several workers
+    oversubscribe the machine (measured 10-35x slower on 2 busy cores), and a different thread count
+    changes float reductions: limiting it on every runner, local included, makes runners agree."""
+    import sys
+
+    n = max(1, int(cpus))
+    if "torch" in sys.modules or _importable("torch"):
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(n)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ------------------------------------------------------------------------- batches
+def batch_bounds(rows: int, size: int, first_row: int = 0) -> list[tuple[int, int]]:
+    """[start, stop) slices of a piece of a shard that starts at shard row `first_row`, cut where the
+    whole shard is cut (multiples of `size`), so a piece anywhere gets the same batches as the shard."""
+    size = max(1, size)
+    bounds, start = [], 0
+    while start < rows:
+        stop = min(rows, start + size - (first_row + start) % size)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def batches(table: pa.Table, size: int) -> Iterable[pa.Table]:
-    for start in range(0, table.num_rows, max(1, size)):
-        yield table.slice(start, size)
+    for start, stop in batch_bounds(table.num_rows, size):
+        yield table.slice(start, stop - start)
 
 
 def apply_stage(stage: Stage, batch: pa.Table) -> tuple[pa.Table, float]:
@@ -87,14 +127,27 @@ def apply_stage(stage: Stage, batch: pa.Table) -> tuple[pa.Table, float]:
     return out, seconds
 
 
-def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None) -> pa.Table:
-    """Apply one stage over a table in batches of its declared size, counting what it did."""
+BatchRunner = Callable[[Stage, pa.Table], pa.Table]
+
+
+def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None, first_row: int = 0,
+              on_batch: Callable[[str, int], None] | None = None, apply: BatchRunner | None = None) -> pa.Table:
+    """Apply one stage over (a piece of) a shard in its batches, counting what it did.
+
+    `apply(stage, batch) -> out` replaces the plain call (Beam retries a failing batch per element);
+    `on_batch(stage name, rows)` reports progress inside a shard."""
     stage.ensure_setup()
+    limit_threads(stage.resources.cpus)
     outs = []
-    for batch in batches(table, stage.resources.batch_size):
-        out, seconds = apply_stage(stage, batch)
+    for start, stop in batch_bounds(table.num_rows, stage.resources.batch_size, first_row):
+        batch = table.slice(start, stop - start)
+        t0 = time.perf_counter()
+        out = apply(stage, batch) if apply else apply_stage(stage, batch)[0]
+        seconds = time.perf_counter() - t0
         if counters is not None:
             merge(counters.setdefault(stage.name, {}), delta(snapshot(batch), snapshot(out), seconds))
+        if on_batch is not None:
+            on_batch(stage.name, out.num_rows)
         outs.append(out)
     if not outs:
         return table
@@ -102,15 +155,45 @@ def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None) -> pa
 
 
 def finalize(table: pa.Table, name: str) -> pa.Table:
-    """Drop the image column, order columns as the schema, and validate before writing."""
+    """Drop the transient columns, order columns as the schema, and validate before writing."""
     table = table.select([f.name for f in IMAGE_RECORD_SCHEMA]).cast(IMAGE_RECORD_SCHEMA)
     validate_table(table, name=name)
     return table
 
 
-def run_stages_on_shard(stages: list[Stage], table: pa.Table, name: str) -> tuple[pa.Table, dict]:
-    """The whole step on one shard (its step_input_table), in-process: what the local runner calls."""
-    counters: dict = {}
+def run_stages(stages: list[Stage], table: pa.Table, counters: dict, first_row: int = 0,
+               on_batch: Callable[[str, int], None] | None = None, apply: BatchRunner | None = None) -> pa.Table:
     for stage in stages:
-        table = run_stage(stage, table, counters)
-    return finalize(table, name), counters
+        table = run_stage(stage, table, counters, first_row, on_batch, apply)
+    return table
+
+
+# ------------------------------------------------------------------------- commits
+def commit_meta(job, shard: str, runner: str, counters: dict, seconds: float) -> dict:
+    """The fields every runner writes into a step shard's commit record (one recipe)."""
+    return {"config_hash": job.config_hash, "input_sha256": job.inputs[shard].get("sha256"), "runner": runner,
+            "counters": counters, "seconds": round(seconds, 3), **job.meta}
+
+
+def is_current(output_record: dict | None, config_hash: str, input_record: dict | None) -> bool:
+    """A committed output shard is reused only when it was made with this configuration from the
+    input shard as it is now (an input re-ingested or rewritten since makes it pending again)."""
+    if output_record is None or output_record.get("config_hash") != config_hash:
+        return False
+    made_from = output_record.get("input_sha256")
+    return made_from is None or input_record is None or made_from == input_record.get("sha256")
+
+
+def run_shard(store, job, stages: list[Stage], shard: str, runner: str,
+              on_batch: Callable[[str, int], None] | None = None, apply: BatchRunner | None = None) -> dict:
+    """The whole step on one shard, in this process: read, every stage, validate, commit. Returns
+    the commit record. What the local runner does per shard, and Beam per element."""
+    t0 = time.perf_counter()
+    needs = image_needs(stages)
+    table = read_step_input(store, job.input_folder, shard, needs)
+    counters: dict = {}
+    table = run_stages(stages, table, counters, 0, on_batch, apply)
+    table = finalize(table.drop_columns([c for c in TRANSIENT_COLUMNS if c in table.column_names]),
+                     f"{job.output_folder}/{shard}")
+    return store.write_shard(job.output_folder, shard, table,
+                             commit_meta(job, shard, runner, counters, time.perf_counter() - t0))

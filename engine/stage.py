@@ -38,6 +38,10 @@ class Resources:
     concurrency: int = 1  # actors (Ray) / parallel workers for model stages
 
 
+# Parameters that only say HOW a stage runs, never WHAT it produces (engine.identity leaves them out).
+EXECUTION_PARAMS = ("batch_size", "cpus", "gpus", "concurrency", "threads")
+
+
 class StageParams(BaseModel):
     """Base of every stage's parameters: unknown keys are errors, not silently ignored."""
 
@@ -83,23 +87,26 @@ class Stage:
         self._is_setup = False
 
     # ----------------------------------------------------------------- provenance
+    def semantic_params(self) -> dict:
+        """The parameters that decide the output: execution settings (batch size, CPUs, GPUs, actors)
+        left out, so changing them neither changes provenance nor refuses a rerun."""
+        return self.params.model_dump(mode="json", exclude=set(EXECUTION_PARAMS))
+
     @property
     def params_hash(self) -> str:
-        return params_hash(self.params.model_dump(exclude={"batch_size", "cpus", "gpus", "concurrency"}))
+        return params_hash(self.semantic_params())
 
     def source(self, model: str = "", revision: str = "") -> dict:
-        return source_of(
-            self.name, model, revision, self.params.model_dump(exclude={"batch_size", "cpus", "gpus", "concurrency"})
-        )
+        return source_of(self.name, model, revision, self.semantic_params())
 
     def resolve_model(self, ref: str) -> str:
         """A model parameter may name an alias of the pipeline's `models:` section."""
         return self.models.get(ref, ref)
 
     def model_refs(self) -> dict[str, str]:
-        """{param: resolved model reference} of the models this stage actually uses (None: a default)."""
-        return {name: self.resolve_model(getattr(self.params, name)) for name in self.model_params
-                if getattr(self.params, name, None) is not None}
+        """{param: resolved model reference} of the models this stage actually uses ("" = the
+        stage's built-in default, e.g. the installed spaCy model)."""
+        return {name: self.resolve_model(getattr(self.params, name) or "") for name in self.model_params}
 
     # -------------------------------------------------------------------- contract
     def setup(self) -> None:

@@ -69,7 +69,7 @@ class ShardStore:
     """OUT/ folders: images, quarantine, annotations/<step>, models/<round>, exports."""
 
     def __init__(self, out: str | Path):
-        self.out = Path(out)
+        self.out = Path(out).absolute()  # workers in another cwd (Ray, Beam, processes) open the same files
 
     # ------------------------------------------------------------------ paths
     def folder(self, folder: str) -> Path:
@@ -137,10 +137,10 @@ class ShardStore:
     def read_shard(self, folder: str, shard: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.shard_path(folder, shard), columns=columns)
 
-    def uncommit(self, folder: str) -> int:
-        """Forget a folder's shards (--force / --from): commit records go first, then the files."""
+    def uncommit(self, folder: str, shards: list[str] | None = None) -> int:
+        """Forget a folder's shards (all, or the ones named): commit records go first, then the files."""
         n = 0
-        for shard in self.shards(folder):
+        for shard in self.shards(folder) if shards is None else shards:
             self._commit_path(folder, shard).unlink(missing_ok=True)
             self.shard_path(folder, shard).unlink(missing_ok=True)
             n += 1
@@ -152,6 +152,12 @@ class ShardStore:
         order = manifest.get("order", [])
         found = [f"annotations/{p.name}" for p in sorted((self.out / "annotations").glob("*")) if p.is_dir()]
         return [f for f in order if f in found] + [f for f in found if f not in order]
+
+    def write_log(self, name: str, text: str) -> None:
+        """OUT/logs/<name>: diagnostics kept with the data (e.g. Ray Data's per-operator stats)."""
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(logs / name, text.encode())
 
     # ------------------------------------------------------------------- lock
     @contextmanager

@@ -97,6 +97,20 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
+# inputs/part-k: the listing of input chunk k, written by the driver, read by the ingest worker of
+# chunk k. Enough to open each input again on any machine (a file / URL, or a byte range of a tar).
+INPUTS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),  # as recorded on the image (tar members: <tar>::<member>)
+        ("source", pa.string()),
+        ("location", pa.string()),  # the file or URL to open
+        ("offset", pa.int64()),  # a tar member: where its data starts in `location` (else null)
+        ("length", pa.int64()),  # ... and how many bytes it has
+        ("human", pa.string()),  # JSON of imported annotations, or null
+        ("fingerprint", pa.string()),  # size + mtime / ETag from the listing (change detection), or null
+    ]
+)
+
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),

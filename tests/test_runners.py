@@ -98,6 +98,9 @@ def input_dir(tmp_path_factory, photos):
         (d / f"{n}.img").write_bytes(photos[n])
         os.rename(d / f"{n}.img", d / (f"{n}.png" if photos[n][:4] == b"\x89PNG" else f"{n}.jpg"))
     (d / "text_sign.png").write_bytes(rendered_text_png())
+    # an exact copy of an image of the first chunk, listed last: a duplicate ACROSS ingest chunks,
+    # found after the workers ingested their chunks (the first copy in input order wins)
+    (d / "zz_copy_of_coffee.png").write_bytes(photos["coffee"])
     return d
 
 
@@ -166,14 +169,33 @@ def _without_seconds(counters: dict) -> dict:
     return {stage: {k: v for k, v in c.items() if k != "seconds"} for stage, c in counters.items()}
 
 
+def test_same_images_and_quarantine_on_every_runner(runs):
+    """Ingest ran on each runner's workers: the same images/, quarantine/ and counters everywhere."""
+    local = ShardStore(runs["local"][0])
+    ingest = runs["local"][1].ingest
+    assert (ingest["inputs"], ingest["images"], ingest["duplicates"], ingest["quarantined"]) == (7, 6, 1, 0)
+    assert local.shards("images") == local.shards("inputs") == [f"part-{i:05d}" for i in range(4)]
+    dup = run_query(runs["local"][0], "SELECT uri, reason, detail FROM quarantine")[1]
+    assert len(dup) == 1 and dup[0][0].endswith("zz_copy_of_coffee.png") and dup[0][1] == "duplicate"
+    assert "coffee.png" in dup[0][2] and "earlier input chunk" in dup[0][2]
+    for runner in ("ray", "beam"):
+        other = ShardStore(runs[runner][0])
+        assert runs[runner][1].ingest == ingest, runner
+        for folder in ("images", "quarantine"):
+            assert other.shards(folder) == local.shards(folder)
+            for shard in local.shards(folder):
+                assert other.read_shard(folder, shard).equals(local.read_shard(folder, shard)), f"{runner}:{folder}/{shard}"
+                assert other.commit_record(folder, shard)["runner"] == runner
+
+
 def test_same_shards_rows_and_counters_on_every_runner(runs):
     local_out, local_summary = runs["local"]
     local = ShardStore(local_out)
-    assert local_summary.ingest["images"] == 6 and len(local.shards("images")) == 3
+    assert local_summary.ingest["images"] == 6 and len(local.shards("images")) == 4
     for step in ("annotate", "measure"):
         folder = f"annotations/{step}"
         shards = local.shards(folder)
-        assert shards == ["part-00000", "part-00001", "part-00002"]
+        assert shards == ["part-00000", "part-00001", "part-00002", "part-00003"]  # the last one is empty
         for runner in ("ray", "beam"):
             other = ShardStore(runs[runner][0])
             assert other.shards(folder) == shards, f"{runner} {folder}"
@@ -217,7 +239,7 @@ def test_observability(runs):
     manifest = json.loads((beam_out / "manifest.json").read_text())
     metrics = manifest["engine_metrics"]["annotate"]
     assert metrics["runner"] == "beam" and metrics["ocr"]["records"] == 6 and metrics["florence2"]["records"] == 6
-    assert metrics["write"] == {"shards": 3, "records": 6}
+    assert metrics["write"] == {"shards": 4, "records": 6}
     assert manifest["counters"]["annotate"]["ocr"]["records_in"] == 6
 
 
@@ -246,9 +268,9 @@ def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input
         for shard in ("part-00001", "part-00002"):
             store.shard_path(folder, shard).unlink()
     summary = run_pipeline(load_pipeline(pipelines_file, "equal"), None, str(out), runner="ray")
-    assert summary.steps["annotate"]["shards_run"] == 2 and summary.steps["annotate"]["shards_skipped"] == 1
+    assert summary.steps["annotate"]["shards_run"] == 2 and summary.steps["annotate"]["shards_skipped"] == 2
     writers = {s: r["runner"] for s, r in store.committed("annotations/annotate").items()}
-    assert writers == {"part-00000": "local", "part-00001": "ray", "part-00002": "ray"}
+    assert writers == {"part-00000": "local", "part-00001": "ray", "part-00002": "ray", "part-00003": "local"}
     local = ShardStore(runs["local"][0])
     for shard in writers:
         _close(local.read_shard("annotations/measure", shard).to_pylist(), store.read_shard("annotations/measure", shard).to_pylist())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 
 def is_url(s: str) -> bool:
@@ -88,25 +88,77 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def files_under(root: str) -> list[str]:
-    """Every file below a local folder or a URL prefix, sorted by relative path.
+def iter_files(root: str) -> Iterator[tuple[str, str | None]]:
+    """(path or URL, fingerprint) of every file below a local folder or a URL prefix, streamed in a
+    deterministic order (a directory's entries by name, depth first; a bucket's keys in key order),
+    so a listing of millions of files is never held in memory at once. The fingerprint (size and
+    mtime / ETag, from the listing itself: no extra request) changes when the file changes.
 
     Hidden files and folders (".git", ".ipynb_checkpoints", "._x.jpg") are left out: tool
     artefacts, not data, and a source of duplicates.
     """
     if is_url(root):
-        import fsspec
+        yield from _iter_url_files(root)
+        return
+    yield from _iter_local_files(local_path(root))
 
-        fs, path = fsspec.core.url_to_fs(root)
-        base = path.rstrip("/") + "/"
-        rel = sorted(p[len(base) :] for p in fs.find(path) if p.startswith(base))
-        return [root.rstrip("/") + "/" + r for r in rel if not _hidden(r)]
-    root = local_path(root)
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if not f.startswith("."))
-    return [os.path.join(root, r) for r in sorted(found)]
+
+def _iter_local_files(folder: str) -> Iterator[tuple[str, str | None]]:
+    with os.scandir(folder) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir():
+            yield from _iter_local_files(entry.path)
+        else:
+            try:
+                st = entry.stat()
+                fingerprint = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                fingerprint = None  # a dangling link: listed anyway, decode quarantines it
+            yield entry.path, fingerprint
+
+
+def _url_fingerprint(info: dict) -> str:
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("updated") or ""
+    return f"{info.get('size')}:{tag}"
+
+
+def _iter_url_files(root: str) -> Iterator[tuple[str, str | None]]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    base = path.rstrip("/") + "/"
+    stem = root.rstrip("/") + "/"
+    if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs: pages of keys, in key order
+        infos = _iter_s3(fs, base)
+    else:  # other backends list everything below the prefix in one call
+        infos = (info for _, info in sorted(fs.find(path, detail=True).items()))
+    for info in infos:
+        name = info["name"]
+        if info.get("type") == "directory" or not name.startswith(base):
+            continue
+        rel = name[len(base):]
+        if not _hidden(rel):
+            yield stem + rel, _url_fingerprint(info)
+
+
+def _iter_s3(fs, prefix_path: str) -> Iterator[dict]:
+    """Every object under a bucket prefix, one ListObjectsV2 page at a time (s3fs's async pager)."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(prefix_path)
+    pages = fs._iterdir(bucket, delimiter="", prefix=key.rstrip("/") + "/" if key else "")
+    while True:
+        try:
+            info = sync(fs.loop, pages.__anext__())
+        except StopAsyncIteration:
+            return
+        yield info
+
+
+def files_under(root: str) -> list[str]:
+    """Every file below a folder or URL prefix (small listings; see iter_files for large ones)."""
+    return [path for path, _ in iter_files(root)]
 
 
 def join(base_dir: str, location: str) -> str:

@@ -1,8 +1,9 @@
 """Turn whatever the user points at into a sorted list of lazily-readable input items.
 
-Listing never reads image bytes (readers run later, shard by shard, in parallel), and a
-broken file is still listed so that decode quarantines it with a reason instead of it
-silently vanishing. Sources: a folder (recursive, image extensions case-insensitive, .tar
+Listing never reads image bytes (readers run later, chunk by chunk, on the runner's workers), is
+streamed (a folder, bucket prefix or list file of millions of entries is never held in memory at
+once; the order is deterministic), and a broken file is still listed so that decode quarantines
+it with a reason instead of it silently vanishing. Sources: a folder (recursive, image extensions case-insensitive, .tar
 shards inside are expanded), a single image, a list file (.csv/.jsonl/.parquet with a column
 path|url|uri|image; entries may be fsspec URLs), WebDataset tar shards (a tar, or a glob of
 them) and a COCO JSON whose boxes, masks and captions come along as `human` annotations.
@@ -14,7 +15,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from engine.ingest import locations as loc
 from engine.ingest.coco import read_coco
@@ -34,6 +35,7 @@ class InputItem:
     source: str  # dataset / origin name
     read: Callable[[], bytes] = field(repr=False, compare=False)
     human: dict | None = None  # imported annotations (format: engine.ingest.human), JSON-serialisable
+    fingerprint: str | None = None  # size + mtime / ETag from the listing: changes when the input changes
 
 
 class InputError(ValueError):
@@ -45,7 +47,12 @@ def has_image_extension(name: str) -> bool:
 
 
 def list_inputs(src: str, source: str | None = None, image_root: str | None = None) -> list[InputItem]:
-    """Every input image of `src`, in a deterministic sorted order.
+    """Every input image of `src`, in a deterministic order (small sources; see iter_inputs)."""
+    return list(iter_inputs(src, source, image_root))
+
+
+def iter_inputs(src: str, source: str | None = None, image_root: str | None = None) -> Iterator[InputItem]:
+    """Every input image of `src`, streamed in a deterministic order.
 
     `source` overrides the origin name recorded on each image (default: the folder / file name).
     `image_root` (COCO only) is where `file_name`s are resolved; default the JSON's folder, and a
@@ -57,98 +64,104 @@ def list_inputs(src: str, source: str | None = None, image_root: str | None = No
         paths = loc.expand_glob(src)
         if not paths:
             raise FileNotFoundError(f"input {src!r}: the glob matches no file")
-        items: list[InputItem] = []
         for path in paths:
             name = source or loc.folder_name(loc.dirname(path))
-            items.extend(list_inputs(path, source=name, image_root=image_root))
-        return items
+            yield from iter_inputs(path, source=name, image_root=image_root)
+        return
     if not loc.exists(src):
         raise FileNotFoundError(f"input {src!r} does not exist")
     if loc.is_dir(src):
-        return _list_folder(src, source or loc.folder_name(src))
+        yield from _iter_folder(src, source or loc.folder_name(src))
+        return
     lower = src.lower()
     if lower.endswith(LIST_EXTENSIONS):
-        return _list_file(src, source or loc.stem(src))
-    if lower.endswith(".tar"):
-        return _list_tar(src, source or loc.stem(src))
-    if lower.endswith(".json"):
-        return _list_coco(src, source or loc.stem(src), image_root)
-    if has_image_extension(lower):
-        return [InputItem(uri=src, source=source or loc.basename(loc.dirname(src)), read=loc.reader(src))]
-    raise InputError(
-        f"input {src!r}: not a folder, an image, a list file ({', '.join(LIST_EXTENSIONS)}), "
-        "a WebDataset .tar or a COCO .json"
-    )
+        yield from _iter_list_file(src, source or loc.stem(src))
+    elif lower.endswith(".tar"):
+        yield from _iter_tar(src, source or loc.stem(src))
+    elif lower.endswith(".json"):
+        yield from _list_coco(src, source or loc.stem(src), image_root)
+    elif has_image_extension(lower):
+        yield InputItem(uri=src, source=source or loc.basename(loc.dirname(src)), read=loc.reader(src))
+    else:
+        raise InputError(
+            f"input {src!r}: not a folder, an image, a list file ({', '.join(LIST_EXTENSIONS)}), "
+            "a WebDataset .tar or a COCO .json"
+        )
 
 
 # ---------------------------------------------------------------------------- folders
-def _list_folder(root: str, source: str) -> list[InputItem]:
-    """Image files and .tar shards below `root` (local or URL prefix), sorted by relative path."""
-    items: list[InputItem] = []
-    for path in loc.files_under(root):
+def _iter_folder(root: str, source: str) -> Iterator[InputItem]:
+    """Image files and .tar shards below `root` (local or URL prefix), streamed."""
+    for path, fingerprint in loc.iter_files(root):
         if has_image_extension(path):
-            items.append(InputItem(uri=path, source=source, read=loc.reader(path)))
+            yield InputItem(uri=path, source=source, read=loc.reader(path), fingerprint=fingerprint)
         elif path.lower().endswith(".tar"):
-            items.extend(_list_tar(path, source))
-    return items
+            yield from _iter_tar(path, source, fingerprint)
 
 
 # ---------------------------------------------------------------------------- list files
-def _rows(path: str) -> tuple[list[str], list[dict[str, Any]], int]:
-    """(columns, rows, number of the first data row as a person counts it) of a list file."""
+def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
+    """(columns, row, row number as a person counts it) of a list file, streamed in file order."""
     lower = path.lower()
     with loc.open_binary(path) as f:
         if lower.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            table = pq.read_table(f)
-            return table.column_names, table.to_pylist(), 1
-        text = f.read().decode("utf-8-sig")
-    if lower.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        return list(reader.fieldnames or []), list(reader), 2  # row 1 is the header
-    rows: list[dict[str, Any]] = []
-    columns: dict[str, None] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-        columns.update(dict.fromkeys(row))
-    return list(columns), rows, 1
+            pf = pq.ParquetFile(f)
+            columns = pf.schema_arrow.names
+            n = 0
+            for batch in pf.iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield columns, row, n
+            return
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        if lower.endswith(".csv"):
+            reader = csv.DictReader(text)
+            columns = list(reader.fieldnames or [])
+            for i, row in enumerate(reader, start=2):  # row 1 is the header
+                yield columns, row, i
+            return
+        for lineno, line in enumerate(text, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield list(row), row, lineno
 
 
-def _list_file(path: str, source: str) -> list[InputItem]:
-    """One image per row; relative entries are resolved from the list file's folder."""
-    columns, rows, first_row = _rows(path)
-    by_lower = {c.lower(): c for c in columns if isinstance(c, str)}
-    path_col = next((by_lower[c] for c in PATH_COLUMNS if c in by_lower), None)
-    if path_col is None:
-        raise InputError(f"{path}: no image column; expected one of {list(PATH_COLUMNS)}, found columns {columns}")
-    caption_col = next((by_lower[c] for c in CAPTION_COLUMNS if c in by_lower), None)
+def _iter_list_file(path: str, source: str) -> Iterator[InputItem]:
+    """One image per row, in the file's order; relative entries are resolved from the list file's folder."""
     base = loc.dirname(path)
-    items: list[InputItem] = []
-    for i, row in enumerate(rows):
+    path_col = caption_col = None
+    for columns, row, number in _iter_rows(path):
+        by_lower = {c.lower(): c for c in columns if isinstance(c, str)}
+        col = next((by_lower[c] for c in PATH_COLUMNS if c in by_lower), None)
+        if col is None:
+            raise InputError(f"{path}: no image column; expected one of {list(PATH_COLUMNS)}, found columns {columns}")
+        path_col = path_col or col
+        caption_col = caption_col or next((by_lower[c] for c in CAPTION_COLUMNS if c in by_lower), None)
         value = row.get(path_col)
         if value is None or not str(value).strip():
-            raise InputError(f"{path} row {i + first_row}: column {path_col!r} is empty")
+            raise InputError(f"{path} row {number}: column {path_col!r} is empty")
         location = loc.join(base, str(value).strip())
         caption = row.get(caption_col) if caption_col else None
         human = None
         if caption is not None and str(caption).strip():
             human = {"origin": loc.basename(path), "captions": [{"text": str(caption).strip()}]}
-        items.append(InputItem(uri=location, source=source, read=loc.reader(location), human=human))
-    return sorted(items, key=lambda it: it.uri)
+        yield InputItem(uri=location, source=source, read=loc.reader(location), human=human)
 
 
 # ---------------------------------------------------------------------------- tars, COCO
-def _list_tar(tar_path: str, source: str) -> list[InputItem]:
-    return [InputItem(uri=uri, source=source, read=read, human=human) for uri, read, human in list_samples(tar_path)]
+def _iter_tar(tar_path: str, source: str, fingerprint: str | None = None) -> Iterator[InputItem]:
+    for uri, read, human in list_samples(tar_path):
+        member = f"{read.offset}:{read.size}" if hasattr(read, "offset") else ""
+        yield InputItem(uri=uri, source=source, read=read, human=human,
+                        fingerprint=f"{fingerprint}:{member}" if fingerprint else None)
 
 
 def _list_coco(json_path: str, source: str, image_root: str | None) -> list[InputItem]:

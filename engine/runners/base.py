@@ -1,51 +1,103 @@
-"""What a runner is: something that executes one pipeline step over a list of shards.
+"""What a runner is: something that executes jobs over shards, where the workers commit the shards.
 
-The driver (engine.run) does ingest, resume decisions, locking and the manifest; a runner
-only turns (step, pending shards) into committed shards under annotations/<step>/.
+The driver (engine.run) lists inputs, decides what is pending (resume), locks OUT and keeps the
+manifest; a runner turns a job into committed shards. Two kinds of job:
+
+- `StepJob`: stages (annotators, filters, relabel, merge) over each pending shard of an input
+  folder, written to an output folder. Every runner executes a shard's stages in the same batches
+  (engine.execute.run_stage), so every runner writes the same files.
+- `TaskJob`: a plain function per shard (ingest of an input chunk, the duplicate rewrite): no
+  model, one call per shard on any worker, the function commits what it writes itself.
+
+Rows never travel back to the driver: a runner reports per-shard summaries (rows, counters) only.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
-from engine.config import Pipeline
-from engine.store import ShardStore
+from engine.stage import Stage
+
+
+@dataclass(frozen=True)
+class StageRecipe:
+    """How a worker rebuilds a stage: class, params as written in the pipeline, model aliases.
+
+    The class travels by (cloud)pickle, so a stage needs no registry lookup on workers.
+    """
+
+    cls: type
+    params: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps([self.cls.__module__, self.cls.__qualname__, self.params, self.models], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def build(self) -> Stage:
+        return self.cls(dict(self.params), models=dict(self.models))
 
 
 @dataclass
 class StepJob:
-    """One step to run: where it reads, where it writes, which shards are pending."""
+    """Stages over the pending shards of `input_folder`, committed to `output_folder`.
 
-    pipeline: Pipeline
-    step_index: int
+    input_folder "images" means: start from the image records of images/part-k (plus the imported
+    human annotations). `inputs` holds the commit record of every pending input shard: its row
+    count tells a writer that a shard is complete, its sha256 goes into the output's commit record
+    so a shard whose input changed is redone.
+    """
+
+    name: str
+    recipes: list[StageRecipe]
+    input_folder: str
+    output_folder: str
     shards: list[str]
     config_hash: str
-    options: dict = field(default_factory=dict)
+    inputs: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # extra fields for every commit record (e.g. round)
 
-    @property
-    def step(self):
-        return self.pipeline.steps[self.step_index]
+    def build_stages(self) -> list[Stage]:
+        return [r.build() for r in self.recipes]
 
-    @property
-    def input_folder(self) -> str:
-        from engine.execute import step_input_folder
+    def rows(self, shard: str) -> int:
+        return int(self.inputs[shard]["rows"])
 
-        return step_input_folder([s.name for s in self.pipeline.steps], self.step_index)
 
-    @property
-    def output_folder(self) -> str:
-        return f"annotations/{self.step.name}"
+@dataclass
+class TaskJob:
+    """`fn(store, shard, *args) -> summary dict` once per shard; fn commits what it writes.
+
+    `fn` must be a module-level function (it is pickled to workers). `cpus` per call.
+    """
+
+    name: str
+    fn: Callable[..., dict]
+    shards: list[str]
+    args: tuple = ()
+    workers: int = 1  # local: processes; Ray: tasks in flight at most (0: as many as the cluster runs)
+    cpus: float = 1.0
 
 
 class Runner(Protocol):
     name: str
 
-    def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
+    def run_step(self, store, job: StepJob, progress=None) -> dict:
         """Commit every pending shard of the job; return per-stage counters summed over shards."""
         ...
 
+    def run_tasks(self, store, job: TaskJob, progress=None) -> dict[str, dict]:
+        """Run job.fn on every shard; return {shard: summary}."""
+        ...
 
-def get_runner(name: str, **options) -> Runner:
+
+RUNNERS = ("local", "ray", "beam")
+
+
+def get_runner(name: str, **options: Any) -> Runner:
     if name == "local":
         from engine.runners.local import LocalRunner
 
@@ -58,4 +110,4 @@ def get_runner(name: str, **options) -> Runner:
         from engine.runners.beam_runner import BeamRunner
 
         return BeamRunner(**options)
-    raise ValueError(f"unknown runner {name!r}: use local, ray or beam")
+    raise ValueError(f"unknown runner {name!r}: use one of {', '.join(RUNNERS)}")

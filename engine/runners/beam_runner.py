@@ -1,22 +1,24 @@
-"""Apache Beam runner: read shards -> (BatchElements -> stage DoFn) per stage -> write per shard.
+"""Apache Beam runner: shards as Arrow tables through one DoFn per stage, committed by the workers.
 
-Elements are image records tagged with their input shard and row (engine.runners.tagged), so
-the final GroupByKey(shard) writes exactly the local runner's part-k. A stage DoFn loads its
-model once per worker in `setup()`; a batch that raises is retried element by element and an
-element that still fails goes to the stage's dead-letter output with the error recorded on the
-image's `errors` (and counted), then rejoins the stream: the bundle never fails for one bad
-image and no record is lost. Beam Metrics count per stage; they are queried after the run and
+An element is (shard, its table of image records, its per-stage counters): a whole shard stays
+one Arrow table from read to write (no per-record dicts between stages, no shuffle of rows), and
+each stage DoFn runs the stage over it in the shard's own batches (engine.execute.run_stage), so
+the files, rows and counters are the local runner's. A stage DoFn loads its model once per worker
+in `setup()`; a batch that raises is retried element by element and an element that still fails
+is a dead letter: its error is recorded on the image's `errors` (and counted), and the record is
+still written. The last DoFn commits the shard on the worker as soon as it is done, so a killed
+pipeline resumes shard by shard. Beam Metrics count per stage; they are queried after the run and
 kept in manifest.json under `engine_metrics`.
 
 Default runner: Beam's in-process FnApiRunner, passed explicitly (the DirectRunner first tries
 to download Prism). Any runner by name (FlinkRunner, SparkRunner, DataflowRunner, ...) with its
-pipeline options; OUT must then be a path every worker can write (shared filesystem).
+pipeline options.
 """
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import time
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -25,81 +27,32 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from engine.counters import merge
-from engine.execute import image_needs
-from engine.runners.base import StepJob
-from engine.runners.tagged import (
-    input_row_counts,
-    COUNTERS_COLUMN,
-    ROW_COLUMN,
-    SHARD_COLUMN,
-    StageRecipe,
-    assemble_shard,
-    empty_part,
-    read_tagged_chunk,
-    run_tagged_batch,
-    shard_seconds,
-    step_recipes,
-    worker_stage,
-)
+from engine.counters import ANNOTATION_COLUMNS, merge
+from engine.execute import apply_stage, commit_meta, finalize, image_needs, read_step_input, run_stage
+from engine.runners.base import StageRecipe, StepJob, TaskJob
+from engine.runners.tagged import worker_stage
 from engine.stage import TRANSIENT_COLUMNS, record_error, records_to_table, table_to_records
-from engine.store import ShardStore
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER = "dead_letter"
 IN_PROCESS_RUNNERS = ("FnApiRunner", "fnapi", "in-process")
 
-# An element: (shard, row, record dict, image bytes or None, counters {stage: counters} or None)
+# An element: (shard, table of image records + transient image columns, {stage: counters})
 Element = tuple
 
 
-class FldOptions(PipelineOptions):
-    """fld-engine's own pipeline options, given like any other with --beam-option."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument("--shards_per_pipeline", type=int, default=0,
-                            help="run the step as several Beam pipelines of this many shards each (0: one pipeline); "
-                                 "smaller waves commit earlier, so a killed run loses less")
-
-
-def elements_to_table(elements: list[Element]) -> pa.Table:
-    table = records_to_table([e[2] for e in elements])
-    for col in TRANSIENT_COLUMNS:  # e[3]: {column: value} of the step's image columns, or None
-        if any(e[3] and col in e[3] for e in elements):
-            table = table.append_column(col, pa.array([(e[3] or {}).get(col) for e in elements], pa.binary()))
-    return (
-        table.append_column(SHARD_COLUMN, pa.array([e[0] for e in elements], pa.string()))
-        .append_column(ROW_COLUMN, pa.array([e[1] for e in elements], pa.int64()))
-        .append_column(COUNTERS_COLUMN, pa.array([json.dumps(e[4]) if e[4] else None for e in elements], pa.string()))
-    )
-
-
-def table_to_elements(table: pa.Table) -> list[Element]:
-    cols = [c for c in TRANSIENT_COLUMNS if c in table.column_names]
-    values = {c: table.column(c).to_pylist() for c in cols}
-    images = [{c: values[c][i] for c in cols} or None for i in range(table.num_rows)]
-    records = table_to_records(table.drop_columns([SHARD_COLUMN, ROW_COLUMN, COUNTERS_COLUMN]))
-    shards = table.column(SHARD_COLUMN).to_pylist()
-    rows = table.column(ROW_COLUMN).to_pylist()
-    counters = [json.loads(c) if c else None for c in table.column(COUNTERS_COLUMN).to_pylist()]
-    return list(zip(shards, rows, records, images, counters))
-
-
 class ReadShardFn(beam.DoFn):
-    """Shard name -> its tagged elements (the read runs on a worker, like Ray's read tasks)."""
+    """Shard name -> (shard, its input table, {}) on a worker."""
 
-    def __init__(self, out: str, step_index: int, input_folder: str, needs: frozenset[str], rows: dict[str, int]):
-        self.out, self.step_index, self.input_folder, self.needs, self.rows = out, step_index, input_folder, needs, rows
+    def __init__(self, store, job: StepJob, needs: frozenset[str]):
+        self.store, self.job, self.needs = store, job, needs
 
     def process(self, shard: str) -> Iterable[Element]:
-        table = read_tagged_chunk(ShardStore(self.out), self.step_index, self.input_folder, self.needs, shard, 0, self.rows[shard])
-        yield from table_to_elements(table)
+        yield shard, read_step_input(self.store, self.job.input_folder, shard, self.needs), {}
 
 
 class StageDoFn(beam.DoFn):
-    """One stage on a batch of elements; per-element retry and dead-letter output on failure."""
+    """One stage over a shard's table, in its batches; per-element retry and dead letters on failure."""
 
     def __init__(self, recipe: StageRecipe, stage_name: str):
         self.recipe = recipe
@@ -109,76 +62,85 @@ class StageDoFn(beam.DoFn):
         self.errors = Metrics.counter(stage_name, "errors")
         self.dead = Metrics.counter(stage_name, "dead_letter")
         self.retried = Metrics.counter(stage_name, "batches_retried_per_element")
-        self.added = {k: Metrics.counter(stage_name, f"added_{k}") for k in ("texts", "regions", "groundings")}
+        self.added = {k: Metrics.counter(stage_name, f"added_{k}") for k in ANNOTATION_COLUMNS}
         self.batch_ms = Metrics.distribution(stage_name, "batch_ms")
 
     def setup(self) -> None:
         self.stage = worker_stage(self.recipe)  # the model loads here, once per worker
 
-    def _run(self, elements: list[Element]) -> list[Element]:
-        out = table_to_elements(run_tagged_batch(self.stage, elements_to_table(elements)))
-        self._count(elements, out)
-        return out
-
-    def _count(self, before: list[Element], after: list[Element]) -> None:
-        self.records.inc(len(before))
+    def _apply(self, stage, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         self.batches.inc()
-        errors = 0
-        added: dict[str, int] = {}
-        for e_in, e_out in zip(before, after):
-            errors += len(e_out[2].get("errors") or []) - len(e_in[2].get("errors") or [])
-            for k in self.added:
-                added[k] = added.get(k, 0) + len(e_out[2].get(k) or []) - len(e_in[2].get(k) or [])
-        if errors:
-            self.errors.inc(errors)
-        for k, n in added.items():
+        try:
+            out = apply_stage(stage, batch)[0]
+            self.batch_ms.update(int((time.perf_counter() - t0) * 1000))
+            return out
+        except Exception as exc:  # noqa: BLE001 - the batch is retried element by element below
+            log.warning("beam: stage %s failed on a batch of %d (%s); retrying element by element",
+                        self.stage_name, batch.num_rows, exc)
+            self.retried.inc()
+        rows = []
+        for i in range(batch.num_rows):
+            one = batch.slice(i, 1)
+            try:
+                rows.append(apply_stage(stage, one)[0])
+            except Exception as exc:  # noqa: BLE001 - dead letter: record the error, keep the record
+                record = table_to_records(one)[0]
+                record_error(record, self.stage_name, exc)
+                dead = records_to_table([record])
+                for col in TRANSIENT_COLUMNS:
+                    if col in one.column_names:
+                        dead = dead.append_column(col, one.column(col))
+                rows.append(dead)
+                self.dead.inc()
+                self._dead_letters += 1
+        return pa.concat_tables(rows)
+
+    def process(self, element: Element) -> Iterable[Element]:
+        shard, table, counters = element
+        counters = json.loads(json.dumps(counters))  # elements are immutable in Beam: work on a copy
+        self._dead_letters = 0
+        out = run_stage(self.stage, table, counters, apply=self._apply)
+        c = counters.setdefault(self.stage_name, {})
+        if self._dead_letters:
+            c["dead_letter"] = c.get("dead_letter", 0) + self._dead_letters
+        self.records.inc(table.num_rows)
+        if c.get("errors"):
+            self.errors.inc(c["errors"])
+        for k, n in c.get("annotations_added", {}).items():
             if n:
                 self.added[k].inc(n)
-
-    def process(self, batch: list[Element]) -> Iterable[Any]:
-        import time
-
-        t0 = time.perf_counter()
-        try:
-            yield from self._run(batch)
-            self.batch_ms.update(int((time.perf_counter() - t0) * 1000))
-            return
-        except Exception as exc:  # noqa: BLE001 - the batch is retried element by element below
-            log.warning("beam: stage %s failed on a batch of %d (%s); retrying element by element", self.stage_name, len(batch), exc)
-            self.retried.inc()
-        for element in batch:
-            try:
-                yield from self._run([element])
-            except Exception as exc:  # noqa: BLE001 - dead-letter: record the error, keep the record
-                shard, row, record, image, counters = element
-                record = dict(record)
-                record["errors"] = list(record.get("errors") or [])
-                record_error(record, self.stage_name, exc)
-                counters = dict(counters or {})
-                merge(counters.setdefault(self.stage_name, {}),
-                      {"records_in": 1, "records_out": 1, "errors": 1, "dead_letter": 1})
-                self.dead.inc()
-                self.errors.inc()
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER, (shard, row, record, image, counters))
+        yield shard, out, counters
 
 
 class WriteShardFn(beam.DoFn):
-    """(shard, its elements) -> the shard file + commit record, as the local runner writes them."""
+    """(shard, table, counters) -> the shard file + commit record, as the local runner writes them."""
 
-    def __init__(self, out: str, folder: str, config_hash: str, rows: dict[str, int]):
-        self.out, self.folder, self.config_hash, self.rows = out, folder, config_hash, rows
+    def __init__(self, store, job: StepJob, runner: str):
+        self.store, self.job, self.runner = store, job, runner
         self.shards = Metrics.counter("write", "shards")
         self.written = Metrics.counter("write", "records")
 
-    def process(self, item: tuple[str, Iterable[Element]]) -> Iterable[str]:
-        shard, elements = item
-        elements = [e for e in elements]
-        parts = [elements_to_table(elements)] if elements else [empty_part(shard)]
-        table, counters = assemble_shard(parts, self.folder, shard, self.rows[shard])
-        ShardStore(self.out).write_shard(self.folder, shard, table, {
-            "config_hash": self.config_hash, "runner": "beam", "counters": counters, "seconds": shard_seconds(counters)})
+    def process(self, element: Element) -> Iterable[str]:
+        shard, table, counters = element
+        expected = self.job.rows(shard)
+        if table.num_rows != expected:
+            raise RuntimeError(f"beam: {self.job.output_folder}/{shard} has {table.num_rows} rows, expected {expected}")
+        table = finalize(table.drop_columns([c for c in TRANSIENT_COLUMNS if c in table.column_names]),
+                         f"{self.job.output_folder}/{shard}")
+        seconds = sum(c.get("seconds", 0.0) for c in counters.values())
+        self.store.write_shard(self.job.output_folder, shard, table, commit_meta(self.job, shard, self.runner, counters, seconds))
         self.shards.inc()
         self.written.inc(table.num_rows)
+        yield shard
+
+
+class TaskFn(beam.DoFn):
+    def __init__(self, store, job: TaskJob):
+        self.store, self.job = store, job
+
+    def process(self, shard: str) -> Iterable[str]:
+        self.job.fn(self.store, shard, *self.job.args)
         yield shard
 
 
@@ -200,27 +162,13 @@ def query_metrics(result) -> dict[str, dict[str, Any]]:
         return out
     for m in metrics.get("counters", []):
         value = m.committed if m.committed is not None else m.attempted
-        out.setdefault(m.key.metric.namespace, {})[m.key.metric.name] = out.get(m.key.metric.namespace, {}).get(m.key.metric.name, 0) + (value or 0)
+        ns = out.setdefault(m.key.metric.namespace, {})
+        ns[m.key.metric.name] = ns.get(m.key.metric.name, 0) + (value or 0)
     for m in metrics.get("distributions", []):
         d = m.committed if m.committed is not None else m.attempted
         if d is not None and d.count:
             out.setdefault(m.key.metric.namespace, {})[m.key.metric.name] = {"count": d.count, "sum": d.sum, "min": d.min, "max": d.max}
     return out
-
-
-def merge_metrics(total: dict, part: dict) -> dict:
-    """Metrics of several pipelines (waves): counters and distribution count/sum add, min/max stay min/max."""
-    for namespace, values in part.items():
-        into = total.setdefault(namespace, {})
-        for name, v in values.items():
-            if isinstance(v, dict):
-                cur = into.get(name)
-                into[name] = dict(v) if cur is None else {
-                    "count": cur["count"] + v["count"], "sum": cur["sum"] + v["sum"],
-                    "min": min(cur["min"], v["min"]), "max": max(cur["max"], v["max"])}
-            else:
-                into[name] = into.get(name, 0) + v
-    return total
 
 
 class BeamRunner:
@@ -230,41 +178,39 @@ class BeamRunner:
         self.beam_runner = beam_runner
         self.beam_options = list(beam_options or [])
 
-    def build(self, p: beam.Pipeline, store: ShardStore, job: StepJob, shards: list[str], rows: dict[str, int]):
-        stages, recipes = step_recipes(job)
-        needs = image_needs(stages)
-        out = str(Path(store.out).resolve())
-        elements = (p | "shards" >> beam.Create(shards)
-                    | "read" >> beam.ParDo(ReadShardFn(out, job.step_index, job.input_folder, needs, rows)))
-        for i, (stage, recipe) in enumerate(zip(stages, recipes)):
-            label = f"{i}-{stage.name}"
-            bs = stage.resources.batch_size
-            batched = elements | f"{label}/batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
-            results = batched | f"{label}/run" >> beam.ParDo(StageDoFn(recipe, stage.name)).with_outputs(DEAD_LETTER, main="ok")
-            elements = (results.ok, results[DEAD_LETTER]) | f"{label}/rejoin" >> beam.Flatten()
-        return (elements
-                | "by-shard" >> beam.Map(lambda e: (e[0], (e[0], e[1], e[2], None, e[4])))  # bytes stay out of the shuffle
-                | "group" >> beam.GroupByKey()
-                | "write" >> beam.ParDo(WriteShardFn(out, job.output_folder, job.config_hash, rows)))
+    def _pipeline(self) -> beam.Pipeline:
+        return beam.Pipeline(runner=make_runner(self.beam_runner), options=PipelineOptions(self.beam_options))
 
-    def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
-        rows = input_row_counts(store, job)
-        options = PipelineOptions(self.beam_options)
-        wave = options.view_as(FldOptions).shards_per_pipeline or len(job.shards)
-        metrics: dict = {}
+    def build(self, p: beam.Pipeline, store, job: StepJob):
+        stages = job.build_stages()
+        elements = (p | "shards" >> beam.Create(job.shards)
+                    | "spread" >> beam.Reshuffle()  # shards go to workers independently
+                    | "read" >> beam.ParDo(ReadShardFn(store, job, image_needs(stages))))
+        for i, (stage, recipe) in enumerate(zip(stages, job.recipes)):
+            elements = elements | f"{i}-{stage.name}" >> beam.ParDo(StageDoFn(recipe, stage.name))
+        return elements | "write" >> beam.ParDo(WriteShardFn(store, job, self.name))
+
+    def run_step(self, store, job: StepJob, progress=None) -> dict:
+        with self._pipeline() as p:
+            self.build(p, store, job)
+        metrics = query_metrics(p.result) if getattr(p, "result", None) is not None else {}
         total: dict = {}
-        for start in range(0, len(job.shards), wave):
-            shards = job.shards[start : start + wave]
-            with beam.Pipeline(runner=make_runner(self.beam_runner), options=PipelineOptions(self.beam_options)) as p:
-                self.build(p, store, job, shards, rows)
-            merge_metrics(metrics, query_metrics(p.result) if getattr(p, "result", None) is not None else {})
-            for shard in shards:
-                rec = store.commit_record(job.output_folder, shard)
-                if rec is None or rec.get("config_hash") != job.config_hash:
-                    raise RuntimeError(f"beam: step {job.step.name!r} finished without committing {job.output_folder}/{shard}")
-                merge(total, rec.get("counters", {}))
-                if progress is not None:
-                    progress(shard, rec["rows"])
-        log.info("beam: step %s metrics %s", job.step.name, json.dumps(metrics, default=str))
-        store.update_manifest(engine_metrics={job.step.name: {"runner": "beam", **metrics}})
+        for shard in job.shards:
+            rec = store.commit_record(job.output_folder, shard)
+            if rec is None or rec.get("config_hash") != job.config_hash:
+                raise RuntimeError(f"beam: step {job.name!r} finished without committing {job.output_folder}/{shard}")
+            merge(total, rec.get("counters", {}))
+            if progress is not None:
+                progress.shard(shard, rec["rows"])
+        log.info("beam: step %s metrics %s", job.name, json.dumps(metrics, default=str))
+        store.update_manifest(engine_metrics={job.name: {"runner": "beam", **metrics}})
         return total
+
+    def run_tasks(self, store, job: TaskJob, progress=None) -> dict[str, dict]:
+        with self._pipeline() as p:
+            _ = (p | "shards" >> beam.Create(job.shards) | "spread" >> beam.Reshuffle()
+                 | job.name >> beam.ParDo(TaskFn(store, job)))
+        if progress is not None:
+            for shard in job.shards:
+                progress.shard(shard, 0)
+        return {}

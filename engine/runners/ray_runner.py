@@ -1,15 +1,17 @@
-"""Ray Data runner: input shards -> stage actors / tasks -> shard writer, streaming.
+"""Ray runner: steps as Ray Data datasets whose workers commit the shards; task jobs as Ray tasks.
 
-One Ray Data dataset per step covers all its pending shards (so actor pools start once and
-models load once per actor). A custom datasource emits each input shard as tagged chunks
-(engine.runners.tagged): shard name + row index travel with every row, so the driver can
-commit shard k as soon as all its rows came back, in input order, while later shards are
-still running. That is what makes a killed run resumable shard by shard and makes part-k
-identical to the local runner's part-k.
+A step is one Ray Data dataset over its pending shards (so actor pools start once and models load
+once per actor): a read task per input shard emits the shard as one tagged block (pixels decoded
+once, engine.execute.read_step_input), each stage maps whole blocks (`batch_size=None`; the stage
+cuts them into the shard's own batches, engine.runners.tagged), and a final writer task commits
+every complete shard of its block on the worker. The driver only receives one small summary row
+per shard (rows, counters): its memory does not grow with the dataset, and shard k is committed as
+soon as its rows are done while later shards still run, so a killed run resumes shard by shard.
 
-Model stages (`uses_model`) run as `map_batches(StageActor, compute=ActorPoolStrategy)`;
-CPU-only stages as tasks. On small machines actor CPU requests are scaled down so the read
-and write tasks always get a core (STACK.md: a pool holding every CPU hangs silently).
+Model stages (`uses_model`) run as `map_batches(StageActor, compute=ActorPoolStrategy)`; CPU-only
+stages as tasks. On small machines actor CPU requests are scaled down so the read and write tasks
+always get a core (STACK.md: a pool holding every CPU hangs silently). Task jobs (ingest) are plain
+`ray.remote` calls with a bounded number in flight.
 """
 from __future__ import annotations
 
@@ -17,34 +19,29 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from engine.counters import merge
-from engine.runners.base import StepJob
+from engine.execute import image_needs
+from engine.runners.base import StageRecipe, StepJob, TaskJob
 from engine.runners.tagged import (
-    input_row_counts,
-    SHARD_COLUMN,
-    StageRecipe,
-    assemble_shard,
-    chunk_bounds,
-    empty_part,
-    read_tagged_chunk,
-    run_tagged_batch,
-    shard_seconds,
-    step_recipes,
+    assemble_parts,
+    clear_parts,
+    commit_piece,
+    empty_shard,
+    pieces,
+    read_tagged_shard,
+    run_tagged_stage,
     worker_stage,
 )
-from engine.execute import image_needs, transient_columns
-from engine.store import ShardStore
 
 log = logging.getLogger(__name__)
 
-READ_TASK_CPUS = 0.25  # reading a Parquet shard is I/O: never let it wait behind actors
-BLOCKS_PER_ACTOR = 4  # input blocks per actor of the widest pool, at least (shards are split into chunks)
+READ_TASK_CPUS = 0.25  # reading / writing a Parquet shard is I/O: never let it wait behind actors
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running + one queued: the first actor up must not take every block
+SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("committed", pa.bool_()),
+                            ("counters", pa.string())])
 
 
 class StageActor:
@@ -53,39 +50,43 @@ class StageActor:
     def __init__(self, recipe: StageRecipe):
         self.stage = worker_stage(recipe)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return run_tagged_batch(self.stage, batch)
+    def __call__(self, block: pa.Table) -> pa.Table:
+        return run_tagged_stage(self.stage, block)
 
 
-def run_cpu_stage(batch: pa.Table, recipe: StageRecipe) -> pa.Table:
+def run_cpu_stage(block: pa.Table, recipe: StageRecipe) -> pa.Table:
     """A CPU-only stage as a Ray task (cached per worker process)."""
-    return run_tagged_batch(worker_stage(recipe), batch)
+    return run_tagged_stage(worker_stage(recipe), block)
 
 
-def _shard_datasource(store: ShardStore, job: StepJob, needs: frozenset[str], rows: dict[str, int], chunks_per_shard: int):
+def commit_block(block: pa.Table, store, job: StepJob, runner: str) -> pa.Table:
+    """The last operator of a step, on a worker: commit the block's shards; only summaries go on."""
+    rows = [commit_piece(store, job, runner, shard, piece) for shard, piece in pieces(block)]
+    return pa.Table.from_pylist([{**r, "counters": json.dumps(r["counters"])} for r in rows], schema=SUMMARY_SCHEMA)
+
+
+def _shard_datasource(store, job: StepJob, needs: frozenset[str], shards: list[str]):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    class ShardChunkDatasource(Datasource):
-        """Each pending input shard as `chunks_per_shard` read tasks of tagged rows."""
+    class ShardDatasource(Datasource):
+        """Each pending input shard as one read task emitting the shard as one tagged block."""
 
         def estimate_inmemory_data_size(self):
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             tasks = []
-            worker_store = ShardStore(Path(store.out).resolve())  # workers do not share the driver's cwd
-            for shard in [s for s in job.shards if rows[s] > 0]:
-                for start, stop in chunk_bounds(rows[shard], chunks_per_shard):
-                    def read(shard=shard, start=start, stop=stop):
-                        return [read_tagged_chunk(worker_store, job.step_index, job.input_folder, needs, shard, start, stop)]
+            for shard in shards:
+                def read(shard=shard):
+                    return [read_tagged_shard(store, job, needs, shard)]
 
-                    meta = BlockMetadata(num_rows=stop - start, size_bytes=None, exec_stats=None,
-                                         input_files=[str(store.shard_path(job.input_folder, shard))])
-                    tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+                meta = BlockMetadata(num_rows=job.rows(shard), size_bytes=None, exec_stats=None,
+                                     input_files=[f"{job.input_folder}/{shard}"])
+                tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
             return tasks
 
-    return ShardChunkDatasource()
+    return ShardDatasource()
 
 
 def fit_actor_cpus(requests: list[tuple[float, int]], cluster_cpus: float) -> tuple[list[float], bool]:
@@ -103,8 +104,7 @@ class RayRunner:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: float | None = None, temp_dir: str | None = None,
-                 include_dashboard: bool | None = None, runtime_env: dict | None = None, chunks_per_shard: int | None = None,
-                 **_: object):
+                 include_dashboard: bool | None = None, runtime_env: dict | None = None, **_: object):
         """address None: a local cluster in this process; "auto" / "ray://host:port": an existing cluster.
 
         `runtime_env` (or the JSON in FLD_RAY_RUNTIME_ENV) is passed to ray.init, e.g. to install
@@ -116,7 +116,6 @@ class RayRunner:
         self.include_dashboard = include_dashboard
         env = os.environ.get("FLD_RAY_RUNTIME_ENV")
         self.runtime_env = runtime_env if runtime_env is not None else (json.loads(env) if env else None)
-        self.chunks_per_shard = chunks_per_shard
 
     # ------------------------------------------------------------------ cluster
     def connect(self) -> None:
@@ -139,11 +138,14 @@ class RayRunner:
         log.info("ray: connected to %s (%s CPUs)", self.address or "a local cluster", ray.cluster_resources().get("CPU"))
 
     # --------------------------------------------------------------------- step
-    def build_dataset(self, store: ShardStore, job: StepJob, rows: dict[str, int]):
-        """The step as a lazy Ray Data dataset of tagged rows (image bytes dropped at the end)."""
+    def build_dataset(self, store, job: StepJob, shards: list[str]):
+        """The step as a lazy Ray Data dataset ending in the commit writer (summary rows only)."""
         import ray
+        from ray.data import ActorPoolStrategy, DataContext
 
-        stages, recipes = step_recipes(job)
+        ctx = DataContext.get_current()
+        ctx.target_max_block_size = None  # a shard stays one block: no splitting into cut pieces
+        stages = job.build_stages()
         needs = image_needs(stages)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))  # an actor asking for none never starts
@@ -153,75 +155,98 @@ class RayRunner:
             log.warning("ray: actor pools ask for more than the %s cluster CPUs; scaled to %s CPUs per actor "
                         "so read/write tasks can run", cluster_cpus, actor_cpus)
         cpus_of = dict(zip([id(s) for s in model_stages], actor_cpus))
-        widest = max([s.resources.concurrency for s in model_stages] or [1])
-        # enough blocks to keep every actor busy and balanced even when the step has few shards
-        chunks = self.chunks_per_shard or max(1, -(-BLOCKS_PER_ACTOR * widest // max(1, len(job.shards))))
-        ds = ray.data.read_datasource(_shard_datasource(store, job, needs, rows, chunks),
-                                      num_cpus=READ_TASK_CPUS)
+        ds = ray.data.read_datasource(_shard_datasource(store, job, needs, shards), num_cpus=READ_TASK_CPUS)
         task_cpus = min(1.0, max(cluster_cpus - sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages)), 0.25))
-        for stage, recipe in zip(stages, recipes):
+        for stage, recipe in zip(stages, job.recipes):
             res = stage.resources
-            common = dict(batch_size=res.batch_size, batch_format="pyarrow", udf_modifying_row_count=False)
+            common = dict(batch_size=None, batch_format="pyarrow", udf_modifying_row_count=False)
             if res.gpus and cluster_gpus:
                 common["num_gpus"] = res.gpus
             elif res.gpus:
                 log.warning("ray: stage %s asks for %s GPU(s) but the cluster has none; running it on CPU",
                             stage.name, res.gpus)
             if stage.uses_model:
-                from ray.data import ActorPoolStrategy
-
-                ds = ds.map_batches(StageActor, fn_constructor_args=(recipe,), compute=ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+                ds = ds.map_batches(StageActor, fn_constructor_args=(recipe,),
+                                    compute=ActorPoolStrategy(size=res.concurrency,
+                                                              max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
                                     num_cpus=cpus_of[id(stage)], **common)
             else:
                 ds = ds.map_batches(run_cpu_stage, fn_args=(recipe,), num_cpus=min(res.cpus, task_cpus), **common)
-        if needs:
-            ds = ds.drop_columns(transient_columns(needs), num_cpus=READ_TASK_CPUS)  # 1 CPU by default: would wait for the actors
-        return ds
+        return ds.map_batches(commit_block, fn_args=(store, job, self.name), batch_size=None, batch_format="pyarrow",
+                              num_cpus=READ_TASK_CPUS)
 
-    def run_step(self, store: ShardStore, job: StepJob, progress=None) -> dict:
+    def run_step(self, store, job: StepJob, progress=None) -> dict:
+        import ray
+
         self.connect()
-        rows = input_row_counts(store, job)
         t0 = time.perf_counter()
-        pending: dict[str, list[pa.Table]] = {}
-        arrived: dict[str, int] = {}
+        clear_parts(store, job)
         total: dict = {}
+        arrived: dict[str, int] = {}
+        assembling = []
 
-        def commit(shard: str) -> None:
-            table, counters = assemble_shard(pending.pop(shard, []) or [empty_part(shard)], job.output_folder, shard, rows[shard])
-            store.write_shard(job.output_folder, shard, table,
-                              {"config_hash": job.config_hash, "runner": self.name, "counters": counters,
-                               "seconds": shard_seconds(counters)})
-            merge(total, counters)
+        def done(summary: dict) -> None:
+            merge(total, summary["counters"])
             if progress is not None:
-                progress(shard, table.num_rows)
+                progress.shard(summary["shard"], summary["rows"])
 
-        for shard in [s for s in job.shards if rows[s] == 0]:
-            commit(shard)  # an empty input shard still gets its (empty) output shard
-        if not any(rows.values()):
+        for shard in [s for s in job.shards if job.rows(s) == 0]:
+            done(empty_shard(store, job, self.name, shard))
+        shards = [s for s in job.shards if job.rows(s) > 0]
+        if not shards:
             return total
-        ds = self.build_dataset(store, job, rows)
-        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if block.num_rows == 0:
+        ds = self.build_dataset(store, job, shards)
+        assemble = ray.remote(num_cpus=READ_TASK_CPUS)(assemble_parts)
+        for row in ds.iter_rows():
+            summary = {**row, "counters": json.loads(row["counters"])}
+            if summary["committed"]:
+                done(summary)
                 continue
-            for shard in sorted(set(block.column(SHARD_COLUMN).to_pylist())):
-                part = block.filter(pc.equal(block.column(SHARD_COLUMN), shard))
-                pending.setdefault(shard, []).append(part)
-                arrived[shard] = arrived.get(shard, 0) + part.num_rows
-                if arrived[shard] >= rows[shard]:
-                    commit(shard)
+            arrived[row["shard"]] = arrived.get(row["shard"], 0) + row["rows"]
+            if arrived[row["shard"]] == job.rows(row["shard"]):  # every part is in: assemble on a worker
+                assembling.append(assemble.remote(store, job, self.name, row["shard"]))
+        for summary in ray.get(assembling):
+            done(summary)
         left = [s for s in job.shards if not store.is_committed(job.output_folder, s, job.config_hash)]
         if left:
-            raise RuntimeError(f"ray: step {job.step.name!r} finished without rows for shards {left[:5]}")
+            raise RuntimeError(f"ray: step {job.name!r} finished without committing shards {left[:5]}")
         self._log_stats(store, job, ds, time.perf_counter() - t0)
         return total
 
-    def _log_stats(self, store: ShardStore, job: StepJob, ds, seconds: float) -> None:
+    def _log_stats(self, store, job: StepJob, ds, seconds: float) -> None:
         """Ray Data's per-operator stats: logged and kept under OUT/logs/ for later reading."""
         try:
             stats = ds.stats()
         except Exception as exc:  # noqa: BLE001 - stats are diagnostics, never fail a finished step
             stats = f"(no stats: {exc})"
-        log.info("ray: step %s took %.1fs\n%s", job.step.name, seconds, stats)
-        logs = Path(store.out) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        (logs / f"{job.step.name}.ray-stats.txt").write_text(stats)
+        log.info("ray: step %s took %.1fs\n%s", job.name, seconds, stats)
+        store.write_log(f"{job.name}.ray-stats.txt", stats)
+
+    # -------------------------------------------------------------------- tasks
+    def run_tasks(self, store, job: TaskJob, progress=None) -> dict[str, dict]:
+        import ray
+
+        self.connect()
+        remote = ray.remote(num_cpus=job.cpus, max_retries=2)(job.fn)
+        limit = job.workers if job.workers > 0 else max(1, int(ray.cluster_resources().get("CPU", 1) / job.cpus))
+        results: dict[str, dict] = {}
+        running: dict = {}
+        todo = iter(job.shards)
+
+        def submit(shard: str) -> None:
+            running[remote.remote(store, shard, *job.args)] = shard
+
+        for shard in todo:
+            submit(shard)
+            if len(running) >= limit:  # `workers` caps how many run at once
+                break
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            shard = running.pop(ready[0])
+            results[shard] = ray.get(ready[0])
+            if progress is not None:
+                progress.shard(shard, results[shard].get("rows", 0))
+            nxt = next(todo, None)
+            if nxt is not None:
+                submit(nxt)
+        return results

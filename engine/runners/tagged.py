@@ -1,70 +1,35 @@
-"""Rows tagged with where they came from, so distributed engines write the local runner's files.
+"""Rows tagged with where they came from, so a distributed engine's workers commit the local runner's files.
 
-Ray and Beam reorder rows freely (streaming, bundles, actor pools). Every row therefore
-carries its input shard, its row index in that shard and the per-stage counters of the
-batches it went through. The shard writer groups rows by shard, restores the input order,
-checks that every row arrived exactly once, sums the counters and commits the shard: the same
-file, rows and counters the local runner writes, with no coordinator between workers.
+A Ray Data block normally holds one whole input shard (one read task per shard, block splitting
+off), but an engine may cut or bundle blocks. Every row therefore carries its input shard and its
+row index, and the per-stage counters of a shard piece ride on the piece's first row. A stage
+runs on each shard piece of a block separately, in the shard's own batches
+(engine.execute.batch_bounds), so batch composition (and with it batched model numerics) is the
+local runner's. The writer, on a worker, commits every complete shard of its block; the rare piece
+of a cut shard is committed as a part and assembled by a worker task once all parts are in.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
+import time
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.counters import delta, merge, snapshot
-from engine.execute import apply_stage, finalize, step_input_table
+from engine.counters import merge
+from engine.execute import commit_meta, finalize, limit_threads, read_step_input, run_stage
+from engine.runners.base import StageRecipe, StepJob
 from engine.stage import TRANSIENT_COLUMNS, Stage
 from schemas.records import IMAGE_RECORD_SCHEMA
 
 SHARD_COLUMN = "__fld_shard"
 ROW_COLUMN = "__fld_row"
-COUNTERS_COLUMN = "__fld_counters"  # JSON {stage: counters} on one row per (batch, shard), else null
+COUNTERS_COLUMN = "__fld_counters"  # JSON {stage: counters} on the first row of each shard piece, else null
 TAG_COLUMNS = (SHARD_COLUMN, ROW_COLUMN, COUNTERS_COLUMN)
-
-
-@dataclass(frozen=True)
-class StageRecipe:
-    """How a worker rebuilds a stage: class, params as written in pipelines.yaml, model aliases.
-
-    The class travels by pickle (cloudpickle), so a stage needs no registry lookup on workers.
-    """
-
-    cls: type
-    params: dict = field(default_factory=dict)
-    models: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        payload = json.dumps([self.cls.__module__, self.cls.__qualname__, self.params, self.models], sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    def build(self) -> Stage:
-        return self.cls(dict(self.params), models=dict(self.models))
-
+PARTS = "_parts"  # <OUT>/_parts/<output folder>/<shard>/: pieces of a shard an engine cut apart
 
 _WORKER_STAGES: dict[str, Stage] = {}
-
-
-def limit_torch_threads(cpus: float) -> None:
-    """A worker uses the CPUs its stage declared: torch's default (every core) in each of several
-    actors oversubscribes the machine, measured 10-35x slower on 2 busy cores."""
-    import sys
-
-    if "torch" in sys.modules or _torch_available():
-        import torch
-
-        torch.set_num_threads(max(1, int(cpus)))
-
-
-def _torch_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 def worker_stage(recipe: StageRecipe) -> Stage:
@@ -72,31 +37,13 @@ def worker_stage(recipe: StageRecipe) -> Stage:
     stage = _WORKER_STAGES.get(recipe.key)
     if stage is None:
         stage = recipe.build()
-        limit_torch_threads(stage.resources.cpus)
+        limit_threads(stage.resources.cpus)
         stage.ensure_setup()
         _WORKER_STAGES[recipe.key] = stage
     return stage
 
 
-def step_recipes(job) -> tuple[list[Stage], list[StageRecipe]]:
-    """Driver-side stages (for resources) and the recipes workers rebuild them from."""
-    stages = job.pipeline.build_stages(job.step)
-    recipes = [StageRecipe(type(s), dict(spec.params), dict(job.pipeline.models)) for s, spec in zip(stages, job.step.stages)]
-    return stages, recipes
-
-
-def input_row_counts(store, job) -> dict[str, int]:
-    """Rows of each pending input shard, from its commit record: how a writer knows a shard is complete."""
-    rows = {}
-    for shard in job.shards:
-        rec = store.commit_record(job.input_folder, shard)
-        if rec is None:
-            raise RuntimeError(f"{store.out}/{job.input_folder}/{shard} has no commit record: input shard not committed")
-        rows[shard] = int(rec["rows"])
-    return rows
-
-
-def tag(table: pa.Table, shard: str, first_row: int) -> pa.Table:
+def tag(table: pa.Table, shard: str, first_row: int = 0) -> pa.Table:
     n = table.num_rows
     return (
         table.append_column(SHARD_COLUMN, pa.array([shard] * n, pa.string()))
@@ -105,72 +52,100 @@ def tag(table: pa.Table, shard: str, first_row: int) -> pa.Table:
     )
 
 
-def empty_part(shard: str) -> pa.Table:
-    """A tagged table of no rows: what an empty input shard assembles from."""
-    return tag(IMAGE_RECORD_SCHEMA.empty_table(), shard, 0)
+def read_tagged_shard(store, job: StepJob, needs: frozenset[str], shard: str) -> pa.Table:
+    """A pending input shard as one tagged table: what a distributed read task emits."""
+    return tag(read_step_input(store, job.input_folder, shard, needs), shard)
 
 
-def read_tagged_chunk(store, step_index: int, input_folder: str, needs: frozenset[str], shard: str, start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of one input shard, tagged; what a distributed read task emits."""
-    table = step_input_table(store, step_index, input_folder, needs, shard)
-    return tag(table.slice(start, stop - start), shard, start)
+def pieces(block: pa.Table) -> list[tuple[str, pa.Table]]:
+    """(shard, rows of that shard in row order) for every shard a block holds."""
+    out = []
+    for shard in dict.fromkeys(block.column(SHARD_COLUMN).to_pylist()):
+        part = block.filter(pc.equal(block.column(SHARD_COLUMN), shard))
+        out.append((shard, part.take(pc.sort_indices(part.column(ROW_COLUMN)))))
+    return out
 
 
-def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
-    chunks = max(1, min(chunks, rows))
-    size = -(-rows // chunks) if rows else 0
-    return [(s, min(s + size, rows)) for s in range(0, rows, size)] if rows else [(0, 0)]
+def run_tagged_stage(stage: Stage, block: pa.Table, apply=None) -> pa.Table:
+    """Apply a stage to every shard piece of a block in the shard's batches, counting per piece."""
+    outs = []
+    for _, piece in pieces(block):
+        tags = piece.select(list(TAG_COLUMNS))
+        cells = tags.column(COUNTERS_COLUMN).to_pylist()
+        counters = json.loads(cells[0]) if cells[0] else {}
+        first_row = tags.column(ROW_COLUMN)[0].as_py()
+        out = run_stage(stage, piece.drop_columns(list(TAG_COLUMNS)), counters, first_row, apply=apply)
+        cells[0] = json.dumps(counters)
+        outs.append(out.append_column(SHARD_COLUMN, tags.column(SHARD_COLUMN))
+                    .append_column(ROW_COLUMN, tags.column(ROW_COLUMN))
+                    .append_column(COUNTERS_COLUMN, pa.array(cells, pa.string())))
+    return pa.concat_tables(outs) if outs else block
 
 
-def run_tagged_batch(stage: Stage, batch: pa.Table) -> pa.Table:
-    """Apply a stage to a tagged batch; count what it did per input shard on the batch's rows.
-
-    Counters are the local runner's (engine.counters delta of the batch), split by shard when a
-    batch spans shards, with the batch's seconds shared by row count.
-    """
-    tags = batch.select(list(TAG_COLUMNS))
-    data = batch.drop_columns(list(TAG_COLUMNS))
-    out, seconds = apply_stage(stage, data)
-    shards = tags.column(SHARD_COLUMN).to_pylist()
-    cells = tags.column(COUNTERS_COLUMN).to_pylist()
-    first_index: dict[str, list[int]] = {}
-    for i, s in enumerate(shards):
-        first_index.setdefault(s, []).append(i)
-    n = max(1, len(shards))
-    for s, idx in first_index.items():
-        rows = pa.array(idx, pa.int64())
-        part = delta(snapshot(data.take(rows)), snapshot(out.take(rows)), seconds * len(idx) / n)
-        cell = json.loads(cells[idx[0]]) if cells[idx[0]] else {}
-        merge(cell.setdefault(stage.name, {}), part)
-        cells[idx[0]] = json.dumps(cell)
-    return (
-        out.append_column(SHARD_COLUMN, tags.column(SHARD_COLUMN))
-        .append_column(ROW_COLUMN, tags.column(ROW_COLUMN))
-        .append_column(COUNTERS_COLUMN, pa.array(cells, pa.string()))
-    )
-
-
-def assemble_shard(parts: list[pa.Table], folder: str, shard: str, expected_rows: int) -> tuple[pa.Table, dict[str, Any]]:
-    """The parts of one shard -> (the shard table in input order, its counters); checks no loss, no duplicates."""
-    table = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
-    rows = table.column(ROW_COLUMN).to_pylist()
-    if sorted(rows) != list(range(expected_rows)):
-        seen = set()
-        dups = sorted({r for r in rows if r in seen or seen.add(r)})
-        missing = sorted(set(range(expected_rows)) - set(rows))
-        raise RuntimeError(
-            f"{folder}/{shard}: expected rows 0..{expected_rows - 1} once each; "
-            f"missing {missing[:5]}, duplicated {dups[:5]} (engine lost or repeated rows)"
-        )
-    table = table.take(pc.sort_indices(table.column(ROW_COLUMN)))
+def piece_counters(piece: pa.Table) -> dict[str, Any]:
     counters: dict[str, Any] = {}
-    for cell in table.column(COUNTERS_COLUMN).to_pylist():
+    for cell in piece.column(COUNTERS_COLUMN).to_pylist():
         if cell:
             merge(counters, json.loads(cell))
-    keep = [c for c in table.column_names if c not in TAG_COLUMNS and c not in TRANSIENT_COLUMNS]
-    return finalize(table.select(keep), f"{folder}/{shard}"), counters
+    return counters
 
 
 def shard_seconds(counters: dict[str, Any]) -> float:
     """Compute seconds summed over stages (a distributed shard has no single wall time)."""
     return round(sum(c.get("seconds", 0.0) for c in counters.values()), 3)
+
+
+def _records(piece: pa.Table) -> pa.Table:
+    keep = [c for c in piece.column_names if c not in TAG_COLUMNS and c not in TRANSIENT_COLUMNS]
+    return piece.select(keep)
+
+
+def _check_rows(folder: str, shard: str, rows: list[int], expected: int) -> None:
+    if sorted(rows) != list(range(expected)):
+        seen: set[int] = set()
+        dups = sorted({r for r in rows if r in seen or seen.add(r)})
+        missing = sorted(set(range(expected)) - set(rows))
+        raise RuntimeError(f"{folder}/{shard}: expected rows 0..{expected - 1} once each; missing {missing[:5]}, "
+                           f"duplicated {dups[:5]} (the engine lost or repeated rows)")
+
+
+def commit_piece(store, job: StepJob, runner: str, shard: str, piece: pa.Table) -> dict:
+    """On a worker: commit a complete shard, or keep a piece of a cut one as a part.
+    Returns the summary the driver gets: {shard, rows, committed, counters} (never the rows)."""
+    expected = job.rows(shard)
+    rows = piece.column(ROW_COLUMN).to_pylist()
+    counters = piece_counters(piece)
+    if len(rows) == expected:
+        _check_rows(job.output_folder, shard, rows, expected)
+        table = finalize(_records(piece), f"{job.output_folder}/{shard}")
+        store.write_shard(job.output_folder, shard, table, commit_meta(job, shard, runner, counters, shard_seconds(counters)))
+        return {"shard": shard, "rows": expected, "committed": True, "counters": counters}
+    store.write_shard(f"{PARTS}/{job.output_folder}/{shard}", f"rows-{rows[0]:09d}", piece.drop_columns(
+        [c for c in TRANSIENT_COLUMNS if c in piece.column_names]), {"config_hash": job.config_hash})
+    return {"shard": shard, "rows": len(rows), "committed": False, "counters": counters}
+
+
+def assemble_parts(store, job: StepJob, runner: str, shard: str) -> dict:
+    """On a worker: all parts of a cut shard are committed -> the shard, then the parts go."""
+    folder = f"{PARTS}/{job.output_folder}/{shard}"
+    parts = [store.read_shard(folder, p) for p in store.shards(folder)]
+    piece = pa.concat_tables(parts, promote_options="default")
+    piece = piece.take(pc.sort_indices(piece.column(ROW_COLUMN)))
+    _check_rows(job.output_folder, shard, piece.column(ROW_COLUMN).to_pylist(), job.rows(shard))
+    summary = commit_piece(store, job, runner, shard, piece)
+    store.uncommit(folder)
+    return summary
+
+
+def empty_shard(store, job: StepJob, runner: str, shard: str) -> dict:
+    """An input shard of no rows still gets its (empty) output shard."""
+    t0 = time.perf_counter()
+    table = finalize(IMAGE_RECORD_SCHEMA.empty_table(), f"{job.output_folder}/{shard}")
+    store.write_shard(job.output_folder, shard, table, commit_meta(job, shard, runner, {}, time.perf_counter() - t0))
+    return {"shard": shard, "rows": 0, "committed": True, "counters": {}}
+
+
+def clear_parts(store, job: StepJob) -> None:
+    """Parts left by a killed run belong to no commit: forget them before the job starts."""
+    for shard in job.shards:
+        store.uncommit(f"{PARTS}/{job.output_folder}/{shard}")
