@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,6 +35,8 @@ class IngestConfig(_Strict):
     min_side: int = Field(16, ge=1, description="smaller images are quarantined as too_small")
     max_pixels: int = Field(178_956_970, ge=1, description="larger images are decompression_bomb")
     source: str | None = Field(None, description="dataset / origin name recorded on each image")
+    verify: Literal["header", "decode"] = Field("header", description="header: structure checks only (fast); "
+                                                "decode: decode every image's pixels at ingest")
     image_root: str | None = Field(None, description="COCO input: image folder, relative to the JSON's folder")
     workers: int = Field(1, ge=0, description="chunks ingested at once: local processes, Ray / Beam tasks (0 on Ray: "
                          "as many as the cluster runs)")

@@ -95,7 +95,7 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, runner, progr
     if pending:
         rows = sum(int(inputs[s]["rows"]) for s in pending)
         runner.run_tasks(store, TaskJob("ingest", ingest_chunk, pending,
-                                        (cfg.min_side, cfg.max_pixels, ihash, cfg.read_threads, runner.name),
+                                        (cfg.model_dump(), ihash, runner.name),
                                         workers=cfg.workers), _progress(progress, "ingest", rows, len(pending)))
         duplicates = find_cross_duplicates(store)
         if duplicates:

@@ -209,7 +209,8 @@ def test_bomb_header_is_rejected_without_allocating(tmp_path, monkeypatch):
     assert row is None and bad["reason"] == "decompression_bomb"
     assert grown_mib < 64
     # Below our limit but above Pillow's default (89 Mpx) the header check is ours, not Pillow's.
-    row, bad = decode_input(InputItem(uri="b", source="t", read=lambda: bomb_png(10_000, 10_000)), 16, 200_000_000)
+    row, bad = decode_input(InputItem(uri="b", source="t", read=lambda: bomb_png(10_000, 10_000)), 16, 200_000_000,
+                            verify="decode")
     assert bad["reason"] == "truncated"  # got past the size checks; its IDAT holds no 100 Mpx of data
 
 

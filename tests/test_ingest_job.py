@@ -118,3 +118,54 @@ def test_an_empty_input_is_an_error(tmp_path, pipelines):
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(EmptyInputError, match="lists no image"):
         run_pipeline(pipelines(), str(tmp_path / "empty"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_cut_files_are_truncated_without_decoding(fmt, photos):
+    """verify: header finds a cut file of every supported format from its structure alone."""
+    import io
+
+    from PIL import Image
+
+    from engine.ingest.decode import decode_input
+    from engine.ingest.sources import InputItem
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photos["chelsea"])).convert("RGB").save(buf, format=fmt)
+    whole = buf.getvalue()
+    row, bad = decode_input(InputItem(uri=f"x.{fmt}", source="t", read=lambda: whole), 16, 10**8)
+    assert bad is None and (row["width"], row["height"]) == (451, 300)
+    cut = whole[: len(whole) * 2 // 3]
+    row, bad = decode_input(InputItem(uri=f"cut.{fmt}", source="t", read=lambda: cut), 16, 10**8)
+    assert row is None and bad["reason"] == "truncated", bad
+
+
+def test_corrupt_pixels_in_a_complete_file_are_an_error_of_the_first_step(tmp_path, photos):
+    """verify: header ingests a structurally complete PNG whose compressed pixels are garbage; the step
+    that decodes it records the error on that image and the others go on. verify: decode quarantines it."""
+    data = bytearray(photos["astronaut"])
+    idat = data.find(b"IDAT")
+    data[idat + 100: idat + 600] = bytes(range(250)) * 2  # inside the zlib stream; IEND still at the end
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bad.png").write_bytes(bytes(data))
+    (src / "good.png").write_bytes(photos["coffee"])
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("""
+pipelines:
+  p:
+    ingest: {verify: VERIFY}
+    steps:
+      - name: s1
+        stages:
+          - {stage: ocr, params: {batch_size: 2}}
+""")
+    text = yaml.read_text()
+    yaml.write_text(text.replace("VERIFY", "header"))
+    summary = run_pipeline(load_pipeline(yaml, "p"), str(src), str(tmp_path / "header"))
+    assert _equation(summary) == (2, 2, 0, 0)
+    errors = run_query(tmp_path / "header", "SELECT uri, errors FROM records ORDER BY uri")[1]
+    assert [len(e) for _, e in errors] == [1, 0] and errors[0][1][0]["stage"] == "decode"
+    yaml.write_text(text.replace("VERIFY", "decode"))
+    summary = run_pipeline(load_pipeline(yaml, "p"), str(src), str(tmp_path / "decode"))
+    assert _equation(summary) == (2, 1, 1, 0)

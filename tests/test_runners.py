@@ -274,3 +274,31 @@ def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input
     local = ShardStore(runs["local"][0])
     for shard in writers:
         _close(local.read_shard("annotations/measure", shard).to_pylist(), store.read_shard("annotations/measure", shard).to_pylist())
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_gives_the_same_annotations_on_every_runner(tmp_path_factory, ray_cluster):
+    """The shipped quickstart pipeline (offline profile: real OCR, every other stage a random model with
+    near-tied scores) on real photos: detector scores, grounding boxes and masks equal on every runner,
+    because every runner cuts a shard into the same batches and limits threads to the stage's CPUs."""
+    from engine.samples import write_samples
+
+    src = tmp_path_factory.mktemp("qs_in")
+    for path in write_samples(tmp_path_factory.mktemp("qs_all"))[:5]:
+        shutil.copy(path, src / path.name)
+    pipe_file = os.path.join(os.path.dirname(__file__), "..", "pipelines.yaml")
+    outs = {}
+    for runner in ("local", "ray", "beam"):
+        pipe = load_pipeline(pipe_file, "quickstart", "offline")
+        pipe.config.ingest.shard_size = 2
+        outs[runner] = tmp_path_factory.mktemp(f"qs_{runner}")
+        run_pipeline(pipe, str(src), str(outs[runner]), runner=runner)
+    local = ShardStore(outs["local"])
+    for folder in ("annotations/stage1", "annotations/stage2"):
+        shards = local.shards(folder)
+        assert len(shards) == 3
+        rows = [r for s in shards for r in local.read_shard(folder, s).to_pylist()]
+        assert sum(len(r["regions"]) for r in rows) and sum(len(r["groundings"]) for r in rows)
+        for runner in ("ray", "beam"):
+            other = ShardStore(outs[runner])
+            _close(rows, [r for s in shards for r in other.read_shard(folder, s).to_pylist()], f"{runner}:{folder}")

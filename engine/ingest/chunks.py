@@ -115,13 +115,14 @@ def plan_chunks(store, items: Iterable[InputItem], shard_size: int, ingest_hash:
     return shards, written
 
 
-def ingest_chunk(store, shard: str, min_side: int, max_pixels: int, ingest_hash: str, read_threads: int = 1,
-                 runner: str = "local") -> dict:
-    """TaskJob function: inputs/part-k -> quarantine/part-k + images/part-k, committed on this worker."""
+def ingest_chunk(store, shard: str, settings: dict, ingest_hash: str, runner: str = "local") -> dict:
+    """TaskJob function: inputs/part-k -> quarantine/part-k + images/part-k, committed on this worker.
+    `settings`: the pipeline's ingest settings (engine.config.IngestConfig as a dict)."""
     t0 = time.perf_counter()
     inputs = store.commit_record(INPUTS, shard)
     items = [row_item(r) for r in store.read_shard(INPUTS, shard).to_pylist()]
-    images, quarantine, counters = ingest_shard(items, min_side, max_pixels, set(), workers=read_threads)
+    images, quarantine, counters = ingest_shard(items, settings["min_side"], settings["max_pixels"], set(),
+                                                workers=settings["read_threads"], verify=settings["verify"])
     meta = {"config_hash": ingest_hash, "input_sha256": inputs["sha256"], "runner": runner}
     store.write_shard(QUARANTINE, shard, quarantine, meta)
     store.write_shard(IMAGES, shard, images, {**meta, "counters": counters, "cross_duplicates": 0,

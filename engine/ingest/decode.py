@@ -70,8 +70,53 @@ def _read_bytes(item: InputItem) -> bytes:
     return data
 
 
-def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int) -> tuple[int, int, str, str]:
-    """(width, height after EXIF orientation, format, original mode), or _Quarantined."""
+VERIFY_MODES = ("header", "decode")
+
+
+def _complete(fmt: str, data: bytes) -> bool | None:
+    """Does the file end where its format says it ends? (None: no cheap check for this format.)
+
+    What a cut download or copy looks like, found without decoding a pixel: a JPEG whose last scan
+    (the last SOS marker; 0xFF inside entropy-coded data is always stuffed, so SOS cannot appear
+    there) has no EOI after it, a PNG without IEND after its last IDAT, a GIF without its trailer,
+    a WebP / BMP shorter than the size in its own header."""
+    if fmt in ("JPEG", "MPO"):
+        sos = data.rfind(b"\xff\xda")
+        return sos != -1 and data.find(b"\xff\xd9", sos) != -1
+    if fmt == "PNG":
+        return data.rfind(b"IEND") > data.rfind(b"IDAT") > 0
+    if fmt == "GIF":
+        return data.rstrip(b"\x00")[-1:] == b";"
+    if fmt == "WEBP":
+        return len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    if fmt == "BMP":
+        size = int.from_bytes(data[2:6], "little") if len(data) >= 6 else 0
+        return size == 0 or size <= len(data)
+    return None
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    """Width and height after EXIF orientation (what decode_image will produce), from the header.
+    (PNG's getexif() decodes the whole image to look for an eXIf chunk after the pixels: read only
+    the one before them, which is where the PNG extension puts it.)"""
+    if im.format in ("JPEG", "MPO", "WEBP", "TIFF"):
+        orientation = im.getexif().get(0x0112, 1)
+    else:
+        exif = Image.Exif()
+        if im.info.get("exif"):
+            exif.load(im.info["exif"])
+        orientation = exif.get(0x0112, 1)
+    return (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
+
+
+def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int,
+                    verify: str = "header") -> tuple[int, int, str, str]:
+    """(width, height after EXIF orientation, format, original mode), or _Quarantined.
+
+    verify "header": every check from the header and the file's structure (cheap: ingest runs at
+    the speed of reading and hashing); a pixel-level corruption inside a complete file is then found
+    by the first step that decodes it and recorded on that image's `errors`. verify "decode": the
+    pixels are decoded too, so such files are quarantined at ingest (several times slower)."""
     # Pillow refuses images over 2 * MAX_IMAGE_PIXELS in open() and warns above it; keep its
     # limit at ours so the header check below (ours) is the one that decides.
     if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS < max_pixels:
@@ -86,7 +131,8 @@ def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int) -> tu
         raise _Quarantined("not_image", f"{uri}: not an image Pillow can identify ({len(data)} bytes)") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt header of a known format
         msg = f"{type(exc).__name__}: {exc}"
-        if any(hint in msg.lower() for hint in _TRUNCATION_HINTS):
+        cut_riff = data[:4] == b"RIFF" and data[8:12] == b"WEBP" and _complete("WEBP", data) is False
+        if cut_riff or any(hint in msg.lower() for hint in _TRUNCATION_HINTS):
             raise _Quarantined("truncated", f"{uri}: the file ends inside its header ({msg})") from None
         raise _Quarantined("not_image", f"{uri}: unreadable image header ({msg})") from None
     with im:
@@ -99,6 +145,8 @@ def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int) -> tu
             )
         if min(w, h) < min_side:
             raise _Quarantined("too_small", f"{uri}: {w}x{h} is smaller than min_side={min_side}")
+        if verify == "header":
+            return _header_checked(uri, data, im, fmt, mode, min_side, max_pixels)
         try:
             im.load()  # full decode: a truncated file fails here, not in a later stage
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -123,19 +171,37 @@ def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int) -> tu
         return im.width, im.height, fmt, mode
 
 
-def decode_input(item: InputItem, min_side: int, max_pixels: int) -> tuple[dict | None, dict | None]:
+def _header_checked(uri: str, data: bytes, im: Image.Image, fmt: str, mode: str, min_side: int,
+                    max_pixels: int) -> tuple[int, int, str, str]:
+    complete = _complete(fmt, data)
+    if complete is None:  # no cheap structural check for this format (TIFF, ...): decode it
+        return _decode_checked(uri, data, min_side, max_pixels, verify="decode")
+    if not complete:
+        raise _Quarantined("truncated", f"{uri}: {fmt} data ends early or is cut (no end marker after the image data)")
+    try:
+        width, height = _oriented_size(im)
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF block
+        raise _Quarantined("unreadable", f"{uri}: EXIF orientation cannot be read ({exc})") from None
+    try:
+        to_rgb(Image.new(mode, (1, 1)))  # conversion support depends on the mode only
+    except ValueError as exc:
+        raise _Quarantined("unsupported_mode", f"{uri}: mode {mode!r} cannot be converted to RGB ({exc})") from None
+    return width, height, fmt, mode
+
+
+def decode_input(item: InputItem, min_side: int, max_pixels: int, verify: str = "header") -> tuple[dict | None, dict | None]:
     """(images row, None) for a usable image, else (None, quarantine row)."""
     try:
         data = _read_bytes(item)
     except _Quarantined as q:
         return None, _quarantine_row(item, q.reason, q.detail)
-    return _decode_bytes(item, data, hashlib.sha256(data).hexdigest(), min_side, max_pixels)
+    return _decode_bytes(item, data, hashlib.sha256(data).hexdigest(), min_side, max_pixels, verify)
 
 
 def _decode_bytes(item: InputItem, data: bytes, image_id: str, min_side: int,
-                  max_pixels: int) -> tuple[dict | None, dict | None]:
+                  max_pixels: int, verify: str = "header") -> tuple[dict | None, dict | None]:
     try:
-        width, height, fmt, mode = _decode_checked(item.uri, data, min_side, max_pixels)
+        width, height, fmt, mode = _decode_checked(item.uri, data, min_side, max_pixels, verify)
     except _Quarantined as q:
         return None, _quarantine_row(item, q.reason, q.detail, image_id=image_id)
     row = {
@@ -153,7 +219,7 @@ def _decode_bytes(item: InputItem, data: bytes, image_id: str, min_side: int,
 
 
 def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_ids: set[str],
-                 workers: int = 1) -> tuple[pa.Table, pa.Table, dict]:
+                 workers: int = 1, verify: str = "header") -> tuple[pa.Table, pa.Table, dict]:
     """Decode a shard's inputs; exact duplicates (same sha256 as an image already ingested,
     in this shard or in `seen_ids`) are quarantined as 'duplicate' without being decoded again.
     Adds the ids of the ingested images to `seen_ids`. `workers` > 1 reads and decodes in threads
@@ -169,7 +235,7 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
             if image_id is not None and image_id not in seen_ids and image_id not in first_copy:
                 first_copy[image_id] = i
         todo = sorted(first_copy.values())
-        verdicts = run(lambda i: _decode_bytes(items[i], reads[i][0], reads[i][1], min_side, max_pixels), todo)
+        verdicts = run(lambda i: _decode_bytes(items[i], reads[i][0], reads[i][1], min_side, max_pixels, verify), todo)
         decoded = dict(zip(todo, verdicts))
     finally:
         if pool:
@@ -195,7 +261,7 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
             )
         else:
             # A later copy of bytes whose first copy was quarantined gets its own (same) verdict.
-            row, bad = decoded.pop(i) if i in decoded else _decode_bytes(item, data, image_id, min_side, max_pixels)
+            row, bad = decoded.pop(i) if i in decoded else _decode_bytes(item, data, image_id, min_side, max_pixels, verify)
             if row is not None:
                 images.append(row)
                 seen_ids.add(image_id)
