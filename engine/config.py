@@ -66,7 +66,7 @@ class StepConfig(_Strict):
 class PipelineConfig(_Strict):
     description: str = ""
     ingest: IngestConfig = Field(default_factory=IngestConfig)
-    steps: list[StepConfig] = Field(min_length=1)
+    steps: list[StepConfig] = Field(default_factory=list, description="none: ingest only")
     rounds: int = Field(0, ge=0, description="stage-3 refinement rounds after the steps")
     refine: dict[str, Any] = Field(default_factory=dict, description="stage-3 settings")
 

@@ -10,6 +10,7 @@ without a coordinator; manifest.json is rebuilt from them.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import fcntl
 import hashlib
 import json
@@ -42,7 +43,9 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
+@functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the output (read once per process: metadata is slow)."""
     out = {}
     for name in TRACKED_PACKAGES:
         try:

@@ -26,6 +26,7 @@ from engine.counters import merge
 from engine.execute import image_needs
 from engine.runners.base import StageRecipe, StepJob, TaskJob
 from engine.runners.tagged import (
+    NODES,
     assemble_parts,
     clear_parts,
     commit_piece,
@@ -41,7 +42,14 @@ log = logging.getLogger(__name__)
 READ_TASK_CPUS = 0.25  # reading / writing a Parquet shard is I/O: never let it wait behind actors
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running + one queued: the first actor up must not take every block
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("committed", pa.bool_()),
-                            ("counters", pa.string())])
+                            ("counters", pa.string()), ("nodes", pa.string())])
+
+
+def node_id() -> str:
+    """The Ray node this worker runs on (commit records and the manifest say where work ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class StageActor:
@@ -49,20 +57,27 @@ class StageActor:
 
     def __init__(self, recipe: StageRecipe):
         self.stage = worker_stage(recipe)
+        self.node = node_id()
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return run_tagged_stage(self.stage, block)
+        return run_tagged_stage(self.stage, block, node=self.node)
 
 
 def run_cpu_stage(block: pa.Table, recipe: StageRecipe) -> pa.Table:
     """A CPU-only stage as a Ray task (cached per worker process)."""
-    return run_tagged_stage(worker_stage(recipe), block)
+    return run_tagged_stage(worker_stage(recipe), block, node=node_id())
 
 
 def commit_block(block: pa.Table, store, job: StepJob, runner: str) -> pa.Table:
     """The last operator of a step, on a worker: commit the block's shards; only summaries go on."""
     rows = [commit_piece(store, job, runner, shard, piece) for shard, piece in pieces(block)]
-    return pa.Table.from_pylist([{**r, "counters": json.dumps(r["counters"])} for r in rows], schema=SUMMARY_SCHEMA)
+    return pa.Table.from_pylist([{**r, "counters": json.dumps(r["counters"]), NODES: json.dumps(r.get(NODES, {}))}
+                                 for r in rows], schema=SUMMARY_SCHEMA)
+
+
+def run_task_on_node(fn, store, shard: str, *args) -> dict:
+    """A TaskJob call on a Ray worker; the summary says which node ran it."""
+    return {**fn(store, shard, *args), "node": node_id()}
 
 
 def _shard_datasource(store, job: StepJob, needs: frozenset[str], shards: list[str]):
@@ -182,11 +197,13 @@ class RayRunner:
         t0 = time.perf_counter()
         clear_parts(store, job)
         total: dict = {}
+        nodes: dict = {}
         arrived: dict[str, int] = {}
         assembling = []
 
         def done(summary: dict) -> None:
             merge(total, summary["counters"])
+            merge(nodes, summary.get(NODES) or {})
             if progress is not None:
                 progress.shard(summary["shard"], summary["rows"])
 
@@ -198,7 +215,7 @@ class RayRunner:
         ds = self.build_dataset(store, job, shards)
         assemble = ray.remote(num_cpus=READ_TASK_CPUS)(assemble_parts)
         for row in ds.iter_rows():
-            summary = {**row, "counters": json.loads(row["counters"])}
+            summary = {**row, "counters": json.loads(row["counters"]), NODES: json.loads(row[NODES])}
             if summary["committed"]:
                 done(summary)
                 continue
@@ -211,6 +228,7 @@ class RayRunner:
         if left:
             raise RuntimeError(f"ray: step {job.name!r} finished without committing shards {left[:5]}")
         self._log_stats(store, job, ds, time.perf_counter() - t0)
+        store.update_manifest(engine_metrics={job.name: {"runner": self.name, NODES: nodes}})
         return total
 
     def _log_stats(self, store, job: StepJob, ds, seconds: float) -> None:
@@ -227,14 +245,15 @@ class RayRunner:
         import ray
 
         self.connect()
-        remote = ray.remote(num_cpus=job.cpus, max_retries=2)(job.fn)
+        # SPREAD: I/O-heavy chunks go to every node, not to the driver's node first
+        remote = ray.remote(num_cpus=job.cpus, max_retries=2, scheduling_strategy="SPREAD")(run_task_on_node)
         limit = job.workers if job.workers > 0 else max(1, int(ray.cluster_resources().get("CPU", 1) / job.cpus))
         results: dict[str, dict] = {}
         running: dict = {}
         todo = iter(job.shards)
 
         def submit(shard: str) -> None:
-            running[remote.remote(store, shard, *job.args)] = shard
+            running[remote.remote(job.fn, store, shard, *job.args)] = shard
 
         for shard in todo:
             submit(shard)
@@ -249,4 +268,8 @@ class RayRunner:
             nxt = next(todo, None)
             if nxt is not None:
                 submit(nxt)
+        nodes: dict[str, int] = {}
+        for summary in results.values():
+            nodes[summary["node"]] = nodes.get(summary["node"], 0) + 1
+        store.update_manifest(engine_metrics={job.name: {"runner": self.name, NODES: nodes}})
         return results

@@ -27,6 +27,7 @@ SHARD_COLUMN = "__fld_shard"
 ROW_COLUMN = "__fld_row"
 COUNTERS_COLUMN = "__fld_counters"  # JSON {stage: counters} on the first row of each shard piece, else null
 TAG_COLUMNS = (SHARD_COLUMN, ROW_COLUMN, COUNTERS_COLUMN)
+NODES = "nodes"  # counters[stage][NODES] = {node id: rows}: where a distributed stage ran (commit record only)
 PARTS = "_parts"  # <OUT>/_parts/<output folder>/<shard>/: pieces of a shard an engine cut apart
 
 _WORKER_STAGES: dict[str, Stage] = {}
@@ -66,8 +67,9 @@ def pieces(block: pa.Table) -> list[tuple[str, pa.Table]]:
     return out
 
 
-def run_tagged_stage(stage: Stage, block: pa.Table, apply=None) -> pa.Table:
-    """Apply a stage to every shard piece of a block in the shard's batches, counting per piece."""
+def run_tagged_stage(stage: Stage, block: pa.Table, apply=None, node: str | None = None) -> pa.Table:
+    """Apply a stage to every shard piece of a block in the shard's batches, counting per piece.
+    `node`: the cluster node this runs on; its rows are counted under counters[stage]["nodes"]."""
     outs = []
     for _, piece in pieces(block):
         tags = piece.select(list(TAG_COLUMNS))
@@ -75,6 +77,8 @@ def run_tagged_stage(stage: Stage, block: pa.Table, apply=None) -> pa.Table:
         counters = json.loads(cells[0]) if cells[0] else {}
         first_row = tags.column(ROW_COLUMN)[0].as_py()
         out = run_stage(stage, piece.drop_columns(list(TAG_COLUMNS)), counters, first_row, apply=apply)
+        if node is not None:
+            merge(counters.setdefault(stage.name, {}), {NODES: {node: piece.num_rows}})
         cells[0] = json.dumps(counters)
         outs.append(out.append_column(SHARD_COLUMN, tags.column(SHARD_COLUMN))
                     .append_column(ROW_COLUMN, tags.column(ROW_COLUMN))
@@ -118,8 +122,10 @@ def commit_piece(store, job: StepJob, runner: str, shard: str, piece: pa.Table) 
     if len(rows) == expected:
         _check_rows(job.output_folder, shard, rows, expected)
         table = finalize(_records(piece), f"{job.output_folder}/{shard}")
-        store.write_shard(job.output_folder, shard, table, commit_meta(job, shard, runner, counters, shard_seconds(counters)))
-        return {"shard": shard, "rows": expected, "committed": True, "counters": counters}
+        nodes = {stage: c.pop(NODES) for stage, c in counters.items() if NODES in c}  # not a counter of the data
+        store.write_shard(job.output_folder, shard, table,
+                          {**commit_meta(job, shard, runner, counters, shard_seconds(counters)), NODES: nodes})
+        return {"shard": shard, "rows": expected, "committed": True, "counters": counters, NODES: nodes}
     store.write_shard(f"{PARTS}/{job.output_folder}/{shard}", f"rows-{rows[0]:09d}", piece.drop_columns(
         [c for c in TRANSIENT_COLUMNS if c in piece.column_names]), {"config_hash": job.config_hash})
     return {"shard": shard, "rows": len(rows), "committed": False, "counters": counters}
