@@ -124,17 +124,20 @@ def finite_numbers(values: Sequence, what: str, length: int | None = None) -> li
     return out
 
 
-def check_rle(rle: dict, width: int, height: int) -> dict:
+def check_rle(rle: dict, width: int | None, height: int | None) -> dict:
     """{'size': [h, w], 'counts': str} of a compressed RLE that decodes to exactly height x width
-    pixels, or ValueError (pycocotools itself refuses counts that do not add up on decode)."""
+    pixels (the RLE's own size when they are None), or ValueError. Uncompressed counts (COCO
+    iscrowd) are compressed; pycocotools itself refuses counts that do not add up on decode."""
     from pycocotools import mask as mask_utils
 
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise ValueError("mask must be an RLE {'size': [h, w], 'counts': ...}")
     size = finite_numbers(rle["size"], "mask size [height, width]", length=2)
-    if size != [int(v) for v in size]:
-        raise ValueError(f"mask size must be [height, width] integers, got {rle['size']!r:.80}")
-    if size != [height, width]:
+    if size != [int(v) for v in size] or min(size) < 1:
+        raise ValueError(f"mask size must be [height, width] positive integers, got {rle['size']!r:.80}")
+    if width is None or height is None:
+        height, width = (int(v) for v in size)
+    elif size != [height, width]:
         raise ValueError(f"mask size {[int(v) for v in size]} differs from the image's [{height}, {width}] (height, width)")
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed (COCO iscrowd): runs must add up to the image
@@ -146,12 +149,35 @@ def check_rle(rle: dict, width: int, height: int) -> dict:
         counts = counts.decode("ascii", "replace")
     if not isinstance(counts, str) or not counts.isascii():
         raise ValueError("mask counts must be a compressed RLE string (ASCII) or a list of run lengths")
-    out = {"size": [height, width], "counts": counts}
-    try:
-        mask_utils.decode(_coco_rle(out))
-    except ValueError as exc:
-        raise ValueError(f"mask counts do not decode to a {height}x{width} mask ({exc})") from None
-    return out
+    runs = _rle_runs(counts)
+    if min(runs, default=0) < 0 or sum(runs) != height * width:
+        raise ValueError(f"mask counts do not describe a {height}x{width} mask (runs add up to {sum(runs)})")
+    return {"size": [height, width], "counts": counts}
+
+
+def _rle_runs(counts: str) -> list[int]:
+    """Run lengths of a compressed COCO RLE string, read the way pycocotools' rleFrString reads
+    them, without allocating the mask (a hostile size would allocate gigabytes)."""
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise ValueError("mask counts end inside a number")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"mask counts hold {counts[p]!r}, not a COCO RLE character")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
 
 
 def polygon_to_rle(polygon: Sequence[Sequence[float]], width: int, height: int) -> dict:
