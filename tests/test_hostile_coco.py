@@ -281,3 +281,22 @@ def test_stored_human_json_of_any_shape_never_raises(human):
                             human)
     validate_table(records_to_table([rec]))
     assert rec["errors"] and all(e["stage"] == "human" for e in rec["errors"])
+
+
+@pytest.mark.timeout(60)
+def test_bad_image_entries_keep_their_files_listed(tmp_path):
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 640, "height": 480},
+                   {"id": 1, "file_name": "b.jpg"},  # duplicate id: listed, annotations go to the first
+                   {"id": 2, "file_name": "c.jpg", "width": "wide", "height": 0},  # unusable size: not checked
+                   {"id": 3, "file_name": ""}],  # no file to read: logged
+        "categories": [{"id": 1, "name": "dog"}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]},
+                        {"id": 11, "image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4],
+                         "segmentation": [[0, 0, 50, 0, 50, 50]]}],
+    }
+    humans = read_coco(coco, "dup.json")
+    assert [h["file_name"] for h in humans] == ["a.jpg", "b.jpg", "c.jpg"]
+    a, b, c = humans
+    assert len(a["objects"]) == 1 and b["objects"] == [] and "appears twice" in b["rejected"][0]
+    assert c["width"] is None and "not positive integers" in c["rejected"][0] and len(c["objects"]) == 1
