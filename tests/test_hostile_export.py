@@ -16,6 +16,8 @@ from PIL import ExifTags, Image, ImageOps
 from typer.testing import CliRunner
 
 from engine.cli import app
+from schemas.records import new_annotation
+from test_export import store_one_image
 from test_ocr import WORDS, rendered_sign
 
 ORIENTATION = ExifTags.Base.Orientation
@@ -191,32 +193,19 @@ def test_florence_and_webdataset_images_match_their_records(out, dataset, tmp_pa
     assert seen == 7
 
 
-@pytest.mark.timeout(120)
-def test_what_coco_cannot_hold_is_counted_and_printed(tmp_path, photos):
-    import hashlib
-
-    import pyarrow as pa
-
-    from engine.stage import records_to_table
-    from engine.store import ShardStore
-    from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
-
-    data = photos["astronaut"]
-    iid = hashlib.sha256(data).hexdigest()
-    store = ShardStore(tmp_path / "out")
-    store.write_shard("images", "part-00000", pa.Table.from_pylist(
-        [{"image_id": iid, "uri": "astronaut.png", "source": "t", "width": 512, "height": 512, "format": "PNG",
-          "mode": "RGB", "bytes": data, "human": None}], schema=IMAGES_SCHEMA))
-    rec = empty_record({"image_id": iid, "uri": "astronaut.png", "width": 512, "height": 512, "source": "t"})
-    src = source_of("unit")
+def _unlabeled_region_and_grounding(rec: dict, src: dict) -> None:
     rec["texts"] = [new_annotation(src, ann_id="t", tier="brief", text="an astronaut")]
     rec["regions"] = [new_annotation(src, 0.9, ann_id="r", kind="object", box=[10, 10, 60, 60], quad=None,
                                      polygon=None, mask=None, label="", brief=None)]
     rec["groundings"] = [new_annotation(src, 0.8, ann_id="g", text_ann_id="t", phrase="an astronaut", char_start=0,
                                         char_end=12, box=[100, 50, 400, 500], mask=None)]
-    store.write_shard("annotations/stage1", "part-00000", records_to_table([rec]))
-    store.update_manifest(folder_order=["annotations/stage1"])
-    res = _run("export", tmp_path / "out", "--format", "coco", "--dest", tmp_path / "coco")
+
+
+@pytest.mark.timeout(120)
+def test_what_coco_cannot_hold_is_counted_and_printed(tmp_path, photos):
+    out = store_one_image(tmp_path / "out", photos["astronaut"], "astronaut.png", 512, 512,
+                          _unlabeled_region_and_grounding)
+    res = _run("export", out, "--format", "coco", "--dest", tmp_path / "coco")
     assert res.exit_code == 0, res.output
     assert "left out: 1 object regions without a label" in res.output
     assert "left out: 1 groundings" in res.output
