@@ -103,7 +103,7 @@ def run(
                       TimeElapsedColumn(), console=console, disable=not console.is_terminal and os.environ.get("FLD_PROGRESS") != "1") as prog:
 
             def factory(name: str, total: int):
-                task = prog.add_task(name, total=total or None, info="")
+                task = prog.add_task(shown(name), total=total or None, info="")
 
                 def advance(shard: str, rows: int, skipped: bool = False) -> None:
                     prog.update(task, advance=1, info=f"{shard}: {rows} {'(resumed)' if skipped else ''}")
