@@ -98,12 +98,11 @@ def run(
         options["beam_options"] = list(beam_option)
     try:
         pipe = load_pipeline(pipelines, pipeline, profile)
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}", markup=False),
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeElapsedColumn(), console=console, disable=not console.is_terminal and os.environ.get("FLD_PROGRESS") != "1") as prog:
 
             def factory(name: str, total: int):
-                task = prog.add_task(shown(name), total=total or None, info="")
+                task = prog.add_task(name, total=total or None, info="")
 
                 def advance(shard: str, rows: int, skipped: bool = False) -> None:
                     prog.update(task, advance=1, info=f"{shard}: {rows} {'(resumed)' if skipped else ''}")
