@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.")
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, which cuts cells.
@@ -22,18 +24,49 @@ console = Console(stderr=True, width=_WIDTH)
 out_console = Console(width=_WIDTH)
 
 
+# Shown escaped: control characters (ESC sequences, \r, \x00, ...), format characters (bidi
+# overrides such as U+202E, zero-width spaces), lone surrogates, line / paragraph separators.
+# ZWNJ / ZWJ stay: scripts and emoji need them.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_KEPT_FORMAT = frozenset({"\u200c", "\u200d"})
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(value: object) -> str:
+    """Text that is safe on a terminal: characters that move the cursor, recolour, reorder or hide
+    what follows are written as Python escapes, so a file name or a cell shows as what it is."""
+    text = str(value)
+    if text.isprintable():  # C-speed: no control, format, surrogate or separator character
+        return text
+    out = []
+    for ch in text:
+        if ch in _KEPT_FORMAT or unicodedata.category(ch) not in _HIDDEN_CATEGORIES:
+            out.append(ch)
+        elif ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _say(message: object, style: str | None = None, to: Console = console) -> None:
+    """Print data as plain text: rich markup is never parsed from it ("[x, y]" stays, "[/bold]" cannot crash)."""
+    to.print(Text(shown(message), style=style or ""))
+
+
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(Text.assemble(("error: ", "bold red"), shown(msg)))
     raise typer.Exit(code)
 
 
 def _render(tables: list[dict]) -> None:
     for t in tables:
-        rt = Table(title=t["title"], title_justify="left")
+        rt = Table(title=Text(shown(t["title"])), title_justify="left")
         for c in t["columns"]:
-            rt.add_column(str(c))
+            rt.add_column(Text(shown(c)))
         for row in t["rows"]:
-            rt.add_row(*["" if v is None else str(v) for v in row])
+            rt.add_row(*[Text("" if v is None else shown(v)) for v in row])
         out_console.print(rt)
 
 
@@ -43,9 +76,9 @@ def _progress_display():
     from engine.progress import PlainProgress, RichProgress
 
     if console.is_terminal:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=console) as prog:
-            yield lambda name, images, shards: RichProgress(prog, name, images)
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console) as prog:
+            yield lambda name, images, shards: RichProgress(prog, shown(name), images)
     else:
         yield lambda name, images, shards: PlainProgress(name, images, shards, out=sys.stderr,
                                                           every=float(os.environ.get("FLD_PROGRESS_EVERY", "5")))
@@ -86,10 +119,8 @@ def run(
     except (ConfigError, StoreError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     ing = summary.ingest
-    console.print(
-        f"[bold]inputs {ing.get('inputs', 0)} = images {ing.get('images', 0)} + quarantined {ing.get('quarantined', 0)}"
-        f" + duplicates {ing.get('duplicates', 0)}[/]"
-    )
+    _say(f"inputs {ing.get('inputs', 0)} = images {ing.get('images', 0)} + quarantined {ing.get('quarantined', 0)}"
+         f" + duplicates {ing.get('duplicates', 0)}", style="bold")
     rows = []
     for step, s in summary.steps.items():
         for stage, c in s["counters"].items():
@@ -97,7 +128,7 @@ def run(
     _render([{"title": f"{pipeline} -> {out} ({runner}, {summary.seconds}s)",
               "columns": ["step", "stage", "in", "out", "added", "dropped", "errors", "seconds", "shards"], "rows": rows}])
     for r in summary.rounds:
-        console.print(f"round {r.get('round')}: {json.dumps({k: v for k, v in r.items() if k != 'round'}, default=str)}")
+        _say(f"round {r.get('round')}: {json.dumps({k: v for k, v in r.items() if k != 'round'}, default=str)}")
 
 
 @app.command()
@@ -164,7 +195,10 @@ def export(
         counts = do_export(out, dest, format, step, task or None)
     except (ExportError, QueryError, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"exported to {dest}: {json.dumps(counts)}")
+    left_out = counts.pop("left_out", {})
+    _say(f"exported to {dest}: {json.dumps(counts)}")
+    for what, n in left_out.items():
+        _say(f"left out: {n} {what}", style="yellow")
 
 
 @app.command()
@@ -182,7 +216,7 @@ def show(
         n = build_report(out, report, step, limit)
     except (QueryError, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"wrote {report} ({n} images)")
+    _say(f"wrote {report} ({n} images)")
 
 
 @app.command()
@@ -191,7 +225,7 @@ def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write t
     from engine.samples import write_samples
 
     paths = write_samples(dest)
-    console.print(f"wrote {len(paths)} sample images to {dest}")
+    _say(f"wrote {len(paths)} sample images to {dest}")
 
 
 @app.command()

@@ -3,6 +3,11 @@
 Only `status = kept` annotations leave the store; dropped ones stay behind for audit. Output
 shards follow the input shards (part-k of the step -> part-k of the export), so an export is
 reproducible and can be redone shard by shard.
+
+Exported images match their annotations without EXIF handling: the store keeps the original
+bytes, whose EXIF orientation tag most loaders (Image.open, cv2.imread, datasets) ignore, while
+every box is in the oriented frame; an image with an orientation tag is written with its pixels
+turned and the tag removed. Whatever a format cannot carry is counted under `left_out`.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import pyarrow.parquet as pq
 from engine.query import resolve_step
 from engine.stage import table_to_records
 from engine.store import ShardStore
-from schemas.geometry import box_area
+from schemas.geometry import box_area, box_to_quad, polygon_area, rle_area
 
 FORMATS = ("florence", "coco", "webdataset")
 FLORENCE_SCHEMA = pa.schema(
@@ -31,7 +36,12 @@ FLORENCE_SCHEMA = pa.schema(
         ("image", pa.binary()),
     ]
 )
-EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+# How an image whose pixels had to be turned is written again: lossy formats at high quality,
+# the others losslessly; anything else becomes PNG.
+RESAVE = {"JPEG": ("JPEG", {"quality": 95}), "MPO": ("JPEG", {"quality": 95}), "WEBP": ("WEBP", {"lossless": True}),
+          "TIFF": ("TIFF", {"compression": "tiff_deflate"})}
+TEXT_CATEGORY = "text"  # COCO category of OCR text regions (supercategory "text"; objects: "object")
 
 
 class ExportError(ValueError):
@@ -51,12 +61,48 @@ def _atomic_parquet(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _shard_inputs(store: ShardStore, folder: str):
+def oriented_image(data: bytes, fmt: str) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes, format, size) of an image whose stored pixels are in the EXIF-oriented frame the
+    annotations use. Without an orientation to apply the original bytes are returned untouched."""
+    from PIL import ExifTags, Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation not in range(2, 9):
+            return data, fmt, im.size
+        turned = ImageOps.exif_transpose(im)  # a copy; its EXIF no longer has the tag
+        save_as, options = RESAVE.get(fmt, ("PNG", {}))
+        extra = {"exif": turned.getexif().tobytes()} if save_as != "TIFF" else {}
+        if im.info.get("icc_profile"):
+            extra["icc_profile"] = im.info["icc_profile"]
+        if save_as == "JPEG" and turned.mode not in ("RGB", "L", "CMYK"):
+            turned = turned.convert("RGB")
+        buf = io.BytesIO()
+        turned.save(buf, format=save_as, **options, **extra)
+        return buf.getvalue(), save_as, turned.size
+
+
+def _shard_inputs(store: ShardStore, folder: str, left_out: dict):
+    """(shard, kept records, image_id -> (bytes, format)) per shard; images whose pixels do not have
+    the size of their record (they would not match the annotations) are left out and counted."""
     for shard in store.shards(folder):
         records = [_kept(r) for r in table_to_records(store.read_shard(folder, shard))]
         images = store.read_shard("images", shard, columns=["image_id", "bytes", "format"])
-        by_id = {i: (b, f) for i, b, f in zip(*(images.column(c).to_pylist() for c in ("image_id", "bytes", "format")))}
-        yield shard, records, by_id
+        stored = {i: (b, f) for i, b, f in zip(*(images.column(c).to_pylist() for c in ("image_id", "bytes", "format")))}
+        by_id, usable = {}, []
+        for rec in records:
+            data, fmt, size = oriented_image(*stored[rec["image_id"]])
+            if size != (rec["width"], rec["height"]):
+                _count(left_out, "images whose pixels differ from their record's size")
+                continue
+            by_id[rec["image_id"]] = (data, fmt)
+            usable.append(rec)
+        yield shard, usable, by_id
+
+
+def _count(left_out: dict, what: str, n: int = 1) -> None:
+    if n:
+        left_out[what] = left_out.get(what, 0) + n
 
 
 def export(out: str | Path, dest: str | Path, fmt: str, step: str | None = None, tasks: list[str] | None = None,
@@ -81,8 +127,8 @@ def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:
     from refine.task_codec import ALL_TASKS, TaskCodec
 
     codec = TaskCodec(tasks=tuple(tasks) if tasks else ALL_TASKS, max_target_tokens=max_target_tokens)
-    counts = {"images": 0, "examples": 0, "files": 0, "per_task": {}}
-    for shard, records, by_id in _shard_inputs(store, folder):
+    counts = {"images": 0, "examples": 0, "files": 0, "per_task": {}, "left_out": {}}
+    for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
         rows = []
         for rec in records:
             counts["images"] += 1
@@ -93,46 +139,71 @@ def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:
         _atomic_parquet(pa.Table.from_pylist(rows, schema=FLORENCE_SCHEMA), dest / f"{shard}.parquet")
         counts["examples"] += len(rows)
         counts["files"] += 1
+    _count(counts["left_out"], "pure-text targets over max_target_tokens", codec.skipped_too_long)
     return counts
 
 
 def _coco(store, folder, dest: Path) -> dict:
-    """instances.json (kept object regions: bbox, segmentation RLE, score) + captions.json + images/."""
+    """instances.json (kept object regions and OCR text regions: bbox, segmentation, area, score;
+    text regions in category "text" with their string in `text` and the quad as polygon) +
+    captions.json + images/. Groundings have no place in COCO instances: they are counted."""
     (dest / "images").mkdir(exist_ok=True)
     images, annotations, captions, categories = [], [], [], {}
-    for _, records, by_id in _shard_inputs(store, folder):
+    left_out: dict = {}
+    for _, records, by_id in _shard_inputs(store, folder, left_out):
         for rec in records:
             data, fmt = by_id[rec["image_id"]]
             image_no = len(images) + 1
             name = f"{rec['image_id']}.{EXT.get(fmt, 'img')}"
             (dest / "images" / name).write_bytes(data)
-            images.append({"id": image_no, "file_name": f"images/{name}", "width": rec["width"],
-                           "height": rec["height"], "fld_image_id": rec["image_id"], "uri": rec["uri"]})
+            w, h = rec["width"], rec["height"]
+            images.append({"id": image_no, "file_name": f"images/{name}", "width": w, "height": h,
+                           "fld_image_id": rec["image_id"], "uri": rec["uri"]})
             for r in rec["regions"]:
-                if r["kind"] != "object" or not r["label"]:
+                if r["kind"] == "object" and not r["label"]:
+                    _count(left_out, "object regions without a label")
                     continue
-                cat = categories.setdefault(r["label"], len(categories) + 1)
+                key = ("text", TEXT_CATEGORY) if r["kind"] == "text" else ("object", r["label"])
+                cat = categories.setdefault(key, len(categories) + 1)
                 x0, y0, x1, y1 = r["box"]
                 ann = {"id": len(annotations) + 1, "image_id": image_no, "category_id": cat,
-                       "bbox": [x0, y0, x1 - x0, y1 - y0], "area": box_area(r["box"]), "iscrowd": 0,
-                       "score": r["score"], "fld_ann_id": r["ann_id"]}
+                       "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0, "score": r["score"], "fld_ann_id": r["ann_id"]}
                 if r["mask"]:
                     ann["segmentation"] = {"size": r["mask"]["size"], "counts": r["mask"]["counts"]}
                 elif r["polygon"]:
                     ann["segmentation"] = r["polygon"]
+                elif r["kind"] == "text":
+                    ann["segmentation"] = [list(r["quad"] or box_to_quad(r["box"]))]
+                if r["kind"] == "text":
+                    ann["text"] = r["label"] or ""
+                ann["area"] = _area(ann.get("segmentation"), r["box"], w, h)
                 annotations.append(ann)
+            _count(left_out, "groundings (COCO instances have no phrase grounding)", len(rec["groundings"]))
             for t in rec["texts"]:
                 captions.append({"id": len(captions) + 1, "image_id": image_no, "caption": t["text"], "tier": t["tier"]})
-    cats = [{"id": i, "name": n} for n, i in categories.items()]
+    cats = [{"id": i, "name": name, "supercategory": kind} for (kind, name), i in categories.items()]
     (dest / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
     (dest / "captions.json").write_text(json.dumps({"images": images, "annotations": captions}))
-    return {"images": len(images), "annotations": len(annotations), "captions": len(captions), "categories": len(cats)}
+    return {"images": len(images), "annotations": len(annotations), "captions": len(captions), "categories": len(cats),
+            "left_out": left_out}
+
+
+def _area(segmentation, box, width: int, height: int) -> float:
+    """COCO's `area`: pixels of the mask or polygon as pycocotools rasterises it, else the box's."""
+    try:
+        if isinstance(segmentation, dict):
+            return rle_area(segmentation)
+        if segmentation:
+            return polygon_area(segmentation, width, height)
+    except ValueError:  # a polygon far outside the image: the box is the honest fallback
+        pass
+    return box_area(box)
 
 
 def _webdataset(store, folder, dest: Path) -> dict:
     """One tar per shard: <image_id>.<ext> + <image_id>.json (the kept annotations of the record)."""
-    counts = {"images": 0, "files": 0}
-    for shard, records, by_id in _shard_inputs(store, folder):
+    counts = {"images": 0, "files": 0, "left_out": {}}
+    for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
         path = dest / f"{shard}.tar"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with tarfile.open(tmp, "w") as tar:

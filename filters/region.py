@@ -78,9 +78,11 @@ def _clamp_points(points: list[float], width: int, height: int) -> list[float]:
 
 
 def rank_key(ann: dict) -> tuple[float, str]:
-    """Higher score first, then ann_id: a total order, the same on every runner."""
+    """Higher score first, then ann_id: a total order, the same on every runner. A NaN score
+    ranks last (NaN compares false both ways, so it would make the order depend on input order)."""
     score = ann.get("score")
-    return (-(1.0 if score is None else float(score)), ann.get("ann_id") or "")
+    value = 1.0 if score is None else float(score)
+    return (math.inf if math.isnan(value) else -value, ann.get("ann_id") or "")
 
 
 def nms_group(ann: dict, mode: NmsMode) -> str:
@@ -107,7 +109,9 @@ def greedy_nms(boxes: list[list[float]], groups: list[int], iou_threshold: float
     keep = batched_nms(b, scores, idxs, iou_threshold)
     survives = torch.zeros(n, dtype=torch.bool)
     survives[keep] = True
-    iou = pairwise_iou(b, b)
+    # Two zero-area boxes (allowed with min_side 0) have IoU 0/0: count it as no overlap, as
+    # torchvision's NMS does (NaN > threshold is false), so no NaN reaches the checks.
+    iou = torch.nan_to_num(pairwise_iou(b, b), nan=0.0)
     same_group = idxs[:, None] == idxs[None, :]
     better = torch.ones(n, n, dtype=torch.bool).tril(-1)  # better[i, j]: j ranked before i
     mask = same_group & better & survives[None, :]
@@ -164,7 +168,8 @@ class RegionFilter(Stage):
             scored.append(ann)
 
             min_score = p.min_score.get(kind)
-            if min_score is not None and ann.get("score") is not None and ann["score"] < min_score:
+            score = ann.get("score")
+            if min_score is not None and score is not None and not float(score) >= min_score:  # NaN fails too
                 drop(ann, self.name, "low_score")
             if min(w, h) < p.min_side or (w * h) / float(width * height) < p.min_area_frac:
                 drop(ann, self.name, "too_small")
@@ -173,9 +178,9 @@ class RegionFilter(Stage):
                 drop(ann, self.name, "aspect")
             if p.min_mask_iou is not None and mask_iou is not None and mask_iou < p.min_mask_iou:
                 drop(ann, self.name, "mask_disagree")
-        self._nms(scored)
+        self._nms(scored, width, height)
 
-    def _nms(self, regions: list[dict]) -> None:
+    def _nms(self, regions: list[dict], width: int, height: int) -> None:
         p: RegionFilterParams = self.params  # type: ignore[assignment]
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for ann in regions:
@@ -188,22 +193,24 @@ class RegionFilter(Stage):
             group_ids: dict[str, int] = {}
             participants = [a for a in ranked if is_kept(a)]
             groups = [group_ids.setdefault(nms_group(a, mode), len(group_ids)) for a in participants]
-            survives, max_iou = greedy_nms([a["box"] for a in participants], groups, float(p.nms_iou[kind]))
+            # the clamped, ordered box: with clamp off, ann["box"] may still be flipped or outside
+            box_of = {id(a): clamp_box(a["box"], width, height) for a in ranked}
+            survives, max_iou = greedy_nms([box_of[id(a)] for a in participants], groups, float(p.nms_iou[kind]))
             for ann, ok, iou in zip(participants, survives, max_iou):
                 set_check(ann, self.name, "nms_iou", iou)
                 if not ok:
                     drop(ann, self.name, "nms")
-            self._iou_of_non_participants(ranked, participants, survives, groups, group_ids, mode)
+            self._iou_of_non_participants(ranked, participants, survives, groups, group_ids, mode, box_of)
 
-    def _iou_of_non_participants(self, ranked, participants, survives, groups, group_ids, mode) -> None:
+    def _iou_of_non_participants(self, ranked, participants, survives, groups, group_ids, mode, box_of) -> None:
         """Already dropped regions still get nms_iou: their max IoU with a better-ranked survivor."""
         order = {id(a): i for i, a in enumerate(ranked)}
-        survivors = [(order[id(a)], g, a["box"]) for a, ok, g in zip(participants, survives, groups) if ok]
+        survivors = [(order[id(a)], g, box_of[id(a)]) for a, ok, g in zip(participants, survives, groups) if ok]
         part_ids = {id(a) for a in participants}
         for ann in ranked:
             if id(ann) in part_ids:
                 continue
             g = group_ids.get(nms_group(ann, mode))
             rank = order[id(ann)]
-            ious = [box_iou(ann["box"], b) for r, sg, b in survivors if sg == g and r < rank]
+            ious = [box_iou(box_of[id(ann)], b) for r, sg, b in survivors if sg == g and r < rank]
             set_check(ann, self.name, "nms_iou", max(ious, default=0.0))

@@ -17,6 +17,10 @@ caption. A target longer than `max_target_tokens` is cut after the last WHOLE in
 (a label and its location tokens are never separated); a pure-text target that does not fit is
 skipped rather than cut mid-sentence. Region-level tasks yield at most `max_region_examples`
 examples per image (the first ones in the order above), so one crowded image cannot dominate.
+Every text put in a target or text input is cleaned (loc_tokens.clean_phrase: no '<', '>',
+newlines), so a caption holding a literal "<loc_5>" never becomes a location token; an instance
+whose text cleans to nothing is left out, because bare location tokens would be read by the
+official parser as part of the next instance.
 """
 from __future__ import annotations
 
@@ -139,7 +143,9 @@ class TaskCodec:
         texts = _kept(record.get("texts"))
         regions = sorted(_kept(record.get("regions")), key=lambda r: _order_key(r, w, h))
         objects = [r for r in regions if r.get("kind") == "object"]
-        lines = [r for r in regions if r.get("kind") == "text" and (r.get("label") or "").strip()]
+        # a line whose text cleans to nothing would leave bare location tokens, which the official
+        # parser glues onto the next line: such lines are not encoded
+        lines = [r for r in regions if r.get("kind") == "text" and clean_phrase(r.get("label") or "")]
         groundings = _kept(record.get("groundings"))
         out: list[Example] = []
         for task in self.tasks:
@@ -151,7 +157,7 @@ class TaskCodec:
 
     # ------------------------------------------------------------- per task
     def _text_example(self, iid: str, task: str, target: str, text_input: str = "") -> list[Example]:
-        target = " ".join(target.split())
+        target = clean_phrase(target)  # a literal "<loc_5>" or "</s>" in a caption must not become a token
         if not target:
             return []
         if self.count(target) > self.budget:
@@ -177,7 +183,7 @@ class TaskCodec:
         if task == "<REGION_PROPOSAL>":
             return self._boxes(iid, task, w, h, [("", r["box"]) for r in objects])
         if task == "<OCR>":
-            return self._text_example(iid, task, " ".join(r["label"].strip() for r in lines))
+            return self._text_example(iid, task, " ".join(clean_phrase(r["label"]) for r in lines))
         if task == "<OCR_WITH_REGION>":
             pieces = []
             for r in lines:
@@ -206,7 +212,7 @@ class TaskCodec:
         out = []
         for t in texts:
             gs = by_text.get(t["ann_id"])
-            caption = " ".join((t["text"] or "").split())
+            caption = clean_phrase(t["text"] or "")
             if not gs or not caption:
                 continue
             spans: dict[tuple, list[dict]] = {}

@@ -16,16 +16,21 @@ from schemas.geometry import mask_to_rle
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
 
 
-@pytest.fixture()
-def out(tmp_path, photos):
-    data = photos["coffee"]
+def store_one_image(root, data: bytes, uri: str, width: int, height: int, annotate) -> str:
+    """A store with one image and its step-1 record, `annotate(record, source)` filling the annotations."""
     iid = hashlib.sha256(data).hexdigest()
-    store = ShardStore(tmp_path / "out")
+    store = ShardStore(root)
     store.write_shard("images", "part-00000", pa.Table.from_pylist(
-        [{"image_id": iid, "uri": "coffee.png", "source": "t", "width": 600, "height": 400, "format": "PNG",
+        [{"image_id": iid, "uri": uri, "source": "t", "width": width, "height": height, "format": "PNG",
           "mode": "RGB", "bytes": data, "human": None}], schema=IMAGES_SCHEMA))
-    rec = empty_record({"image_id": iid, "uri": "coffee.png", "width": 600, "height": 400, "source": "t"})
-    src = source_of("unit")
+    rec = empty_record({"image_id": iid, "uri": uri, "width": width, "height": height, "source": "t"})
+    annotate(rec, source_of("unit"))
+    store.write_shard("annotations/stage1", "part-00000", records_to_table([rec]))
+    store.update_manifest(folder_order=["annotations/stage1"])
+    return root
+
+
+def _coffee_annotations(rec: dict, src: dict) -> None:
     mask = np.zeros((400, 600), bool)
     mask[100:300, 150:450] = True
     rec["texts"] = [new_annotation(src, ann_id="t1", tier="brief", text="a cup of coffee"),
@@ -38,9 +43,11 @@ def out(tmp_path, photos):
                        mask=None, label="spoon", brief=None),
     ]
     rec["regions"][1].update(status="dropped", reason="region_filter:low_score")
-    store.write_shard("annotations/stage1", "part-00000", records_to_table([rec]))
-    store.update_manifest(folder_order=["annotations/stage1"])
-    return tmp_path / "out"
+
+
+@pytest.fixture()
+def out(tmp_path, photos):
+    return store_one_image(tmp_path / "out", photos["coffee"], "coffee.png", 600, 400, _coffee_annotations)
 
 
 def _export(out, fmt, dest):

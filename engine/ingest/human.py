@@ -9,22 +9,83 @@ the format engine.ingest.sources writes:
     {"origin": "instances.json", "width": 640, "height": 480,        # size as the file declares it
      "captions": [{"text": "...", "tier": "brief"}],                   # tier optional
      "objects": [{"label": "dog", "box": [x0, y0, x1, y1],             # pixels, xyxy
-                  "polygon": [[x, y, ...], ...] | null, "rle": {"size": [h, w], "counts": str} | null}]}
+                  "polygon": [[x, y, ...], ...] | null, "rle": {"size": [h, w], "counts": str} | null}],
+     "rejected": ["instances.json annotations[3] (id 17): bbox has a non-finite value ..."]}  # optional
+
+This runs when a pipeline starts (engine.execute.initial_records), so it never raises: one bad
+entry becomes an entry of the record's `errors` (stage `human`) naming the file and the
+annotation, and the image keeps its other annotations. Entries the importer already rejected
+(`rejected`) are reported the same way, so `fld stats` counts them and SQL finds them.
 """
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 from engine.stage import record_error
-from schemas.geometry import clamp_box, polygon_to_rle
+from schemas.geometry import check_polygon, check_rle, clamp_box, finite_numbers, polygon_to_rle
 from schemas.records import TIERS, make_ann_id, new_annotation, source_of
 
 HUMAN = "human"
 
 
-def _declared_size_matches(human: dict, width: int, height: int) -> bool:
+def check_text(value: Any, what: str) -> str:
+    """A string that Arrow can store (UTF-8: no lone surrogates, which JSON escapes allow)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {value!r:.40}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r:.60} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def check_object(obj: Any, width: int | None, height: int | None) -> dict:
+    """An imported object with every field checked, or ValueError saying what is wrong.
+
+    width/height None (the image size is not known yet, e.g. a COCO entry without one) checks
+    the numbers only; the size-dependent checks run again when the decoded size is known.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"must be a JSON object, got {type(obj).__name__}")
+    box = finite_numbers(obj.get("box"), "box [x0, y0, x1, y1]", length=4)
+    if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"box {box} has x1 < x0 or y1 < y0")
+    label = obj.get("label")
+    label = "" if label is None else check_text(label, "label")
+    polygon = obj.get("polygon") or None
+    if polygon is not None:
+        polygon = check_polygon(polygon, width or math.inf, height or math.inf)
+    rle = obj.get("rle") or None
+    if rle is not None:
+        rle = check_rle(rle, width, height)
+    return {**obj, "label": label, "box": box, "polygon": polygon, "rle": rle}
+
+
+def _reference(entry: Any) -> str:
+    """' (annotation id 17)' when the entry came with the id its file gave it."""
+    coco_id = entry.get("coco_id") if isinstance(entry, dict) else None
+    return f" (annotation id {coco_id!r:.40})" if coco_id is not None else ""
+
+
+def _declared_size(human: dict) -> tuple[int, int] | None:
     w, h = human.get("width"), human.get("height")
-    return w is None or h is None or (int(w), int(h)) == (width, height)
+    if w is None or h is None:
+        return None
+    try:
+        return int(w), int(h)
+    except (TypeError, ValueError, OverflowError):
+        return -1, -1  # unreadable: never equal to a decoded size
+
+
+def _as_list(value: Any, what: str, record: dict, origin: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        record_error(record, HUMAN, f"{origin}: {what} must be a list, got {type(value).__name__}; none imported")
+        return []
+    return value
 
 
 def human_annotations(record: dict, human_json: str | None) -> dict:
@@ -36,61 +97,71 @@ def human_annotations(record: dict, human_json: str | None) -> dict:
     """
     if human_json is None:
         return record
-    where = f"image {record['image_id']} ({record['uri']})"
     try:
         human = json.loads(human_json)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: human annotations are not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        record_error(record, HUMAN, f"image {record['uri']}: human annotations are not valid JSON ({exc}); none imported")
+        return record
     if not isinstance(human, dict):
-        raise ValueError(f"{where}: human annotations must be a JSON object, got {type(human).__name__}")
+        record_error(record, HUMAN, f"image {record['uri']}: human annotations must be a JSON object, got "
+                                    f"{type(human).__name__}; none imported")
+        return record
+    origin = str(human.get("origin") or record["uri"])
     width, height = int(record["width"]), int(record["height"])
-    source = source_of(HUMAN, model=str(human.get("origin", "")))
+    source = source_of(HUMAN, model=origin)
     image_id = record["image_id"]
+    for reason in _as_list(human.get("rejected"), "rejected", record, origin):
+        record_error(record, HUMAN, str(reason))
 
     texts = record.setdefault("texts", [])
-    for i, cap in enumerate(human.get("captions") or []):
-        text = str(cap.get("text", "")).strip()
-        if not text:
+    for i, cap in enumerate(_as_list(human.get("captions"), "captions", record, origin)):
+        try:
+            if not isinstance(cap, dict):
+                raise ValueError(f"must be a JSON object, got {type(cap).__name__}")
+            text = check_text(cap.get("text", ""), "caption text").strip()
+            tier = cap.get("tier") or "brief"
+            if tier not in TIERS:
+                raise ValueError(f"tier {tier!r:.40} is not one of {TIERS}")
+        except ValueError as exc:
+            record_error(record, HUMAN, f"{origin} captions[{i}]{_reference(cap)}: {exc}; not imported")
             continue
-        tier = cap.get("tier") or "brief"
-        if tier not in TIERS:
-            raise ValueError(f"{where}: captions[{i}] has tier {tier!r}, expected one of {TIERS}")
-        texts.append(
-            new_annotation(source, score=None, ann_id=make_ann_id(image_id, HUMAN, "text", i), tier=tier, text=text)
-        )
+        if text:
+            texts.append(new_annotation(source, score=None, ann_id=make_ann_id(image_id, HUMAN, "text", i),
+                                        tier=tier, text=text))
 
-    objects = human.get("objects") or []
-    if objects and not _declared_size_matches(human, width, height):
+    objects = _as_list(human.get("objects"), "objects", record, origin)
+    declared = _declared_size(human)
+    if objects and declared is not None and declared != (width, height):
         record_error(
             record,
             HUMAN,
-            f"{human.get('origin')}: declared size {human.get('width')}x{human.get('height')} differs from the "
+            f"{origin}: declared size {human.get('width')}x{human.get('height')} differs from the "
             f"decoded {width}x{height}; {len(objects)} boxes/masks not imported",
         )
         return record
     regions = record.setdefault("regions", [])
     for i, obj in enumerate(objects):
-        box = obj.get("box")
-        if box is None or len(box) != 4:
-            raise ValueError(f"{where}: objects[{i}] needs a box [x0, y0, x1, y1], got {box!r}")
-        polygon = obj.get("polygon") or None
-        mask = obj.get("rle") or None
-        if mask is not None and [int(v) for v in mask["size"]] != [height, width]:
-            raise ValueError(f"{where}: objects[{i}] mask size {mask['size']} is not [{height}, {width}]")
-        if mask is None and polygon is not None:
-            mask = polygon_to_rle(polygon, width, height)
-        regions.append(
-            new_annotation(
-                source,
-                score=None,
-                ann_id=make_ann_id(image_id, HUMAN, "region", i),
-                kind="object",
-                box=clamp_box(box, width, height),
-                quad=None,
-                polygon=polygon,
-                mask={"size": [int(v) for v in mask["size"]], "counts": str(mask["counts"])} if mask else None,
-                label=str(obj.get("label") or ""),
-                brief=None,
-            )
-        )
+        try:
+            regions.append(_region(obj, i, width, height, image_id, source))
+        except Exception as exc:  # noqa: BLE001 - one bad entry never blocks the image or the run
+            record_error(record, HUMAN, f"{origin} objects[{i}]{_reference(obj)}: {exc}; not imported")
     return record
+
+
+def _region(obj: Any, i: int, width: int, height: int, image_id: str, source: dict) -> dict:
+    obj = check_object(obj, width, height)
+    mask = obj["rle"]
+    if mask is None and obj["polygon"] is not None:
+        mask = polygon_to_rle(obj["polygon"], width, height)
+    return new_annotation(
+        source,
+        score=None,
+        ann_id=make_ann_id(image_id, HUMAN, "region", i),
+        kind="object",
+        box=clamp_box(obj["box"], width, height),
+        quad=None,
+        polygon=obj["polygon"],
+        mask={"size": [int(v) for v in mask["size"]], "counts": str(mask["counts"])} if mask else None,
+        label=obj["label"],
+        brief=None,
+    )

@@ -1,0 +1,129 @@
+"""Output is data, not markup (issue 11 item 6): through the real CLI, file names and cells holding
+rich markup, terminal escape sequences, carriage returns, NULs and bidi overrides are shown as
+what they are, never interpreted; JSON output keeps them exactly."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app, shown
+
+PIPELINES = """
+pipelines:
+  filter_only:
+    ingest: {shard_size: 4}
+    steps:
+      - name: stage2
+        stages:
+          - {stage: region_filter}
+"""
+# file name -> caption of that image (a list file carries both)
+HOSTILE = {
+    "evil\x1b[31mred\x1b[0m.png": "[/bold] closes a tag that was never opened",
+    "line\nbreak.png": "bbox must be [x, y, width, height]",
+    "carriage\rreturn.png": "[link=https://example.com]click[/link] and [bold red]shout[/]",
+    "bidi\u202egnp.exe.png": "title \x1b]0;pwned\x07 bell, nul \x00 here, tab\tand \u2028 separator",
+}
+RAW = ["\x1b", "\r", "\x00", "\x07", "\u202e", "\u2028"]  # must never reach the terminal
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory, photos):
+    d = tmp_path_factory.mktemp("hostile")
+    names = ("astronaut", "coffee", "chelsea", "rocket")
+    rows = []
+    for (name, caption), photo in zip(HOSTILE.items(), names):
+        (d / name).write_bytes(photos[photo])
+        rows.append(json.dumps({"path": name, "caption": caption}))
+    (d / "list.jsonl").write_text("\n".join(rows))
+    (d / "pipelines.yaml").write_text(textwrap.dedent(PIPELINES))
+    out = d / "out"
+    res = CliRunner().invoke(app, ["run", str(d / "pipelines.yaml"), "--pipeline", "filter_only",
+                                   "--input", str(d / "list.jsonl"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "inputs 4 = images 4 + quarantined 0 + duplicates 0" in res.output
+    return out
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _no_raw(text: str) -> None:
+    for ch in RAW:
+        assert ch not in text, f"{ch!r} reached the terminal"
+
+
+@pytest.mark.timeout(120)
+def test_query_table_shows_cells_literally(out):
+    res = _cli("query", out, "SELECT i.uri, t.text FROM images i JOIN texts t USING (image_id) ORDER BY i.uri")
+    assert res.exit_code == 0, res.output
+    _no_raw(res.output)
+    flat = " ".join(res.output.split())  # rich wraps long cells
+    for caption in HOSTILE.values():
+        for piece in ("[/bold]", "[x, y, width, height]", "[link=https://example.com]click[/link]", "[bold red]shout[/]"):
+            if piece in caption:
+                assert piece in flat, piece
+    assert "evil\\x1b[31mred\\x1b[0m.png" in flat
+    assert "line\\nbreak.png" in flat and "carriage\\rreturn.png" in flat and "bidi\\u202egnp.exe.png" in flat
+    assert "\\x1b]0;pwned\\x07" in flat and "nul \\x00 here" in flat and "\\u2028" in flat
+
+
+@pytest.mark.timeout(120)
+def test_column_names_and_titles_are_data_too(out):
+    res = _cli("query", out, 'SELECT 1 AS "[bold]x[/bold]", \'[/]\' AS "\x1b[2J"')
+    assert res.exit_code == 0, res.output
+    _no_raw(res.output)
+    assert "[bold]x[/bold]" in res.output and "\\x1b[2J" in res.output and "[/]" in res.output
+
+
+@pytest.mark.timeout(120)
+def test_json_output_keeps_the_exact_values(out):
+    res = _cli("query", out, "SELECT i.uri, t.text FROM images i JOIN texts t USING (image_id)", "--format", "json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    got = {r["uri"].rsplit("/", 1)[1]: r["text"] for r in rows}
+    assert got == {name: caption.strip() for name, caption in HOSTILE.items()}  # exact, control characters kept
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sql, shown_part", [
+    ('SELECT * FROM "[bold]no_such_table[/bold]"', "[bold]no_such_table[/bold]"),
+    ("SELECT * FROM \"evil\x1b[31m\"", "evil\\x1b[31m"),
+    ("SELECT [1, 2][x, y]", "[1, 2][x, y]"),
+])
+def test_error_messages_are_printed_literally(out, sql, shown_part):
+    res = _cli("query", out, sql)
+    assert res.exit_code == 2
+    _no_raw(res.output)
+    assert "error:" in res.output and shown_part in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.timeout(120)
+def test_errors_naming_hostile_paths(tmp_path):
+    bad = tmp_path / "no[bold]\x1b[31mwhere\u202e"
+    res = _cli("stats", bad)
+    assert res.exit_code != 0
+    _no_raw(res.output)
+    res = _cli("run", tmp_path / "missing[/].yaml", "--pipeline", "p", "--input", bad, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "missing[/].yaml" in res.output, res.output
+    _no_raw(res.output)
+
+
+@pytest.mark.timeout(120)
+def test_stats_tables_render_hostile_data(out):
+    res = _cli("stats", out)
+    assert res.exit_code == 0, res.output
+    _no_raw(res.output)
+
+
+def test_shown_escapes_only_what_hides_or_moves_text():
+    assert shown("plain ascii [x] é 中文 👍") == "plain ascii [x] é 中文 👍"
+    assert shown("a\x1bb\rc\nd\te\x00f\x7fg\x9bh") == "a\\x1bb\\rc\\nd\\te\\x00f\\x7fg\\x9bh"
+    assert shown("\u202eabc\u2066\u200b\ufeff") == "\\u202eabc\\u2066\\u200b\\ufeff"
+    assert shown("\ud800") == "\\ud800"  # a lone surrogate cannot even be encoded for the terminal
+    assert shown("क्\u200dष 👨\u200d👩") == "क्\u200dष 👨\u200d👩"  # joiners that scripts and emoji need stay
+    assert shown(None) == "None" and shown(3.5) == "3.5"
