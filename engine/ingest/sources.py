@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from engine.ingest import locations as loc
-from engine.ingest.coco import read_coco
+from engine.ingest.coco import parse_coco_json, read_coco
 from engine.ingest.webdataset import list_samples
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -166,10 +166,7 @@ def _iter_tar(tar_path: str, source: str, fingerprint: str | None = None) -> Ite
 
 def _list_coco(json_path: str, source: str, image_root: str | None) -> list[InputItem]:
     with loc.open_binary(json_path) as f:
-        try:
-            coco = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{json_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        coco = parse_coco_json(f.read(), json_path)
     json_dir = loc.dirname(json_path)
     root = loc.join(json_dir, image_root) if image_root else json_dir
     items = []
