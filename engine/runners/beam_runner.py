@@ -101,9 +101,10 @@ class StageDoFn(beam.DoFn):
         counters = json.loads(json.dumps(counters))  # elements are immutable in Beam: work on a copy
         self._dead_letters = 0
         out = run_stage(self.stage, table, counters, apply=self._apply)
-        c = counters.setdefault(self.stage_name, {})
         if self._dead_letters:
+            c = counters.setdefault(self.stage_name, {})
             c["dead_letter"] = c.get("dead_letter", 0) + self._dead_letters
+        c = counters.get(self.stage_name, {})
         self.records.inc(table.num_rows)
         if c.get("errors"):
             self.errors.inc(c["errors"])
