@@ -32,7 +32,7 @@ def photo_dataset(n_images: int):
     from skimage import data as skdata
 
     from refine.dataset import examples_from_tables
-    from refine.task_codec import TaskCodec
+    from schemas.task_codec import TaskCodec
     from schemas.records import empty_record, make_ann_id, new_annotation, source_of
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera"]

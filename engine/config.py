@@ -106,9 +106,9 @@ class Pipeline:
             for j, spec in enumerate(step.stages):
                 self._check_stage(spec, f"pipelines.{name}.steps[{i}].stages[{j}]")
         if config.rounds or config.refine:
-            from refine.loop import parse_refine_config  # stage 3 owns its settings' schema
+            from engine.registry import rounds_plan  # stage 3 owns its settings' schema
 
-            parse_refine_config(self)
+            rounds_plan(self)
 
     def _check_stage(self, spec: StageSpec, path: str) -> None:
         try:

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-ANNOTATION_COLUMNS = ("texts", "regions", "groundings")
+from schemas.records import ANNOTATION_KINDS as ANNOTATION_COLUMNS  # noqa: E402
 
 
 def snapshot(table: pa.Table) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 
 from engine.counters import delta, merge, snapshot
-from engine.stage import IMAGE_BYTES_COLUMN, PIXELS_COLUMN, TRANSIENT_COLUMNS, Stage, records_to_table, with_pixels
+from engine.stage import IMAGE_BYTES_COLUMN, PIXELS_COLUMN, Stage, records_to_table, with_pixels
 from schemas.records import IMAGE_RECORD_SCHEMA, empty_record
 from schemas.validate import validate_table
 
@@ -144,8 +144,11 @@ def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None, first
         t0 = time.perf_counter()
         out = apply(stage, batch) if apply else apply_stage(stage, batch)[0]
         seconds = time.perf_counter() - t0
+        metrics = stage.take_metrics()
         if counters is not None:
-            merge(counters.setdefault(stage.name, {}), delta(snapshot(batch), snapshot(out), seconds))
+            c = merge(counters.setdefault(stage.name, {}), delta(snapshot(batch), snapshot(out), seconds))
+            if metrics:
+                merge(c.setdefault("metrics", {}), metrics)
         if on_batch is not None:
             on_batch(stage.name, out.num_rows)
         outs.append(out)
@@ -175,10 +178,13 @@ def commit_meta(job, shard: str, runner: str, counters: dict, seconds: float) ->
             "counters": counters, "seconds": round(seconds, 3), **job.meta}
 
 
-def is_current(output_record: dict | None, config_hash: str, input_record: dict | None) -> bool:
+def is_current(output_record: dict | None, config_hash: str, input_record: dict | None, meta: dict | None = None) -> bool:
     """A committed output shard is reused only when it was made with this configuration from the
-    input shard as it is now (an input re-ingested or rewritten since makes it pending again)."""
+    input shard as it is now (an input re-ingested or rewritten since makes it pending again), and
+    carries the job's meta (e.g. the data hash a round's model was trained on)."""
     if output_record is None or output_record.get("config_hash") != config_hash:
+        return False
+    if any(output_record.get(k) != v for k, v in (meta or {}).items()):
         return False
     made_from = output_record.get("input_sha256")
     return made_from is None or input_record is None or made_from == input_record.get("sha256")
@@ -193,7 +199,6 @@ def run_shard(store, job, stages: list[Stage], shard: str, runner: str,
     table = read_step_input(store, job.input_folder, shard, needs)
     counters: dict = {}
     table = run_stages(stages, table, counters, 0, on_batch, apply)
-    table = finalize(table.drop_columns([c for c in TRANSIENT_COLUMNS if c in table.column_names]),
-                     f"{job.output_folder}/{shard}")
+    table = finalize(table, f"{job.output_folder}/{shard}")
     return store.write_shard(job.output_folder, shard, table,
                              commit_meta(job, shard, runner, counters, time.perf_counter() - t0))

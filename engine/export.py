@@ -124,7 +124,7 @@ def export(out: str | Path, dest: str | Path, fmt: str, step: str | None = None,
 
 
 def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:
-    from refine.task_codec import ALL_TASKS, TaskCodec
+    from schemas.task_codec import ALL_TASKS, TaskCodec
 
     codec = TaskCodec(tasks=tuple(tasks) if tasks else ALL_TASKS, max_target_tokens=max_target_tokens)
     counts = {"images": 0, "examples": 0, "files": 0, "per_task": {}, "left_out": {}}

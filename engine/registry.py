@@ -25,6 +25,17 @@ STAGES: dict[str, str] = {
 }
 
 
+# Stage 3: what a pipeline's `rounds:` / `refine:` blocks mean (train -> relabel -> filter -> merge),
+# found by import path like the stages, so the engine never imports refine/.
+ROUNDS = "refine.rounds:FlorenceRounds"
+
+
+def rounds_plan(pipeline):
+    """The pipeline's refinement rounds as the engine runs them (validates the `refine:` block)."""
+    module, _, attr = ROUNDS.partition(":")
+    return getattr(importlib.import_module(module), attr)(pipeline)
+
+
 class UnknownStageError(KeyError):
     pass
 

@@ -112,29 +112,92 @@ def _remove_orphans(store: ShardStore, shards: set[str]) -> None:
             store.uncommit(folder, gone)
 
 
-def step_job(store: ShardStore, pipeline: Pipeline, index: int) -> tuple[StepJob, list[str]]:
-    """Step `index` as a job over its pending shards (and every input shard, for the summary)."""
-    step = pipeline.steps[index]
-    folder = f"annotations/{step.name}"
-    h = pipeline.step_hash(step.name)
-    input_folder = step_input_folder([s.name for s in pipeline.steps], index)
+def plan_step(store: ShardStore, name: str, recipes: list[StageRecipe], input_folder: str, output_folder: str,
+              config_hash: str, hint: str, meta: dict | None = None) -> tuple[StepJob, list[str]]:
+    """A step (or a round's step) as a job over its pending shards, and every input shard (for the summary).
+
+    The one resume rule of the engine: a committed output shard is reused when its commit record
+    has this configuration hash, the current sha256 of its input shard and the job's meta (e.g.
+    the round's data hash); a shard of another configuration is an error (`hint` says what to do).
+    """
+    meta = dict(meta or {})
     inputs = store.committed(input_folder)
-    outputs = store.committed(folder)
-    stale = [s for s in inputs if s in outputs and outputs[s].get("config_hash") != h]
+    outputs = store.committed(output_folder)
+    stale = [s for s in inputs if s in outputs and outputs[s].get("config_hash") != config_hash]
     if stale:
         raise StaleOutputError(
-            f"step {step.name!r} in {store.out} was written with a different configuration "
-            f"(shards {stale[:3]}{'...' if len(stale) > 3 else ''}); rerun with --from {step.name} "
-            "to redo it and the steps after it, or --force to redo everything"
+            f"{name!r} in {store.out} was written with a different configuration "
+            f"(shards {stale[:3]}{'...' if len(stale) > 3 else ''}); {hint}"
         )
-    pending = [s for s in inputs if not is_current(outputs.get(s), h, inputs[s])]
+    pending = [s for s in inputs if not is_current(outputs.get(s), config_hash, inputs[s], meta)]
     redo = [s for s in pending if s in outputs]
     if redo:
-        log.warning("step %s: %d shard(s) whose input changed since they were made are redone (%s...)",
-                    step.name, len(redo), redo[0])
-    recipes = [StageRecipe(stage_class(spec.stage), dict(spec.params), dict(pipeline.models)) for spec in step.stages]
-    job = StepJob(step.name, recipes, input_folder, folder, pending, h, {s: inputs[s] for s in pending})
+        log.warning("%s: %d shard(s) whose input changed since they were made are redone (%s...)", name, len(redo), redo[0])
+    job = StepJob(name, recipes, input_folder, output_folder, pending, config_hash, {s: inputs[s] for s in pending}, meta)
     return job, list(inputs)
+
+
+def step_job(store: ShardStore, pipeline: Pipeline, index: int) -> tuple[StepJob, list[str]]:
+    step = pipeline.steps[index]
+    recipes = [StageRecipe(stage_class(spec.stage), dict(spec.params), dict(pipeline.models)) for spec in step.stages]
+    return plan_step(store, step.name, recipes, step_input_folder([s.name for s in pipeline.steps], index),
+                     f"annotations/{step.name}", pipeline.step_hash(step.name),
+                     f"rerun with --from {step.name} to redo it and the steps after it, or --force to redo everything")
+
+
+def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: ProgressFactory | None = None) -> list[dict]:
+    """Stage 3: each round is a training job, then a step (relabel -> filters -> merge) over every
+    shard, on the runner, resumed and committed like any step. What a round does is stage 3's
+    business (engine.registry.rounds_plan); the driver only runs it."""
+    from engine import identity
+    from engine.registry import rounds_plan
+    from engine.training import TrainJob
+
+    plan = rounds_plan(pipeline)
+    input_folder = f"annotations/{plan.source_step}"
+    input_hash = pipeline.step_hash(plan.source_step)
+    start_ref = plan.start_model()
+    start = identity.model_identity(start_ref)
+    results = []
+    for k in range(1, pipeline.config.rounds + 1):
+        folder, model_folder = f"annotations/round{k}", f"models/round{k}"
+        h = identity.round_hash(input_hash, plan.identity(), start, k)
+        data_hash = identity.digest({s: r["sha256"] for s, r in store.committed(input_folder).items()})
+        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref)
+        train = TrainJob(f"round{k}-train", cls, params, dict(pipeline.models), input_folder, model_folder, h,
+                         workers, gpus, {"data_hash": data_hash}, cpus)
+        marker = store.read_json(f"{model_folder}/round.json")
+        if marker and (marker.get("config_hash"), marker.get("data_hash")) != (h, data_hash):
+            if marker.get("config_hash") != h and store.shards(folder):
+                raise StaleOutputError(f"round {k} in {store.out} was made with another configuration; "
+                                       "rerun with --force to redo the rounds")
+            log.warning("round %d: its training data changed since the model was trained; training again", k)
+            store.delete_tree(model_folder)
+        t0 = time.perf_counter()
+        summary = train.build().finished(store, train)
+        if summary is None:
+            store.write_json(f"{model_folder}/round.json", {"round": k, "config_hash": h, "data_hash": data_hash})
+            summary = runner.run_train(store, train, _progress(progress, train.name, 0, 0))
+        model_ref = store.local_dir(model_folder)
+        recipes = [StageRecipe(c, p, dict(pipeline.models)) for c, p in plan.stages(k, model_ref)]
+        job, _ = plan_step(store, f"round{k}", recipes, input_folder, folder, h,
+                           "rerun with --force to redo the rounds", {"round": k, "data_hash": data_hash})
+        if job.shards:
+            runner.run_step(store, job, _progress(progress, f"round{k}", sum(job.rows(s) for s in job.shards), len(job.shards)))
+        counters = aggregate_counters(store, folder)
+        metrics = {"round": k, "round_hash": h, "model_dir": model_ref,
+                   "train": {key: summary.get(key) for key in ("steps", "first_loss", "last_loss", "loss_by_task",
+                                                               "samples_per_s", "examples")},
+                   **plan.metrics(store, folder, k, counters), "seconds": round(time.perf_counter() - t0, 2)}
+        if not any((metrics.get("relabel") or {}).get("added", {}).values()):
+            log.warning("round %d: the model of this round produced no parseable annotation on any of the %s images "
+                        "(undertrained?): round %d holds only round %d's annotations", k,
+                        (metrics.get("relabel") or {}).get("images", "?"), k, k - 1)
+            metrics["empty"] = True
+        store.update_manifest(rounds={str(k): metrics}, folder_order=[folder], counters={f"round{k}": counters})
+        results.append(metrics)
+        input_folder, input_hash, start_ref, start = folder, h, model_ref, {"round": h}
+    return results
 
 
 def run_pipeline(
@@ -157,8 +220,9 @@ def run_pipeline(
     summary = RunSummary(out=str(out))
     with store.lock(f"fld run {pipeline.name}"):
         if force:
-            for folder in [INPUTS, IMAGES, QUARANTINE] + [f"annotations/{s}" for s in step_names]:
+            for folder in [INPUTS, IMAGES, QUARANTINE] + store.annotation_folders():
                 store.uncommit(folder)
+            store.delete_tree("models")
         recorded = store.read_manifest().get("pipeline", {}).get("input")
         store.update_manifest(
             pipeline={"name": pipeline.name, "file": pipeline.origin, "profile": pipeline.profile,
@@ -183,9 +247,7 @@ def run_pipeline(
             }
             store.update_manifest(counters={step.name: summary.steps[step.name]["counters"]})
         if pipeline.config.rounds:
-            from refine.loop import run_rounds
-
-            summary.rounds = run_rounds(store, pipeline, runner=engine_runner, force=force)
+            summary.rounds = run_rounds(store, pipeline, engine_runner, progress)
         summary.seconds = round(time.perf_counter() - t0, 2)
         store.update_manifest(ingest=summary.ingest, last_run={"runner": runner, "seconds": summary.seconds,
                                                                "inputs": summary.ingest.get("inputs")})

@@ -25,7 +25,11 @@ IMAGE_BYTES_COLUMN = "image_bytes"  # the original encoded bytes (stages with im
 # step when the step's shard is read, so the stages of a step never decode the same image again.
 PIXELS_COLUMN = "image_pixels"
 TRANSIENT_COLUMNS = (IMAGE_BYTES_COLUMN, PIXELS_COLUMN)
-DECODE_STAGE = "decode"  # the `stage` of an error recorded when an image cannot be decoded for a step
+DECODE_STAGE = "decode"
+# Record keys (and batch columns) a stage leaves for a later stage of the same step, e.g. the
+# previous round's annotations that a relabel stage sets aside for the merge stage: JSON strings,
+# carried through every stage of the step, never written to a shard.
+STASH_PREFIX = "__stash_"  # the `stage` of an error recorded when an image cannot be decoded for a step
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Stage:
             concurrency=p.concurrency or r.concurrency,
         )
         self._is_setup = False
+        self._metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------- provenance
     def semantic_params(self) -> dict:
@@ -119,7 +124,7 @@ class Stage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
-        records = table_to_records(batch)
+        records = table_to_records(batch)  # stash columns come along as record keys
         if self.needs_images:
             images = batch_images(batch, records, self.image_input, self.name)
             todo = [i for i, im in enumerate(images) if im is not None]  # undecodable ones carry their error
@@ -135,7 +140,20 @@ class Stage:
         for col in TRANSIENT_COLUMNS:  # carried through for the next stage of the step
             if col in batch.column_names:
                 table = table.append_column(col, batch.column(col))
+        for key in sorted({k for rec in records for k in rec if k.startswith(STASH_PREFIX)}):
+            table = table.append_column(key, pa.array([rec.get(key) for rec in records], pa.string()))
         return table
+
+    # ------------------------------------------------------------------- metrics
+    def report(self, name: str, value: float) -> None:
+        """Add `value` to one of this batch's metrics: additive numbers (sums a stage computes, e.g.
+        the merge's agreement counts) that every runner sums per shard into the stage's counters
+        under "metrics", so they reach the commit records and the manifest like any counter."""
+        self._metrics[name] = self._metrics.get(name, 0) + value
+
+    def take_metrics(self) -> dict:
+        metrics, self._metrics = self._metrics, {}
+        return metrics
 
     def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         """Default: one record at a time, each failure recorded on its record. `images[i]` is the

@@ -64,13 +64,39 @@ def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
         # only the first reason is stored, so the funnel follows the order the filters ran in
         order = [stage for step_counters in counters.values() for stage in step_counters] or None
         tables.extend(funnel_tables(con, order))
-    try:
-        from refine.metrics import round_metrics_table
-    except ImportError:
-        round_metrics_table = None
-    if round_metrics_table is not None:
-        t = round_metrics_table(store)
-        if t and t.get("rows"):
-            tables.append(t)
+    t = round_metrics_table(store)
+    if t["rows"]:
+        tables.append(t)
     con.close()
     return tables
+
+
+def round_metrics(out) -> list[dict]:
+    """Every completed refinement round's metrics from manifest.json (`rounds`), in round order."""
+    store = out if isinstance(out, ShardStore) else ShardStore(out)
+    rounds = store.read_manifest().get("rounds") or {}
+    return [rounds[k] for k in sorted(rounds, key=int)]
+
+
+def round_metrics_table(store) -> dict:
+    """The table `fld stats` prints: one row per round, saying plainly when a round added nothing."""
+    cols = ["round", "train loss first -> last", "relabel: images with output / images, annotations added",
+            "object F1@0.5 / mIoU vs k-1", "text F1@0.5", "brief / detailed caption F1 vs k-1", "mAP / mAP50 vs human", "model"]
+    rows = []
+    for m in round_metrics(store):
+        a = m.get("agreement", {})
+        gt = m.get("ground_truth") or {}
+        t = m.get("train", {})
+        r = m.get("relabel") or {}
+        loss = f"{t.get('first_loss', float('nan')):.3f} -> {t.get('last_loss', float('nan')):.3f}" if t.get("last_loss") is not None else ""
+        added = ", ".join(f"{k}={v}" for k, v in (r.get("added") or {}).items() if v)
+        made = f"{r.get('images_with_output', '-')} / {r.get('images', '-')}, {added or 'NONE: the model produced no parseable annotation'}"
+        rows.append([
+            m.get("round"), loss, made,
+            f"{a.get('object_f1@0.5', '-')} / {a.get('object_mean_iou', '-')}",
+            a.get("text_f1@0.5", "-"),
+            f"{a.get('brief_token_f1', '-')} / {a.get('detailed_token_f1', '-')}",
+            f"{gt['map']} / {gt['map50']}" if gt else "-",
+            m.get("model_dir", ""),
+        ])
+    return {"title": "refinement rounds (stage 3)", "columns": cols, "rows": rows}

@@ -156,6 +156,24 @@ class ShardStore:
         found = [f"annotations/{p.name}" for p in sorted((self.out / "annotations").glob("*")) if p.is_dir()]
         return [f for f in order if f in found] + [f for f in found if f not in order]
 
+    def read_json(self, rel: str) -> dict | None:
+        p = self.out / rel
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        p = self.out / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(p, json.dumps(obj, indent=1, default=str).encode())
+
+    def delete_tree(self, rel: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.out / rel, ignore_errors=True)
+
+    def local_dir(self, rel: str) -> str:
+        """A local folder holding OUT/<rel> (OUT is local: the folder itself)."""
+        return str(self.out / rel)
+
     def write_log(self, name: str, text: str) -> None:
         """OUT/logs/<name>: diagnostics kept with the data (e.g. Ray Data's per-operator stats)."""
         logs = self.out / "logs"

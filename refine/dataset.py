@@ -1,114 +1,156 @@
-"""Training data of a refinement round: annotation shards joined with image bytes by image_id,
-encoded by the task codec, sampled task-balanced, collated for Florence-2.
+"""Training data of a refinement round, streamed from the shards: a bounded window of shards at a time.
 
-Why a deterministic sampler indexed by (step, micro-batch, rank) instead of a DataLoader
-iterator: the batch of any step is a pure function of the seed, so a run resumed from a
-checkpoint sees exactly the batches it would have seen (no iterator state to save), and Ray
-Train workers draw disjoint streams by rank without a distributed sampler.
+A worker reads ITS shards of the annotation folder (World.shards: round-robin by rank), in an
+order shuffled per epoch with the seed, a window of `window_shards` shards at a time: the window's
+records are encoded by the task codec and joined with images/part-k (same shard index, same
+rows), so memory holds one window, never the dataset. Within a window each example first draws a
+task (uniform, or by `task_weights`), then an example of that task (per-task streams: `<OD>` with
+one example per image is not drowned by region tasks with up to eight). A window serves as many
+draws as it has examples, then the next one is loaded.
+
+Why draws indexed by (seed, step, micro-batch, rank): the batch of a step is a pure function of
+the seed and the window position, so a run resumed from a checkpoint, which stores the position
+(epoch, window, draws), sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from dataclasses import dataclass
+from typing import Sequence
 
 from engine.stage import decode_image, table_to_records
-from refine.task_codec import Example, TaskCodec
+from schemas.task_codec import Example, TaskCodec
+
+IMAGES = "images"
+
+
+class NoExamplesError(ValueError):
+    """The training data holds no example of any task (no kept annotations to learn from)."""
 
 
 @dataclass
-class ExampleSet:
-    """Examples plus the bytes of the images they reference (held once per image)."""
+class Window:
+    """The examples of a few shards, by task, and the bytes of their images."""
 
-    examples: list[Example]
+    by_task: dict[str, list[Example]]
     images: dict[str, bytes]
-    by_task: dict[str, list[int]] = field(init=False)  # task -> indices of its examples
 
-    def __post_init__(self) -> None:
-        missing = sorted({ex.image_id for ex in self.examples} - set(self.images))
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.by_task.values())
+
+
+def read_window(store, folder: str, shards: Sequence[str], codec: TaskCodec) -> Window:
+    """Annotation shards of `folder` joined with images/ by shard index (row k with row k)."""
+    by_task: dict[str, list[Example]] = {}
+    images: dict[str, bytes] = {}
+    for shard in shards:
+        records = table_to_records(store.read_shard(folder, shard))
+        examples = codec.encode_all(records)
+        wanted = {ex.image_id for ex in examples}
+        if not wanted:
+            continue
+        pixels = store.read_shard(IMAGES, shard, columns=["image_id", "bytes"])
+        for image_id, data in zip(pixels.column("image_id").to_pylist(), pixels.column("bytes").to_pylist()):
+            if image_id in wanted:
+                images[image_id] = data
+        missing = wanted - set(images)
         if missing:
-            raise KeyError(f"{len(missing)} example image(s) have no bytes in images/ (first: {missing[0]})")
-        self.by_task = {}
-        for i, ex in enumerate(self.examples):
-            self.by_task.setdefault(ex.task, []).append(i)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def counts(self) -> dict[str, int]:
-        return {t: len(v) for t, v in sorted(self.by_task.items())}
+            raise KeyError(f"{folder}/{shard}: {len(missing)} annotated image(s) are not in images/{shard} "
+                           f"(first: {sorted(missing)[0]})")
+        for ex in examples:
+            by_task.setdefault(ex.task, []).append(ex)
+    return Window(by_task, images)
 
 
-def examples_from_tables(records: pa.Table | Iterable[dict], images: pa.Table, codec: TaskCodec) -> ExampleSet:
-    """records: IMAGE_RECORD_SCHEMA rows (a table or dicts); images: IMAGES_SCHEMA (image_id, bytes)."""
-    rows = table_to_records(records) if isinstance(records, pa.Table) else list(records)
-    examples = codec.encode_all(rows)
-    wanted = {ex.image_id for ex in examples}
-    ids = images.column("image_id").to_pylist()
-    data = images.column("bytes").to_pylist()
-    return ExampleSet(examples, {i: b for i, b in zip(ids, data) if i in wanted})
+class ShardStream:
+    """Task-balanced draws from a window over this worker's shards; position is checkpointable."""
 
+    def __init__(self, store, folder: str, shards: Sequence[str], codec: TaskCodec, seed: int = 0, rank: int = 0,
+                 weights: dict[str, float] | None = None, window_shards: int = 1):
+        if not shards:
+            raise NoExamplesError(f"{folder}: no shard to train on for worker {rank}")
+        self.store, self.folder, self.shards, self.codec = store, folder, list(shards), codec
+        self.seed, self.rank, self.weights = seed, rank, dict(weights or {})
+        self.window_shards = max(1, window_shards)
+        self.position = {"epoch": 0, "window": 0, "draws": 0}
+        self.window: Window | None = None
+        self.seen: dict[str, int] = {}  # draws per task in this run (the summary's "examples")
 
-def read_folder(files: Sequence[str | Path], columns: list[str] | None = None) -> pa.Table:
-    if not files:
-        raise FileNotFoundError("no Parquet shards to read")
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    # --------------------------------------------------------------- windows
+    def _order(self, epoch: int) -> list[str]:
+        order = list(self.shards)
+        random.Random(f"{self.seed}:{self.rank}:{epoch}").shuffle(order)
+        return order
 
+    def _windows_per_epoch(self) -> int:
+        return -(-len(self.shards) // self.window_shards)
 
-def examples_from_store(out: str | Path, folder: str, codec: TaskCodec) -> ExampleSet:
-    """Committed shards of OUT/<folder> (annotations) joined with OUT/images/ by image_id."""
-    from engine.store import ShardStore
+    def _load(self) -> None:
+        """Load the window at the current position, skipping windows without examples."""
+        for _ in range(self._windows_per_epoch() + 1):
+            p = self.position
+            order = self._order(p["epoch"])
+            start = p["window"] * self.window_shards
+            self.window = read_window(self.store, self.folder, order[start:start + self.window_shards], self.codec)
+            if self.window.size:
+                unknown = sorted(set(self.weights) - set(self.codec.tasks))
+                if unknown:
+                    raise ValueError(f"task_weights name task(s) the codec does not train: {unknown}")
+                return
+            self._advance()
+        raise NoExamplesError(f"{self.folder}: none of worker {self.rank}'s {len(self.shards)} shards holds a "
+                              "kept annotation to train on")
 
-    store = ShardStore(out)
-    ann_files = store.shard_files(folder)
-    if not ann_files:
-        raise FileNotFoundError(f"{Path(out) / folder}: no committed annotation shards to train on")
-    records = read_folder(ann_files)
-    images = read_folder(store.shard_files("images"), columns=["image_id", "bytes"])
-    return examples_from_tables(records, images, codec)
+    def _advance(self) -> None:
+        p = self.position
+        p["draws"] = 0
+        p["window"] += 1
+        if p["window"] >= self._windows_per_epoch():
+            p["window"] = 0
+            p["epoch"] += 1
 
-
-class TaskBalancedSampler:
-    """Each example of a batch first draws a task (uniform, or by `weights`), then an example of it.
-
-    Uniform over tasks because per-image tasks (one <OD> per image) are orders of magnitude
-    rarer than per-region ones (<REGION_TO_DESCRIPTION>): sampling by count would starve them.
-    """
-
-    def __init__(self, by_task: dict[str, list[int]], seed: int = 0, weights: dict[str, float] | None = None):
-        self.tasks = sorted(t for t, idx in by_task.items() if idx)
-        if not self.tasks:
-            raise ValueError("no training examples: every task is empty (are there kept annotations?)")
-        weights = weights or {}
-        unknown = sorted(set(weights) - set(by_task))
-        if unknown:
-            raise ValueError(f"task_weights name task(s) without examples: {unknown}; have {self.tasks}")
-        self.weights = [float(weights.get(t, 1.0)) for t in self.tasks]
-        if not any(w > 0 for w in self.weights):
-            raise ValueError("task_weights: at least one task needs a positive weight")
-        self.by_task = by_task
-        self.seed = seed
-
-    def batch(self, step: int, micro: int, size: int, rank: int = 0) -> list[int]:
-        rng = random.Random(f"{self.seed}:{step}:{micro}:{rank}")
+    # ----------------------------------------------------------------- draws
+    def batch(self, step: int, micro: int, size: int) -> list[Example]:
+        rng = random.Random(f"{self.seed}:{step}:{micro}:{self.rank}")
         out = []
         for _ in range(size):
-            task = rng.choices(self.tasks, weights=self.weights)[0]
-            out.append(rng.choice(self.by_task[task]))
+            if self.window is None:
+                self._load()
+            elif self.position["draws"] >= self.window.size:
+                self._advance()
+                self._load()
+            tasks = sorted(t for t, v in self.window.by_task.items() if v)
+            weights = [float(self.weights.get(t, 1.0)) for t in tasks]
+            if not any(w > 0 for w in weights):
+                raise ValueError(f"task_weights give no positive weight to the tasks of this window: {tasks}")
+            task = rng.choices(tasks, weights=weights)[0]
+            out.append(rng.choice(self.window.by_task[task]))
+            self.position["draws"] += 1
+            self.seen[task] = self.seen.get(task, 0) + 1
         return out
+
+    def image(self, image_id: str) -> bytes:
+        return self.window.images[image_id]
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return dict(self.position)
+
+    def restore(self, state: dict) -> None:
+        self.position = {k: int(state[k]) for k in ("epoch", "window", "draws")}
+        self.window = None
+        if self.position["draws"]:  # mid-window: reload it now, then continue where the draws stopped
+            self._load()
 
 
 class Collator:
     """Examples -> processor inputs + labels (pad -> -100), with a small cache of decoded images."""
 
-    def __init__(self, processor, images: dict[str, bytes], max_target_tokens: int = 1024, cache_size: int = 512):
+    def __init__(self, processor, image_bytes, max_target_tokens: int = 1024, cache_size: int = 256):
         self.processor = processor
-        self.images = images
+        self.image_bytes = image_bytes  # image_id -> encoded bytes (the stream's current window)
         self.max_target_tokens = max_target_tokens
         self._cache: OrderedDict[str, object] = OrderedDict()
         self.cache_size = cache_size
@@ -116,7 +158,7 @@ class Collator:
     def image(self, image_id: str):
         img = self._cache.get(image_id)
         if img is None:
-            img = decode_image(self.images[image_id])
+            img = decode_image(self.image_bytes(image_id))
             self._cache[image_id] = img
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

@@ -18,12 +18,18 @@ Policy (the paper gives none; P §4 "merge"):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from engine.ingest.human import HUMAN
+from engine.stage import Resources, Stage, StageParams
+from refine.relabel import PREVIOUS
 from schemas.geometry import box_iou_matrix
+from schemas.records import ANNOTATION_KINDS
 
 NEW, KEPT, REPLACED = "merge.new", "merge.kept", "merge.replaced"
 
@@ -155,3 +161,37 @@ def merge_records(old: list[dict], new: list[dict], policy: MergePolicy = MergeP
     if len(old) != len(new):
         raise ValueError(f"merge: {len(old)} records of round k-1 but {len(new)} relabelled")
     return [merge_record(o, n, policy) for o, n in zip(old, new)]
+
+
+class MergeParams(StageParams):
+    nms_iou: float = Field(0.7, gt=0, le=1)
+    agreement_weight: float = Field(0.5, ge=0, le=1)
+
+
+class MergeStage(Stage):
+    """The last stage of a round's step: the relabelled (and filtered) record merged with the
+    record as it was before the round (set aside by the relabel stage). Reports the agreement
+    sums of refine.metrics as the stage's metrics, so they are summed per shard by every runner."""
+
+    name: ClassVar[str] = "merge"
+    Params: ClassVar[type[StageParams]] = MergeParams
+    default_resources: ClassVar[Resources] = Resources(cpus=1.0, batch_size=64)
+
+    params: MergeParams
+
+    def process_batch(self, records: list[dict], images=None) -> list[dict]:
+        from refine.metrics import agreement_sums
+
+        policy = MergePolicy(self.params.nms_iou, self.params.agreement_weight)
+        out = []
+        for new in records:
+            stashed = new.pop(PREVIOUS, None)
+            if stashed is None:
+                raise ValueError(f"merge: image {new['image_id']} has no previous annotations set aside "
+                                 "(the merge stage follows the relabel stage in a round's step)")
+            old = {**new, **json.loads(stashed)}
+            new = {**new, **{k: new.get(k) or [] for k in ANNOTATION_KINDS}}
+            for key, value in agreement_sums([old], [new]).items():
+                self.report(key, value)
+            out.append(merge_record(old, new, policy))
+        return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Iterable
 
 from refine.merge import is_human
@@ -138,39 +137,3 @@ def coco_map(records: Iterable[dict], round_: int) -> dict | None:
         ev.summarize()
     return {"map": round(float(max(ev.stats[0], 0.0)), 4), "map50": round(float(max(ev.stats[1], 0.0)), 4),
             "gt_boxes": len(gts), "predictions": len(results)}
-
-
-# -------------------------------------------------------------------- manifest views
-def round_metrics(out) -> list[dict]:
-    """Every completed round's metrics from OUT/manifest.json (`rounds`), in round order.
-
-    `out` is the OUT folder or an engine.store.ShardStore."""
-    from engine.store import ShardStore
-
-    store = out if isinstance(out, ShardStore) else ShardStore(Path(out))
-    rounds = store.read_manifest().get("rounds") or {}
-    return [rounds[k] for k in sorted(rounds, key=int)]
-
-
-def round_metrics_table(store) -> dict:
-    """The table `fld stats` prints: one row per round."""
-    rows_in = round_metrics(store)
-    cols = ["round", "train loss first -> last", "object F1@0.5 / mIoU vs k-1", "text F1@0.5",
-            "brief / detailed caption F1 vs k-1", "mAP / mAP50 vs human", "model"]
-    rows = []
-    for m in rows_in:
-        a = m.get("agreement", {})
-        gt = m.get("ground_truth") or {}
-        t = m.get("train", {})
-        loss = f"{t.get('first_loss', float('nan')):.3f} -> {t.get('last_loss', float('nan')):.3f}" if t else ""
-        rows.append([
-            m.get("round"),
-            loss,
-            f"{a.get('object_f1@0.5', '-')} / {a.get('object_mean_iou', '-')}",
-            a.get("text_f1@0.5", "-"),
-            f"{a.get('brief_token_f1', '-')} / {a.get('detailed_token_f1', '-')}",
-            f"{gt['map']} / {gt['map50']}" if gt else "-",
-            m.get("model_dir", ""),
-        ])
-    return {"title": "refinement rounds (stage 3)", "columns": cols, "rows": rows}
-

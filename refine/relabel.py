@@ -1,34 +1,31 @@
-"""Relabel: the round-k checkpoint annotates every image for every task it was trained on.
+"""Relabel: round k's checkpoint annotates every image for the tasks it was trained on.
+
+The first stage of a round's step (engine StepJob: relabel -> the pipeline's stage-2 filters ->
+merge). It sets the record's previous annotations aside under a stash key (engine.stage
+STASH_PREFIX, carried to the merge stage of the same step and never written), so the filters
+that follow see only this round's annotations, exactly as they saw the specialists' output.
 
 Why a subclass of the `florence2` stage: the mapping from parsed Florence-2 output to records
-(clamping, phrase spans of groundings, captions feeding grounding) is that stage's job; the
-refinement round only changes who signs the annotations (`source.annotator = "refine"`,
-`round = k`) and makes the ids unique across rounds (the round is part of the id, and the
-groundings' `text_ann_id` follow their captions).
+(clamping, phrase spans of groundings, captions feeding grounding) is that stage's job; the round
+only changes who signs the annotations (`source.annotator = "refine"`, `round = k`) and makes the
+ids unique across rounds (the round is part of the id, and groundings' `text_ann_id` follow).
 """
 from __future__ import annotations
 
-import pyarrow as pa
+import json
+
+from pydantic import Field
 
 from annotators.florence2 import Florence2Annotator, Florence2Params
-from engine.stage import PIXELS_COLUMN, records_to_table, table_to_records
-from schemas.records import empty_record, make_ann_id
+from engine.stage import STASH_PREFIX
+from schemas.records import ANNOTATION_KINDS, make_ann_id
 
 ANNOTATOR = "refine"
+PREVIOUS = STASH_PREFIX + "previous"  # the record's annotations before this round (JSON)
 
 
-class RefineRelabeler(Florence2Annotator):
-    """The florence2 stage under the name `refine` (not a pipeline stage: the loop builds it)."""
-
-    name = "refine"
-    Params = Florence2Params
-
-
-def blank_table(table: pa.Table) -> pa.Table:
-    """Same images, no annotations: the relabel output holds only what the new model says
-    (only the image columns are read; the old annotations are never converted)."""
-    images = table.select(["image_id", "uri", "width", "height", "source"]).to_pylist()
-    return records_to_table(empty_record(image) for image in images)
+class RelabelParams(Florence2Params):
+    round: int = Field(1, ge=1, description="the refinement round these annotations belong to")
 
 
 def stamp_round(records: list[dict], round_: int) -> list[dict]:
@@ -36,7 +33,7 @@ def stamp_round(records: list[dict], round_: int) -> list[dict]:
     for rec in records:
         iid = rec["image_id"]
         new_ids: dict[str, str] = {}
-        for key in ("texts", "regions", "groundings"):
+        for key in ANNOTATION_KINDS:
             for i, ann in enumerate(rec.get(key) or []):
                 old = ann["ann_id"]
                 ann["ann_id"] = make_ann_id(iid, ANNOTATOR, key, i, f"round{round_}", old)
@@ -47,14 +44,24 @@ def stamp_round(records: list[dict], round_: int) -> list[dict]:
     return records
 
 
-def relabel_table(stage: RefineRelabeler, table: pa.Table, round_: int) -> pa.Table:
-    """table: image records + pixels -> new records (annotations of this round only) + pixels."""
-    from engine.execute import run_stage
+class RefineRelabeler(Florence2Annotator):
+    """The florence2 stage under the name `refine`, with the previous annotations set aside."""
 
-    if PIXELS_COLUMN not in table.column_names:
-        raise ValueError(f"relabel needs the {PIXELS_COLUMN!r} column (attach images/ first)")
-    blank = blank_table(table)
-    blank = blank.append_column(PIXELS_COLUMN, table.column(PIXELS_COLUMN))
-    out = run_stage(stage, blank)
-    records = stamp_round(table_to_records(out), round_)
-    return records_to_table(records).append_column(PIXELS_COLUMN, out.column(PIXELS_COLUMN))
+    name = "refine"
+    Params = RelabelParams
+
+    params: RelabelParams
+
+    def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
+        for rec in records:
+            rec[PREVIOUS] = json.dumps({key: rec.get(key) or [] for key in (*ANNOTATION_KINDS, "errors")})
+            for key in (*ANNOTATION_KINDS, "errors"):
+                rec[key] = []
+        records = stamp_round(super().process_batch(records, images), self.params.round)
+        # counted here: the runners' before/after counts cannot see what this stage made, since it also
+        # sets the previous annotations aside
+        self.report("images", len(records))
+        self.report("images_with_output", sum(1 for r in records if any(r[k] for k in ANNOTATION_KINDS)))
+        for key in ANNOTATION_KINDS:
+            self.report(f"new_{key}", sum(len(r[key]) for r in records))
+        return records

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 TIERS = ("brief", "detailed", "more_detailed")
+ANNOTATION_KINDS = ("texts", "regions", "groundings")  # the annotation lists of an image record
 REGION_KINDS = ("object", "text")
 STATUSES = ("kept", "dropped")
 

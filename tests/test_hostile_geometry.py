@@ -10,7 +10,7 @@ import pytest
 
 from engine.stage import records_to_table, table_to_records
 from filters.region import RegionFilter
-from refine.task_codec import TaskCodec
+from schemas.task_codec import TaskCodec
 from schemas import loc_tokens as lt
 from schemas.geometry import mask_to_polygon, polygon_to_rle, rle_to_mask
 from schemas.records import empty_record, make_ann_id, new_annotation, source_of

@@ -60,8 +60,6 @@ def ray_temp():
 def _fld_run(cfg, src, out, runner: str, log, ray_temp: str) -> subprocess.Popen:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", FLD_RAY_TEMP_DIR=ray_temp)
     cmd = [sys.executable, "-m", "engine.cli", "run", str(cfg), "-p", "ocr1", "-i", str(src), "-o", str(out), "--runner", runner]
-    if runner == "beam":  # one Beam pipeline per shard: each shard commits as soon as it is done
-        cmd.append("--beam-option=--shards_per_pipeline=1")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -135,15 +135,14 @@ pipelines:
 
 def test_refine_config_errors_name_the_yaml_path(tmp_path):
     from engine.config import ConfigError, load_pipeline
-    from refine.loop import parse_refine_config
 
     path = tmp_path / "p.yaml"
     path.write_text(PIPELINE.replace("lr: 1.0e-3", "lrr: 1.0e-3"))
     with pytest.raises(ConfigError, match=r"pipelines\.refine_test\.refine\.train\.lrr"):
-        parse_refine_config(load_pipeline(path, "refine_test"))
+        load_pipeline(path, "refine_test")
     path.write_text(PIPELINE.replace("tasks: [caption, od]", "tasks: [caption, oops]"))
     with pytest.raises(ConfigError, match=r"refine\.relabel\.tasks\[1\]: Input should be"):
-        parse_refine_config(load_pipeline(path, "refine_test"))
+        load_pipeline(path, "refine_test")
 
 
 @pytest.mark.slow
@@ -151,9 +150,8 @@ def test_one_full_round_end_to_end(photos, tmp_path):
     from engine.config import load_pipeline
     from engine.query import run_query
     from engine.run import run_pipeline
+    from engine.stats import round_metrics, round_metrics_table
     from engine.store import ShardStore
-    from refine.loop import run_rounds
-    from refine.metrics import round_metrics, round_metrics_table
     from schemas.validate import validate_table
 
     torch.set_num_threads(1)
@@ -194,6 +192,7 @@ def test_one_full_round_end_to_end(photos, tmp_path):
     assert summary.rounds[0]["round"] == 1 and m["round"] == 1
     assert m["train"]["steps"] == 40 and m["train"]["last_loss"] < m["train"]["first_loss"]
     assert set(m["train"]["examples"]) == {"<CAPTION>", "<OD>", "<REGION_PROPOSAL>"}  # no brief region texts
+    assert m["relabel"]["images"] == 4 and not m.get("empty")
     assert set(m["train"]["loss_by_task"]) <= {"<CAPTION>", "<OD>", "<REGION_PROPOSAL>"}
     assert m["agreement"]["object_prev"] == 4 and "object_f1@0.5" in m["agreement"]
     assert m["ground_truth"]["gt_boxes"] == 4 and 0.0 <= m["ground_truth"]["map"] <= 1.0
@@ -205,7 +204,7 @@ def test_one_full_round_end_to_end(photos, tmp_path):
     # a rerun resumes: nothing is retrained or rewritten
     model_mtime = (out / "models" / "round1" / "model.safetensors").stat().st_mtime
     commits = store.committed("annotations/round1")
-    again = run_rounds(store, pipeline)
+    again = run_pipeline(pipeline, None, str(out)).rounds
     assert again[0]["round_hash"] == m["round_hash"]
     assert (out / "models" / "round1" / "model.safetensors").stat().st_mtime == model_mtime
     assert store.committed("annotations/round1") == commits

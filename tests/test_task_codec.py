@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine.stage import table_to_records
-from refine.task_codec import ALL_TASKS, TaskCodec, approx_token_count
+from schemas.task_codec import ALL_TASKS, TaskCodec, approx_token_count
 from schemas import loc_tokens as lt
 from schemas.geometry import mask_to_rle
 from schemas.records import make_ann_id, new_annotation, source_of

@@ -1,24 +1,31 @@
-"""Florence-2 trainer: task-balanced sampling, resume after a kill, a real learning signal, Ray Train."""
+"""Florence-2 trainer: streamed task-balanced data, exact resume after a kill, a real learning signal,
+checkpoints that unpickle nothing, Ray Train with two workers that trains and resumes."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from engine.stage import decode_image, table_to_records
-from refine.dataset import TaskBalancedSampler, examples_from_tables
-from refine.task_codec import TaskCodec
-from refine.trainer import TrainConfig, checkpoint_dirs, latest_checkpoint, train
+from engine.stage import decode_image, records_to_table, table_to_records
+from engine.store import ShardStore
+from engine.training import TrainJob, World
+from refine.dataset import ShardStream
+from refine.trainer import STATE_JSON, STATE_TENSORS, Florence2Trainer, checkpoint_dirs, latest_checkpoint, read_log
 from schemas.geometry import box_iou
-from schemas.records import empty_record, make_ann_id, new_annotation, source_of
+from schemas.records import IMAGES_SCHEMA, empty_record, make_ann_id, new_annotation, source_of
+from schemas.task_codec import TaskCodec
 
 HUMAN = source_of("human")
+FOLDER = "annotations/train"
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +37,29 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _images_table(pairs: list[tuple[str, bytes]]) -> pa.Table:
-    return pa.table({"image_id": [i for i, _ in pairs], "bytes": pa.array([b for _, b in pairs], pa.binary())})
+def write_store(out, records: list[dict], images: dict[str, bytes], shard_size: int) -> ShardStore:
+    """A training OUT: images/part-k and annotations/train/part-k holding the same images, committed."""
+    store = ShardStore(out)
+    for k in range(0, len(records), shard_size):
+        chunk = records[k:k + shard_size]
+        shard = f"part-{k // shard_size:05d}"
+        rows = [{"image_id": r["image_id"], "uri": r["uri"], "source": "t", "width": r["width"], "height": r["height"],
+                 "format": "PNG", "mode": "RGB", "bytes": images[r["image_id"]], "human": None} for r in chunk]
+        store.write_shard("images", shard, pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
+        store.write_shard(FOLDER, shard, records_to_table(chunk))
+    return store
+
+
+def job(name="m", **train) -> TrainJob:
+    params = {"start": "random:tiny", "codec": {"tasks": ["<CAPTION>", "<OD>"]},
+              "train": {"steps": 4, "batch_size": 2, "lr": 5e-4, "warmup_steps": 1, "checkpoint_every": 2,
+                        "log_every": 1, "keep_checkpoints": 1, "seed": 1} | train}
+    return TrainJob(name, Florence2Trainer, params, {}, FOLDER, f"models/{name}", "hash")
 
 
 @pytest.fixture(scope="module")
-def photo_data(photo_batch):
-    """Real photos with a caption and two boxes each (two tasks to balance)."""
+def photo_store(photo_batch, tmp_path_factory):
+    """Real photos with a caption and two boxes each (two tasks to balance), in 2 shards."""
     records = table_to_records(photo_batch)
     for k, rec in enumerate(records):
         iid, w, h = rec["image_id"], rec["width"], rec["height"]
@@ -46,58 +69,93 @@ def photo_data(photo_batch):
                            polygon=None, mask=None, label=label, brief=None)
             for j, (label, box) in enumerate([("person", [0, 0, w / 2, h / 2]), ("dog", [w / 3, h / 3, w, h])])
         ]
-    images = _images_table(list(zip(photo_batch.column("image_id").to_pylist(), photo_batch.column("image_bytes").to_pylist())))
-    return examples_from_tables(records, images, TaskCodec(["<CAPTION>", "<OD>"]))
+    images = dict(zip(photo_batch.column("image_id").to_pylist(), photo_batch.column("image_bytes").to_pylist()))
+    return write_store(tmp_path_factory.mktemp("train_store"), records, images, 2)
 
 
-def test_sampler_balances_tasks_and_is_a_function_of_the_step():
-    by_task = {"<OD>": [0], "<REGION_TO_DESCRIPTION>": list(range(1, 101))}
-    s = TaskBalancedSampler(by_task, seed=3)
-    drawn = [i for step in range(200) for i in s.batch(step, 0, 8)]
-    share_od = drawn.count(0) / len(drawn)
-    assert 0.4 < share_od < 0.6  # 1 example of 101, yet half the draws: balanced by task
-    assert s.batch(17, 1, 8) == TaskBalancedSampler(by_task, seed=3).batch(17, 1, 8)
-    assert s.batch(17, 1, 8) != s.batch(17, 1, 8, rank=1)
-    with pytest.raises(ValueError, match="without examples"):
-        TaskBalancedSampler(by_task, weights={"<OCR>": 1.0})
+def test_stream_balances_tasks_reads_one_window_and_is_a_function_of_the_position(tmp_path):
+    """1 <OD> example per image against up to 8 <REGION_TO_DESCRIPTION>: half the draws each."""
+    records, images = _rectangles(8, regions=8)
+    store = write_store(tmp_path, records, images, 2)
+    codec = TaskCodec(["<OD>", "<REGION_TO_DESCRIPTION>"])
+    stream = ShardStream(store, FOLDER, store.shards(FOLDER), codec, seed=3)
+    drawn = [ex for step in range(100) for ex in stream.batch(step, 0, 8)]
+    share_od = sum(ex.task == "<OD>" for ex in drawn) / len(drawn)
+    assert 0.4 < share_od < 0.6
+    assert len(stream.window.images) == 2  # one shard's images in memory, not the dataset's
+    assert stream.position["epoch"] >= 1  # 800 draws of windows of 18 examples: every shard was visited
+    # the batch of (step, micro) is a pure function of the seed and the position
+    state = stream.state()
+    after = [stream.batch(100 + i, 0, 8) for i in range(5)]
+    again = ShardStream(store, FOLDER, store.shards(FOLDER), codec, seed=3)
+    again.restore(state)
+    assert [again.batch(100 + i, 0, 8) for i in range(5)] == after
+    other_rank = ShardStream(store, FOLDER, store.shards(FOLDER), codec, seed=3, rank=1)
+    assert other_rank.batch(0, 0, 8) != ShardStream(store, FOLDER, store.shards(FOLDER), codec, seed=3).batch(0, 0, 8)
+    with pytest.raises(ValueError, match="task_weights"):
+        ShardStream(store, FOLDER, store.shards(FOLDER), codec, weights={"<OCR>": 1.0}).batch(0, 0, 1)
 
 
-def test_killed_run_resumes_from_its_checkpoint(photo_data, tmp_path):
-    cfg = TrainConfig(steps=4, batch_size=2, lr=5e-4, warmup_steps=1, checkpoint_every=2, log_every=1,
-                      keep_checkpoints=1, seed=1)
-    full = train("random:tiny", photo_data, tmp_path / "full", cfg)
-    assert full.steps == 4 and full.resumed_from is None
-    assert set(full.history[-1]["tasks"]) <= {"<CAPTION>", "<OD>"}
-    assert {t for h in full.history for t in h["tasks"]} == {"<CAPTION>", "<OD>"}  # loss logged per task
+def test_killed_run_resumes_from_its_checkpoint_exactly(photo_store):
+    store = photo_store
+    trainer = Florence2Trainer(job().params)
+    full = trainer.fit(store, job("full"), World())
+    assert full["steps"] == 4 and full["resumed_from"] is None
+    assert set(full["examples"]) == {"<CAPTION>", "<OD>"}
+    history_full = read_log(store.local_dir("models/full"))
+    assert {t for h in history_full for t in h["tasks"]} == {"<CAPTION>", "<OD>"}  # loss logged per task
 
-    killed = train("random:tiny", photo_data, tmp_path / "run", cfg, stop_after=3)
-    assert killed.steps == 3
-    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000002"]  # step 3 not saved
-    assert not (tmp_path / "run" / "config.json").exists()  # no final model after a kill
-    resumed = train("random:tiny", photo_data, tmp_path / "run", cfg)
-    assert resumed.resumed_from == 2 and resumed.steps == 4
-    # same model, optimizer, scheduler, RNG and batches: the loss curve continues exactly
-    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
-    for a, b in zip(full.history, resumed.history):
+    killed = trainer.fit(store, job("run"), World(), stop_after=3)
+    assert killed["steps"] == 3
+    run_dir = store.local_dir("models/run")
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-00000002"]  # step 3 not saved
+    assert trainer.finished(store, job("run")) is None  # no final model after a kill
+    resumed = trainer.fit(store, job("run"), World())
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+    # same model, optimizer, scheduler, RNG and batches (data position): the loss curve continues exactly
+    history = read_log(run_dir)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for a, b in zip(history_full, history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
         assert a["lr"] == pytest.approx(b["lr"])
-    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000004"]  # keep_checkpoints=1
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == [1, 2, 3, 3, 4]  # step 3 ran twice: before the kill and after resume
-    # a finished run is not trained again
-    again = train("random:tiny", photo_data, tmp_path / "run", cfg)
-    assert again.steps == 4 and again.last_loss == pytest.approx(resumed.last_loss)
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-00000004"]  # keep_checkpoints=1
+    assert trainer.finished(store, job("run"))["last_loss"] == pytest.approx(resumed["last_loss"])
+    # nothing executable in a checkpoint: tensors load with weights_only=True, the rest is JSON
+    ckpt = latest_checkpoint(run_dir)
+    torch.load(ckpt / STATE_TENSORS, weights_only=True)
+    plain = json.loads((ckpt / STATE_JSON).read_text())
+    assert plain["step"] == 4 and plain["workers"][0]["data"]["draws"] >= 0
+    assert not list(ckpt.glob("*.bin")) and list(ckpt.glob("*.safetensors"))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(photo_store, tmp_path):
+    """A state file someone replaced with a pickle that runs code is not executed on resume."""
+    store = photo_store
+    trainer = Florence2Trainer(job().params)
+    trainer.fit(store, job("evil"), World(), stop_after=2)
+    ckpt = latest_checkpoint(store.local_dir("models/evil"))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"optimizer": Evil()}, ckpt / STATE_TENSORS)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        trainer.fit(store, job("evil"), World())
+    assert not marker.exists()
 
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def _rectangles(n: int, seed: int = 0):
+def _rectangles(n: int, seed: int = 0, regions: int = 1):
     """n generated 160x120 images, one coloured rectangle each, image i in quadrant i % 4: boxes of
     different quadrants never overlap, so a model that ignores the image (one constant answer)
-    scores IoU 0 on 3 images of 4 (mean IoU <= 0.25) and label accuracy 0.25."""
+    scores IoU 0 on 3 images of 4 (mean IoU <= 0.25) and label accuracy 0.25. `regions` > 1 adds
+    small described regions (for region-level tasks)."""
     rng = random.Random(seed)
-    records, pairs = [], []
+    records, images = [], {}
     for i in range(n):
         w, h = 160, 120
         img = Image.new("RGB", (w, h), (128, 128, 128))
@@ -106,6 +164,7 @@ def _rectangles(n: int, seed: int = 0):
         x0, y0 = qx * 80 + rng.randint(2, 20), qy * 60 + rng.randint(2, 15)
         x1, y1 = x0 + rng.randint(40, 56), y0 + rng.randint(30, 43)
         ImageDraw.Draw(img).rectangle([x0, y0, x1 - 1, y1 - 1], fill=COLORS[color])
+        ImageDraw.Draw(img).text((2, 2), str(i), fill="white")
         buf = io.BytesIO()
         img.save(buf, "PNG")
         data = buf.getvalue()
@@ -113,9 +172,13 @@ def _rectangles(n: int, seed: int = 0):
         rec = empty_record({"image_id": iid, "uri": f"rect{i}.png", "width": w, "height": h, "source": "generated"})
         rec["regions"] = [new_annotation(HUMAN, 1.0, ann_id=make_ann_id(iid, "h", "r", 0), kind="object",
                                          box=[x0, y0, x1, y1], quad=None, polygon=None, mask=None, label=color, brief=None)]
+        for j in range(1, regions):
+            rec["regions"].append(new_annotation(HUMAN, 1.0, ann_id=make_ann_id(iid, "h", "r", j), kind="object",
+                                                 box=[j * 10, 100, j * 10 + 8, 118], quad=None, polygon=None, mask=None,
+                                                 label="mark", brief=f"mark {j}"))
         records.append(rec)
-        pairs.append((iid, data))
-    return records, _images_table(pairs)
+        images[iid] = data
+    return records, images
 
 
 # Measured on this CPU (1 thread, deterministic): loss 7.69 -> 0.12, mean IoU 0.47, accuracy 0.5
@@ -129,15 +192,15 @@ def test_tiny_florence2_learns_boxes_from_random_init(tmp_path):
     from annotators.florence2_model import Florence2Model
 
     records, images = _rectangles(4)
-    data = examples_from_tables(records, images, TaskCodec(["<OD>"]))
-    cfg = TrainConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=10, checkpoint_every=1000, log_every=25,
-                      precision="fp32")
-    result = train("random:tiny", data, tmp_path / "model", cfg)
-    assert result.last_loss < 0.05 * result.first_loss, result.history  # ~7.7 -> ~0.1
+    store = write_store(tmp_path, records, images, 4)
+    j = job("learn", steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=10, checkpoint_every=1000, log_every=25,
+            precision="fp32")
+    j.params["codec"]["tasks"] = ["<OD>"]
+    result = j.build().fit(store, j, World())
+    assert result["last_loss"] < 0.05 * result["first_loss"], result  # ~7.7 -> ~0.1
 
-    model = Florence2Model.load(str(tmp_path / "model"), device="cpu")
-    pixels = [decode_image(b) for b in images.column("bytes").to_pylist()]
-    answers = model.run(pixels, "<OD>", max_new_tokens=16, num_beams=1)
+    model = Florence2Model.load(store.local_dir("models/learn"), device="cpu")
+    answers = model.run([decode_image(images[r["image_id"]]) for r in records], "<OD>", max_new_tokens=16, num_beams=1)
     ious, correct = [], 0
     for rec, answer in zip(records, answers):
         gt = rec["regions"][0]
@@ -152,27 +215,43 @@ def test_tiny_florence2_learns_boxes_from_random_init(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_torchtrainer_two_cpu_workers(photo_data, tmp_path):
-    """The distributed path: Ray Train's TorchTrainer, 2 CPU workers (DDP over gloo)."""
+@pytest.mark.timeout(900)
+def test_ray_train_two_workers_trains_and_resumes(photo_store):
+    """The distributed path: engine.runners.ray_train (TorchTrainer, 2 CPU DDP workers, each reading its
+    own shard). The run's state after a kill at step 3 (checkpoint 2 and the log so far) resumes to the
+    same losses as the uninterrupted run."""
     import ray
 
     from annotators.florence2_model import Florence2Model
-
-    import tempfile
+    from engine.runners.ray_train import run_train
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    store = photo_store
     try:
-        cfg = TrainConfig(steps=2, batch_size=2, lr=5e-4, warmup_steps=1, checkpoint_every=2, log_every=1,
-                          num_workers=2, use_gpu=False)
-        result = train("random:tiny", photo_data, tmp_path / "model", cfg)
+        full = job("ddp_full", keep_checkpoints=2)
+        full.num_workers = 2
+        result = run_train(store, full)
+        assert result["steps"] == 4 and set(result["examples"]) == {"<CAPTION>", "<OD>"}
+        full_dir, run_dir = Path(store.local_dir("models/ddp_full")), Path(store.local_dir("models/ddp_run"))
+        shutil.copytree(full_dir, run_dir)  # what a kill during step 4 leaves: checkpoint 2, steps 1-3 logged
+        for name in ("config.json", "model.safetensors", "train_summary.json"):
+            (run_dir / name).unlink()
+        shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+        log = (run_dir / "train_log.jsonl").read_text().splitlines()
+        (run_dir / "train_log.jsonl").write_text("\n".join(log[:3]) + "\n")
+        resumed_job = job("ddp_run", keep_checkpoints=2)
+        resumed_job.num_workers = 2
+        resumed = run_train(store, resumed_job)
     finally:
         ray.shutdown()
-        import shutil
-
         shutil.rmtree(temp, ignore_errors=True)
-    assert result.steps == 2 and len(result.history) == 2
-    assert result.history[0]["samples_per_s"] > 0 and result.last_loss > 0
-    assert latest_checkpoint(tmp_path / "model").name == "step-00000002"
-    model = Florence2Model.load(str(tmp_path / "model"), device="cpu")  # the final model loads back
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+    a, b = read_log(full_dir), read_log(run_dir)
+    assert [h["step"] for h in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5), (x, y)
+    plain = json.loads((latest_checkpoint(run_dir) / STATE_JSON).read_text())
+    assert len(plain["workers"]) == 2 and plain["workers"][0]["data"] != plain["workers"][1]["data"]  # per-worker positions
+    model = Florence2Model.load(str(run_dir), device="cpu")  # the final model loads back
     assert model.model.config.text_config.d_model == 256

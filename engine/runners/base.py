@@ -93,6 +93,10 @@ class Runner(Protocol):
         """Run job.fn on every shard; return {shard: summary}."""
         ...
 
+    def run_train(self, store, job, progress=None) -> dict:
+        """Run a training job (engine.training.TrainJob); return the trainer's summary."""
+        ...
+
 
 RUNNERS = ("local", "ray", "beam")
 

@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from engine.counters import ANNOTATION_COLUMNS, merge
 from engine.execute import apply_stage, commit_meta, finalize, image_needs, read_step_input, run_stage
 from engine.runners.base import StageRecipe, StepJob, TaskJob
+from engine.training import TrainJob, train_in_process
 from engine.runners.tagged import worker_stage
 from engine.stage import TRANSIENT_COLUMNS, record_error, records_to_table, table_to_records
 
@@ -206,6 +207,10 @@ class BeamRunner:
         log.info("beam: step %s metrics %s", job.name, json.dumps(metrics, default=str))
         store.update_manifest(engine_metrics={job.name: {"runner": "beam", **metrics}})
         return total
+
+    def run_train(self, store, job: TrainJob, progress=None) -> dict:
+        """Beam has no training primitive: the driver trains (one worker), as the local runner does."""
+        return train_in_process(store, job)
 
     def run_tasks(self, store, job: TaskJob, progress=None) -> dict[str, dict]:
         with self._pipeline() as p:

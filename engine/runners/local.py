@@ -9,6 +9,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from engine.counters import merge
 from engine.execute import run_shard
 from engine.runners.base import StepJob, TaskJob
+from engine.training import TrainJob, train_in_process
 
 
 class LocalRunner:
@@ -27,6 +28,9 @@ class LocalRunner:
             if progress is not None:
                 progress.shard(shard, record["rows"])
         return total
+
+    def run_train(self, store, job: TrainJob, progress=None) -> dict:
+        return train_in_process(store, job)
 
     def run_tasks(self, store, job: TaskJob, progress=None) -> dict[str, dict]:
         results: dict[str, dict] = {}

@@ -240,6 +240,14 @@ class RayRunner:
         log.info("ray: step %s took %.1fs\n%s", job.name, seconds, stats)
         store.write_log(f"{job.name}.ray-stats.txt", stats)
 
+    # -------------------------------------------------------------------- train
+    def run_train(self, store, job, progress=None) -> dict:
+        """A training job as Ray Train workers on the cluster (a GPU node gets it when it asks for GPUs)."""
+        from engine.runners.ray_train import run_train
+
+        self.connect()
+        return run_train(store, job)
+
     # -------------------------------------------------------------------- tasks
     def run_tasks(self, store, job: TaskJob, progress=None) -> dict[str, dict]:
         import ray

@@ -1,0 +1,180 @@
+"""Stage 3 as the engine runs it: `rounds: N` iterations of train -> relabel -> filter -> merge (P §4, phase C).
+
+This module is what the engine's driver asks about a pipeline's refinement rounds (it finds it
+through engine.registry, like a stage); the driver does the running, the resuming and the
+committing, with the same code as for every step:
+- round k trains a Florence-2 (refine.trainer.Florence2Trainer, an engine trainer) on the kept
+  annotations of `annotations/<last step>` (k = 1) or `annotations/round<k-1>`, starting from
+  `refine.model` (k = 1) or round k-1's model, into `OUT/models/round<k>/`;
+- then a step over every shard: relabel with that model (refine.relabel) -> the pipeline's
+  stage-2 filters on the new annotations -> merge with the record as it was (refine.merge), into
+  `annotations/round<k>/`.
+
+pipelines.yaml:
+    rounds: 1
+    refine:
+      model: florence2            # alias of models: or a reference; round 1 starts from it
+      train: {steps: 1000, batch_size: 8, lr: 1.0e-5, num_workers: 1, ...}   # refine.trainer.TrainConfig
+      relabel: {tasks: [caption, od, ...], batch_size: 4, max_new_tokens: 1024, num_beams: 3}
+      merge: {nms_iou: 0.7, agreement_weight: 0.5}
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from annotators.florence2 import TASK_TOKENS, TaskName
+from engine.registry import stage_class
+from refine.merge import MergeStage
+from refine.relabel import RefineRelabeler
+from refine.trainer import TRAIN_EXECUTION_SETTINGS, Florence2Trainer, TrainConfig
+from schemas.records import ANNOTATION_KINDS
+from schemas.task_codec import ALL_TASKS, TaskCodec
+
+GROUND_TRUTH_SAMPLE = 2000  # images of a round read for the mAP against imported ground truth
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RelabelSettings(_Strict):
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_TOKENS), min_length=1,
+                                  description="florence2-stage task names the new model annotates")
+    batch_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    num_beams: int = Field(3, ge=1)
+    no_repeat_ngram_size: int = Field(3, ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    cpus: float | None = None
+    gpus: float | None = None
+    concurrency: int | None = Field(None, ge=1, description="relabel actors on Ray")
+
+
+class MergeSettings(_Strict):
+    nms_iou: float = Field(0.7, gt=0, le=1)
+    agreement_weight: float = Field(0.5, ge=0, le=1)
+
+
+class RefineConfig(_Strict):
+    """The `refine:` block of a pipeline."""
+
+    model: str = Field("florence2", description="round 1 starts from this reference or models: alias")
+    from_step: str | None = Field(None, description="step whose annotations round 1 trains on (default: the last)")
+    train_tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS), min_length=1)
+    max_target_tokens: int = Field(1024, ge=8)
+    max_region_examples: int = Field(8, ge=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    relabel: RelabelSettings = Field(default_factory=RelabelSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    filters: list[str] | None = Field(None, description="filter stages to rerun (default: every filters.* stage of the steps)")
+
+    @field_validator("train_tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        TaskCodec(v)  # the codec's own check: a ValueError naming the unknown task(s)
+        return v
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class FlorenceRounds:
+    """What the engine needs to know of a pipeline's refinement rounds."""
+
+    def __init__(self, pipeline):
+        from engine.config import ConfigError
+
+        self.pipeline = pipeline
+        where = f"{pipeline.origin}: pipelines.{pipeline.name}.refine"
+        raw = dict(pipeline.config.refine)
+        if "max_target_tokens" in (raw.get("train") or {}):
+            raise ConfigError(f"{where}.train: set refine.max_target_tokens (it sizes the training targets), "
+                              "not refine.train.max_target_tokens")
+        try:
+            self.cfg = RefineConfig(**raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"{where}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+        steps = [s.name for s in pipeline.steps]
+        if not steps:
+            raise ConfigError(f"{where}: refinement rounds need at least one step to start from")
+        if self.cfg.from_step is not None and self.cfg.from_step not in steps:
+            raise ConfigError(f"{where}.from_step: {self.cfg.from_step!r} is not a step of the pipeline; steps: {steps}")
+        if self.cfg.filters is not None:
+            names = {s.stage for step in pipeline.steps for s in step.stages}
+            missing = [f for f in self.cfg.filters if f not in names]
+            if missing:
+                raise ConfigError(f"{where}.filters: {missing} are not stages of the pipeline's steps")
+        self.source_step = self.cfg.from_step or steps[-1]
+
+    # ----------------------------------------------------------------- identity
+    def identity(self) -> dict:
+        """The settings that decide what a round produces (execution settings left out)."""
+        d = self.cfg.model_dump(mode="json", exclude={"model"})
+        for key in TRAIN_EXECUTION_SETTINGS:
+            d["train"].pop(key, None)
+        for key in ("batch_size", "cpus", "gpus", "concurrency"):
+            d["relabel"].pop(key, None)
+        d["filters"] = [(spec.stage, spec.params) for spec in self._filter_specs()]
+        return d
+
+    def start_model(self) -> str:
+        return self.pipeline.models.get(self.cfg.model, self.cfg.model)
+
+    # ---------------------------------------------------------------- the jobs
+    def trainer(self, round_: int, start_ref: str) -> tuple[type, dict, int, float, float]:
+        """(trainer class, its params, workers, GPUs per worker, CPUs per worker) of round k's training."""
+        c = self.cfg
+        params = {"start": start_ref, "train": c.train.model_dump(),
+                  "codec": {"tasks": c.train_tasks, "max_target_tokens": c.max_target_tokens,
+                            "max_region_examples": c.max_region_examples}}
+        return Florence2Trainer, params, c.train.num_workers, c.train.gpus_per_worker, c.train.cpus_per_worker
+
+    def _filter_specs(self) -> list:
+        """The pipeline's stage-2 stages (module filters.*, or refine.filters), in step order, each once."""
+        out, seen = [], set()
+        for step in self.pipeline.steps:
+            for spec in step.stages:
+                cls = stage_class(spec.stage)
+                wanted = self.cfg.filters
+                chosen = spec.stage in wanted if wanted is not None else cls.__module__.startswith("filters.")
+                if chosen and spec.stage not in seen:
+                    seen.add(spec.stage)
+                    out.append(spec)
+        return out
+
+    def stages(self, round_: int, model_ref: str) -> list[tuple[type, dict]]:
+        """Round k's step: relabel with its model -> the filters -> merge."""
+        r = self.cfg.relabel
+        relabel = {"model": model_ref, "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
+                   "max_new_tokens": r.max_new_tokens, "num_beams": r.num_beams,
+                   "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype}
+        relabel.update({k: v for k, v in (("cpus", r.cpus), ("gpus", r.gpus), ("concurrency", r.concurrency)) if v is not None})
+        filters = [(stage_class(spec.stage), dict(spec.params)) for spec in self._filter_specs()]
+        return [(RefineRelabeler, relabel), *filters, (MergeStage, self.cfg.merge.model_dump())]
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self, store, folder: str, round_: int, counters: dict) -> dict:
+        """Agreement with round k-1 (summed by the merge stage on every shard) and COCO mAP against
+        imported `human` boxes on the first GROUND_TRUTH_SAMPLE images of the round."""
+        from refine.metrics import coco_map, reduce_agreement
+        from engine.stage import table_to_records
+
+        sums = (counters.get(MergeStage.name) or {}).get("metrics") or {}
+        records = []
+        for shard in store.shards(folder):
+            records += table_to_records(store.read_shard(folder, shard))
+            if len(records) >= GROUND_TRUTH_SAMPLE:
+                break
+        made = (counters.get(RefineRelabeler.name) or {}).get("metrics") or {}
+        return {"agreement": reduce_agreement([sums]),
+                "ground_truth": coco_map(records[:GROUND_TRUTH_SAMPLE], round_),
+                "relabel": {"images": int(made.get("images", 0)),
+                            "images_with_output": int(made.get("images_with_output", 0)),
+                            "added": {k: int(made.get(f"new_{k}", 0)) for k in ANNOTATION_KINDS}}}
