@@ -46,11 +46,20 @@ class ModelRef:
         return {"preset": self.location}
 
 
+# What a training run leaves beside its final model (refine.trainer): not the model, so not its revision.
+TRAINING_ARTEFACTS = ("checkpoints", "train_log.jsonl", "train_summary.json", "round.json")
+
+
+def _training_artefact(rel: Path) -> bool:
+    return rel.parts[0] in TRAINING_ARTEFACTS or rel.name.startswith(".")
+
+
 def _directory_fingerprint(root: Path) -> str:
     """Configs whole; weights by name, size and their first MiB (safetensors headers, checkpoints
     differ there): two checkpoints with the same config but other weights get other revisions."""
     h = hashlib.sha1()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file() and not _training_artefact(p.relative_to(root)))
+    for path in sorted(files):
         rel = str(path.relative_to(root))
         h.update(rel.encode())
         if path.suffix in (".json", ".yaml", ".yml", ".txt"):

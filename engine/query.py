@@ -37,9 +37,14 @@ def _files_sql(paths: list[Path]) -> str:
 
 
 def resolve_step(store: ShardStore, step: str | None) -> str | None:
+    """The annotation folder a reader shows: `step` when given, else the dataset the engine produced,
+    i.e. the last step or refinement round (in the order they run) whose every shard is committed;
+    a round still running is not the default view until it is complete."""
     folders = [f for f in store.annotation_folders() if store.shards(f)]
     if step is None:
-        return folders[-1] if folders else None
+        images = len(store.shards("images"))
+        complete = [f for f in folders if len(store.shards(f)) >= images]
+        return (complete or folders or [None])[-1]
     folder = step if step.startswith("annotations/") else f"annotations/{step}"
     if folder not in folders:
         names = [f.split("/", 1)[1] for f in folders]

@@ -179,7 +179,9 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
             store.write_json(f"{model_folder}/round.json", {"round": k, "config_hash": h, "data_hash": data_hash})
             summary = runner.run_train(store, train, _progress(progress, train.name, 0, 0))
         model_ref = store.local_dir(model_folder)
-        recipes = [StageRecipe(c, p, dict(pipeline.models)) for c, p in plan.stages(k, model_ref)]
+        # the stages name the model by its OUT-relative folder (portable provenance), resolved like an alias
+        models = {**pipeline.models, model_folder: model_ref}
+        recipes = [StageRecipe(c, p, models) for c, p in plan.stages(k, model_folder)]
         job, _ = plan_step(store, f"round{k}", recipes, input_folder, folder, h,
                            "rerun with --force to redo the rounds", {"round": k, "data_hash": data_hash})
         if job.shards:

@@ -115,6 +115,7 @@ class ShardStream:
     def batch(self, step: int, micro: int, size: int) -> list[Example]:
         rng = random.Random(f"{self.seed}:{step}:{micro}:{self.rank}")
         out = []
+        self._batch_images: dict[str, bytes] = {}  # a batch may span two windows: keep its images
         for _ in range(size):
             if self.window is None:
                 self._load()
@@ -126,13 +127,16 @@ class ShardStream:
             if not any(w > 0 for w in weights):
                 raise ValueError(f"task_weights give no positive weight to the tasks of this window: {tasks}")
             task = rng.choices(tasks, weights=weights)[0]
-            out.append(rng.choice(self.window.by_task[task]))
+            example = rng.choice(self.window.by_task[task])
+            self._batch_images[example.image_id] = self.window.images[example.image_id]
+            out.append(example)
             self.position["draws"] += 1
             self.seen[task] = self.seen.get(task, 0) + 1
         return out
 
     def image(self, image_id: str) -> bytes:
-        return self.window.images[image_id]
+        """Encoded bytes of an image of the last batch."""
+        return self._batch_images[image_id]
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:

@@ -52,6 +52,12 @@ class RefineRelabeler(Florence2Annotator):
 
     params: RelabelParams
 
+    def setup(self) -> None:
+        super().setup()
+        # provenance names the model as the pipeline does (OUT-relative models/round<k>), not where this
+        # worker found it, so the same round on two machines writes the same annotations
+        self._source = self.source(self.params.model, self.florence.revision)
+
     def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         for rec in records:
             rec[PREVIOUS] = json.dumps({key: rec.get(key) or [] for key in (*ANNOTATION_KINDS, "errors")})

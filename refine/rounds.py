@@ -149,10 +149,10 @@ class FlorenceRounds:
                     out.append(spec)
         return out
 
-    def stages(self, round_: int, model_ref: str) -> list[tuple[type, dict]]:
-        """Round k's step: relabel with its model -> the filters -> merge."""
+    def stages(self, round_: int, model_folder: str) -> list[tuple[type, dict]]:
+        """Round k's step: relabel with its model (OUT/<model_folder>) -> the filters -> merge."""
         r = self.cfg.relabel
-        relabel = {"model": model_ref, "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
+        relabel = {"model": model_folder, "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
                    "max_new_tokens": r.max_new_tokens, "num_beams": r.num_beams,
                    "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype}
         relabel.update({k: v for k, v in (("cpus", r.cpus), ("gpus", r.gpus), ("concurrency", r.concurrency)) if v is not None})

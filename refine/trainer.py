@@ -152,6 +152,18 @@ def _save_checkpoint(model_dir: Path, step: int, model, processor, tensors: dict
     return final
 
 
+def _load_weights(model, ckpt: Path) -> None:
+    """The checkpoint's safetensors into `model`; keys it leaves out must be ties of loaded ones."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {model.get_parameter(k).data_ptr() for k in state if k in dict(model.named_parameters())}
+    untied = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"{ckpt}: checkpoint does not fit the model (unexpected {unexpected[:3]}, missing {untied[:3]})")
+
+
 def _load_state(ckpt: Path) -> tuple[dict, dict]:
     import torch
 
@@ -226,8 +238,12 @@ class Florence2Trainer(Trainer):
         torch.manual_seed(cfg.seed + world.rank)
         random.seed(cfg.seed + world.rank)
         ckpt = latest_checkpoint(model_dir)
-        wrapped = Florence2Model.load(str(ckpt) if ckpt else self.params.start, device=world.device, dtype="float32")
+        # always built from the start reference, then given the checkpoint's weights: a resumed run then
+        # saves exactly the files an uninterrupted one saves (from_pretrained of a checkpoint adds keys)
+        wrapped = Florence2Model.load(self.params.start, device=world.device, dtype="float32")
         model, processor = wrapped.model, wrapped.processor
+        if ckpt is not None:
+            _load_weights(model, ckpt)
         text_cfg = model.config.text_config
         max_target = min(self.params.codec.max_target_tokens, text_cfg.max_position_embeddings)
         if cfg.freeze_vision:
