@@ -105,7 +105,9 @@ def run_pipeline(
                 store.uncommit(folder)
         store.update_manifest(
             pipeline={"name": pipeline.name, "file": pipeline.origin, "profile": pipeline.profile,
-                      "input": src if src is not None else store.read_manifest().get("pipeline", {}).get("input")},
+                      "input": src if src is not None else store.read_manifest().get("pipeline", {}).get("input"),
+                      # what `fld show` names in its header (models) and marks on its plots (filter thresholds)
+                      "models": pipeline.models, "config": pipeline.config.model_dump(mode="json")},
             folder_order=[f"annotations/{s}" for s in step_names],
         )
         if src is None and not store.shards("images"):
