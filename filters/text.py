@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.stage import Resources, Stage, StageParams
-from filters.decision import drop, reset_all, set_check
+from filters.decision import Threshold, drop, reset_all, set_check
 from filters.per_kind import merge_per_key
 from schemas.records import TIERS
 
@@ -136,6 +136,13 @@ class TextFilter(Stage):
         for (rec, ann), doc in zip(texts, docs):
             self.guarded(rec, lambda ann=ann, doc=doc: self.decide(ann, text_stats(doc, p.aggregate)))
         return records
+
+    def thresholds(self) -> list[Threshold]:
+        """Every active per-tier rule, on the check it reads."""
+        rules = (("objects", "min_objects"), ("objects", "max_objects"),
+                 ("object_complexity", "min_object_complexity"), ("action_complexity", "min_action_complexity"))
+        return [Threshold("texts", f"{self.name}.{check}", f"{tier} {rule}", float(getattr(th, rule)))
+                for tier, th in self.params.tiers.items() for check, rule in rules if getattr(th, rule) is not None]
 
     def decide(self, ann: dict, stats: TextStats) -> None:
         tier = ann.get("tier")
