@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import textwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,7 +19,7 @@ from engine.stats import collect_stats
 from engine.store import ShardStore
 from engine.tokens import florence_tokenizer, token_counter
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
-from test_cli import inputs  # noqa: F401  (fixture: 4 real images + 2 broken files + 1 duplicate)
+from test_cli import _yaml, inputs  # noqa: F401  (fixture: 4 real images + 2 broken files + 1 duplicate)
 
 SRC = source_of("unit")
 SECTIONS = ["ingest", "quarantine", "annotations", "per_image", "counters", "table2", "table3", "funnel", "checks"]
@@ -165,21 +164,9 @@ def test_table3_sample_is_deterministic(tmp_path, photos):
         assert "at most 2 per tier" in t3["title"]
 
 
-PIPELINES = """
-pipelines:
-  ocr:
-    ingest: {shard_size: 2}
-    steps:
-      - name: stage1
-        stages:
-          - {stage: ocr, params: {batch_size: 2}}
-"""
-
-
 @pytest.mark.timeout(300)
 def test_stats_during_a_run_show_what_is_committed(tmp_path, inputs):  # noqa: F811
-    cfg = tmp_path / "pipelines.yaml"
-    cfg.write_text(textwrap.dedent(PIPELINES))
+    cfg = _yaml(tmp_path)  # the OCR pipeline, 2 images per shard
     out = tmp_path / "out"
     seen = {}
 
