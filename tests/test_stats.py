@@ -133,6 +133,19 @@ def test_table2_counts_kept_annotations_per_step(store):
     assert t2["paper"] == PAPER_TABLE2 and PAPER_TABLE2["triplet.detailed.per_text"] == 10.25
 
 
+def test_refinement_rounds_get_their_own_column(store):
+    ids = [i for shard in ("part-00000", "part-00001") for i in store.read_shard("images", shard).column("image_id").to_pylist()]
+    first, _ = _records(ids, dropped=True)
+    first[0]["texts"].append(_text("t9", "more_detailed", "a cup of coffee on a wooden table"))  # 8 tokens
+    store.write_shard("annotations/round1", "part-00000", records_to_table(first))  # a round written so far
+    store.update_manifest(folder_order=["annotations/round1"])
+    t2 = collect_stats(store.out)["table2"]
+    assert t2["columns"][-3:] == ["stage1", "stage2", "round1"]
+    r1 = t2["values"]["round1"]
+    assert (r1["images"], r1["text.more_detailed.annotations"], r1["text.more_detailed.avg_tokens"]) == (2, 1, 8.0)
+    assert collect_stats(store.out, step="round1")["table2"]["columns"][-1] == "round1"
+
+
 def test_table3_uses_the_text_filter_definitions(store):
     t3 = collect_stats(store.out, step="stage2")["table3"]
     assert t3["columns"] == ["tier", "measure", "FLD-5B (paper)", "stage2"]
