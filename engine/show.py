@@ -266,6 +266,12 @@ def _card(rec: dict, data: bytes) -> tuple[str, dict[str, int]]:
     ), counts
 
 
+def _broken_card(rec: dict, shard: str, exc: Exception) -> str:
+    what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"no image bytes for {exc} in images/{shard}"
+    return (f'<article class="card broken"><h3>{e(str(rec.get("uri")))}</h3>'
+            f"<p class='errors'>could not draw this record ({e(shard)}): {e(what)}</p></article>")
+
+
 def _strings(value: Any) -> Iterable[str]:
     if isinstance(value, str):
         yield value
@@ -412,16 +418,19 @@ def build_report(out: str | Path, dest: str | Path, step: str | None = None, lim
         raise ValueError(f"{out} has no committed annotations to show")
     manifest = store.read_manifest()
     cards, totals = [], {name: 0 for name, _ in LAYERS}
-    total_images = 0
-    for shard in store.shards(folder):
-        records = table_to_records(store.read_shard(folder, shard))
-        total_images += len(records)
+    committed = store.committed(folder)
+    total_images = sum(int(c.get("rows", 0)) for c in committed.values())
+    for shard in sorted(committed):
         if len(cards) >= limit:
-            continue
+            break
+        records = table_to_records(store.read_shard(folder, shard))
         images = store.read_shard("images", shard, columns=["image_id", "bytes"])
         by_id = dict(zip(images.column("image_id").to_pylist(), images.column("bytes").to_pylist()))
         for rec in records[: limit - len(cards)]:
-            card, counts = _card(rec, by_id[rec["image_id"]])
+            try:
+                card, counts = _card(rec, by_id[rec["image_id"]])
+            except Exception as exc:  # noqa: BLE001 - one bad record never blocks the report
+                card, counts = _broken_card(rec, shard, exc), {}
             cards.append(card)
             for k, v in counts.items():
                 totals[k] += v

@@ -170,6 +170,16 @@ def test_no_warning_when_every_model_is_real(tmp_path, photos):
     assert "random-models" not in page and "<td>florence2</td><td>florence-community/Florence-2-large</td>" in page
 
 
+def test_a_broken_record_does_not_block_the_report(tmp_path, photos):
+    store = make_report_store(tmp_path / "out", photos)
+    recs = store.read_shard("annotations/stage2", "part-00000").to_pylist()
+    recs[1]["regions"][0]["box"] = [1.0, 2.0]  # not a box: this card cannot be drawn
+    store.write_shard("annotations/stage2", "part-00000", records_to_table(recs))
+    assert build_report(store.out, tmp_path / "r.html") == 2
+    page = (tmp_path / "r.html").read_text()
+    assert "could not draw this record (part-00000): ValueError" in page and page.count('<svg class="annotated"') == 1
+
+
 def test_cli_show_with_markup_in_the_path(tmp_path, photos):
     store = make_report_store(tmp_path / "out", photos)
     dest = tmp_path / "new" / "[/bold] report.html"  # a folder "[" inside a folder that does not exist yet
