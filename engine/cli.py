@@ -9,7 +9,7 @@ import sys
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -162,21 +162,24 @@ def query(
 @app.command()
 def stats(
     out: Path = typer.Argument(..., help="output folder of fld run"),
-    step: Optional[str] = typer.Option(None, "--step", help="which step (default: the latest)"),
-    format: str = typer.Option("table", "--format", "-f", help="table | json"),
+    step: Optional[str] = typer.Option(None, "--step", help="one step or round (default: latest; Tables 2/3: every step)"),
+    format: str = typer.Option("table", "--format", "-f", help="table | json (an object keyed by section)"),
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Table 3: at most N captions per tier go through spaCy")] = 2000,  # engine.fld5b.DEFAULT_SAMPLE
 ) -> None:
-    """Counts per table, status and reason; per-stage counters; the filter funnel."""
+    """What OUT holds so far: ingest, quarantine, statuses, counters, FLD-5B Tables 2 and 3, funnel."""
     from engine.query import QueryError
     from engine.stats import collect_stats
 
+    if format not in ("table", "json"):
+        _fail(f"--format must be table or json, not {format!r}")
     try:
-        tables = collect_stats(out, step)
+        sections = collect_stats(out, step, sample)
     except QueryError as exc:
         _fail(str(exc))
     if format == "json":
-        sys.stdout.write(json.dumps(tables, default=str) + "\n")
+        sys.stdout.write(json.dumps(sections, default=str) + "\n")
     else:
-        _render(tables)
+        _render(list(sections.values()))
 
 
 @app.command()
@@ -208,7 +211,7 @@ def show(
     step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
     limit: int = typer.Option(50, "--limit", help="at most this many images"),
 ) -> None:
-    """A self-contained HTML page: images with boxes, masks and caption phrases linked by colour."""
+    """One self-contained HTML page: annotations drawn as toggleable layers, models, funnel, checks, quarantine."""
     from engine.query import QueryError
     from engine.show import build_report
 

@@ -102,3 +102,50 @@ def funnel_tables(con, order: Sequence[str] | None = None) -> list[dict[str, Any
         {"title": "checks (all annotations, dropped included)",
          "columns": ["type", "check", "n", "mean", *QUANTILE_NAMES], "rows": quant},
     ]
+
+
+def value_histograms(con, bins: int = 20) -> list[dict[str, Any]]:
+    """Per annotation type: a histogram of every check and of `score`, kept and dropped apart:
+    {"type", "value_of", "lo", "hi", "n", "kept": [bins], "dropped": [bins]} (bin i covers
+    lo + i * (hi - lo) / bins; a constant value falls in bin 0)."""
+    out: list[dict[str, Any]] = []
+    for view in _views(con):
+        rows = con.execute(f"""
+            WITH v AS (
+                SELECT unnest(map_keys(checks)) AS k, unnest(map_values(checks)) AS x, status FROM {view}
+                UNION ALL SELECT 'score', score, status FROM {view}
+            ), f AS (SELECT k, x, status FROM v WHERE x IS NOT NULL AND isfinite(x)),
+            r AS (SELECT k, min(x) AS lo, max(x) AS hi FROM f GROUP BY k)
+            SELECT k AS value_of, lo, hi,
+                   least({bins - 1}, CASE WHEN hi > lo THEN floor((x - lo) / (hi - lo) * {bins}) ELSE 0 END)::INT AS b,
+                   count(*) FILTER (WHERE status = 'kept'), count(*) FILTER (WHERE status = 'dropped')
+            FROM f JOIN r USING (k) GROUP BY 1, 2, 3, 4 ORDER BY value_of <> 'score', value_of, b""").fetchall()
+        by_key: dict[str, dict[str, Any]] = {}
+        for key, lo, hi, b, kept, dropped in rows:
+            h = by_key.setdefault(key, {"type": view, "value_of": key, "lo": float(lo), "hi": float(hi), "n": 0,
+                                        "kept": [0] * bins, "dropped": [0] * bins})
+            h["kept"][b] += int(kept)
+            h["dropped"][b] += int(dropped)
+            h["n"] += int(kept) + int(dropped)
+        out.extend(by_key.values())
+    return out
+
+
+def pipeline_thresholds(config: dict | None) -> list:
+    """The filter thresholds of a pipeline config (manifest `pipeline.config`): each stage of each
+    step that has `thresholds()` (filters.decision.Threshold), built from its params as the run did.
+    A stage that cannot be built here (a plug-in not installed) is skipped."""
+    from pydantic import ValidationError
+
+    from engine.registry import UnknownStageError, stage_class
+
+    out = []
+    for step in (config or {}).get("steps", []):
+        for spec in step.get("stages", []):
+            try:
+                cls = stage_class(spec["stage"])
+                if hasattr(cls, "thresholds"):
+                    out.extend(cls(spec.get("params") or {}).thresholds())
+            except (UnknownStageError, ValidationError, ImportError):
+                continue
+    return out

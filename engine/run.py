@@ -228,7 +228,9 @@ def run_pipeline(
         recorded = store.read_manifest().get("pipeline", {}).get("input")
         store.update_manifest(
             pipeline={"name": pipeline.name, "file": pipeline.origin, "profile": pipeline.profile,
-                      "input": src if src is not None else recorded},
+                      "input": src if src is not None else recorded,
+                      # what `fld show` names in its header (models) and marks on its plots (filter thresholds)
+                      "models": pipeline.models, "config": pipeline.config.model_dump(mode="json")},
             folder_order=[f"annotations/{s}" for s in step_names],
         )
         summary.ingest = ingest(store, pipeline, src, engine_runner, progress)

@@ -1,18 +1,27 @@
-"""`fld stats OUT`: counts per table and per status / reason, per-stage counters, funnel.
+"""`fld stats OUT`: what OUT holds, section by section, from committed shards only.
 
-Returns plain data (list of titled tables) so the CLI renders it with rich and tests
-assert on it.
+Every number comes from the shards and their commit records, never from fields the driver
+writes into manifest.json at the end of a run, so `fld stats` during a run shows what is
+committed so far (the same data `fld query` sees).
+
+Returns {section key: titled table}; the CLI renders the tables in this order and
+`--format json` prints the dict as is. Section keys are stable (README "fld stats"):
+ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds.
+A section without data for this OUT (no annotation step yet, no rounds) is left out.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from engine.counters import summary_cells
+from engine.fld5b import DEFAULT_SAMPLE, fld5b_tables
 from engine.funnel import funnel_tables
 from engine.query import open_views, resolve_step
+from engine.run import aggregate_counters
 from engine.store import ShardStore
 
 Table = dict  # {"title": str, "columns": [...], "rows": [[...], ...]}
+INGEST_KEYS = ("inputs", "images", "quarantined", "duplicates")
 
 
 def _table(con, title: str, sql: str) -> Table:
@@ -20,55 +29,57 @@ def _table(con, title: str, sql: str) -> Table:
     return {"title": title, "columns": [d[0] for d in cur.description], "rows": [list(r) for r in cur.fetchall()]}
 
 
-def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
+def committed_folders(store: ShardStore) -> list[str]:
+    """Annotation folders (steps, then rounds) with at least one committed shard."""
+    return [f for f in store.annotation_folders() if store.shards(f)]
+
+
+def collect_stats(out: str | Path, step: str | None = None, sample: int = DEFAULT_SAMPLE) -> dict[str, Table]:
+    """All sections for OUT; `step` narrows the annotation sections to one step or round
+    (default: the latest for status / funnel, every step side by side for Tables 2 and 3)."""
     store = ShardStore(out)
     folder = resolve_step(store, step)
     con = open_views(out, step)
-    tables: list[Table] = []
-    manifest = store.read_manifest()
-    ingest = manifest.get("ingest", {})
-    tables.append(
-        {
-            "title": "ingest (inputs = images + quarantined + duplicates)",
-            "columns": ["inputs", "images", "quarantined", "duplicates"],
-            "rows": [[ingest.get(k, 0) for k in ("inputs", "images", "quarantined", "duplicates")]],
-        }
-    )
-    tables.append(_table(con, "quarantine by reason", "SELECT reason, count(*) AS n FROM quarantine GROUP BY reason ORDER BY n DESC"))
+    sections: dict[str, Table] = {}
+    ingest = aggregate_counters(store, "images")
+    sections["ingest"] = {
+        "title": "ingest, committed shards (inputs = images + quarantined + duplicates)",
+        "columns": list(INGEST_KEYS),
+        "rows": [[ingest.get(k, 0) for k in INGEST_KEYS]],
+    }
+    sections["quarantine"] = _table(con, "quarantine by reason",
+                                    "SELECT reason, count(*) AS n FROM quarantine GROUP BY reason ORDER BY n DESC, reason")
+    counters = {f.split("/", 1)[1]: aggregate_counters(store, f) for f in committed_folders(store)}
     if folder is not None:
         parts = [
             f"SELECT '{name}' AS type, status, coalesce(reason, '') AS reason, count(*) AS n FROM {name} GROUP BY ALL"
             for name in ("texts", "regions", "groundings")
         ]
-        tables.append(_table(con, f"annotations of {folder} by status and reason",
-                             " UNION ALL ".join(parts) + " ORDER BY type, status DESC, n DESC"))
-        tables.append(_table(con, f"per image ({folder})", """
+        sections["annotations"] = _table(con, f"annotations of {folder} by status and reason",
+                                         " UNION ALL ".join(parts) + " ORDER BY type, status DESC, n DESC, reason")
+        sections["per_image"] = _table(con, f"per image ({folder})", """
             SELECT count(*) AS images,
                    round(avg(len(texts)), 2) AS texts_per_image,
                    round(avg(len(regions)), 2) AS regions_per_image,
                    round(avg(len(groundings)), 2) AS groundings_per_image,
                    sum(len(errors)) AS stage_errors
-            FROM records"""))
-        tables.append(_table(con, "texts per tier (kept): count and mean words", """
-            SELECT tier, count(*) AS n, round(avg(len(string_split(text, ' '))), 2) AS mean_words
-            FROM texts WHERE status = 'kept' GROUP BY tier ORDER BY tier"""))
-    counters = manifest.get("counters", {})
-    rows = []
-    for step_name, stages in counters.items():
-        for stage, c in stages.items():
-            rows.append([step_name, stage, *summary_cells(c)])
-    tables.append({"title": "per-stage counters (all committed shards)",
-                   "columns": ["step", "stage", "records in", "records out", "added", "dropped", "errors", "seconds"],
-                   "rows": rows})
+            FROM records""")
+    sections["counters"] = {
+        "title": "per-stage counters (committed shards)",
+        "columns": ["step", "stage", "records in", "records out", "added", "dropped", "errors", "seconds"],
+        "rows": [[step_name, stage, *summary_cells(c)] for step_name, stages in counters.items() for stage, c in stages.items()],
+    }
     if folder is not None:
+        sections.update(fld5b_tables(out, [folder] if step else committed_folders(store), sample))
         # only the first reason is stored, so the funnel follows the order the filters ran in
         order = [stage for step_counters in counters.values() for stage in step_counters] or None
-        tables.extend(funnel_tables(con, order))
+        sections["funnel"], sections["checks"] = funnel_tables(con, order)
+    con.close()
     t = round_metrics_table(store)
     if t["rows"]:
-        tables.append(t)
-    con.close()
-    return tables
+        sections["rounds"] = t
+    return sections
+
 
 
 def round_metrics(out) -> list[dict]:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from engine.stage import Resources, Stage, StageParams
-from filters.decision import drop, is_kept, reset_all, set_check
+from filters.decision import Threshold, drop, is_kept, reset_all, set_check
 from filters.per_kind import merge_per_key
 
 ANN_TYPES = ("region", "text", "grounding")
@@ -107,6 +107,12 @@ class ClipScoreFilter(Stage):
         image_emb = self.clip.encode_images(images, batch_size=self.params.clip_batch_size)
         idx = [text_index[t] for t in texts]
         return (image_emb * text_emb[idx]).sum(dim=-1).tolist()
+
+    def thresholds(self) -> list[Threshold]:
+        """The global cosine thresholds (keep_top_fraction is relative: no fixed cut to mark)."""
+        p: ClipScoreParams = self.params  # type: ignore[assignment]
+        return [Threshold(LIST_OF_TYPE[t], f"{self.name}.{t}", f"{t} min_score", float(p.min_score[t]))
+                for t in p.types if p.min_score.get(t) is not None]
 
     def region_text(self, ann: dict) -> str:
         p: ClipScoreParams = self.params  # type: ignore[assignment]

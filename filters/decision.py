@@ -9,11 +9,21 @@ its own reason and its own checks. That makes every filter idempotent.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 KEPT = "kept"
 DROPPED = "dropped"
 ANNOTATION_LISTS = ("texts", "regions", "groundings")
+
+
+class Threshold(NamedTuple):
+    """Where a filter rule cuts one value: `fld show` marks it on that value's histogram.
+    `value_of` is a check key (`<filter>.<check>`) or "score" (the annotation's own score)."""
+
+    annotations: str  # texts | regions | groundings
+    value_of: str
+    rule: str  # the parameter, e.g. "brief min_object_complexity"
+    value: float
 
 
 def reset_own(ann: dict, filter_name: str, keep: Iterable[str] = ()) -> None:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from annotators.phrases import GROUNDING_BLACKLIST, is_blacklisted, normalize_phrase
 from engine.stage import Resources, Stage, StageParams
-from filters.decision import drop, is_kept, reset_all, set_check
+from filters.decision import Threshold, drop, is_kept, reset_all, set_check
 from filters.mask_agreement import mask_box_iou
 
 
@@ -52,6 +52,13 @@ class GroundingFilter(Stage):
         for rec in records:
             self.guarded(rec, lambda rec=rec: self.filter_record(rec))
         return records
+
+    def thresholds(self) -> list[Threshold]:
+        """Every active numeric rule, on the check (or score) it reads."""
+        p: GroundingFilterParams = self.params  # type: ignore[assignment]
+        rules = (("score", "min_box_score", p.min_box_score), (p.phrase_score_key, "min_phrase_score", p.min_phrase_score),
+                 (f"{self.name}.mask_box_iou", "min_mask_iou", p.min_mask_iou))
+        return [Threshold("groundings", value_of, rule, float(v)) for value_of, rule, v in rules if v is not None]
 
     def is_blacklisted(self, phrase: str) -> bool:
         """Empty, in the blacklist, or (with drop_pronouns) pronouns only; compared lower-cased."""

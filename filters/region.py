@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import field_validator
 
 from engine.stage import Resources, Stage, StageParams
-from filters.decision import drop, is_kept, reset_all, set_check
+from filters.decision import Threshold, drop, is_kept, reset_all, set_check
 from filters.mask_agreement import mask_box_iou
 from filters.per_kind import merge_per_key
 from schemas.geometry import box_iou, clamp_box
@@ -131,6 +131,21 @@ class RegionFilter(Stage):
         for rec in records:
             self.guarded(rec, lambda rec=rec: self.filter_record(rec))
         return records
+
+    def thresholds(self) -> list[Threshold]:
+        """Every active rule, on the check (or score) it reads."""
+        p: RegionFilterParams = self.params  # type: ignore[assignment]
+        out = [Threshold("regions", "region_filter.min_side", "min_side", p.min_side),
+               Threshold("regions", "region_filter.area_frac", "min_area_frac", p.min_area_frac)]
+        for kind in REGION_KINDS:
+            for value_of, rule, value in (("score", "min_score", p.min_score.get(kind)),
+                                          ("region_filter.aspect", "max_aspect", p.max_aspect.get(kind)),
+                                          ("region_filter.nms_iou", "nms_iou", p.nms_iou.get(kind))):
+                if value is not None:
+                    out.append(Threshold("regions", value_of, f"{kind} {rule}", float(value)))
+        if p.min_mask_iou is not None:
+            out.append(Threshold("regions", "region_filter.mask_box_iou", "min_mask_iou", p.min_mask_iou))
+        return out
 
     def filter_record(self, rec: dict) -> None:
         p: RegionFilterParams = self.params  # type: ignore[assignment]

@@ -10,6 +10,7 @@ counts the same things; the paper gives no thresholds):
   ("tennis racket" is one object, "tennis" is an attribute of it);
 - attribute: an ADJ token, or a token attached as amod / acomp / compound;
 - action: a VERB token other than the lemma "be" (spaCy tags existential "there is" as VERB);
+- proper noun: a PROPN token (also an object; FLD-5B Table 3 counts them apart);
 - degree of a token = its non-punctuation children + 1 for its head unless it is the root
   (punctuation attaches to the root in spaCy and says nothing about structure);
 - per caption: object complexity and action complexity are the MEAN degree over its objects /
@@ -17,8 +18,8 @@ counts the same things; the paper gives no thresholds):
   comparable across tiers (FLD-5B: 4.00 detailed vs 4.02 more detailed while object counts
   double), which a max or a sum would not.
 
-Checks: text_filter.objects, .attributes, .actions, .object_complexity, .action_complexity,
-.tokens. Reasons: text_filter:empty, :too_many_objects, :too_few_objects,
+Checks: text_filter.objects, .attributes, .actions, .proper_nouns, .object_complexity,
+.action_complexity, .tokens. Reasons: text_filter:empty, :too_many_objects, :too_few_objects,
 :low_object_complexity, :low_action_complexity.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.stage import Resources, Stage, StageParams
-from filters.decision import drop, reset_all, set_check
+from filters.decision import Threshold, drop, reset_all, set_check
 from filters.per_kind import merge_per_key
 from schemas.records import TIERS
 
@@ -81,6 +82,7 @@ class TextStats:
     objects: int
     attributes: int
     actions: int
+    proper_nouns: int
     object_complexity: float
     action_complexity: float
 
@@ -107,6 +109,7 @@ def text_stats(doc, aggregate: str = "mean") -> TextStats:
         objects=len(objects),
         attributes=len(attributes),
         actions=len(actions),
+        proper_nouns=sum(1 for t in doc if t.pos_ == "PROPN"),
         object_complexity=_aggregate([degree(t) for t in objects], aggregate),
         action_complexity=_aggregate([degree(t) for t in actions], aggregate),
     )
@@ -134,6 +137,13 @@ class TextFilter(Stage):
         for (rec, ann), doc in zip(texts, docs):
             self.guarded(rec, lambda ann=ann, doc=doc: self.decide(ann, text_stats(doc, p.aggregate)))
         return records
+
+    def thresholds(self) -> list[Threshold]:
+        """Every active per-tier rule, on the check it reads."""
+        rules = (("objects", "min_objects"), ("objects", "max_objects"),
+                 ("object_complexity", "min_object_complexity"), ("action_complexity", "min_action_complexity"))
+        return [Threshold("texts", f"{self.name}.{check}", f"{tier} {rule}", float(getattr(th, rule)))
+                for tier, th in self.params.tiers.items() for check, rule in rules if getattr(th, rule) is not None]
 
     def decide(self, ann: dict, stats: TextStats) -> None:
         tier = ann.get("tier")

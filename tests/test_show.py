@@ -1,38 +1,190 @@
-"""fld show: a self-contained HTML page with drawn annotations and colour-linked phrases."""
-import base64
-import io
+"""fld show: one self-contained HTML page; annotations as SVG layers over real photos, the run's
+models (warning on random ones), funnel and histograms with the pipeline's thresholds, the
+quarantine, captions without Florence-2 tokens, and every user string escaped."""
+from __future__ import annotations
+
+import hashlib
 import re
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import pyarrow as pa
+import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.stage import records_to_table, table_to_records
+from engine.config import load_pipeline
+from engine.show import build_report, visible_text
+from engine.stage import records_to_table
 from engine.store import ShardStore
-from schemas.records import new_annotation, source_of
-from test_export import out  # noqa: F401  (fixture: a store with kept and dropped annotations)
+from schemas.geometry import mask_to_rle
+from schemas.records import IMAGES_SCHEMA, QUARANTINE_SCHEMA, empty_record, new_annotation, source_of
+
+REPO = Path(__file__).resolve().parents[1]
+EVIL = "<script>window.__pwned=1</script>[/bold]"
+COFFEE_URI = f"coffee {EVIL}.png"
+CAPTION = "<loc_5>a cup of coffee<loc_9> on a table"  # a model leaked location tokens
+SRC = source_of("unit", "unit-model")
 
 
-def _add_grounding(store_dir):
-    store = ShardStore(store_dir)
-    rec = table_to_records(store.read_shard("annotations/stage1", "part-00000"))[0]
-    rec["groundings"] = [new_annotation(source_of("unit"), 0.9, ann_id="g1", text_ann_id="t1", phrase="a cup",
-                                        char_start=0, char_end=5, box=[150, 100, 450, 300], mask=None)]
-    store.write_shard("annotations/stage1", "part-00000", records_to_table([rec]))
+def _ann(score=None, status="kept", reason=None, checks=None, **fields):
+    a = new_annotation(SRC, score, **fields)
+    a.update(status=status, reason=reason, checks=checks or {})
+    return a
 
 
-def test_report_draws_annotations_and_links_phrases(out, tmp_path):  # noqa: F811
-    _add_grounding(out)
-    report = tmp_path / "report.html"
-    res = CliRunner().invoke(app, ["show", str(out), "--out", str(report)])
+def _rect_mask(h, w, box):
+    m = np.zeros((h, w), bool)
+    m[box[1]:box[3], box[0]:box[2]] = True
+    return mask_to_rle(m)
+
+
+def make_report_store(root: Path, photos: dict, pipeline: str = "quickstart", profile: str | None = "offline") -> ShardStore:
+    """Two real photos with every kind of annotation (kept and dropped), hostile strings in a file
+    name, a caption, a label, a reason and the quarantine; manifest from a real pipeline config."""
+    store = ShardStore(root)
+    rows, ids = [], []
+    for uri, data in ((COFFEE_URI, photos["coffee"]), ("astronaut.png", photos["astronaut"])):
+        ids.append(hashlib.sha256(data).hexdigest())
+        rows.append({"image_id": ids[-1], "uri": uri, "source": "t", "width": 600 if "coffee" in uri else 512,
+                     "height": 400 if "coffee" in uri else 512, "format": "PNG", "mode": "RGB", "bytes": data, "human": None})
+    counters = {"inputs": 5, "images": 2, "quarantined": 3, "duplicates": 0}
+    store.write_shard("images", "part-00000", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), {"counters": counters})
+    quarantine = [{"uri": f"broken {EVIL}.jpg", "source": "t", "reason": "truncated", "detail": f"cut at byte 10 {EVIL}",
+                   "image_id": None, "duplicate_of": None},
+                  {"uri": "https://example.com/missing.jpg", "source": "t", "reason": "missing", "detail": "404",
+                   "image_id": None, "duplicate_of": None},
+                  {"uri": "empty.jpg", "source": "t", "reason": "empty", "detail": "0 bytes", "image_id": None,
+                   "duplicate_of": None}]
+    store.write_shard("quarantine", "part-00000", pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
+
+    coffee = empty_record({"image_id": ids[0], "uri": COFFEE_URI, "width": 600, "height": 400, "source": "t"})
+    start = CAPTION.index("a cup")
+    coffee["texts"] = [
+        _ann(ann_id="t1", tier="brief", text=CAPTION),
+        _ann(ann_id="t2", tier="brief", text=f"{EVIL} junk", status="dropped", reason="text_filter:too_few_objects"),
+        _ann(ann_id="t3", tier="detailed", text="a white cup on a saucer<loc_12><lo"),  # generation cut mid-token
+    ]
+    coffee["regions"] = [
+        _ann(0.9, ann_id="r1", kind="object", box=[150.0, 100.0, 450.0, 300.0], quad=None, polygon=None,
+             mask=_rect_mask(400, 600, (150, 100, 450, 300)), label="cup", brief="a white cup",
+             checks={"region_filter.nms_iou": 0.0}),
+        _ann(0.8, ann_id="r2", kind="text", box=[20.0, 330.0, 220.0, 370.0],
+             quad=[20.0, 330.0, 220.0, 335.0, 218.0, 370.0, 22.0, 366.0], polygon=None, mask=None,
+             label="COFFEE & <b>", brief=None),
+        _ann(0.2, ann_id="r3", kind="object", box=[0.0, 0.0, 50.0, 50.0], quad=None, polygon=None, mask=None,
+             label="spoon", brief=None, status="dropped", reason="region_filter:low_score",
+             checks={"region_filter.nms_iou": 0.1}),
+        _ann(0.7, ann_id="r4", kind="object", box=[480.0, 20.0, 580.0, 120.0], quad=None,
+             polygon=[[480.0, 120.0, 530.0, 20.0, 580.0, 120.0]], mask=None, label=f"{EVIL}", brief=None),
+    ]
+    coffee["groundings"] = [
+        _ann(0.6, ann_id="g1", text_ann_id="t1", phrase="a cup", char_start=start, char_end=start + 5,
+             box=[150.0, 100.0, 450.0, 300.0], mask=_rect_mask(400, 600, (160, 110, 440, 290))),
+        _ann(0.5, ann_id="g2", text_ann_id="t1", phrase="a table", char_start=CAPTION.index("a table"),
+             char_end=len(CAPTION), box=[0.0, 250.0, 600.0, 400.0], mask=None, status="dropped",
+             reason=f"grounding_filter:{EVIL}"),
+    ]
+    astronaut = empty_record({"image_id": ids[1], "uri": "astronaut.png", "width": 512, "height": 512, "source": "t"})
+    astronaut["regions"] = [_ann(0.95, ann_id="r5", kind="object", box=[100.0, 50.0, 400.0, 500.0], quad=None,
+                                 polygon=None, mask=None, label="person", brief="a woman in a space suit")]
+    astronaut["errors"] = [{"stage": "masks", "error": f"ValueError: {EVIL}"}]
+    store.write_shard("annotations/stage2", "part-00000", records_to_table([coffee, astronaut]))
+    pipe = load_pipeline(REPO / "pipelines.yaml", pipeline, profile)
+    store.update_manifest(folder_order=["annotations/stage2"], pipeline={
+        "name": pipe.name, "file": "pipelines.yaml", "profile": profile, "input": "samples",
+        "models": pipe.models, "config": pipe.config.model_dump(mode="json")})
+    return store
+
+
+@pytest.fixture()
+def report(tmp_path, photos):
+    store = make_report_store(tmp_path / "out", photos)
+    dest = tmp_path / "report.html"
+    assert build_report(store.out, dest) == 2
+    return dest.read_text()
+
+
+def _layer(page: str, name: str) -> str:
+    return re.search(rf'<g class="layer layer-{name}">(.*?)</g>', page, re.S).group(1)
+
+
+def test_visible_text_drops_florence_tokens_whole_and_cut():
+    assert visible_text("<loc_1>a dog<loc_22><loc_333>") == "a dog"
+    assert visible_text("loc_810><loc_3> person") == " person"  # a span that starts inside a token
+    assert visible_text("a cup<loc_12><lo") == "a cup" and visible_text("a cup<") == "a cup"
+    assert visible_text("<poly>x</poly><sep>y<and>z") == "xyz"
+    assert visible_text("a < b > c, 3 cups") == "a < b > c, 3 cups"
+    text = "<loc_5>a cup<loc_9>"
+    assert visible_text(text, 3, 12) == "a cup"  # a slice that cuts tokens at both ends
+
+
+def test_layers_are_drawn_over_the_embedded_photo(report):
+    page = report
+    assert page.count('<svg class="annotated"') == 2
+    assert len(re.findall(r'<image href="data:image/jpeg;base64,[A-Za-z0-9+/=]{1000,}"', page)) == 2
+    objects = _layer(page, "objects")
+    assert '<rect x="150.0" y="100.0" width="300.0" height="200.0"' in objects and "<title>a white cup (0.90)</title>" in objects
+    assert '<polygon points="20.0,330.0 220.0,335.0 218.0,370.0 22.0,366.0"' in _layer(page, "ocr")
+    masks = _layer(page, "masks")
+    assert "M 480.0 120.0 L 530.0 20.0 L 580.0 120.0 Z" in masks  # from the region's polygon
+    assert re.search(r"M 150\.0 100\.0 L 150\.0 299\.0 L 449\.0 299\.0 L 449\.0 100\.0 Z", masks)  # from its RLE mask
+    grounding = re.search(r'<rect x="150.0" y="100.0"[^>]*stroke="(#[0-9a-f]{6})" stroke-dasharray', _layer(page, "groundings"))
+    assert grounding, "the grounding box is drawn dashed"
+    # the phrase has its box's colour, and the caption has no location token left
+    assert f'<b class="phrase" style="color:{grounding.group(1)}">a cup</b> of coffee on a table' in page
+    dropped = _layer(page, "dropped")
+    assert "<title>dropped by region_filter:low_score: spoon (0.20)</title>" in dropped
+    assert 'id="layer-dropped" class="toggle">' in page and 'id="layer-objects" class="toggle" checked>' in page
+
+
+def test_header_funnel_histograms_and_quarantine(report):
+    page = report
+    assert "pipeline <b>quickstart</b>" in page and "profile <b>offline</b>" in page
+    warning = re.search(r"<div class='warning' id='random-models'>(.*?)</div>", page, re.S).group(1)
+    assert "florence2 = random:tiny (used by florence2, region_text)" in warning
+    assert "<td>ocr</td><td>rapidocr</td><td>ocr</td>" in page  # a real model is listed, not warned about
+    assert '<svg class="funnel"' in page and "region_filter" in re.search(r'<svg class="funnel".*?</svg>', page, re.S).group(0)
+    score = re.search(r"<figure class='hist'><svg.*?>score</text><text[^>]*>regions, n=5.*?</figure>", page, re.S).group(0)
+    # the quickstart keeps region_filter's default min_score per kind: both cuts are marked
+    assert "<title>object min_score = 0.3</title>" in score and "<title>text min_score = 0.5</title>" in score
+    quarantine = re.search(r"<section id='quarantine'>.*?</section>", page, re.S).group(0)
+    assert "Quarantine (3 inputs not used)" in quarantine and "<td>truncated</td>" in quarantine
+
+
+def test_self_contained_and_everything_escaped(report):
+    page = report
+    assert "<script" not in page.lower(), "no script at all: toggles are CSS, user text is escaped"
+    assert page.count("&lt;script&gt;window.__pwned=1&lt;/script&gt;[/bold]") >= 6  # uri, caption, label, reason, quarantine, error
+    assert "COFFEE &amp; &lt;b&gt;" in page and "<b>" not in _layer(page, "ocr")
+    links = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
+    assert links and all(link.startswith("data:") for link in links), [x[:40] for x in links if not x.startswith("data:")]
+    assert not re.search(r"@import|url\(|<link\b|<iframe\b", page, re.I)
+    assert not re.search(r"loc_\d", page), "no Florence-2 location token, whole or cut, reaches the page"
+
+
+def test_no_warning_when_every_model_is_real(tmp_path, photos):
+    store = make_report_store(tmp_path / "out", photos, pipeline="fld", profile=None)
+    build_report(store.out, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "random-models" not in page and "<td>florence2</td><td>florence-community/Florence-2-large</td>" in page
+
+
+def test_a_broken_record_does_not_block_the_report(tmp_path, photos):
+    store = make_report_store(tmp_path / "out", photos)
+    recs = store.read_shard("annotations/stage2", "part-00000").to_pylist()
+    recs[1]["regions"][0]["box"] = [1.0, 2.0]  # not a box: this card cannot be drawn
+    store.write_shard("annotations/stage2", "part-00000", records_to_table(recs))
+    assert build_report(store.out, tmp_path / "r.html") == 2
+    page = (tmp_path / "r.html").read_text()
+    assert "could not draw this record (part-00000): ValueError" in page and page.count('<svg class="annotated"') == 1
+
+
+def test_cli_show_with_markup_in_the_path(tmp_path, photos):
+    store = make_report_store(tmp_path / "out", photos)
+    dest = tmp_path / "new" / "[/bold] report.html"  # a folder "[" inside a folder that does not exist yet
+    res = CliRunner().invoke(app, ["show", str(store.out), "--out", str(dest), "--limit", "1"])
     assert res.exit_code == 0, res.output
-    page = report.read_text()
-    assert "coffee.png" in page and "text_filter:too_few_objects x1" in page and "region_filter:low_score x1" in page
-    colored = re.search(r'<b style="color:(#[0-9a-f]{6})">a cup</b> of coffee', page)
-    assert colored, "the grounded phrase is coloured in its caption"
-    png = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1))
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    rgb = tuple(int(colored.group(1)[i : i + 2], 16) for i in (1, 3, 5))
-    # the grounding box is drawn in the phrase's colour (the 600x400 image is not rescaled)
-    assert (img == rgb).all(axis=-1).sum() > 400
+    assert "[/bold] report.html (1 images)" in res.output and dest.exists()
+    res = CliRunner().invoke(app, ["show", str(store.out), "--step", "nope"])
+    assert res.exit_code == 2 and "no committed step 'nope'" in res.output
