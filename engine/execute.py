@@ -136,8 +136,8 @@ def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None, first
 
     `apply(stage, batch) -> out` replaces the plain call (Beam retries a failing batch per element);
     `on_batch(stage name, rows)` reports progress inside a shard."""
+    limit_threads(stage.resources.cpus)  # before setup: a model is built with the threads it will run with
     stage.ensure_setup()
-    limit_threads(stage.resources.cpus)
     outs = []
     for start, stop in batch_bounds(table.num_rows, stage.resources.batch_size, first_row):
         batch = table.slice(start, stop - start)

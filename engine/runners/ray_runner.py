@@ -170,7 +170,10 @@ class RayRunner:
             log.warning("ray: actor pools ask for more than the %s cluster CPUs; scaled to %s CPUs per actor "
                         "so read/write tasks can run", cluster_cpus, actor_cpus)
         cpus_of = dict(zip([id(s) for s in model_stages], actor_cpus))
-        ds = ray.data.read_datasource(_shard_datasource(store, job, needs, shards), num_cpus=READ_TASK_CPUS)
+        # one block per shard: exactly one read task each (Ray Data would otherwise split read outputs to
+        # reach its minimum block count, and a stage would see the shard in other batches than locally)
+        ds = ray.data.read_datasource(_shard_datasource(store, job, needs, shards), num_cpus=READ_TASK_CPUS,
+                                      override_num_blocks=len(shards))
         task_cpus = min(1.0, max(cluster_cpus - sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages)), 0.25))
         for stage, recipe in zip(stages, job.recipes):
             res = stage.resources
