@@ -45,6 +45,9 @@ class Runner(Protocol):
         ...
 
 
+RUNNERS = ("local", "ray", "beam")
+
+
 def get_runner(name: str, **options) -> Runner:
     if name == "local":
         from engine.runners.local import LocalRunner
@@ -58,4 +61,4 @@ def get_runner(name: str, **options) -> Runner:
         from engine.runners.beam_runner import BeamRunner
 
         return BeamRunner(**options)
-    raise ValueError(f"unknown runner {name!r}: use local, ray or beam")
+    raise ValueError(f"unknown runner {name!r}: use {', '.join(RUNNERS)}")
