@@ -114,9 +114,13 @@ class _Hub:
     def find(self, repo: str, files: list[str], revision: str) -> _Found:
         """A snapshot of `repo` in the local cache holding any of `files` (else asks the hub once)."""
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
 
         for name in files:
-            hit = try_to_load_from_cache(repo, name, revision=revision)
+            try:
+                hit = try_to_load_from_cache(repo, name, revision=revision)
+            except HFValidationError:
+                return _Found("hub", None, None, f"{repo!r} is neither an existing local folder nor a valid hub id (org/name)")
             if isinstance(hit, str):
                 snapshot = Path(hit[: -len(name) - 1])
                 return _Found("hub", str(snapshot), snapshot.name)
@@ -263,7 +267,7 @@ def resolve(pipeline: Pipeline) -> list[ResolvedModel]:
             else:
                 cache[key] = LOADERS[loader](ref, hub)
         found = cache[key]
-        if found.problem is None and check is not None and ref is not None:
+        if check is not None and ref is not None:  # the stage's own check names the problem best
             try:
                 check(param, ref)
             except (OSError, ValueError) as exc:
