@@ -1,13 +1,15 @@
-"""Stage `detect`: object regions from a transformers object detector (FLD-5B's object specialist).
+"""Stage `detect`: object regions from an object detector (FLD-5B's object specialist).
 
-Two families, because they answer different questions:
+Three families, because they answer different questions:
 - `detr`: closed-vocabulary DETR-family detectors (DETR, Conditional/Deformable DETR, RT-DETR,
   D-FINE, ...) through AutoModelForObjectDetection + AutoImageProcessor; `vocabulary`, when given,
   keeps only those of the model's categories.
 - `owlv2`: OWLv2 zero-shot detection; `vocabulary` is the list of category names to look for
   (each wrapped in `prompt_template`), so the label set is the pipeline's choice, not the model's.
+- `ssd`: TensorFlow SSD graphs (COCO) through OpenCV DNN (annotators/ssd_model.py): the one real
+  detector available without a model hub, hence the offline profile's.
 
-Both use the processors' own `post_process_*` (box decoding and rescaling, OWLv2's square
+detr and owlv2 use the processors' own `post_process_*` (box decoding and rescaling, OWLv2's square
 padding) and write boxes in original-image pixels, clamped to the image.
 """
 from __future__ import annotations
@@ -29,8 +31,9 @@ from engine.stage import Resources, Stage, StageParams, pick_device
 from schemas.geometry import clamp_box
 from schemas.records import make_ann_id, new_annotation
 
-FAMILIES = ("detr", "owlv2")
-DEFAULT_THRESHOLD = {"detr": 0.5, "owlv2": 0.1}
+FAMILIES = ("detr", "owlv2", "ssd")
+# ssd 0.5: the TF Object Detection API's own visualisation cut-off
+DEFAULT_THRESHOLD = {"detr": 0.5, "owlv2": 0.1, "ssd": 0.5}
 
 # Tiny label set of the random DETR preset: real category names, so downstream stages
 # (region_text, filters) see realistic labels.
@@ -42,8 +45,8 @@ TINY_LABELS = ["person", "cat", "cup", "rocket", "car", "dog", "bicycle", "chair
 class DetectorModel:
     """A loaded detector: model + processor, with what provenance records."""
 
-    model: Any
-    processor: Any  # image processor (detr) or Owlv2Processor (owlv2)
+    model: Any  # transformers model, or annotators.ssd_model.SsdDetector (ssd)
+    processor: Any  # image processor (detr), Owlv2Processor (owlv2), None (ssd)
     family: str
     ref: str
     revision: str
@@ -51,6 +54,8 @@ class DetectorModel:
 
     @property
     def labels(self) -> dict[int, str]:
+        if self.family == "ssd":
+            return dict(self.model.labels)
         return {int(k): v for k, v in (self.model.config.id2label or {}).items()}
 
     def save(self, directory: str) -> None:
@@ -116,13 +121,8 @@ def _tiny_owlv2() -> dict:
     }
 
 
-def _random_detr(location: str, config: dict) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForObjectDetection
-    from transformers.models.auto.image_processing_auto import (
-        IMAGE_PROCESSOR_MAPPING_NAMES,
-        get_image_processor_class_from_name,
-    )
-
+def random_detr_config(location: str, config: dict) -> tuple[dict, dict]:
+    """(model config, image processor kwargs) of a random: DETR reference; no model is built."""
     if config.get("preset") == "tiny":
         model_cfg, proc_kwargs = _tiny_detr()
     elif "preset" in config:
@@ -132,6 +132,17 @@ def _random_detr(location: str, config: dict) -> tuple[Any, Any]:
         proc_kwargs = model_cfg.pop("image_processor", {}) or {}
         if "model_type" not in model_cfg:
             raise ValueError(f"random:{location}: the config needs a 'model_type' (e.g. conditional_detr, detr)")
+    return model_cfg, proc_kwargs
+
+
+def _random_detr(location: str, config: dict) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForObjectDetection
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+        get_image_processor_class_from_name,
+    )
+
+    model_cfg, proc_kwargs = random_detr_config(location, config)
     model_cfg = json.loads(json.dumps(model_cfg))  # a private copy
     model_type = model_cfg.pop("model_type")
     proc_kwargs = dict(proc_kwargs)
@@ -151,13 +162,19 @@ def _random_detr(location: str, config: dict) -> tuple[Any, Any]:
     return model, processor
 
 
+def random_owlv2_config(location: str, config: dict) -> dict:
+    """The Owlv2Config kwargs of a random: OWLv2 reference; no model is built."""
+    if config.get("preset") == "tiny":
+        return _tiny_owlv2()
+    if "preset" in config:
+        raise ValueError(f"random:{location}: unknown owlv2 preset; use 'tiny' or a .json/.yaml Owlv2Config")
+    return config
+
+
 def _random_owlv2(location: str, config: dict) -> tuple[Any, Any]:
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    if config.get("preset") == "tiny":
-        config = _tiny_owlv2()
-    elif "preset" in config:
-        raise ValueError(f"random:{location}: unknown owlv2 preset; use 'tiny' or a .json/.yaml Owlv2Config")
+    config = random_owlv2_config(location, config)
     hf_config = Owlv2Config(**config)
     with _seeded(config):
         model = Owlv2ForObjectDetection(hf_config)
@@ -169,10 +186,16 @@ def _random_owlv2(location: str, config: dict) -> tuple[Any, Any]:
     return model, processor
 
 
-def load_detector(ref: str, family: str, device: str | None = None) -> DetectorModel:
-    """Hub id or local directory (from_pretrained), or random:<preset|config> of the family."""
+def load_detector(ref: str, family: str, device: str | None = None, threads: int = 1) -> DetectorModel:
+    """Hub id or local directory (from_pretrained), or random:<preset|config> of the family;
+    ssd: opencv-ssd:<name> or a folder with a .pb + .pbtxt (OpenCV DNN, CPU, `threads`)."""
     if family not in FAMILIES:
         raise ValueError(f"detector family must be one of {FAMILIES}, got {family!r}")
+    if family == "ssd":
+        from annotators.ssd_model import SsdDetector, resolve_ssd
+
+        files = resolve_ssd(ref)
+        return DetectorModel(SsdDetector(files, threads), None, family, ref, files.revision, "cpu")
     parsed = parse_model_ref(ref)
     if parsed.kind == "random":
         builder = _random_detr if family == "detr" else _random_owlv2
@@ -205,16 +228,20 @@ def _pretrained(location: str, revision: str | None, family: str) -> tuple[Any, 
 # ---------------------------------------------------------------------------- stage
 class ObjectDetectorParams(StageParams):
     model: str = Field("detector", description="model reference or alias of the pipeline's models: section")
-    family: Literal["detr", "owlv2"] = "detr"
+    family: Literal["detr", "owlv2", "ssd"] = "detr"
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="minimum score; default 0.5 (detr) / 0.1 (owlv2)"
+        None, ge=0.0, le=1.0, description="minimum score; default 0.5 (detr, ssd) / 0.1 (owlv2)"
     )
     vocabulary: list[str] = Field(
-        default_factory=list, description="owlv2: categories to detect (required); detr: keep only these labels"
+        default_factory=list, description="owlv2: categories to detect (required); detr, ssd: keep only these labels"
     )
     prompt_template: str = Field("a photo of a {}", description="owlv2 text query for a category")
     max_detections: int = Field(100, ge=1, description="per image, highest scores first")
     min_box_size: float = Field(1.0, ge=0.0, description="drop boxes narrower or shorter than this (pixels)")
+    nms_iou: float | None = Field(
+        0.7, gt=0.0, le=1.0,
+        description="ssd: class-agnostic NMS IoU (the graph's own NMS is per class: a cup is also a bowl); null = off",
+    )
 
     @field_validator("vocabulary")
     @classmethod
@@ -253,12 +280,29 @@ class ObjectDetector(Stage):
 
     params: ObjectDetectorParams
 
+    def __init__(self, params=None, models=None):
+        super().__init__(params, models)
+        if self.params.family == "ssd":  # loaded by OpenCV, not transformers: preflight checks its files
+            self.model_params = {"model": "opencv_dnn"}
+
+    def check_model(self, param: str, ref: str) -> None:
+        family = self.params.family
+        if family != "ssd":
+            from annotators.ssd_model import is_ssd_ref
+
+            if is_ssd_ref(ref):
+                raise ValueError(f"{ref!r} is an OpenCV SSD graph: set the detect parameter family: ssd")
+            parsed = parse_model_ref(ref)
+            if parsed.kind == "random":
+                check = random_detr_config if family == "detr" else random_owlv2_config
+                check(parsed.location, parsed.random_config())
+
     def setup(self) -> None:
         p = self.params
-        self.detector = load_detector(self.resolve_model(p.model), p.family)
+        self.detector = load_detector(self.resolve_model(p.model), p.family, threads=self.resources.cpus)
         self.threshold = p.threshold if p.threshold is not None else DEFAULT_THRESHOLD[p.family]
         self._source = self.source(self.detector.ref, self.detector.revision)
-        if p.family == "detr":
+        if p.family in ("detr", "ssd"):
             known = set(self.detector.labels.values())
             missing = [c for c in p.vocabulary if c not in known]
             if missing:
@@ -266,7 +310,7 @@ class ObjectDetector(Stage):
                     f"detect: vocabulary entries {missing} are not categories of {self.detector.ref} "
                     f"(it knows {len(known)}, e.g. {sorted(known)[:10]})"
                 )
-        else:
+        if p.family == "owlv2":
             queries = [p.prompt_template.format(c) for c in p.vocabulary]
             # tokenized once: every batch reuses the same query ids
             self._queries = self.detector.processor.tokenizer(
@@ -303,6 +347,8 @@ class ObjectDetector(Stage):
     def detect(self, pils: list) -> list[list[tuple[float, str, list[float]]]]:
         """One forward pass for the images -> per image [(score, label, [x0, y0, x1, y1])], raw pixels."""
         d = self.detector
+        if d.family == "ssd":
+            return d.model.detect(pils, self.threshold, self.params.nms_iou)
         sizes = [(im.height, im.width) for im in pils]
         if d.family == "detr":
             inputs = d.processor(images=pils, return_tensors="pt").to(d.device)
@@ -332,7 +378,7 @@ class ObjectDetector(Stage):
 
     def _add_regions(self, record: dict, detections: list[tuple[float, str, list[float]]]) -> None:
         p = self.params
-        keep = set(p.vocabulary) if p.family == "detr" and p.vocabulary else None
+        keep = set(p.vocabulary) if p.family != "owlv2" and p.vocabulary else None
         width, height = record["width"], record["height"]
         kept = []
         for score, label, box in sorted(detections, key=lambda d: -d[0]):

@@ -109,6 +109,11 @@ class Florence2Annotator(Stage):
 
     params: Florence2Params
 
+    def check_model(self, param: str, ref: str) -> None:
+        from annotators.florence2_model import check_random_reference
+
+        check_random_reference(ref)
+
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)
         self.florence = Florence2Model.load(self.model_ref, dtype=self.params.dtype)

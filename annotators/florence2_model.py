@@ -183,6 +183,13 @@ def resolve_random_config(config: dict | None = None) -> dict:
     return full
 
 
+def check_random_reference(ref: str) -> None:
+    """A random: reference's preset / config is valid (ValueError otherwise); nothing is built."""
+    mref = parse_model_ref(ref)
+    if mref.kind == "random":
+        resolve_random_config(mref.random_config())
+
+
 def _config_seed(full: dict) -> int:
     digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
     return int(digest[:8], 16)

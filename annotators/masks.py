@@ -128,6 +128,11 @@ class SamMaskAnnotator(Stage):
 
     params: MaskParams
 
+    def check_model(self, param: str, ref: str) -> None:
+        parsed = parse_model_ref(ref) if param == "model" else None
+        if parsed is not None and parsed.kind == "random":
+            random_spec(parsed)
+
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)
         self.revision = parse_model_ref(self.model_ref).revision

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -83,6 +83,11 @@ class RegionTextParams(StageParams):
     )
     num_beams: int = Field(3, ge=1, description="beam search width of the crop captioner (Florence-2's recommended 3)")
     overwrite: bool = Field(False, description="also re-describe regions that already have a brief (e.g. human ones)")
+    candidates: list[Literal["category", "caption", "chunk"]] = Field(
+        default_factory=lambda: ["category", "caption", "chunk"], min_length=1,
+        description="candidate texts CLIP chooses from; [category] alone skips the crop captioner "
+                    "(offline profile: a random captioner and CLIP would pick noise over a real detector's category)",
+    )
 
 
 @dataclass
@@ -107,15 +112,27 @@ class RegionTextAnnotator(Stage):
 
     params: RegionTextParams
 
+    @property
+    def captions_crops(self) -> bool:
+        """The crop captioner runs only when a caption or its noun chunks are candidates."""
+        return bool({"caption", "chunk"} & set(self.params.candidates))
+
+    def check_model(self, param: str, ref: str) -> None:
+        if param == "captioner":  # the CLIP model is checked by preflight's open_clip resolver
+            from annotators.florence2_model import check_random_reference
+
+            check_random_reference(ref)
+
     def setup(self) -> None:
         from annotators.clip_model import ClipModel
         from annotators.florence2_model import Florence2Model
         from annotators.phrases import load_spacy
 
         self.clip = ClipModel.load(self.resolve_model(self.params.clip_model))
-        self.captioner = Florence2Model.load(self.resolve_model(self.params.captioner))
-        self.nlp = load_spacy()
-        self._suppress = self._non_text_tokens()
+        if self.captions_crops:
+            self.captioner = Florence2Model.load(self.resolve_model(self.params.captioner))
+            self.nlp = load_spacy()
+            self._suppress = self._non_text_tokens()
 
     def _non_text_tokens(self) -> list[int]:
         """Token ids a <CAPTION> answer never contains: location / polygon tokens (an undertrained
@@ -134,8 +151,9 @@ class RegionTextAnnotator(Stage):
             regions.extend(found or [])
         if not regions:
             return records
-        self._caption(regions)
-        self._chunk(regions)
+        if self.captions_crops:
+            self._caption(regions)
+            self._chunk(regions)
         self._choose(regions)
         return records
 
@@ -189,9 +207,12 @@ class RegionTextAnnotator(Stage):
             r.chunks = tuple(dict.fromkeys(c.text for c in found))
 
     def _choose(self, regions: list[_Region]) -> None:
-        texts = list(
-            dict.fromkeys(t for r in regions for t in (r.region.get("label"), r.caption, *r.chunks) if t)
-        )
+        allowed = set(self.params.candidates)
+        labels = [r.region.get("label") if "category" in allowed else None for r in regions]
+        for r in regions:  # candidates left out of `candidates` take no part
+            r.caption = r.caption if "caption" in allowed else ""
+            r.chunks = r.chunks if "chunk" in allowed else ()
+        texts = list(dict.fromkeys(t for r, label in zip(regions, labels) for t in (label, r.caption, *r.chunks) if t))
         try:
             image_emb = self.clip.encode_images([r.crop for r in regions])  # one call for the whole batch
             text_emb = self.clip.encode_texts(texts)
@@ -201,10 +222,10 @@ class RegionTextAnnotator(Stage):
             return
         sims = (image_emb @ text_emb.T) if texts else torch.zeros((len(regions), 0))
         index = {t: j for j, t in enumerate(texts)}
-        for i, r in enumerate(regions):
-            candidates = [t for t in (r.region.get("label"), r.caption, *r.chunks) if t]
+        for i, (r, label) in enumerate(zip(regions, labels)):
+            candidates = [t for t in (label, r.caption, *r.chunks) if t]
             similarity = {t: float(sims[i, index[t]]) for t in candidates}
-            choice = choose_brief(r.region.get("label"), r.caption, r.chunks, similarity, self.name)
+            choice = choose_brief(label, r.caption, r.chunks, similarity, self.name)
             if choice is None:
                 continue
             r.region["brief"] = choice.text

@@ -17,7 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.")
+# -h works like --help on every command (click contexts inherit help_option_names)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, which cuts cells.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 console = Console(stderr=True, width=_WIDTH)
@@ -56,8 +58,25 @@ def _say(message: object, style: str | None = None, to: Console = console) -> No
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), shown(msg)))
+    """Each line of msg as one unwrapped `error:` line, shown as data (no markup, control characters escaped)."""
+    for line in str(msg).splitlines() or [""]:
+        console.print(Text.assemble(("error: ", "bold red"), shown(line)), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out_console.print(f"fld-engine {version('fld-engine')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """fld-engine: build FLD-5B-like annotated datasets."""
 
 
 def _render(tables: list[dict]) -> None:
@@ -86,7 +105,7 @@ def _progress_display():
 
 @app.command()
 def run(
-    pipelines: Path = typer.Argument(..., help="pipelines.yaml"),
+    pipelines: Optional[Path] = typer.Argument(None, help="pipelines.yaml (default: the pipelines installed with fld-engine)"),
     pipeline: str = typer.Option(..., "--pipeline", "-p", help="pipeline name in the YAML"),
     input: Optional[str] = typer.Option(None, "--input", "-i", help="folder, list file (csv/jsonl/parquet), tar(s), or COCO JSON"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (resumable)"),
@@ -101,6 +120,7 @@ def run(
     """Ingest SRC and run every step of PIPELINE into OUT; rerun to resume."""
     from engine.config import ConfigError, load_pipeline
     from engine.counters import summary_cells
+    from engine.preflight import check_run
     from engine.run import run_pipeline
     from engine.store import StoreError
 
@@ -113,6 +133,7 @@ def run(
         options["beam_options"] = list(beam_option)
     try:
         pipe = load_pipeline(pipelines, pipeline, profile)
+        check_run(pipe, runner, from_step)  # every model found before anything is written to OUT
         with _progress_display() as factory:
             summary = run_pipeline(pipe, input, str(out), runner=runner, force=force, from_step=from_step,
                                    runner_options=options, progress=factory)
@@ -185,12 +206,12 @@ def stats(
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="output folder of fld run"),
-    format: str = typer.Option("florence", "--format", "-f", help="florence | coco | webdataset"),
+    format: str = typer.Option("florence", "--format", "-f", help="florence | coco | webdataset | hf"),
     dest: Path = typer.Option(..., "--dest", "-d", help="folder to write the export to"),
     step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
     task: list[str] = typer.Option([], "--task", help="florence: only these task tokens, repeatable"),
 ) -> None:
-    """Export kept annotations: Florence-2 training shards, COCO JSON, or WebDataset tars."""
+    """Export kept annotations: Florence-2 training shards, COCO JSON, WebDataset tars, or a Hugging Face dataset."""
     from engine.export import ExportError, export as do_export
     from engine.query import QueryError
 
@@ -235,7 +256,7 @@ def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write t
 def quickstart(
     out: Path = typer.Option(Path("out/quickstart"), "--out", "-o", help="output folder"),
     samples_dir: Path = typer.Option(Path("samples"), "--samples", help="where the sample images are written"),
-    pipelines: Path = typer.Option(Path("pipelines.yaml"), "--pipelines", help="pipelines.yaml"),
+    pipelines: Optional[Path] = typer.Option(None, "--pipelines", help="pipelines.yaml (default: the installed one)"),
     pipeline: str = typer.Option("quickstart", "--pipeline", "-p"),
     profile: Optional[str] = typer.Option("offline", "--profile", help="offline: no network needed"),
     runner: str = typer.Option("local", "--runner", "-r"),
@@ -248,10 +269,53 @@ def quickstart(
 
 @app.command()
 def stages() -> None:
-    """List the registered stages."""
-    from engine.registry import STAGES
+    """List every stage a pipeline can name: built-in, from installed packages, with params and defaults."""
+    from engine.registry import all_entries, stage_class
 
-    _render([{"title": "stages", "columns": ["name", "class"], "rows": [[k, v] for k, v in sorted(STAGES.items())]}])
+    rows = []
+    for entry in all_entries():
+        try:
+            params = _param_defaults(stage_class(entry.name).Params)
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is listed with its error
+            params = f"cannot load: {exc}"
+        rows.append([entry.name, entry.origin, entry.target, params])
+    rows.append(["module.path:Class", "import path", "any importable engine.stage.Stage subclass", ""])
+    _render([{"title": "stages", "columns": ["name", "origin", "class", "params (default)"], "rows": rows}])
+
+
+def _param_defaults(params_cls) -> str:
+    from pydantic_core import to_jsonable_python
+
+    from engine.stage import StageParams
+
+    shown = []
+    for name, field in params_cls.model_fields.items():
+        if name in StageParams.model_fields:  # batch_size / cpus / gpus / concurrency: every stage has them
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown.append(f"{name}={json.dumps(to_jsonable_python(default))}" if not field.is_required() else f"{name} (required)")
+    return ", ".join(shown)
+
+
+@app.command("pipelines")
+def pipelines_(
+    file: Optional[Path] = typer.Argument(None, help="pipelines.yaml (default: the installed one)"),
+) -> None:
+    """List the pipelines of a pipelines.yaml: name, description, steps and their stages, rounds."""
+    from engine.config import ConfigError, load_config, packaged_pipelines
+
+    path = file or packaged_pipelines()
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    rows = [[name, p.description, "; ".join(f"{s.name}: {', '.join(x.stage for x in s.stages)}" for s in p.steps), p.rounds]
+            for name, p in cfg.pipelines.items()]
+    _render([{"title": f"pipelines in {path}", "columns": ["name", "description", "steps", "rounds"], "rows": rows}])
+    if cfg.profiles:
+        _render([{"title": "profiles (--profile)", "columns": ["name", "description", "models", "params"],
+                  "rows": [[n, p.description, ", ".join(f"{a}={r}" for a, r in p.models.items()), ", ".join(p.params)]
+                           for n, p in cfg.profiles.items()]}])
 
 
 if __name__ == "__main__":

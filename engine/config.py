@@ -1,7 +1,8 @@
 """pipelines.yaml: parsed and validated with pydantic; every error names its YAML path.
 
     models:   {alias: model reference}          # real (hub) models by default
-    profiles: {name: {models: {alias: ref}}}    # --profile swaps models without editing pipelines
+    profiles:                                    # --profile swaps models and parameters without editing pipelines
+      NAME: {models: {alias: ref}, params: {STAGE: {param: value}, refine: {train: {steps: 12}}}}
     pipelines:
       NAME:
         ingest: {shard_size: 256, min_side: 16, ...}
@@ -12,6 +13,8 @@
 """
 from __future__ import annotations
 
+import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,9 +74,16 @@ class PipelineConfig(_Strict):
     refine: dict[str, Any] = Field(default_factory=dict, description="stage-3 settings")
 
 
+REFINE_KEY = "refine"  # profiles.<p>.params.refine overrides the stage-3 `refine:` block
+
+
 class ProfileConfig(_Strict):
     description: str = ""
     models: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="stage name (or 'refine') -> parameter overrides for every use of that stage",
+    )
 
 
 class FileConfig(_Strict):
@@ -169,13 +179,92 @@ def load_config(path: str | Path) -> FileConfig:
         raise ConfigError(f"{path}: the top level must be a mapping with a 'pipelines' key") from None
 
 
-def load_pipeline(path: str | Path, name: str, profile: str | None = None) -> Pipeline:
+def packaged_pipelines() -> Path:
+    """The pipelines.yaml installed with the package (a symlink to the repo's top-level file in a
+    checkout; the wheel build copies its content), used when no file is given."""
+    return Path(str(resources.files("engine") / "pipelines.yaml"))
+
+
+def load_pipeline(path: str | Path | None, name: str, profile: str | None = None) -> Pipeline:
+    """A pipeline of `path` (default: the packaged pipelines.yaml) with `profile` applied."""
+    path = packaged_pipelines() if path is None else path
     cfg = load_config(path)
     if name not in cfg.pipelines:
         raise ConfigError(f"{path}: pipelines.{name}: no such pipeline; defined: {sorted(cfg.pipelines)}")
     models = dict(cfg.models)
+    pipe_cfg = cfg.pipelines[name]
     if profile:
         if profile not in cfg.profiles:
             raise ConfigError(f"{path}: profiles.{profile}: no such profile; defined: {sorted(cfg.profiles)}")
         models.update(cfg.profiles[profile].models)
-    return Pipeline(name, cfg.pipelines[name], models, str(path), profile)
+        pipe_cfg = apply_profile_params(pipe_cfg, cfg.profiles[profile].params, f"{path}: profiles.{profile}.params")
+    return Pipeline(name, pipe_cfg, models, str(path), profile)
+
+
+def _deep_update(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_by(override: dict, loc: tuple) -> bool:
+    """Whether the value at `loc` (a pydantic error location) was set by `override`."""
+    node: Any = override
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_profile_params(config: PipelineConfig, overrides: dict[str, dict], where: str) -> PipelineConfig:
+    """Profile parameter overrides merged into every use of each named stage (and into `refine:`).
+
+    Why a profile and not a second pipeline: the same pipeline must finish on a CPU with tiny
+    random models (short generation, one beam) and run at full length with real ones. Errors
+    name the profile's YAML path when the bad value comes from the profile.
+    """
+    if not overrides:
+        return config
+    config = config.model_copy(deep=True)
+    for key, values in overrides.items():
+        if key == REFINE_KEY:
+            continue
+        try:
+            cls = stage_class(key)
+        except UnknownStageError as exc:
+            raise ConfigError(f"{where}.{key}: {exc.args[0]}") from None
+        unknown = sorted(set(values) - set(cls.Params.model_fields))
+        if unknown:
+            raise ConfigError(f"{where}.{key}.{unknown[0]}: not a parameter of stage {key!r}; "
+                              f"parameters: {', '.join(sorted(cls.Params.model_fields))}")
+        for step in config.steps:
+            for spec in step.stages:
+                if spec.stage != key:
+                    continue
+                merged = {**spec.params, **values}
+                try:
+                    cls.Params(**merged)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    if _set_by(values, err["loc"][:1]):
+                        raise ConfigError(f"{where}.{key}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+                spec.params = merged
+    refine = overrides.get(REFINE_KEY)
+    if refine:  # validated even when this pipeline has no rounds: a typo is an error everywhere
+        from refine.loop import RefineConfig  # stage 3 owns its settings' schema
+
+        merged = _deep_update(config.refine, refine)
+        try:
+            RefineConfig(**merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            if _set_by(refine, err["loc"]):
+                raise ConfigError(f"{where}.{REFINE_KEY}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+        if config.rounds or config.refine:
+            config.refine = merged
+    return config

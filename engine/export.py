@@ -1,4 +1,5 @@
-"""`fld export`: kept annotations of one step -> training shards (Florence-2), COCO, WebDataset.
+"""`fld export`: kept annotations of one step -> training shards (Florence-2), COCO, WebDataset,
+Hugging Face `datasets` Parquet (engine/hf_export.py).
 
 Only `status = kept` annotations leave the store; dropped ones stay behind for audit. Output
 shards follow the input shards (part-k of the step -> part-k of the export), so an export is
@@ -20,21 +21,25 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.hf_export import IMAGE_TYPE, export_hf, hf_image, with_features
 from engine.query import resolve_step
 from engine.stage import table_to_records
 from engine.store import ShardStore
 from schemas.geometry import box_area, box_to_quad, polygon_area, rle_area
 
-FORMATS = ("florence", "coco", "webdataset")
-FLORENCE_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("task", pa.string()),
-        ("text_input", pa.string()),
-        ("prompt", pa.string()),
-        ("target", pa.string()),
-        ("image", pa.binary()),
-    ]
+FORMATS = ("florence", "coco", "webdataset", "hf")
+FLORENCE_SCHEMA = with_features(  # `image` is a Hugging Face datasets Image: load_dataset needs no cast
+    pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("task", pa.string()),
+            ("text_input", pa.string()),
+            ("prompt", pa.string()),
+            ("target", pa.string()),
+            ("image", IMAGE_TYPE),
+        ]
+    ),
+    image_columns=("image",),
 )
 EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 # How an image whose pixels had to be turned is written again: lossy formats at high quality,
@@ -120,6 +125,8 @@ def export(out: str | Path, dest: str | Path, fmt: str, step: str | None = None,
         return _florence(store, folder, dest, tasks, max_target_tokens)
     if fmt == "coco":
         return _coco(store, folder, dest)
+    if fmt == "hf":
+        return export_hf(store, folder, dest)
     return _webdataset(store, folder, dest)
 
 
@@ -133,8 +140,9 @@ def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:
         for rec in records:
             counts["images"] += 1
             for ex in codec.encode(rec):
-                rows.append({"image_id": ex.image_id, "task": ex.task, "text_input": ex.text_input,
-                             "prompt": ex.prompt, "target": ex.target, "image": by_id[rec["image_id"]][0]})
+                data, fmt = by_id[rec["image_id"]]
+                rows.append({"image_id": ex.image_id, "task": ex.task, "text_input": ex.text_input, "prompt": ex.prompt,
+                             "target": ex.target, "image": hf_image(data, f"{ex.image_id}.{EXT.get(fmt, 'img')}")})
                 counts["per_task"][ex.task] = counts["per_task"].get(ex.task, 0) + 1
         _atomic_parquet(pa.Table.from_pylist(rows, schema=FLORENCE_SCHEMA), dest / f"{shard}.parquet")
         counts["examples"] += len(rows)

@@ -1,13 +1,21 @@
 """Stage name -> class. Entries are import paths so that listing stages imports no model code.
 
-A pipeline may also name a stage defined outside the package by its import path,
-`stage: mypackage.module:MyStage` (the class must subclass engine.stage.Stage).
+Three origins, looked up in this order:
+- built-in: the table below;
+- entry point: an installed package declares `[project.entry-points."fld_engine.stages"]
+  my_filter = "my_package.filters:MyFilter"`; `stage: my_filter` then works in pipelines.yaml;
+- import path: `stage: mypackage.module:MyStage` (anything importable from sys.path).
+The class must subclass engine.stage.Stage.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 from engine.stage import Stage
+
+ENTRY_POINT_GROUP = "fld_engine.stages"
 
 STAGES: dict[str, str] = {
     # stage 1: specialists (annotators/)
@@ -40,6 +48,45 @@ class UnknownStageError(KeyError):
     pass
 
 
+@dataclass(frozen=True)
+class StageEntry:
+    """Where a stage name comes from (what `fld stages` lists)."""
+
+    name: str
+    target: str  # module:Class
+    origin: str  # "built-in" | "entry point (package X)" | "import path"
+
+
+def plugin_entries() -> dict[str, StageEntry]:
+    """Stages of installed packages (entry-point group fld_engine.stages); built-in names win."""
+    out: dict[str, StageEntry] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in STAGES or ep.name in out:
+            continue
+        package = ep.dist.name if ep.dist is not None else "?"
+        out[ep.name] = StageEntry(ep.name, ep.value, f"entry point (package {package})")
+    return out
+
+
+def all_entries() -> list[StageEntry]:
+    """Every stage a pipeline can name without an import path: built-in first, then plug-ins."""
+    builtin = [StageEntry(name, target, "built-in") for name, target in STAGES.items()]
+    return builtin + sorted(plugin_entries().values(), key=lambda e: e.name)
+
+
+def find_entry(name: str) -> StageEntry:
+    if name in STAGES:
+        return StageEntry(name, STAGES[name], "built-in")
+    if ":" in name:  # an import path: module.path:ClassName
+        return StageEntry(name, name, "import path")
+    plugins = plugin_entries()
+    if name in plugins:
+        return plugins[name]
+    known = sorted([*STAGES, *plugins])
+    raise UnknownStageError(f"unknown stage {name!r}; known stages: {', '.join(known)} "
+                            "(or give an import path module:Class)")
+
+
 def _import(target: str, name: str) -> type[Stage]:
     module, _, attr = target.partition(":")
     try:
@@ -52,14 +99,8 @@ def _import(target: str, name: str) -> type[Stage]:
 
 
 def stage_class(name: str) -> type[Stage]:
-    if ":" in name:  # an import path: module.path:ClassName
-        return _import(name, name)
-    try:
-        target = STAGES[name]
-    except KeyError:
-        raise UnknownStageError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))} "
-                                "(or give an import path module:Class)") from None
-    cls = _import(target, name)
-    if cls.name != name:
-        raise RuntimeError(f"registry entry {name!r} points to {target} whose name is {cls.name!r}")
+    entry = find_entry(name)
+    cls = _import(entry.target, name)
+    if entry.origin == "built-in" and cls.name != name:
+        raise RuntimeError(f"registry entry {name!r} points to {entry.target} whose name is {cls.name!r}")
     return cls

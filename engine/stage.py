@@ -113,6 +113,11 @@ class Stage:
         stage's built-in default, e.g. the installed spaCy model)."""
         return {name: self.resolve_model(getattr(self.params, name) or "") for name in self.model_params}
 
+    def check_model(self, param: str, ref: str) -> None:
+        """Cheap check of the resolved reference `ref` of model param `param` WITHOUT loading it
+        (e.g. a random: preset name or config keys): preflight calls it before anything is written,
+        so a typo fails in a second instead of after ingest. Raise ValueError naming the problem."""
+
     # -------------------------------------------------------------------- contract
     def setup(self) -> None:
         """Load models once per worker. Called by every runner before the first batch."""

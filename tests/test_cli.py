@@ -127,3 +127,45 @@ def test_bad_config_and_missing_input_give_clear_errors(tmp_path):
     assert res.exit_code == 2 and "pipelines.nope" in res.output
     res = _run("run", cfg, "--pipeline", "ocr", "--input", tmp_path / "missing", "--out", tmp_path / "o")
     assert res.exit_code == 2 and "missing" in res.output
+
+
+def test_version_and_short_help_on_every_command():
+    from importlib.metadata import version
+
+    import typer
+
+    res = _run("--version")
+    assert res.exit_code == 0 and res.stdout.strip() == f"fld-engine {version('fld-engine')}"
+    names = sorted(typer.main.get_command(app).commands)
+    assert {"run", "query", "stats", "export", "show", "quickstart", "samples", "stages", "pipelines"} <= set(names)
+    for name in names:
+        short, long = _run(name, "-h"), _run(name, "--help")
+        assert short.exit_code == 0 and "Usage:" in short.output, (name, short.output)
+        assert short.output == long.output
+    assert _run("-h").output == _run("--help").output
+
+
+def test_pipelines_lists_the_installed_file():
+    from engine.config import load_config, packaged_pipelines
+
+    res = _run("pipelines")
+    assert res.exit_code == 0, res.output
+    cfg = load_config(packaged_pipelines())
+    lines = res.output.splitlines()
+    for name, p in cfg.pipelines.items():
+        row = next(line for line in lines if line.strip("│ ").startswith(name + " "))
+        assert p.description[:30] in row and f"│ {p.rounds} " in row
+    assert "stage1: ocr, florence2, detect" in res.output and "offline" in res.output
+    assert _run("pipelines", "/no/such.yaml").exit_code == 2
+
+
+def test_run_without_a_file_uses_the_installed_pipelines(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "sign.jpg").write_bytes(rendered_sign())
+    res = _run("run", "--pipeline", "ocr", "--input", tmp_path / "in", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    from engine.config import packaged_pipelines
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["pipeline"]["file"] == str(packaged_pipelines())
+    assert [r["label"] for r in _query(tmp_path / "out", "SELECT label FROM regions ORDER BY box[2]")] == WORDS

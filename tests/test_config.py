@@ -82,3 +82,64 @@ def test_model_references(tmp_path):
     assert r.random_config() == {"d_model": 32} and r.revision.startswith("random-")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         parse_model_ref("./missing/model_dir")
+
+
+PROFILED = """
+models: {florence2: "random:tiny"}
+profiles:
+  small:
+    params:
+      florence2: {max_new_tokens: 12, num_beams: 1}
+      refine: {train: {steps: 3}, relabel: {max_new_tokens: 8}}
+pipelines:
+  p:
+    steps:
+      - name: stage1
+        stages:
+          - {stage: florence2, params: {model: florence2, max_new_tokens: 64, tasks: [caption]}}
+      - name: stage2
+        stages:
+          - {stage: florence2, params: {model: florence2, tasks: [od]}}
+    rounds: 1
+    refine: {model: florence2, train: {steps: 50, lr: 1.0e-4}}
+"""
+
+
+def test_profile_params_override_every_use_of_a_stage_and_refine(tmp_path):
+    from refine.loop import parse_refine_config
+
+    path = _write(tmp_path, PROFILED)
+    base, small = load_pipeline(path, "p"), load_pipeline(path, "p", "small")
+    assert [s.stages[0].params for s in small.steps] == [
+        {"model": "florence2", "max_new_tokens": 12, "num_beams": 1, "tasks": ["caption"]},
+        {"model": "florence2", "max_new_tokens": 12, "num_beams": 1, "tasks": ["od"]}]
+    assert base.steps[0].stages[0].params["max_new_tokens"] == 64  # the pipeline itself is untouched
+    stage = small.build_stages(small.steps[0])[0]
+    assert (stage.params.max_new_tokens, stage.params.num_beams) == (12, 1)
+    cfg = parse_refine_config(small)
+    assert (cfg.train.steps, cfg.train.lr, cfg.relabel.max_new_tokens) == (3, 1.0e-4, 8)  # merged, lr kept
+    assert base.step_hash("stage1") != small.step_hash("stage1")
+
+
+@pytest.mark.parametrize("override, where", [
+    ("florence2: {max_new_tokenz: 3}", "profiles.small.params.florence2.max_new_tokenz: not a parameter of stage 'florence2'"),
+    ("florence2: {num_beams: 0}", "profiles.small.params.florence2.num_beams"),
+    ("florence3: {num_beams: 1}", "profiles.small.params.florence3: unknown stage 'florence3'"),
+    ("refine: {train: {stepz: 3}}", "profiles.small.params.refine.train.stepz"),
+    ("refine: {relabel: {num_beams: -1}}", "profiles.small.params.refine.relabel.num_beams"),
+])
+def test_profile_param_errors_name_the_profile_path(tmp_path, override, where):
+    text = PROFILED.replace("""      florence2: {max_new_tokens: 12, num_beams: 1}
+      refine: {train: {steps: 3}, relabel: {max_new_tokens: 8}}""", "      " + override)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(_write(tmp_path, text), "p", "small")
+    assert str(tmp_path) in str(err.value) and where in str(err.value)
+
+
+def test_packaged_pipelines_is_the_repo_file():
+    from pathlib import Path
+
+    from engine.config import packaged_pipelines
+
+    assert packaged_pipelines().read_text() == (Path(__file__).parent.parent / "pipelines.yaml").read_text()
+    assert load_pipeline(None, "quickstart", "offline").origin == str(packaged_pipelines())
