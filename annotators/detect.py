@@ -285,6 +285,13 @@ class ObjectDetector(Stage):
         if self.params.family == "ssd":  # loaded by OpenCV, not transformers: preflight checks its files
             self.model_params = {"model": "opencv_dnn"}
 
+    def model_revision(self, param: str, ref: str) -> str:
+        if self.params.family == "ssd":
+            from annotators.ssd_model import resolve_ssd
+
+            return resolve_ssd(ref).revision
+        return super().model_revision(param, ref)
+
     def check_model(self, param: str, ref: str) -> None:
         family = self.params.family
         if family != "ssd":

@@ -256,11 +256,11 @@ def apply_profile_params(config: PipelineConfig, overrides: dict[str, dict], whe
                 spec.params = merged
     refine = overrides.get(REFINE_KEY)
     if refine:  # validated even when this pipeline has no rounds: a typo is an error everywhere
-        from refine.loop import RefineConfig  # stage 3 owns its settings' schema
+        from engine.registry import rounds_class  # stage 3 owns its settings' schema
 
         merged = _deep_update(config.refine, refine)
         try:
-            RefineConfig(**merged)
+            rounds_class().Config(**merged)
         except ValidationError as exc:
             err = exc.errors()[0]
             if _set_by(refine, err["loc"]):

@@ -44,8 +44,7 @@ def ingest_hash(ingest_config) -> str:
 
 def stage_identity(stage, spec_name: str | None = None) -> dict:
     """What decides one stage's output: name, semantic params, models used (ref + revision)."""
-    models = {param: {"ref": ref, "revision": model_revision(ref, stage.model_params[param])}
-              for param, ref in stage.model_refs().items()}
+    models = {param: {"ref": ref, "revision": stage.model_revision(param, ref)} for param, ref in stage.model_refs().items()}
     return {"stage": spec_name or stage.name, "params": stage.semantic_params(), "models": models}
 
 

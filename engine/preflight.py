@@ -290,10 +290,10 @@ def resolve(pipeline: Pipeline) -> list[ResolvedModel]:
                 one(step.name, stage.name, param, loader, raw, stage.check_model)
     if pipeline.config.rounds:
         from annotators.florence2_model import check_random_reference
-        from refine.loop import parse_refine_config
+        from engine.registry import rounds_plan
 
-        cfg = parse_refine_config(pipeline)
-        one("refine", "refine", "model", "hf", cfg.model, lambda param, ref: check_random_reference(ref))
+        plan = rounds_plan(pipeline)
+        one("refine", "refine", "model", "hf", plan.cfg.model, lambda param, ref: check_random_reference(ref))
     return out
 
 

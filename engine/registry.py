@@ -38,10 +38,15 @@ STAGES: dict[str, str] = {
 ROUNDS = "refine.rounds:FlorenceRounds"
 
 
+def rounds_class():
+    """The class that reads a pipeline's `refine:` block (its pydantic schema is `.Config`)."""
+    module, _, attr = ROUNDS.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def rounds_plan(pipeline):
     """The pipeline's refinement rounds as the engine runs them (validates the `refine:` block)."""
-    module, _, attr = ROUNDS.partition(":")
-    return getattr(importlib.import_module(module), attr)(pipeline)
+    return rounds_class()(pipeline)
 
 
 class UnknownStageError(KeyError):

@@ -113,6 +113,14 @@ class Stage:
         stage's built-in default, e.g. the installed spaCy model)."""
         return {name: self.resolve_model(getattr(self.params, name) or "") for name in self.model_params}
 
+    def model_revision(self, param: str, ref: str) -> str:
+        """What identifies the weights behind model param `param` (resolved reference `ref`): the
+        configuration identity of a step includes it, so other weights redo the step. A stage whose
+        models load some other way overrides it."""
+        from engine.models import model_revision
+
+        return model_revision(ref, self.model_params[param])
+
     def check_model(self, param: str, ref: str) -> None:
         """Cheap check of the resolved reference `ref` of model param `param` WITHOUT loading it
         (e.g. a random: preset name or config keys): preflight calls it before anything is written,

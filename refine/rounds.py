@@ -87,6 +87,8 @@ def _yaml_path(loc: tuple) -> str:
 class FlorenceRounds:
     """What the engine needs to know of a pipeline's refinement rounds."""
 
+    Config = RefineConfig
+
     def __init__(self, pipeline):
         from engine.config import ConfigError
 
