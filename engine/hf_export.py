@@ -100,8 +100,8 @@ def export_hf(store, folder: str, dest: Path) -> dict:
     """One Parquet per store shard (part-k of the step -> DEST/part-k.parquet)."""
     from engine.export import EXT, _atomic_parquet, _shard_inputs  # the exports' shared reading and writing
 
-    counts = {"images": 0, "files": 0}
-    for shard, records, by_id in _shard_inputs(store, folder):
+    counts = {"images": 0, "files": 0, "left_out": {}}
+    for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
         rows = []
         for rec in records:
             row = {f.name: map_values_as_pairs(rec.get(f.name), f.type) for f in IMAGE_RECORD_SCHEMA}

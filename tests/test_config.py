@@ -106,7 +106,7 @@ pipelines:
 
 
 def test_profile_params_override_every_use_of_a_stage_and_refine(tmp_path):
-    from refine.loop import parse_refine_config
+    from engine.registry import rounds_plan
 
     path = _write(tmp_path, PROFILED)
     base, small = load_pipeline(path, "p"), load_pipeline(path, "p", "small")
@@ -116,7 +116,7 @@ def test_profile_params_override_every_use_of_a_stage_and_refine(tmp_path):
     assert base.steps[0].stages[0].params["max_new_tokens"] == 64  # the pipeline itself is untouched
     stage = small.build_stages(small.steps[0])[0]
     assert (stage.params.max_new_tokens, stage.params.num_beams) == (12, 1)
-    cfg = parse_refine_config(small)
+    cfg = rounds_plan(small).cfg
     assert (cfg.train.steps, cfg.train.lr, cfg.relabel.max_new_tokens) == (3, 1.0e-4, 8)  # merged, lr kept
     assert base.step_hash("stage1") != small.step_hash("stage1")
 

@@ -101,7 +101,7 @@ def out(dataset, tmp_path_factory):
     res = _run("run", d / "pipelines.yaml", "--pipeline", "ocr_filter", "--input", d / "instances.json", "--out", out)
     assert res.exit_code == 0, res.output
     stats = json.loads(_run("stats", out, "--format", "json").stdout)
-    assert stats[0]["rows"][0] == [7, 7, 0, 0]  # inputs = images + quarantined + duplicates
+    assert stats["ingest"]["rows"][0] == [7, 7, 0, 0]  # inputs = images + quarantined + duplicates
     return out
 
 
@@ -174,7 +174,7 @@ def test_florence_and_webdataset_images_match_their_records(out, dataset, tmp_pa
     rows = pq.read_table(tmp_path / "fl").to_pylist()
     assert {r["image_id"] for r in rows} == set(records)
     for image_id in records:
-        data = next(r["image"] for r in rows if r["image_id"] == image_id)
+        data = next(r["image"]["bytes"] for r in rows if r["image_id"] == image_id)  # a datasets Image struct
         rec = records[image_id]
         _assert_matches_upright(data, rec["uri"], (rec["width"], rec["height"]), dataset)
 
