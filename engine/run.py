@@ -50,10 +50,11 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, progress: Cal
     chunks = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
     seen: set[str] = set()
     committed = store.committed("images")
+    quarantined = store.committed("quarantine")  # a chunk is done when both of its shards are intact
     for k, chunk in enumerate(chunks):
         shard = shard_name(k)
         ihash = _inputs_hash([it.uri for it in chunk])
-        rec = committed.get(shard)
+        rec = committed.get(shard) if shard in quarantined else None
         if rec is not None:
             if rec.get("config_hash") != pipeline.ingest_hash or rec.get("inputs_hash") != ihash:
                 raise StaleOutputError(
@@ -85,7 +86,7 @@ def aggregate_counters(store: ShardStore, folder: str) -> dict:
 def run_pipeline(
     pipeline: Pipeline,
     src: str | None,
-    out: str,
+    out: "str | ShardStore",
     runner: str = "local",
     force: bool = False,
     from_step: str | None = None,
@@ -94,11 +95,11 @@ def run_pipeline(
 ) -> RunSummary:
     """Run ingest + every step (+ refinement rounds) into OUT; safe to rerun after a kill."""
     t0 = time.perf_counter()
-    store = ShardStore(out)
+    store = ShardStore.of(out)
     step_names = [s.name for s in pipeline.steps]
     if from_step is not None and from_step not in step_names:
         raise ConfigError(f"--from {from_step!r}: pipeline {pipeline.name!r} has steps {step_names}")
-    summary = RunSummary(out=str(out))
+    summary = RunSummary(out=str(store.out))
     with store.lock(f"fld run {pipeline.name}"):
         if force:
             for folder in ["images", "quarantine"] + [f"annotations/{s}" for s in step_names]:

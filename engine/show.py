@@ -81,7 +81,7 @@ def _caption_html(text: dict, groundings: list[dict], colors: dict) -> str:
 
 def build_report(out: str | Path, dest: str | Path, step: str | None = None, limit: int = 50) -> int:
     """Write the HTML report of up to `limit` images; returns how many were drawn."""
-    store = ShardStore(out)
+    store = ShardStore.of(out)
     folder = resolve_step(store, step)
     if folder is None:
         raise ValueError(f"{out} has no committed annotations to show")

@@ -20,10 +20,10 @@ def _table(con, title: str, sql: str) -> Table:
     return {"title": title, "columns": [d[0] for d in cur.description], "rows": [list(r) for r in cur.fetchall()]}
 
 
-def collect_stats(out: str | Path, step: str | None = None) -> list[Table]:
-    store = ShardStore(out)
+def collect_stats(out: "str | Path | ShardStore", step: str | None = None) -> list[Table]:
+    store = ShardStore.of(out)
     folder = resolve_step(store, step)
-    con = open_views(out, step)
+    con = open_views(store, step)
     tables: list[Table] = []
     manifest = store.read_manifest()
     ingest = manifest.get("ingest", {})

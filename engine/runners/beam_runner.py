@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -90,7 +89,7 @@ class ReadShardFn(beam.DoFn):
         self.out, self.step_index, self.input_folder, self.needs_images, self.rows = out, step_index, input_folder, needs_images, rows
 
     def process(self, shard: str) -> Iterable[Element]:
-        table = read_tagged_chunk(ShardStore(self.out), self.step_index, self.input_folder, self.needs_images, shard, 0, self.rows[shard])
+        table = read_tagged_chunk(ShardStore.from_spec(self.out), self.step_index, self.input_folder, self.needs_images, shard, 0, self.rows[shard])
         yield from table_to_elements(table)
 
 
@@ -171,7 +170,7 @@ class WriteShardFn(beam.DoFn):
         elements = [e for e in elements]
         parts = [elements_to_table(elements)] if elements else [empty_part(shard)]
         table, counters = assemble_shard(parts, self.folder, shard, self.rows[shard])
-        ShardStore(self.out).write_shard(self.folder, shard, table, {
+        ShardStore.from_spec(self.out).write_shard(self.folder, shard, table, {
             "config_hash": self.config_hash, "runner": "beam", "counters": counters, "seconds": shard_seconds(counters)})
         self.shards.inc()
         self.written.inc(table.num_rows)
@@ -229,7 +228,7 @@ class BeamRunner:
     def build(self, p: beam.Pipeline, store: ShardStore, job: StepJob, shards: list[str], rows: dict[str, int]):
         stages, recipes = step_recipes(job)
         needs_images = any(s.needs_images for s in stages)
-        out = str(Path(store.out).resolve())
+        out = store.spec()  # absolute path or URL + storage options: what workers rebuild the store from
         elements = (p | "shards" >> beam.Create(shards)
                     | "read" >> beam.ParDo(ReadShardFn(out, job.step_index, job.input_folder, needs_images, rows)))
         for i, (stage, recipe) in enumerate(zip(stages, recipes)):

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,7 +73,7 @@ def _shard_datasource(store: ShardStore, job: StepJob, needs_images: bool, rows:
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             tasks = []
-            worker_store = ShardStore(Path(store.out).resolve())  # workers do not share the driver's cwd
+            worker_store = ShardStore.from_spec(store.spec())  # absolute path or URL + storage options
             for shard in [s for s in job.shards if rows[s] > 0]:
                 for start, stop in chunk_bounds(rows[shard], chunks_per_shard):
                     def read(shard=shard, start=start, stop=stop):
@@ -222,6 +221,4 @@ class RayRunner:
         except Exception as exc:  # noqa: BLE001 - stats are diagnostics, never fail a finished step
             stats = f"(no stats: {exc})"
         log.info("ray: step %s took %.1fs\n%s", job.step.name, seconds, stats)
-        logs = Path(store.out) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        (logs / f"{job.step.name}.ray-stats.txt").write_text(stats)
+        store.write_bytes(f"logs/{job.step.name}.ray-stats.txt", stats.encode())
