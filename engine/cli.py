@@ -146,12 +146,12 @@ def query(
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
-    store = open_store(out, storage_option)
     try:
+        store = open_store(out, storage_option)
         result = execute_query(store, sql, step, max_rows=max_rows if format == "table" else None, timeout=timeout,
                                memory_limit=memory_limit, threads=threads)
-    except QueryInterrupted as exc:
-        _fail(str(exc), code=130)
+    except (QueryInterrupted, KeyboardInterrupt):
+        _fail("query interrupted (Ctrl-C)", code=130)
     except (QueryError, StoreError) as exc:
         _fail(str(exc))
     cols, rows = result.columns, result.rows

@@ -18,6 +18,7 @@ SeaweedFS and memory://), so other buckets and prefixes are refused as local pat
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -206,10 +207,35 @@ def execute_query(out: ShardStore | str | Path, sql: str, step: str | None = Non
                   memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS) -> QueryResult:
     """Run untrusted read-only SQL over OUT's views with the sandbox's limits.
 
-    The query runs on a worker thread while this thread waits in short steps, so a timeout and
-    Ctrl-C (KeyboardInterrupt arrives here, not inside DuckDB's C++) both interrupt it cleanly."""
+    The query runs on a worker thread while this thread waits in short steps, so the timeout
+    and Ctrl-C both end in `con.interrupt()`. Ctrl-C is taken by a SIGINT handler rather than
+    as KeyboardInterrupt: DuckDB 2.0 aborts the process when a KeyboardInterrupt is raised
+    while another thread runs a query (measured), and its connection then refuses to close."""
     check_read_only(sql)
-    con = open_views(out, step, storage_options, memory_limit, threads)
+    state: dict = {"con": None, "stopped_by": None}
+
+    def on_sigint(signum, frame) -> None:
+        if state["con"] is None:
+            raise KeyboardInterrupt
+        state["stopped_by"] = state["stopped_by"] or "ctrl-c"
+        state["con"].interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    try:
+        try:
+            con = open_views(out, step, storage_options, memory_limit, threads)
+        except KeyboardInterrupt:
+            raise QueryInterrupted("query interrupted (Ctrl-C)") from None
+        state["con"] = con
+        result = _run_interruptible(con, sql, max_rows, timeout, state)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return result
+
+
+def _run_interruptible(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None, timeout: float | None,
+                       state: dict) -> QueryResult:
     outcome: dict = {}
 
     def work() -> None:
@@ -227,24 +253,16 @@ def execute_query(out: ShardStore | str | Path, sql: str, step: str | None = Non
 
     worker = threading.Thread(target=work, name="fld-query", daemon=True)
     started = time.monotonic()
-    stopped_by = None
-    try:
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.05)
-            if timeout is not None and stopped_by is None and time.monotonic() - started > timeout:
-                stopped_by = "timeout"
-                con.interrupt()
-    except KeyboardInterrupt:
-        stopped_by = "ctrl-c"
-        con.interrupt()
-        worker.join(10)
-    finally:
-        if not worker.is_alive():
-            con.close()
-    if stopped_by == "timeout":
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+        if timeout is not None and state["stopped_by"] is None and time.monotonic() - started > timeout:
+            state["stopped_by"] = "timeout"
+            con.interrupt()
+    con.close()
+    if state["stopped_by"] == "timeout":
         raise QueryError(f"query stopped after {timeout:g} s (--timeout); narrow it down or raise the limit")
-    if stopped_by == "ctrl-c":
+    if state["stopped_by"] == "ctrl-c":
         raise QueryInterrupted("query interrupted (Ctrl-C)")
     if "error" in outcome:
         exc = outcome["error"]

@@ -109,8 +109,8 @@ def run_pipeline(
                       "input": src if src is not None else store.read_manifest().get("pipeline", {}).get("input")},
             folder_order=[f"annotations/{s}" for s in step_names],
         )
-        if src is None and not store.shards("images"):
-            src = store.read_manifest()["pipeline"].get("input")  # resume a run that died during ingest
+        if src is None and (not store.shards("images") or store.damaged("images") or store.damaged("quarantine")):
+            src = store.read_manifest()["pipeline"].get("input")  # resume a run that died during ingest / redo damage
         pf = progress_factory("ingest", 0) if progress_factory else None
         summary.ingest = ingest(store, pipeline, src, pf)
         from_index = step_names.index(from_step) if from_step else None
