@@ -191,6 +191,7 @@ class ShardStore:
         self._checks: dict[str, tuple[Any, str | None]] = {}  # shard path -> (listing key, problem or None)
         self._warned: set[tuple[str, str, str]] = set()
         self._lease = None
+        self._probed: bool | None = None  # None: not probed; False: reachable, OUT absent; True: OUT exists
 
     # ------------------------------------------------------------ identity
     def spec(self) -> StoreSpec:
@@ -316,10 +317,13 @@ class ShardStore:
         Readers need OUT to exist; a writer needs its bucket (a new prefix is fine). Wrong
         credentials, an unreachable endpoint or a missing bucket raise StoreUnavailableError.
         """
+        if self._probed or (self._probed is False and for_writing):
+            return  # reached once already: readers after `fld query`'s CLI probe do not pay twice
         fs = self._fast_fail_fs()
         try:
             fs.invalidate_cache(self.root)
             fs.info(self.root)
+            self._probed = True
             return
         except FileNotFoundError:
             pass
@@ -338,6 +342,7 @@ class ShardStore:
                 raise StoreUnavailableError(f"{self.out}: bucket {bucket!r} does not exist (create it first)") from None
             except Exception as exc:  # noqa: BLE001
                 raise StoreUnavailableError(f"cannot reach {self.out}: {_one_line(exc)}") from None
+        self._probed = False  # reachable; OUT itself does not exist yet
 
     def _fast_fail_fs(self):
         extra = FAST_FAIL_OPTIONS.get(self.protocol)
