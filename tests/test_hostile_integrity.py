@@ -51,8 +51,16 @@ def _rewrite_same_rows(path):
 
 
 def _flip_footer_byte(path):
+    """Same size, same rows, a footer that still parses: only the footer hash can tell."""
     data = bytearray(path.read_bytes())
-    data[-20] ^= 0xFF  # inside the Thrift footer; the size stays the same
+    at = data.rfind(b"parquet-cpp-arrow")  # the footer's created_by string
+    data[at] = ord("P")
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_footer(path):
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0xFF  # the end of the Thrift footer: it no longer parses
     path.write_bytes(bytes(data))
 
 
@@ -66,7 +74,8 @@ DAMAGE = {
     "deleted": (lambda p: p.unlink(), "deleted"),
     "replaced by another shard": (_replace_with_other_shard, "committed"),
     "rewritten with the same rows": (_rewrite_same_rows, "committed"),
-    "footer byte flipped": (_flip_footer_byte, ""),
+    "footer rewritten, same size and rows": (_flip_footer_byte, "footer differs"),
+    "footer corrupted": (_corrupt_footer, ""),
     "commit record garbled": (_garble_record, "commit record unreadable"),
 }
 

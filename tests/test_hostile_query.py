@@ -177,3 +177,19 @@ def test_ctrl_c_stops_a_query_without_a_traceback(target):
     assert proc.returncode == 130, (out, err)
     assert "interrupted" in err and "Traceback" not in err, err
     assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_inside_a_long_lived_process_stops_only_the_query(target):
+    """A service calling execute_query keeps running: SIGINT interrupts the query, not the process."""
+    import threading
+
+    from engine.query import QueryInterrupted, execute_query
+
+    timer = threading.Timer(3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(QueryInterrupted):
+        execute_query(target, FOREVER, timeout=40)
+    timer.join()
+    assert execute_query(target, "SELECT count(*) FROM images").rows == [(4,)]
+

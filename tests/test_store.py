@@ -220,6 +220,49 @@ def test_two_takers_of_a_stale_lease_cannot_both_win(mem_store):
         [w.release() for w in wins]
 
 
+def test_takers_that_interleave_worst_case_cannot_both_win(mem_store, monkeypatch):
+    """Both takers pass every check before either writes, then write and read back one after the
+    other: without the claim object both would hold the lease (what a non-atomic If-Match allows)."""
+    _lease_holder(mem_store, expires_at=time.time() - 1)
+    at_replace, turn = threading.Barrier(2, timeout=2), threading.Lock()
+    real_replace, real_confirm = Lease._replace, Lease._confirm
+
+    def replace(self, data, etag):
+        try:
+            at_replace.wait()
+        except threading.BrokenBarrierError:
+            pass  # the other taker never got this far
+        turn.acquire()
+        return real_replace(self, data, etag)
+
+    def confirm(self):
+        try:
+            return real_confirm(self)
+        finally:
+            if turn.locked():
+                turn.release()
+
+    monkeypatch.setattr(Lease, "_replace", replace)
+    monkeypatch.setattr(Lease, "_confirm", confirm)
+    wins, refusals = [], []
+
+    def take():
+        lease = Lease(ShardStore(mem_store.url()), "taker", 30)
+        try:
+            lease.acquire()
+            wins.append(lease)
+        except RunLockedError as exc:
+            refusals.append(str(exc))
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    try:
+        assert len(wins) == 1 and len(refusals) == 1 and "taking over" in refusals[0], (wins, refusals)
+    finally:
+        [w.release() for w in wins]
+
+
 def test_a_writer_that_lost_its_lease_stops_writing(mem_store):
     with mem_store.lock("slow run", lease_seconds=0.6):
         mem_store._lease._stop.set()  # renewal stalls (e.g. the process was paused)
