@@ -120,14 +120,15 @@ def open_views(out: ShardStore | str | Path, step: str | None = None, storage_op
     if int(threads) < 1:
         raise QueryError(f"--threads must be at least 1, not {threads}")
     store.probe()
-    folder = resolve_step(store, step)
-    con = duckdb.connect()
-    try:
-        _create_views(con, store, folder)
-        lock_down(con, store, memory_limit, threads)
-    except BaseException:
-        con.close()
-        raise
+    with store.snapshot():
+        folder = resolve_step(store, step)
+        con = duckdb.connect()
+        try:
+            _create_views(con, store, folder)
+            lock_down(con, store, memory_limit, threads)
+        except BaseException:
+            con.close()
+            raise
     return con
 
 

@@ -146,7 +146,7 @@ class StoreSpec:
     storage_options: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return f"StoreSpec({self.url!r}, storage_options={sorted(self.storage_options)})"
+        return f"StoreSpec({_redact(self.url)!r}, storage_options={sorted(self.storage_options)})"
 
 
 def _redact(url: str) -> str:
@@ -191,6 +191,7 @@ class ShardStore:
         self._checks: dict[str, tuple[Any, str | None]] = {}  # shard path -> (listing key, problem or None)
         self._warned: set[tuple[str, str, str]] = set()
         self._lease = None
+        self._snapshot: dict[str, dict] | None = None
         self._probed: bool | None = None  # None: not probed; False: reachable, OUT absent; True: OUT exists
 
     # ------------------------------------------------------------ identity
@@ -275,14 +276,33 @@ class ShardStore:
         return sorted(self._listing(rel))
 
     def _listing(self, rel: str) -> dict[str, dict]:
-        """name -> fsspec info of the entries directly under rel: ONE listing call."""
+        """name -> fsspec info of the entries directly under rel: ONE listing call (once per
+        snapshot() block)."""
+        if self._snapshot is not None and rel in self._snapshot:
+            return self._snapshot[rel]
         path = self._p(rel)
         self.fs.invalidate_cache(path)
         try:
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
-            return {}
-        return {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e["name"].rstrip("/") != path.rstrip("/")}
+            entries = []
+        listing = {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e["name"].rstrip("/") != path.rstrip("/")}
+        if self._snapshot is not None:
+            self._snapshot[rel] = listing
+        return listing
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Readers: inside the block each folder is listed once, however often its shards are asked
+        for (at 200k shards a listing is ~200 requests). Writers never use it."""
+        outer = self._snapshot
+        if outer is None:
+            self._snapshot = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._snapshot = None
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
         """Copy a local folder (e.g. a model checkpoint) to rel, replacing what is there."""

@@ -99,8 +99,9 @@ def _wait_until_answering(server: SeaweedS3, proc: subprocess.Popen, timeout: fl
     raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout}s ({last})")
 
 
-def stop(server: SeaweedS3, grace: float = 5.0) -> None:
-    """SIGTERM the server's process group, SIGKILL after `grace` s (weed's graceful stop is slow)."""
+def stop(server: SeaweedS3, grace: float = 1.0) -> None:
+    """SIGTERM the server's process group, SIGKILL after `grace` s (weed ignores SIGTERM for many seconds;
+    its data is a throw-away temp folder)."""
     try:
         os.killpg(server.pid, signal.SIGTERM)
     except ProcessLookupError:

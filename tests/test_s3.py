@@ -75,26 +75,34 @@ def test_run_on_s3_writes_what_a_local_run_writes_and_every_reader_reads_it(s3_s
     assert res.exit_code == 0 and "9 shards verified" in res.output
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("sql", [
-    "SELECT * FROM read_csv('s3://fld-test/{other}/secret.csv')",
-    "SELECT * FROM read_csv('s3://fld-other/secret.csv')",
-    "SELECT * FROM read_csv('{out}2/secret.csv')",
+ATTACKS_ON_S3 = [
+    "SELECT * FROM read_csv('s3://fld-test/{other}/secret.csv')",  # another prefix of the same bucket
+    "SELECT * FROM read_csv('s3://fld-other/secret.csv')",  # another bucket
+    "SELECT * FROM read_csv('{out}2/secret.csv')",  # a sibling prefix that starts like OUT
     "SELECT * FROM read_text('{out}/../{other}/secret.csv')",
     "SELECT * FROM glob('s3://fld-test/*')",
     "COPY (SELECT 1) TO '{out}/written.csv'",
     "SELECT * FROM read_text('/etc/passwd')",
-])
-def test_the_sandbox_holds_on_an_object_store(s3_server, s3_ocr_run, ocr_run, sql):
+]
+
+
+@pytest.mark.timeout(180)
+def test_the_sandbox_holds_on_an_object_store(s3_server, s3_ocr_run, ocr_run):
+    """With external access off, DuckDB applies allowed_directories to the registered fsspec filesystem too."""
+    from engine.query import QueryError, execute_query
+
     fs = s3_server.filesystem()
     other = f"other-{uuid.uuid4().hex[:6]}"
     fs.pipe_file(f"{BUCKET}/{other}/secret.csv", b"a\nTOPSECRET\n")
-    fs.pipe_file(f"{s3_ocr_run[5:]}2/secret.csv", b"a\nTOPSECRET\n")  # a sibling prefix: out2
+    fs.pipe_file(f"{s3_ocr_run[5:]}2/secret.csv", b"a\nTOPSECRET\n")
     if not fs.exists("fld-other"):
         fs.mkdir("fld-other")
     fs.pipe_file("fld-other/secret.csv", b"a\nTOPSECRET\n")
-    res = _cli("query", s3_ocr_run, sql.format(out=s3_ocr_run, other=other), *s3_server.cli_options())
-    assert res.exit_code == 2 and "TOPSECRET" not in res.output and "Traceback" not in res.output, res.output
+    store = ShardStore(s3_ocr_run, s3_server.storage_options)
+    for sql in ATTACKS_ON_S3:
+        with pytest.raises(QueryError) as err:
+            execute_query(store, sql.format(out=s3_ocr_run, other=other))
+        assert "TOPSECRET" not in str(err.value)
     assert not fs.exists(f"{s3_ocr_run[5:]}/written.csv")
     res = _cli("query", s3_ocr_run, "SELECT count(*) AS n FROM regions", "--format", "json", *s3_server.cli_options())
     assert res.exit_code == 0 and json.loads(res.stdout) == json.loads(
@@ -148,6 +156,8 @@ def test_bad_endpoint_or_credentials_is_one_line_exit_2_and_nothing_written(s3_s
         ("show", s3_ocr_run, "--out", tmp_path / "r.html"),
         ("verify", s3_ocr_run),
     ]
+    if bad != "wrong secret":
+        commands = commands[:2]  # every command goes through the same probe: all of them once is enough
     for cmd in commands:
         t0 = time.monotonic()
         res = _cli(*cmd, *opts)

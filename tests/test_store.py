@@ -138,6 +138,7 @@ def test_spec_pickles_with_options_and_never_prints_them(tmp_path):
     assert secret not in repr(store) and secret not in str(store)
     again = pickle.loads(pickle.dumps(store))
     assert again.url() == store.url() and again.storage_options == {"secret_option": secret}
+    assert "pw" not in repr(StoreSpec("ftp://user:pw@host/x")) and "host/x" in repr(StoreSpec("ftp://user:pw@host/x"))
     local = ShardStore.from_spec(ShardStore(tmp_path / "rel").spec())
     assert local.root == str(tmp_path / "rel") and local.local
 
@@ -270,3 +271,31 @@ def test_a_writer_that_lost_its_lease_stops_writing(mem_store):
         with pytest.raises(RunLockedError, match="lost its writer lease"):
             mem_store.write_shard("images", "part-00000", _table(1))
     assert mem_store.shards("images") == []
+
+
+def test_readers_list_each_folder_once_and_fetch_no_record_twice(mem_store, monkeypatch):
+    """At 200k shards a folder listing is ~200 requests: building the query views lists each folder
+    (and its _committed/) once, and a record already read is not fetched again."""
+    from collections import Counter
+
+    from engine.query import open_views
+    from engine.stage import records_to_table
+    from schemas.records import empty_record
+
+    images = pa.table({"image_id": ["a"], "uri": ["u"], "source": ["s"], "width": [1], "height": [1],
+                       "format": ["PNG"], "mode": ["RGB"], "bytes": [b""]})
+    for shard in ("part-00000", "part-00001"):
+        mem_store.write_shard("images", shard, images)
+        mem_store.write_shard("quarantine", shard, pa.table({"uri": pa.array([], pa.string())}))
+        mem_store.write_shard("annotations/s1", shard, records_to_table(
+            [empty_record({"image_id": "a", "uri": "u", "width": 1, "height": 1, "source": "s"})]))
+    listed, fetched = Counter(), Counter()
+    real_ls, real_cat = mem_store.fs.ls, mem_store.fs.cat
+    monkeypatch.setattr(mem_store.fs, "ls", lambda path, **kw: (listed.update([path]), real_ls(path, **kw))[1])
+    monkeypatch.setattr(mem_store.fs, "cat", lambda paths, **kw: (fetched.update(paths), real_cat(paths, **kw))[1])
+    con = open_views(mem_store)
+    assert con.execute("SELECT count(*) FROM records").fetchall() == [(2,)]
+    assert listed and max(listed.values()) == 1, listed
+    assert sum(fetched.values()) == 6 and max(fetched.values()) == 1, fetched
+    mem_store.committed("images")
+    assert sum(fetched.values()) == 6  # cached by the listing's key
