@@ -471,7 +471,7 @@ class ShardStore:
                 out[shard] = rec
         return dict(sorted(out.items()))
 
-    def damaged(self, folder: str) -> dict[str, str]:
+    def damaged(self, folder: str, report: bool = True) -> dict[str, str]:
         """{shard: what differs from its commit record} for committed shards that were deleted,
         truncated or replaced since: one listing of the folder plus, where the ETag cannot
         vouch for the content, one ranged read of each Parquet footer (cached)."""
@@ -484,9 +484,9 @@ class ShardStore:
             problem = self._problem(folder, shard, rec, files.get(f"{shard}.parquet"))
             if problem is not None:
                 problems[shard] = problem
-                if (folder, shard, problem) not in self._warned:
+                if report and (folder, shard, problem) not in self._warned:  # a run says which it redoes, and why
                     self._warned.add((folder, shard, problem))
-                    log.warning("%s/%s is damaged: %s", self.out, f"{folder}/{shard}", problem)
+                    log.warning("%s/%s is damaged: %s; a run redoes it", self.out, f"{folder}/{shard}", problem)
         return problems
 
     def _problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> str | None:
@@ -533,7 +533,7 @@ class ShardStore:
 
     def require_intact(self, folders: list[str]) -> None:
         """Readers call this before reading: a damaged shard is an error naming it, never skipped."""
-        problems = [f"{folder}/{shard}: {why}" for folder in folders for shard, why in self.damaged(folder).items()]
+        problems = [f"{folder}/{shard}: {why}" for folder in folders for shard, why in self.damaged(folder, report=False).items()]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise DamagedShardError(f"{self.out} has damaged shards: " + "; ".join(problems[:5]) + more
@@ -544,7 +544,7 @@ class ShardStore:
         folders = folders or self.data_folders()
         checked, problems = 0, []
         for folder in folders:
-            bad = self.damaged(folder)
+            bad = self.damaged(folder, report=False)
             for shard, rec in self.records(folder).items():
                 checked += 1
                 if shard in bad:
