@@ -228,6 +228,7 @@ def test_disk_full_on_a_real_tiny_filesystem(tiny_tmpfs, ocr_run, ocr_inputs, oc
     assert _rows(out, "annotations/stage1") == _rows(ocr_run, "annotations/stage1")
 
 
+@pytest.mark.timeout(120)
 def test_table_shapes_are_what_the_damage_helpers_expect(ocr_run):
     """The fixture has 3 shards per folder (the damage tests take part-00001 and compare all rows)."""
     store = ShardStore(ocr_run)

@@ -129,6 +129,7 @@ def test_only_select_class_statements_run(target, sql):
     assert ShardStore(target).damaged("images") == {}
 
 
+@pytest.mark.timeout(30)
 def test_statement_check_unit():
     for ok in ("SELECT 1", "EXPLAIN SELECT 1", "EXPLAIN ANALYZE WITH a AS (SELECT 1) SELECT * FROM a", "DESCRIBE SELECT 1"):
         check_read_only(ok)

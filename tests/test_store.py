@@ -96,6 +96,7 @@ def mem_store():
     return ShardStore(f"memory://fld-{uuid.uuid4().hex[:12]}/out")
 
 
+@pytest.mark.timeout(60)
 def test_object_store_commit_is_shard_then_record(mem_store):
     """No rename on object stores: the shard object is PUT under its final name, then its record."""
     rec = mem_store.write_shard("images", "part-00000", _table(4), {"config_hash": "h"})
@@ -112,6 +113,7 @@ def test_object_store_commit_is_shard_then_record(mem_store):
     assert "part-00000.parquet" not in mem_store.list("images")
 
 
+@pytest.mark.timeout(60)
 def test_bytes_dirs_and_manifest_on_object_store(mem_store, tmp_path):
     mem_store.write_bytes("logs/a.txt", b"one")
     mem_store.write_bytes("logs/a.txt", b"two")
@@ -130,6 +132,7 @@ def test_bytes_dirs_and_manifest_on_object_store(mem_store, tmp_path):
     assert m["shards"]["annotations/s1"]["rows"] == 2 and mem_store.read_manifest()["order"] == ["annotations/s1"]
 
 
+@pytest.mark.timeout(60)
 def test_spec_pickles_with_options_and_never_prints_them(tmp_path):
     secret = "s3cr3t-value-never-printed"
     store = ShardStore(f"memory://fld-{uuid.uuid4().hex[:8]}/x", {"secret_option": secret})
@@ -143,6 +146,7 @@ def test_spec_pickles_with_options_and_never_prints_them(tmp_path):
     assert local.root == str(tmp_path / "rel") and local.local
 
 
+@pytest.mark.timeout(60)
 def test_unknown_protocol_and_missing_output_are_one_line_errors(tmp_path):
     with pytest.raises(StoreError, match="unknown protocol nosuchproto://"):
         ShardStore("nosuchproto://bucket/x")
@@ -162,6 +166,7 @@ def _lease_holder(store, **fields):
     store.write_bytes(LEASE, json.dumps(body).encode())
 
 
+@pytest.mark.timeout(60)
 def test_lease_refuses_a_second_writer_naming_the_holder(mem_store):
     with mem_store.lock("fld run first", lease_seconds=30):
         holder = json.loads(mem_store.read_bytes(LEASE))
@@ -176,6 +181,7 @@ def test_lease_refuses_a_second_writer_naming_the_holder(mem_store):
         pass
 
 
+@pytest.mark.timeout(60)
 def test_lease_of_another_host_is_taken_over_only_after_expiry(mem_store):
     _lease_holder(mem_store)
     with pytest.raises(RunLockedError, match="pid 4242 on elsewhere"):
@@ -187,6 +193,7 @@ def test_lease_of_another_host_is_taken_over_only_after_expiry(mem_store):
     assert not any(n.startswith(".lease-takeover") for n in mem_store.list())
 
 
+@pytest.mark.timeout(60)
 def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(mem_store):
     from engine.lease import host_key
 
@@ -198,6 +205,7 @@ def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(mem_store):
         pass
 
 
+@pytest.mark.timeout(60)
 def test_two_takers_of_a_stale_lease_cannot_both_win(mem_store):
     _lease_holder(mem_store, expires_at=time.time() - 1)
     wins, refusals, start = [], [], threading.Barrier(6)
@@ -221,6 +229,7 @@ def test_two_takers_of_a_stale_lease_cannot_both_win(mem_store):
         [w.release() for w in wins]
 
 
+@pytest.mark.timeout(60)
 def test_takers_that_interleave_worst_case_cannot_both_win(mem_store, monkeypatch):
     """Both takers pass every check before either writes, then write and read back one after the
     other: without the claim object both would hold the lease (what a non-atomic If-Match allows)."""
@@ -264,6 +273,7 @@ def test_takers_that_interleave_worst_case_cannot_both_win(mem_store, monkeypatc
         [w.release() for w in wins]
 
 
+@pytest.mark.timeout(60)
 def test_a_writer_that_lost_its_lease_stops_writing(mem_store):
     with mem_store.lock("slow run", lease_seconds=0.6):
         mem_store._lease._stop.set()  # renewal stalls (e.g. the process was paused)
@@ -273,6 +283,7 @@ def test_a_writer_that_lost_its_lease_stops_writing(mem_store):
     assert mem_store.shards("images") == []
 
 
+@pytest.mark.timeout(60)
 def test_readers_list_each_folder_once_and_fetch_no_record_twice(mem_store, monkeypatch):
     """At 200k shards a folder listing is ~200 requests: building the query views lists each folder
     (and its _committed/) once, and a record already read is not fetched again."""
