@@ -75,8 +75,10 @@ def resolve_step(store: ShardStore, step: str | None) -> str | None:
     after checking that it, images/ and quarantine/ are intact: every reader (query, stats,
     show, export) comes through here, so a damaged shard fails the read and is never skipped."""
     folders = [f for f in store.annotation_folders() if store.records(f)]
-    if step is None:
-        folder = folders[-1] if folders else None
+    if step is None:  # the dataset the engine produced: the last step or round whose every shard is committed
+        images = len(store.records("images"))
+        complete = [f for f in folders if len(store.records(f)) >= images]
+        folder = (complete or folders or [None])[-1]
     else:
         folder = step if step.startswith("annotations/") else f"annotations/{step}"
         if folder not in folders:

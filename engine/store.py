@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -78,7 +79,9 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
+@functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the output (read once per process: metadata is slow)."""
     out = {}
     for name in TRACKED_PACKAGES:
         try:
@@ -185,8 +188,8 @@ class ShardStore:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/") if root != "/" else root
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.out: Path | str = Path(self._given) if self.local and "://" not in self._given else (
-            Path(self.root) if self.local else _redact(self.url()))
+        # absolute: workers in another cwd (Ray, Beam, processes) open the same files
+        self.out: Path | str = Path(self.root) if self.local else _redact(self.url())
         self._records: dict[tuple[str, str], tuple[Any, dict]] = {}  # (folder, shard) -> (listing key, record)
         self._checks: dict[str, tuple[Any, str | None]] = {}  # shard path -> (listing key, problem or None)
         self._warned: set[tuple[str, str, str]] = set()
@@ -303,6 +306,33 @@ class ShardStore:
         finally:
             if outer is None:
                 self._snapshot = None
+
+    def read_json(self, rel: str) -> dict | None:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, default=str).encode())
+
+    def delete_tree(self, rel: str) -> None:
+        self.delete(rel, recursive=True)
+
+    def write_log(self, name: str, text: str) -> None:
+        """OUT/logs/<name>: diagnostics kept with the data (e.g. Ray Data's per-operator stats)."""
+        self.write_bytes(f"logs/{name}", text.encode())
+
+    def local_dir(self, rel: str) -> str:
+        """A local folder holding OUT/<rel>: the folder itself on a local OUT; on an object store a
+        read-only copy in the local cache (FLD_CACHE_DIR, default ~/.cache/fld-engine), refreshed
+        on every call. Write back with upload_dir."""
+        if self.local:
+            return self._p(rel)
+        cache = Path(os.environ.get("FLD_CACHE_DIR") or Path.home() / ".cache" / "fld-engine")
+        dest = cache / hashlib.sha256(self.url().encode()).hexdigest()[:16] / rel
+        shutil.rmtree(dest, ignore_errors=True)
+        return str(self.download_dir(rel, dest))
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
         """Copy a local folder (e.g. a model checkpoint) to rel, replacing what is there."""
@@ -573,10 +603,12 @@ class ShardStore:
             return pq.read_table(path, columns=columns)
         return pq.read_table(path, columns=columns, filesystem=self.fs)
 
-    def uncommit(self, folder: str) -> int:
-        """Forget a folder's shards (--force / --from): commit records go first, then the files."""
+    def uncommit(self, folder: str, shards: list[str] | None = None) -> int:
+        """Forget a folder's shards (all, or the ones named): commit records go first, then the files."""
         self._check_lease()
         records = self.records(folder)
+        if shards is not None:
+            records = {s: r for s, r in records.items() if s in set(shards)}
         if records:
             self.fs.rm([self._p(self._commit_rel(folder, s)) for s in records])
             files = self._listing(folder)

@@ -1,11 +1,18 @@
-"""Shard store: atomic commits, commit records, the lock, uncommit."""
+"""Shard store: atomic commits, commit records, the lock, uncommit; any fsspec URL (memory:// here), the lease."""
+import json
 import multiprocessing as mp
 import os
+import pickle
+import threading
+import time
+import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from engine.store import RunLockedError, ShardStore
+from engine.lease import LEASE, Lease
+from engine.store import RunLockedError, ShardStore, StoreError, StoreSpec
 
 
 def _table(n):
@@ -81,14 +88,6 @@ def test_uncommit_and_manifest(tmp_path):
 
 
 # ------------------------------------------------------------------ any fsspec URL (memory://)
-import json  # noqa: E402
-import pickle  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-
-from engine.lease import LEASE, Lease  # noqa: E402
-from engine.store import StoreError, StoreSpec  # noqa: E402
 
 
 @pytest.fixture
@@ -310,3 +309,23 @@ def test_readers_list_each_folder_once_and_fetch_no_record_twice(mem_store, monk
     assert sum(fetched.values()) == 6 and max(fetched.values()) == 1, fetched
     mem_store.committed("images")
     assert sum(fetched.values()) == 6  # cached by the listing's key
+
+
+@pytest.mark.timeout(60)
+def test_json_logs_trees_and_local_dir_on_an_object_store(mem_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLD_CACHE_DIR", str(tmp_path / "cache"))
+    assert mem_store.read_json("models/round1/round.json") is None
+    mem_store.write_json("models/round1/round.json", {"round": 1})
+    mem_store.write_bytes("models/round1/weights.bin", b"w" * 10)
+    mem_store.write_log("s.ray-stats.txt", "stats")
+    assert mem_store.read_json("models/round1/round.json") == {"round": 1}
+    assert mem_store.read_bytes("logs/s.ray-stats.txt") == b"stats"
+    local = Path(mem_store.local_dir("models/round1"))
+    assert local.is_dir() and str(local).startswith(str(tmp_path / "cache"))
+    assert (local / "weights.bin").read_bytes() == b"w" * 10
+    mem_store.delete_tree("models")
+    assert not mem_store.exists("models/round1/round.json")
+    for i in range(3):
+        mem_store.write_shard("images", f"part-{i:05d}", _table(1))
+    assert mem_store.uncommit("images", ["part-00001"]) == 1
+    assert mem_store.shards("images") == ["part-00000", "part-00002"]

@@ -221,4 +221,4 @@ class RayRunner:
         except Exception as exc:  # noqa: BLE001 - stats are diagnostics, never fail a finished step
             stats = f"(no stats: {exc})"
         log.info("ray: step %s took %.1fs\n%s", job.step.name, seconds, stats)
-        store.write_bytes(f"logs/{job.step.name}.ray-stats.txt", stats.encode())
+        store.write_log(f"{job.step.name}.ray-stats.txt", stats)
