@@ -135,8 +135,7 @@ def open_views(out: ShardStore | str | Path, step: str | None = None, storage_op
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, store: ShardStore, folder: str | None) -> None:
-    if not store.local:
-        con.register_filesystem(store.fs)
+    store.register_with(con)
     images = store.shard_files("images")
     if images:
         con.execute(

@@ -307,6 +307,12 @@ class ShardStore:
             if outer is None:
                 self._snapshot = None
 
+    def register_with(self, con) -> None:
+        """Make this store's shard URLs readable by a DuckDB connection: through the store's own
+        fsspec filesystem on object stores (no httpfs extension download), natively for local paths."""
+        if not self.local:
+            con.register_filesystem(self.fs)
+
     def read_json(self, rel: str) -> dict | None:
         try:
             return json.loads(self.read_bytes(rel))
