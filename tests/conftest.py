@@ -80,17 +80,6 @@ def photo_batch(photos) -> pa.Table:
     return make_batch({n: photos[n] for n in names})
 
 
-OCR_PIPELINE = """
-pipelines:
-  ocr:
-    ingest: {shard_size: 2}
-    steps:
-      - name: stage1
-        stages:
-          - {stage: ocr, params: {batch_size: 2}}
-"""
-
-
 @pytest.fixture(scope="session")
 def ocr_inputs(tmp_path_factory, photos):
     """Five inputs: a rendered sign (OCR finds its words), three photos, one non-image (quarantined)."""
@@ -106,9 +95,10 @@ def ocr_inputs(tmp_path_factory, photos):
 
 @pytest.fixture(scope="session")
 def ocr_pipelines(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ocr_pipelines") / "pipelines.yaml"
-    p.write_text(OCR_PIPELINE)
-    return p
+    """test_cli's `ocr` pipeline: one RapidOCR step, shards of 2 inputs."""
+    from test_cli import _yaml
+
+    return _yaml(tmp_path_factory.mktemp("ocr_pipelines"))
 
 
 @pytest.fixture(scope="session")

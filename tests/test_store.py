@@ -204,23 +204,30 @@ def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(mem_store):
         pass
 
 
-@pytest.mark.timeout(60)
-def test_two_takers_of_a_stale_lease_cannot_both_win(mem_store):
-    _lease_holder(mem_store, expires_at=time.time() - 1)
-    wins, refusals, start = [], [], threading.Barrier(6)
+def _race_takers(store, n: int, start: threading.Barrier | None = None):
+    """n takers try to acquire the lease at once: (leases won, refusal messages)."""
+    wins, refusals = [], []
 
     def take():
-        lease = Lease(ShardStore(mem_store.url()), "taker", 30)
-        start.wait()
+        lease = Lease(ShardStore(store.url()), "taker", 30)
+        if start is not None:
+            start.wait()
         try:
             lease.acquire()
             wins.append(lease)
         except RunLockedError as exc:
             refusals.append(str(exc))
 
-    threads = [threading.Thread(target=take) for _ in range(6)]
+    threads = [threading.Thread(target=take) for _ in range(n)]
     [t.start() for t in threads]
     [t.join(30) for t in threads]
+    return wins, refusals
+
+
+@pytest.mark.timeout(60)
+def test_two_takers_of_a_stale_lease_cannot_both_win(mem_store):
+    _lease_holder(mem_store, expires_at=time.time() - 1)
+    wins, refusals = _race_takers(mem_store, 6, threading.Barrier(6))
     try:
         assert len(wins) == 1 and len(refusals) == 5, (wins, refusals)
         assert json.loads(mem_store.read_bytes(LEASE))["token"] == wins[0].token
@@ -253,19 +260,7 @@ def test_takers_that_interleave_worst_case_cannot_both_win(mem_store, monkeypatc
 
     monkeypatch.setattr(Lease, "_replace", replace)
     monkeypatch.setattr(Lease, "_confirm", confirm)
-    wins, refusals = [], []
-
-    def take():
-        lease = Lease(ShardStore(mem_store.url()), "taker", 30)
-        try:
-            lease.acquire()
-            wins.append(lease)
-        except RunLockedError as exc:
-            refusals.append(str(exc))
-
-    threads = [threading.Thread(target=take) for _ in range(2)]
-    [t.start() for t in threads]
-    [t.join(30) for t in threads]
+    wins, refusals = _race_takers(mem_store, 2)
     try:
         assert len(wins) == 1 and len(refusals) == 1 and "taking over" in refusals[0], (wins, refusals)
     finally:
