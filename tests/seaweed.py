@@ -99,6 +99,17 @@ def _wait_until_answering(server: SeaweedS3, proc: subprocess.Popen, timeout: fl
     raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout}s ({last})")
 
 
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid  # our child: reap it
+    except ChildProcessError:  # started by another process
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+
 def stop(server: SeaweedS3, grace: float = 1.0) -> None:
     """SIGTERM the server's process group, SIGKILL after `grace` s (weed ignores SIGTERM for many seconds;
     its data is a throw-away temp folder)."""
@@ -106,20 +117,17 @@ def stop(server: SeaweedS3, grace: float = 1.0) -> None:
         os.killpg(server.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(server.pid, os.WNOHANG)[0]:
-                break
-        except ChildProcessError:
-            break
-        time.sleep(0.2)
-    else:
-        try:
-            os.killpg(server.pid, signal.SIGKILL)
-            os.waitpid(server.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+    deadline, killed = time.monotonic() + grace, False
+    while not _exited(server.pid):
+        if time.monotonic() > deadline:
+            if killed:
+                break  # not even SIGKILL within 30 s: leave it rather than hang the session
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline, killed = time.monotonic() + 30, True
+        time.sleep(0.1)
     for port in server.ports.values():  # weed puts its gRPC unix sockets in /tmp, named by port
         for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
             try:
