@@ -64,6 +64,37 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+STORAGE_OPTION_HELP = ("fsspec storage option for an object-store OUT, repeatable: key=value, the value parsed as JSON "
+                       "when it parses (client_kwargs={\"endpoint_url\": \"http://host:8333\"}); credentials otherwise "
+                       "from the usual environment variables (AWS_*, FSSPEC_S3_*)")
+
+
+def storage_options(pairs: list[str]) -> dict:
+    """--storage-option key=value pairs -> fsspec storage options (JSON values where they parse)."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--storage-option must be key=value, got {pair.split('=')[0]!r}...")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+def open_store(out: str, pairs: list[str], for_writing: bool = False):
+    """The store of OUT, probed once: a bad endpoint, credentials or path is one line and exit 2."""
+    from engine.store import ShardStore, StoreError
+
+    try:
+        store = ShardStore(out, storage_options(pairs))
+        store.probe(for_writing=for_writing)
+    except StoreError as exc:
+        _fail(str(exc))
+    return store
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -108,7 +139,7 @@ def run(
     pipelines: Optional[Path] = typer.Argument(None, help="pipelines.yaml (default: the pipelines installed with fld-engine)"),
     pipeline: str = typer.Option(..., "--pipeline", "-p", help="pipeline name in the YAML"),
     input: Optional[str] = typer.Option(None, "--input", "-i", help="folder, list file (csv/jsonl/parquet), tar(s), or COCO JSON"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder (resumable)"),
+    out: str = typer.Option(..., "--out", "-o", help="output folder or fsspec URL, e.g. s3://bucket/prefix (resumable)"),
     runner: str = typer.Option("local", "--runner", "-r", help="local | ray | beam"),
     profile: Optional[str] = typer.Option(None, "--profile", help="swap models by a profile of the YAML (e.g. offline)"),
     force: bool = typer.Option(False, "--force", help="redo everything, ignoring committed shards"),
@@ -116,6 +147,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:port)"),
     beam_runner: Optional[str] = typer.Option(None, "--beam-runner", help="Beam runner (DirectRunner, FlinkRunner, ...)"),
     beam_option: list[str] = typer.Option([], "--beam-option", help="extra Beam pipeline option, repeatable (--beam-option=--project=x)"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Ingest SRC and run every step of PIPELINE into OUT; rerun to resume."""
     from engine.config import ConfigError, load_pipeline
@@ -134,8 +166,9 @@ def run(
     try:
         pipe = load_pipeline(pipelines, pipeline, profile)
         check_run(pipe, runner, from_step)  # every model found before anything is written to OUT
+        store = open_store(out, storage_option, for_writing=True)
         with _progress_display() as factory:
-            summary = run_pipeline(pipe, input, str(out), runner=runner, force=force, from_step=from_step,
+            summary = run_pipeline(pipe, input, store, runner=runner, force=force, from_step=from_step,
                                    runner_options=options, progress=factory)
     except (ConfigError, StoreError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -154,18 +187,31 @@ def run(
 
 @app.command()
 def query(
-    out: Path = typer.Argument(..., help="output folder of fld run"),
+    out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     sql: str = typer.Argument(..., help="SQL over the views images, texts, regions, groundings, quarantine, records"),
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
     step: Optional[str] = typer.Option(None, "--step", help="which step's annotations (default: the latest)"),
+    timeout: float = typer.Option(60.0, "--timeout", help="stop the query after this many seconds"),
+    max_rows: int = typer.Option(1000, "--max-rows", help="table output: print at most this many rows (says how many were cut)"),
+    memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB memory limit"),
+    threads: int = typer.Option(2, "--threads", help="DuckDB threads"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
-    """Read-only SQL over OUT (DuckDB)."""
-    from engine.query import QueryError, run_query
+    """Read-only SQL over OUT (DuckDB), sandboxed: SELECT only, no files outside OUT, limits."""
+    from engine.query import QueryError, QueryInterrupted, execute_query
+    from engine.store import StoreError
 
+    if format not in ("table", "csv", "json"):
+        _fail(f"--format must be table, csv or json, not {format!r}")
     try:
-        cols, rows = run_query(out, sql, step)
-    except QueryError as exc:
+        store = open_store(out, storage_option)
+        result = execute_query(store, sql, step, max_rows=max_rows if format == "table" else None, timeout=timeout,
+                               memory_limit=memory_limit, threads=threads)
+    except (QueryInterrupted, KeyboardInterrupt):
+        _fail("query interrupted (Ctrl-C)", code=130)
+    except (QueryError, StoreError) as exc:
         _fail(str(exc))
+    cols, rows = result.columns, result.rows
     if format == "json":
         sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
     elif format == "csv":
@@ -174,28 +220,31 @@ def query(
         w.writerow(cols)
         w.writerows(rows)
         sys.stdout.write(buf.getvalue())
-    elif format == "table":
-        _render([{"title": "", "columns": cols, "rows": rows}])
     else:
-        _fail(f"--format must be table, csv or json, not {format!r}")
+        _render([{"title": "", "columns": cols, "rows": rows}])
+        if result.cut:
+            console.print(f"{result.cut} more rows not shown ({result.total} in all; --max-rows {max_rows}, "
+                          "or --format csv / json for every row)")
 
 
 @app.command()
 def stats(
-    out: Path = typer.Argument(..., help="output folder of fld run"),
+    out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     step: Optional[str] = typer.Option(None, "--step", help="one step or round (default: latest; Tables 2/3: every step)"),
     format: str = typer.Option("table", "--format", "-f", help="table | json (an object keyed by section)"),
     sample: Annotated[int, typer.Option("--sample", min=1, help="Table 3: at most N captions per tier go through spaCy")] = 2000,  # engine.fld5b.DEFAULT_SAMPLE
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """What OUT holds so far: ingest, quarantine, statuses, counters, FLD-5B Tables 2 and 3, funnel."""
     from engine.query import QueryError
     from engine.stats import collect_stats
+    from engine.store import StoreError
 
     if format not in ("table", "json"):
         _fail(f"--format must be table or json, not {format!r}")
     try:
-        sections = collect_stats(out, step, sample)
-    except QueryError as exc:
+        sections = collect_stats(open_store(out, storage_option), step, sample)
+    except (QueryError, StoreError) as exc:
         _fail(str(exc))
     if format == "json":
         sys.stdout.write(json.dumps(sections, default=str) + "\n")
@@ -205,19 +254,21 @@ def stats(
 
 @app.command()
 def export(
-    out: Path = typer.Argument(..., help="output folder of fld run"),
+    out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     format: str = typer.Option("florence", "--format", "-f", help="florence | coco | webdataset | hf"),
     dest: Path = typer.Option(..., "--dest", "-d", help="folder to write the export to"),
     step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
     task: list[str] = typer.Option([], "--task", help="florence: only these task tokens, repeatable"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Export kept annotations: Florence-2 training shards, COCO JSON, WebDataset tars, or a Hugging Face dataset."""
     from engine.export import ExportError, export as do_export
     from engine.query import QueryError
+    from engine.store import StoreError
 
     try:
-        counts = do_export(out, dest, format, step, task or None)
-    except (ExportError, QueryError, ValueError) as exc:
+        counts = do_export(open_store(out, storage_option), dest, format, step, task or None)
+    except (ExportError, QueryError, StoreError, ValueError) as exc:
         _fail(str(exc))
     left_out = counts.pop("left_out", {})
     _say(f"exported to {dest}: {json.dumps(counts)}")
@@ -227,20 +278,43 @@ def export(
 
 @app.command()
 def show(
-    out: Path = typer.Argument(..., help="output folder of fld run"),
+    out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     report: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
     step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
     limit: int = typer.Option(50, "--limit", help="at most this many images"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """One self-contained HTML page: annotations drawn as toggleable layers, models, funnel, checks, quarantine."""
     from engine.query import QueryError
     from engine.show import build_report
+    from engine.store import StoreError
 
     try:
-        n = build_report(out, report, step, limit)
-    except (QueryError, ValueError) as exc:
+        n = build_report(open_store(out, storage_option), report, step, limit)
+    except (QueryError, StoreError, ValueError) as exc:
         _fail(str(exc))
     _say(f"wrote {report} ({n} images)")
+
+
+@app.command()
+def verify(
+    out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
+) -> None:
+    """Recompute every committed shard's sha256 against its commit record (reads all data)."""
+    from engine.store import StoreError
+
+    store = open_store(out, storage_option)
+    try:
+        checked, problems = store.verify()
+    except StoreError as exc:
+        _fail(str(exc))
+    if problems:
+        _render([{"title": f"{len(problems)} of {checked} shards differ from their commit records",
+                  "columns": ["folder", "shard", "problem"], "rows": [list(p) for p in problems]}])
+        console.print("rerun `fld run` on OUT to redo them")
+        raise typer.Exit(1)
+    console.print(f"{checked} shards verified: every sha256 matches its commit record")
 
 
 @app.command()
@@ -254,7 +328,7 @@ def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write t
 
 @app.command()
 def quickstart(
-    out: Path = typer.Option(Path("out/quickstart"), "--out", "-o", help="output folder"),
+    out: str = typer.Option("out/quickstart", "--out", "-o", help="output folder"),
     samples_dir: Path = typer.Option(Path("samples"), "--samples", help="where the sample images are written"),
     pipelines: Optional[Path] = typer.Option(None, "--pipelines", help="pipelines.yaml (default: the installed one)"),
     pipeline: str = typer.Option("quickstart", "--pipeline", "-p"),
@@ -263,8 +337,8 @@ def quickstart(
 ) -> None:
     """The main job on the embedded default: sample images -> the quickstart pipeline -> stats."""
     samples(samples_dir)
-    run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [])
-    stats(out, None, "table")
+    run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], [])
+    stats(out, None, "table", 2000, [])
 
 
 @app.command()

@@ -115,7 +115,7 @@ def export(out: str | Path, dest: str | Path, fmt: str, step: str | None = None,
     """Write the export; returns counts (images, examples or annotations, files)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {FORMATS}, not {fmt!r}")
-    store = ShardStore(out)
+    store = ShardStore.of(out)
     folder = resolve_step(store, step)
     if folder is None:
         raise ExportError(f"{out} has no committed annotations to export")

@@ -1,12 +1,27 @@
-"""Read-only DuckDB views over an OUT folder: one row per annotation, with its image_id.
+"""Read-only DuckDB views over OUT, in a sandbox: one row per annotation, with its image_id.
 
 Views: records (nested image records of one step), texts, regions, groundings, images
-(without bytes), quarantine. Only committed shards are visible. Statements other than
-SELECT / WITH / EXPLAIN / DESCRIBE / SHOW / SUMMARIZE are refused, so `fld query` can never
-change or copy out the dataset.
+(without bytes), quarantine. Only committed, intact shards are visible (a damaged one is an
+error naming it). `fld query` could be a shared query service, so the SQL is untrusted:
+- one statement, SELECT-class only (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE;
+  EXPLAIN [ANALYZE] only of such a statement): no COPY, ATTACH, INSTALL/LOAD, SET, PRAGMA,
+  CREATE, EXPORT, CALL ...;
+- the connection is locked down after the views are built: files are readable only inside
+  OUT (`allowed_directories`, `enable_external_access = false`: read_csv/read_text/glob of
+  anything else and every write are refused), no extension auto-install/auto-load, memory and
+  thread limits, then `lock_configuration = true` so the query cannot undo any of it;
+- a timeout interrupts the query, Ctrl-C stops it, table output is capped.
+Object stores are read through the store's fsspec filesystem (`register_filesystem`); with
+external access off DuckDB applies `allowed_directories` to those URLs too (checked on
+SeaweedFS and memory://), so other buckets and prefixes are refused as local paths are.
 """
 from __future__ import annotations
 
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -25,40 +40,102 @@ VIEW_COLUMNS = {
     "groundings": "a.ann_id AS ann_id, a.text_ann_id AS text_ann_id, a.phrase AS phrase, "
     "a.char_start AS char_start, a.char_end AS char_end, a.box AS box, a.mask AS mask",
 }
-ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}  # DESCRIBE / SHOW / SUMMARIZE parse as SELECT
+ALLOWED_STATEMENTS = {"SELECT"}  # DESCRIBE / SHOW / SUMMARIZE / FROM / VALUES parse as SELECT
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MEMORY_LIMIT = "2GB"
+DEFAULT_THREADS = 2
+DEFAULT_MAX_ROWS = 1000
 
 
 class QueryError(ValueError):
     pass
 
 
-def _files_sql(paths: list[Path]) -> str:
+class QueryInterrupted(QueryError):
+    """Stopped by Ctrl-C."""
+
+
+@dataclass
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple]
+    total: int  # rows the query produced; len(rows) is smaller when max_rows cut it
+
+    @property
+    def cut(self) -> int:
+        return self.total - len(self.rows)
+
+
+def _files_sql(paths: list[str]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 def resolve_step(store: ShardStore, step: str | None) -> str | None:
-    """The annotation folder a reader shows: `step` when given, else the dataset the engine produced,
-    i.e. the last step or refinement round (in the order they run) whose every shard is committed;
-    a round still running is not the default view until it is complete."""
-    folders = [f for f in store.annotation_folders() if store.shards(f)]
-    if step is None:
-        images = len(store.shards("images"))
-        complete = [f for f in folders if len(store.shards(f)) >= images]
-        return (complete or folders or [None])[-1]
-    folder = step if step.startswith("annotations/") else f"annotations/{step}"
-    if folder not in folders:
-        names = [f.split("/", 1)[1] for f in folders]
-        raise QueryError(f"{store.out} has no committed step {step!r}; steps with data: {names}")
+    """The annotation folder a reader reads (default: the latest step or round with commits),
+    after checking that it, images/ and quarantine/ are intact: every reader (query, stats,
+    show, export) comes through here, so a damaged shard fails the read and is never skipped."""
+    folders = [f for f in store.annotation_folders() if store.records(f)]
+    if step is None:  # the dataset the engine produced: the last step or round whose every shard is committed
+        images = len(store.records("images"))
+        complete = [f for f in folders if len(store.records(f)) >= images]
+        folder = (complete or folders or [None])[-1]
+    else:
+        folder = step if step.startswith("annotations/") else f"annotations/{step}"
+        if folder not in folders:
+            names = [f.split("/", 1)[1] for f in folders]
+            raise QueryError(f"{store.out} has no committed step {step!r}; steps with data: {names}")
+    store.require_intact(["images", "quarantine"] + ([folder] if folder else []))
     return folder
 
 
-def open_views(out: str | Path, step: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the views of OUT defined."""
-    store = ShardStore(out)
-    if not store.out.exists():
-        raise QueryError(f"{out}: no such output folder")
-    con = duckdb.connect()
-    folder = resolve_step(store, step)
+def _allowed_directories(store: ShardStore) -> list[str]:
+    if store.local:
+        return [store.root.rstrip("/") + "/"]
+    url = store.url().rstrip("/") + "/"
+    # DuckDB checks the URL as written and as fsspec spells it (memory:///ds for memory://ds)
+    return sorted({url, f"{store.protocol}://{store.root.rstrip('/')}/"})
+
+
+def _memory_limit(value: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", value.strip(), re.IGNORECASE):
+        raise QueryError(f"--memory-limit must look like 2GB or 512MiB, not {value!r}")
+    return value.strip()
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, store: ShardStore, memory_limit: str = DEFAULT_MEMORY_LIMIT,
+              threads: int = DEFAULT_THREADS) -> None:
+    """After the views exist: reads only inside OUT, no writes, no extensions, limits, locked."""
+    con.execute(f"SET allowed_directories = {_files_sql(_allowed_directories(store))}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute(f"SET memory_limit = '{_memory_limit(memory_limit)}'")
+    con.execute(f"SET threads = {int(threads)}")
+    con.execute("SET lock_configuration = true")
+
+
+def open_views(out: ShardStore | str | Path, step: str | None = None, storage_options: dict | None = None,
+               memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS) -> duckdb.DuckDBPyConnection:
+    """An in-memory, locked-down DuckDB connection with the views of OUT defined."""
+    store = ShardStore.of(out, storage_options)
+    _memory_limit(memory_limit)
+    if int(threads) < 1:
+        raise QueryError(f"--threads must be at least 1, not {threads}")
+    store.probe()
+    with store.snapshot():
+        folder = resolve_step(store, step)
+        con = duckdb.connect()
+        try:
+            _create_views(con, store, folder)
+            lock_down(con, store, memory_limit, threads)
+        except BaseException:
+            con.close()
+            raise
+    return con
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, store: ShardStore, folder: str | None) -> None:
+    store.register_with(con)
     images = store.shard_files("images")
     if images:
         con.execute(
@@ -81,32 +158,123 @@ def open_views(out: str | Path, step: str | None = None) -> duckdb.DuckDBPyConne
                 f"CREATE VIEW {name} AS SELECT image_id, {cols}, {COMMON} "
                 f"FROM (SELECT image_id, UNNEST({name}) AS a FROM records)"
             )
-    return con
+
+
+def _explained(sql: str) -> str:
+    """The statement an EXPLAIN [ANALYZE] [(options)] statement is about."""
+    tokens = [(pos, kind.name) for pos, kind in duckdb.tokenize(sql) if kind.name != "comment"]
+    i = 1  # tokens[0] is EXPLAIN
+    if i < len(tokens) and sql[tokens[i][0]:].upper().startswith(("ANALYZE", "ANALYSE")):
+        i += 1
+    if i < len(tokens) and sql[tokens[i][0]] == "(":
+        depth = 0
+        for j in range(i, len(tokens)):
+            ch = sql[tokens[j][0]]
+            if tokens[j][1] == "operator" and ch in "()":
+                depth += 1 if ch == "(" else -1
+                if depth == 0:
+                    i = j + 1
+                    break
+    return sql[tokens[i][0]:] if i < len(tokens) else ""
 
 
 def check_read_only(sql: str) -> None:
-    """Refuse anything but reading: DELETE, COPY ... TO, CREATE, ATTACH, SET, INSTALL ..."""
+    """Exactly one SELECT-class statement (or EXPLAIN of one); anything else is refused."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise QueryError(f"SQL does not parse: {exc}") from None
+        raise QueryError(f"SQL does not parse: {str(exc).splitlines()[0]}") from None
     if not statements:
         raise QueryError("empty SQL")
-    for st in statements:
-        kind = st.type.name if hasattr(st.type, "name") else str(st.type)
-        if kind not in ALLOWED_STATEMENTS:
-            raise QueryError(f"fld query is read-only: {kind} statements are refused ({st.query.strip()[:60]!r})")
+    if len(statements) > 1:
+        raise QueryError(f"fld query runs one statement at a time, got {len(statements)}")
+    st = statements[0]
+    kind = st.type.name if hasattr(st.type, "name") else str(st.type)
+    if kind == "EXPLAIN":
+        inner = _explained(st.query)
+        try:
+            inner_statements = duckdb.extract_statements(inner)
+        except duckdb.Error:
+            inner_statements = []
+        inner_kinds = [s.type.name for s in inner_statements]
+        if inner_kinds != ["SELECT"]:
+            raise QueryError(f"fld query is read-only: EXPLAIN is allowed of a SELECT only, not of {inner_kinds or inner[:40]!r}")
+        return
+    if kind not in ALLOWED_STATEMENTS:
+        raise QueryError(f"fld query is read-only: {kind} statements are refused ({st.query.strip()[:60]!r})")
 
 
-def run_query(out: str | Path, sql: str, step: str | None = None):
-    """(column names, rows) of a read-only SQL query over OUT's views."""
+def execute_query(out: ShardStore | str | Path, sql: str, step: str | None = None, *, storage_options: dict | None = None,
+                  max_rows: int | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                  memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS) -> QueryResult:
+    """Run untrusted read-only SQL over OUT's views with the sandbox's limits.
+
+    The query runs on a worker thread while this thread waits in short steps, so the timeout
+    and Ctrl-C both end in `con.interrupt()`. Ctrl-C is taken by a SIGINT handler rather than
+    as KeyboardInterrupt: DuckDB 2.0 aborts the process when a KeyboardInterrupt is raised
+    while another thread runs a query (measured), and its connection then refuses to close."""
     check_read_only(sql)
-    con = open_views(out, step)
+    state: dict = {"con": None, "stopped_by": None}
+
+    def on_sigint(signum, frame) -> None:
+        if state["con"] is None:
+            raise KeyboardInterrupt
+        state["stopped_by"] = state["stopped_by"] or "ctrl-c"
+        state["con"].interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
-        cur = con.execute(sql)
-        cols = [d[0] for d in cur.description] if cur.description else []
-        return cols, cur.fetchall()
-    except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from None
+        try:
+            con = open_views(out, step, storage_options, memory_limit, threads)
+        except KeyboardInterrupt:
+            raise QueryInterrupted("query interrupted (Ctrl-C)") from None
+        state["con"] = con
+        result = _run_interruptible(con, sql, max_rows, timeout, state)
     finally:
-        con.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return result
+
+
+def _run_interruptible(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None, timeout: float | None,
+                       state: dict) -> QueryResult:
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            cur = con.execute(sql)
+            cols = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchmany(max_rows) if max_rows is not None else cur.fetchall()
+            total = len(rows)
+            if max_rows is not None:
+                while chunk := cur.fetchmany(10_000):  # count what the cap leaves out without holding it
+                    total += len(chunk)
+            outcome["result"] = QueryResult(cols, rows, total)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="fld-query", daemon=True)
+    started = time.monotonic()
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+        if timeout is not None and state["stopped_by"] is None and time.monotonic() - started > timeout:
+            state["stopped_by"] = "timeout"
+            con.interrupt()
+    con.close()
+    if state["stopped_by"] == "timeout":
+        raise QueryError(f"query stopped after {timeout:g} s (--timeout); narrow it down or raise the limit")
+    if state["stopped_by"] == "ctrl-c":
+        raise QueryInterrupted("query interrupted (Ctrl-C)")
+    if "error" in outcome:
+        exc = outcome["error"]
+        if isinstance(exc, duckdb.Error):
+            raise QueryError(str(exc).splitlines()[0]) from None
+        raise exc
+    return outcome["result"]
+
+
+def run_query(out: ShardStore | str | Path, sql: str, step: str | None = None, **limits):
+    """(column names, rows) of a read-only SQL query over OUT's views (see execute_query)."""
+    result = execute_query(out, sql, step, **limits)
+    return result.columns, result.rows

@@ -163,7 +163,7 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
         folder, model_folder = f"annotations/round{k}", f"models/round{k}"
         h = identity.round_hash(input_hash, plan.identity(), start, k)
         data_hash = identity.digest({s: r["sha256"] for s, r in store.committed(input_folder).items()})
-        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref)
+        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref, store if k > 1 else None)
         train = TrainJob(f"round{k}-train", cls, params, dict(pipeline.models), input_folder, model_folder, h,
                          workers, gpus, {"data_hash": data_hash}, cpus)
         marker = store.read_json(f"{model_folder}/round.json")
@@ -178,10 +178,9 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
         if summary is None:
             store.write_json(f"{model_folder}/round.json", {"round": k, "config_hash": h, "data_hash": data_hash})
             summary = runner.run_train(store, train, _progress(progress, train.name, 0, 0))
-        model_ref = store.local_dir(model_folder)
-        # the stages name the model by its OUT-relative folder (portable provenance), resolved like an alias
-        models = {**pipeline.models, model_folder: model_ref}
-        recipes = [StageRecipe(c, p, models) for c, p in plan.stages(k, model_folder)]
+        model_ref = store.url(model_folder)
+        # the stages name the model by its OUT-relative folder (portable provenance); workers copy it from the store
+        recipes = [StageRecipe(c, p, dict(pipeline.models)) for c, p in plan.stages(k, model_folder, store)]
         job, _ = plan_step(store, f"round{k}", recipes, input_folder, folder, h,
                            "rerun with --force to redo the rounds", {"round": k, "data_hash": data_hash})
         if job.shards:
@@ -198,14 +197,14 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
             metrics["empty"] = True
         store.update_manifest(rounds={str(k): metrics}, folder_order=[folder], counters={f"round{k}": counters})
         results.append(metrics)
-        input_folder, input_hash, start_ref, start = folder, h, model_ref, {"round": h}
+        input_folder, input_hash, start_ref, start = folder, h, model_folder, {"round": h}
     return results
 
 
 def run_pipeline(
     pipeline: Pipeline,
     src: str | None,
-    out: str,
+    out: "str | ShardStore",
     runner: str = "local",
     force: bool = False,
     from_step: str | None = None,
@@ -214,12 +213,12 @@ def run_pipeline(
 ) -> RunSummary:
     """Run ingest + every step (+ refinement rounds) into OUT; safe to rerun after a kill."""
     t0 = time.perf_counter()
-    store = ShardStore(out)
+    store = ShardStore.of(out)
     step_names = [s.name for s in pipeline.steps]
     if from_step is not None and from_step not in step_names:
         raise ConfigError(f"--from {from_step!r}: pipeline {pipeline.name!r} has steps {step_names}")
     engine_runner = get_runner(runner, **(runner_options or {}))
-    summary = RunSummary(out=str(out))
+    summary = RunSummary(out=str(store.out))
     with store.lock(f"fld run {pipeline.name}"):
         if force:
             for folder in [INPUTS, IMAGES, QUARANTINE] + store.annotation_folders():

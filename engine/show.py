@@ -412,7 +412,7 @@ def _layer_css() -> str:
 def build_report(out: str | Path, dest: str | Path, step: str | None = None, limit: int = 50) -> int:
     """Write the HTML report of up to `limit` images of one step (default: the latest); returns
     how many images were drawn."""
-    store = ShardStore(out)
+    store = ShardStore.of(out)
     folder = resolve_step(store, step)
     if folder is None:
         raise ValueError(f"{out} has no committed annotations to show")

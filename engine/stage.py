@@ -43,7 +43,7 @@ class Resources:
 
 
 # Parameters that only say HOW a stage runs, never WHAT it produces (engine.identity leaves them out).
-EXECUTION_PARAMS = ("batch_size", "cpus", "gpus", "concurrency", "threads")
+EXECUTION_PARAMS = ("batch_size", "cpus", "gpus", "concurrency", "threads", "model_store")
 
 
 class StageParams(BaseModel):

@@ -34,12 +34,12 @@ def committed_folders(store: ShardStore) -> list[str]:
     return [f for f in store.annotation_folders() if store.shards(f)]
 
 
-def collect_stats(out: str | Path, step: str | None = None, sample: int = DEFAULT_SAMPLE) -> dict[str, Table]:
+def collect_stats(out: "str | Path | ShardStore", step: str | None = None, sample: int = DEFAULT_SAMPLE) -> dict[str, Table]:
     """All sections for OUT; `step` narrows the annotation sections to one step or round
     (default: the latest for status / funnel, every step side by side for Tables 2 and 3)."""
-    store = ShardStore(out)
+    store = ShardStore.of(out)
     folder = resolve_step(store, step)
-    con = open_views(out, step)
+    con = open_views(store, step)
     sections: dict[str, Table] = {}
     ingest = aggregate_counters(store, "images")
     sections["ingest"] = {

@@ -13,6 +13,7 @@ ids unique across rounds (the round is part of the id, and groundings' `text_ann
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import Field
 
@@ -26,6 +27,9 @@ PREVIOUS = STASH_PREFIX + "previous"  # the record's annotations before this rou
 
 class RelabelParams(Florence2Params):
     round: int = Field(1, ge=1, description="the refinement round these annotations belong to")
+    # where `model` (an OUT-relative folder, models/round<k>) is read from: the store's spec (local path
+    # or object-store URL + options); each worker copies the folder from there (an execution setting)
+    model_store: Any = None
 
 
 def stamp_round(records: list[dict], round_: int) -> list[dict]:
@@ -53,6 +57,11 @@ class RefineRelabeler(Florence2Annotator):
     params: RelabelParams
 
     def setup(self) -> None:
+        if self.params.model_store is not None:
+            from engine.store import ShardStore
+
+            store = ShardStore.from_spec(self.params.model_store)
+            self.models = {**self.models, self.params.model: store.local_dir(self.params.model)}
         super().setup()
         # provenance names the model as the pipeline does (OUT-relative models/round<k>), not where this
         # worker found it, so the same round on two machines writes the same annotations

@@ -130,10 +130,12 @@ class FlorenceRounds:
         return self.pipeline.models.get(self.cfg.model, self.cfg.model)
 
     # ---------------------------------------------------------------- the jobs
-    def trainer(self, round_: int, start_ref: str) -> tuple[type, dict, int, float, float]:
-        """(trainer class, its params, workers, GPUs per worker, CPUs per worker) of round k's training."""
+    def trainer(self, round_: int, start_ref: str, store=None) -> tuple[type, dict, int, float, float]:
+        """(trainer class, its params, workers, GPUs per worker, CPUs per worker) of round k's training.
+        Round 1 starts from a model reference; a later round from the previous round's folder in
+        `store` (start_ref is then OUT-relative)."""
         c = self.cfg
-        params = {"start": start_ref, "train": c.train.model_dump(),
+        params = {"start": start_ref, "start_store": store.spec() if store is not None else None, "train": c.train.model_dump(),
                   "codec": {"tasks": c.train_tasks, "max_target_tokens": c.max_target_tokens,
                             "max_region_examples": c.max_region_examples}}
         return Florence2Trainer, params, c.train.num_workers, c.train.gpus_per_worker, c.train.cpus_per_worker
@@ -151,10 +153,11 @@ class FlorenceRounds:
                     out.append(spec)
         return out
 
-    def stages(self, round_: int, model_folder: str) -> list[tuple[type, dict]]:
-        """Round k's step: relabel with its model (OUT/<model_folder>) -> the filters -> merge."""
+    def stages(self, round_: int, model_folder: str, store) -> list[tuple[type, dict]]:
+        """Round k's step: relabel with its model (OUT/<model_folder>, read from `store` by each worker)
+        -> the filters -> merge."""
         r = self.cfg.relabel
-        relabel = {"model": model_folder, "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
+        relabel = {"model": model_folder, "model_store": store.spec(), "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
                    "max_new_tokens": r.max_new_tokens, "num_beams": r.num_beams,
                    "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype}
         relabel.update({k: v for k, v in (("cpus", r.cpus), ("gpus", r.gpus), ("concurrency", r.concurrency)) if v is not None})

@@ -28,7 +28,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,6 +86,9 @@ class CodecSettings(BaseModel):
 
 class Florence2TrainerParams(TrainerParams):
     start: str = Field(..., description="model reference training starts from (hub id, folder, random:...)")
+    # when set, `start` is an OUT-relative folder (the previous round's model) read from this store
+    # (engine.store.StoreSpec): every training worker copies it from there
+    start_store: Any = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     codec: CodecSettings = Field(default_factory=CodecSettings)
 
@@ -202,8 +205,15 @@ def summary_of(history: list[dict], steps: int, resumed_from: int | None, seen: 
 
 
 def model_dir_of(store, job) -> Path:
-    """The local folder of job.model_folder (OUT is a local path here)."""
-    return Path(store.out) / job.model_folder
+    """A local folder for job.model_folder: the folder itself on a local OUT; on an object store a
+    local copy (its checkpoints come along, so a resumed run continues), published with `_publish`."""
+    return Path(store.local_dir(job.model_folder))
+
+
+def _publish(store, job, model_dir: Path) -> None:
+    """An object-store OUT gets the local model folder (checkpoints, log, final model) copied up."""
+    if not store.local:
+        store.upload_dir(model_dir, job.model_folder)
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -216,11 +226,9 @@ class Florence2Trainer(Trainer):
     params: Florence2TrainerParams
 
     def finished(self, store, job) -> dict | None:
-        d = model_dir_of(store, job)
-        p = d / SUMMARY_FILE
-        if not p.exists() or not (d / "config.json").exists():
+        summary = store.read_json(f"{job.model_folder}/{SUMMARY_FILE}")
+        if summary is None or not store.exists(f"{job.model_folder}/config.json"):
             return None
-        summary = json.loads(p.read_text())
         return summary if summary.get("steps") == self.params.train.steps else None
 
     def fit(self, store, job, world: World, stop_after: int | None = None) -> dict:
@@ -240,7 +248,12 @@ class Florence2Trainer(Trainer):
         ckpt = latest_checkpoint(model_dir)
         # always built from the start reference, then given the checkpoint's weights: a resumed run then
         # saves exactly the files an uninterrupted one saves (from_pretrained of a checkpoint adds keys)
-        wrapped = Florence2Model.load(self.params.start, device=world.device, dtype="float32")
+        start = self.params.start
+        if self.params.start_store is not None:
+            from engine.store import ShardStore
+
+            start = ShardStore.from_spec(self.params.start_store).local_dir(start)
+        wrapped = Florence2Model.load(start, device=world.device, dtype="float32")
         model, processor = wrapped.model, wrapped.processor
         if ckpt is not None:
             _load_weights(model, ckpt)
@@ -351,11 +364,13 @@ class Florence2Trainer(Trainer):
                                       "config": cfg.model_dump(), "workers": [{"rng": w["rng"], "data": w["data"]}
                                                                               for w in workers]},
                                      cfg.keep_checkpoints)
+                    _publish(store, job, model_dir)
         summary = summary_of(history, step, int(ckpt.name.split("-")[1]) if ckpt else None, stream.seen)
         if world.main and step >= cfg.steps:
             model.eval()
             wrapped.save(model_dir)  # the final model: a local dir any loader reads
             (model_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+            _publish(store, job, model_dir)
         return summary
 
 

@@ -78,3 +78,51 @@ def photo_batch(photos) -> pa.Table:
     """Four real photos as a stage input batch."""
     names = list(photos)[:4]
     return make_batch({n: photos[n] for n in names})
+
+
+@pytest.fixture(scope="session")
+def ocr_inputs(tmp_path_factory, photos):
+    """Five inputs: a rendered sign (OCR finds its words), three photos, one non-image (quarantined)."""
+    from test_ocr import rendered_sign
+
+    d = tmp_path_factory.mktemp("ocr_inputs")
+    (d / "sign.jpg").write_bytes(rendered_sign())
+    for name in ("astronaut", "coffee", "chelsea"):
+        (d / f"{name}.png").write_bytes(photos[name])
+    (d / "notes.jpg").write_text("not an image at all")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ocr_pipelines(tmp_path_factory):
+    """test_cli's `ocr` pipeline: one RapidOCR step, shards of 2 inputs."""
+    from test_cli import _yaml
+
+    return _yaml(tmp_path_factory.mktemp("ocr_pipelines"))
+
+
+@pytest.fixture(scope="session")
+def ocr_run(tmp_path_factory, ocr_inputs, ocr_pipelines):
+    """A finished local `fld run` of the OCR pipeline (3 shards: images, quarantine, annotations/stage1).
+    Tests that change it copy it first (shutil.copytree)."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    out = tmp_path_factory.mktemp("ocr_run") / "out"
+    res = CliRunner().invoke(app, ["run", str(ocr_pipelines), "--pipeline", "ocr", "--input", str(ocr_inputs), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed server` on free ports), started once per session, stopped by pid."""
+    import seaweed
+
+    server = seaweed.start(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.filesystem().mkdir("fld-test")
+        yield server
+    finally:
+        seaweed.stop(server)

@@ -266,7 +266,7 @@ def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input
     store = ShardStore(out)
     for folder in ("annotations/annotate", "annotations/measure"):
         for shard in ("part-00001", "part-00002"):
-            store.shard_path(folder, shard).unlink()
+            store.delete(f"{folder}/{shard}.parquet")
     summary = run_pipeline(load_pipeline(pipelines_file, "equal"), None, str(out), runner="ray")
     assert summary.steps["annotate"]["shards_run"] == 2 and summary.steps["annotate"]["shards_skipped"] == 2
     writers = {s: r["runner"] for s, r in store.committed("annotations/annotate").items()}

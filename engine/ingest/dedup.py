@@ -40,6 +40,7 @@ def find_cross_duplicates(store) -> dict[str, list[tuple[int, str, str]]]:
         return {}
     con = duckdb.connect()
     try:
+        store.register_with(con)  # object stores: DuckDB reads through the store's fsspec filesystem
         con.execute("SET preserve_insertion_order = false")
         listing = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
         rows = con.execute(FIND_SQL.format(files=listing)).fetchall()

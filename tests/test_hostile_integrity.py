@@ -1,0 +1,237 @@
+"""Integrity of committed data (issue 11 item 4): damage after commit, kills, disk full.
+
+A committed shard that is later truncated, replaced or deleted (or whose commit record is) must
+be found against its commit record: readers (query, stats, export, show) fail naming the shard
+and what differs, `fld verify` lists it, and the next `fld run` redoes it to the same rows.
+"""
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.store import ShardStore
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _rows(out, folder):
+    store = ShardStore(out)
+    return {s: store.read_shard(folder, s).to_pylist() for s in store.shards(folder)}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _replace_with_other_shard(path):
+    other = sorted(p for p in path.parent.glob("*.parquet") if p != path)[0]
+    shutil.copy(other, path)
+
+
+def _rewrite_same_rows(path):
+    """Same rows and values, written again with other settings: another size / footer."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path), path, compression="gzip", row_group_size=1)
+
+
+def _flip_footer_byte(path):
+    """Same size, same rows, a footer that still parses: only the footer hash can tell."""
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"parquet-cpp-arrow")  # the footer's created_by string
+    data[at] = ord("P")
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_footer(path):
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0xFF  # the end of the Thrift footer: it no longer parses
+    path.write_bytes(bytes(data))
+
+
+def _garble_record(path):
+    record = path.parent / "_committed" / (path.stem + ".json")
+    record.write_text("{not json")
+
+
+DAMAGE = {
+    "truncated": (_truncate, "size"),
+    "deleted": (lambda p: p.unlink(), "deleted"),
+    "replaced by another shard": (_replace_with_other_shard, "committed"),
+    "rewritten with the same rows": (_rewrite_same_rows, "committed"),
+    "footer rewritten, same size and rows": (_flip_footer_byte, "footer differs"),
+    "footer corrupted": (_corrupt_footer, ""),
+    "commit record garbled": (_garble_record, "commit record unreadable"),
+}
+
+
+CASES = [("annotations/stage1", kind) for kind in DAMAGE] + [
+    ("images", "truncated"), ("images", "replaced by another shard"), ("quarantine", "deleted"), ("quarantine", "truncated")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("folder,kind", CASES)
+def test_damaged_shard_is_refused_by_readers_and_redone_by_a_run(tmp_path, ocr_run, ocr_pipelines, folder, kind, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(ocr_run, out)
+    before = {f: _rows(out, f) for f in ("images", "quarantine", "annotations/stage1")}
+    shard = "part-00001"
+    damage, expect = DAMAGE[kind]
+    damage(out / folder / f"{shard}.parquet")
+
+    for args in (("query", out, "SELECT count(*) FROM images"), ("stats", out), ("show", out, "--out", tmp_path / "r.html"),
+                 ("export", out, "--format", "coco", "--dest", tmp_path / "coco")):
+        res = _cli(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert f"{folder}/{shard}" in res.output and expect in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "coco" / "instances.json").exists()
+
+    res = _cli("verify", out)
+    assert res.exit_code == 1 and f"│ {folder}" in res.output and shard in res.output, res.output
+
+    with caplog.at_level(logging.WARNING):
+        res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--out", out)  # resume: no --input needed
+    assert res.exit_code == 0, res.output
+    assert any(f"{folder}/{shard} is damaged" in r.getMessage() for r in caplog.records)
+    assert _cli("verify", out).exit_code == 0
+    after = {f: _rows(out, f) for f in before}
+    assert after == before
+    assert _cli("query", out, "SELECT count(*) FROM images").exit_code == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_flipped_data_byte_passes_the_cheap_checks_and_fld_verify_finds_it(tmp_path, ocr_run):
+    """Size, rows and footer unchanged: only the sha256 of `fld verify` sees it (documented)."""
+    out = tmp_path / "out"
+    shutil.copytree(ocr_run, out)
+    path = out / "images" / "part-00000.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert ShardStore(out).damaged("images") == {}
+    res = _cli("verify", out)
+    assert res.exit_code == 1 and "sha256" in res.output and "part-00000" in res.output, res.output
+    assert "1 of 9 shards differ" in res.output
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, sys, time
+    import pyarrow as pa
+    from engine.store import ShardStore
+    os.replace = lambda *a: (print("written", flush=True), time.sleep(600))  # killed before the rename
+    ShardStore(sys.argv[1]).write_shard("images", "part-00000", pa.table({"x": [1, 2]}))
+""")
+
+
+@pytest.mark.timeout(180)
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_run(tmp_path, ocr_run, ocr_pipelines, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(ocr_run, out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    leftover = out / "images" / f".part-00000.parquet.tmp-{proc.pid}"
+    assert leftover.exists()
+    stale_record = out / "annotations" / "stage1" / "_committed" / ".part-00000.json.tmp-123"
+    stale_record.write_text("{}")
+    assert ShardStore(out).shards("annotations/stage1") == ["part-00000", "part-00001", "part-00002"]
+    with caplog.at_level(logging.WARNING):
+        res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert not leftover.exists() and not stale_record.exists()
+    assert any("left by a killed run" in r.getMessage() for r in caplog.records)
+    assert _cli("verify", out).exit_code == 0
+
+
+def _disk_full_outcome(out, res, reference):
+    """One clear line, exit 2, nothing half committed; afterwards the run completes to the same rows."""
+    assert res.exit_code == 2, res.output
+    assert "no space left" in res.output and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) <= 3, res.output
+    temporaries = [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert temporaries == []
+    store = ShardStore(out)
+    for folder in store.data_folders():
+        assert store.damaged(folder) == {}
+        for shard in store.records(folder):
+            assert (out / folder / f"{shard}.parquet").exists()
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_is_one_line_and_leaves_nothing_half_committed(tmp_path, ocr_run, ocr_inputs, ocr_pipelines, monkeypatch):
+    """ENOSPC in the middle of a run (the third Parquet write raises it, as a full disk does)."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    real = pq.write_table
+    calls = {"n": 0}
+
+    def full_disk(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(where, "wb") as f:
+                f.write(b"PAR1 half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out)
+    _disk_full_outcome(out, res, ocr_run)
+    monkeypatch.setattr(pq, "write_table", real)
+    res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert _rows(out, "annotations/stage1") == _rows(ocr_run, "annotations/stage1")
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 300 KiB filesystem (tmpfs), when this machine lets us mount one."""
+    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}); the monkeypatched ENOSPC test covers it")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_on_a_real_tiny_filesystem(tiny_tmpfs, ocr_run, ocr_inputs, ocr_pipelines):
+    out = tiny_tmpfs / "out"
+    res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out)
+    _disk_full_outcome(out, res, ocr_run)
+    assert subprocess.run(["mount", "-o", "remount,size=20m", str(tiny_tmpfs)]).returncode == 0
+    res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert _cli("verify", out).exit_code == 0
+    assert _rows(out, "annotations/stage1") == _rows(ocr_run, "annotations/stage1")
+
+
+@pytest.mark.timeout(120)
+def test_table_shapes_are_what_the_damage_helpers_expect(ocr_run):
+    """The fixture has 3 shards per folder (the damage tests take part-00001 and compare all rows)."""
+    store = ShardStore(ocr_run)
+    assert store.shards("images") == ["part-00000", "part-00001", "part-00002"]
+    assert isinstance(store.read_shard("images", "part-00001"), pa.Table)
+    assert json.loads((ocr_run / "manifest.json").read_text())["shards"]["images"]["rows"] == 4
