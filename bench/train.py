@@ -3,9 +3,9 @@
     python bench/train.py                          # tiny config on CPU (+ CUDA when present)
     python bench/train.py --preset base --devices cuda --steps 30 --batch-size 8
 
-Training runs refine.trainer.train (the real path: task-balanced sampler, collator, AdamW,
-cosine schedule, autocast on CUDA) on real photos (scikit-image) with <CAPTION> + <OD> +
-<REGION_TO_DESCRIPTION> examples; the first `--warmup` steps are excluded from the rate.
+Training runs refine.trainer.Florence2Trainer (the real path: streamed shards, task-balanced draws,
+collator, AdamW, cosine schedule, autocast on CUDA) on real photos (scikit-image) with <CAPTION> +
+<OD> + <REGION_TO_DESCRIPTION> examples written as a store; the first `--warmup` steps are excluded.
 Relabelling runs Florence2Model.generate for <OD> (num_beams 3, as the hub default) in batches.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ def photo_dataset(n_images: int):
     from PIL import Image
     from skimage import data as skdata
 
-    from refine.dataset import examples_from_tables
-    from schemas.task_codec import TaskCodec
-    from schemas.records import empty_record, make_ann_id, new_annotation, source_of
+    from engine.stage import records_to_table
+    from engine.store import ShardStore
+    from schemas.records import IMAGES_SCHEMA, empty_record, make_ann_id, new_annotation, source_of
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera"]
     src = source_of("bench")
@@ -60,22 +60,31 @@ def photo_dataset(n_images: int):
         ids.append(iid)
         blobs.append(blob)
     images = pa.table({"image_id": ids, "bytes": pa.array(blobs, pa.binary())})
-    codec = TaskCodec(["<CAPTION>", "<OD>", "<REGION_TO_DESCRIPTION>"])
-    return examples_from_tables(records, images, codec), images
+    store = ShardStore(tempfile.mkdtemp(prefix="fld_train_bench_"))
+    rows = [{"image_id": r["image_id"], "uri": r["uri"], "source": "bench", "width": r["width"], "height": r["height"],
+             "format": "PNG", "mode": "RGB", "bytes": b, "human": None} for r, b in zip(records, blobs)]
+    store.write_shard("images", "part-00000", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
+    store.write_shard("annotations/bench", "part-00000", records_to_table(records))
+    return store, images
 
 
-def bench_train(preset: str, device: str, steps: int, warmup: int, batch_size: int, data) -> dict:
-    from refine.trainer import TrainConfig, train
+def bench_train(preset: str, device: str, steps: int, warmup: int, batch_size: int, store) -> dict:
+    from engine.training import TrainJob, World
+    from refine.trainer import Florence2Trainer, read_log
 
-    with tempfile.TemporaryDirectory() as d:
-        cfg = TrainConfig(steps=warmup + steps + 1, batch_size=batch_size, lr=1e-4, warmup_steps=1, log_every=1,
-                          checkpoint_every=10**9, precision="auto")
-        t0 = time.perf_counter()
-        result = train(f"random:{preset}", data, Path(d) / "model", cfg, stop_after=warmup + steps, device=device)
-        wall = time.perf_counter() - t0
-    rates = [h["samples_per_s"] for h in result.history[warmup:] if h.get("samples_per_s")]
+    folder = f"models/{preset}-{device}-{time.time_ns()}"
+    job = TrainJob("bench", Florence2Trainer,
+                   {"start": f"random:{preset}", "codec": {"tasks": ["<CAPTION>", "<OD>", "<REGION_TO_DESCRIPTION>"]},
+                    "train": {"steps": warmup + steps + 1, "batch_size": batch_size, "lr": 1e-4, "warmup_steps": 1,
+                              "log_every": 1, "checkpoint_every": 10**9, "precision": "auto"}},
+                   {}, "annotations/bench", folder, "bench")
+    t0 = time.perf_counter()
+    result = job.build().fit(store, job, World(device=device), stop_after=warmup + steps)
+    wall = time.perf_counter() - t0
+    history = read_log(store.local_dir(folder))
+    rates = [h["samples_per_s"] for h in history[warmup:] if h.get("samples_per_s")]
     return {"train_samples_per_s": statistics.median(rates) if rates else float("nan"), "train_wall_s": wall,
-            "first_loss": result.first_loss, "last_loss": result.last_loss}
+            "first_loss": result["first_loss"], "last_loss": result["last_loss"]}
 
 
 def bench_relabel(preset: str, device: str, images, batch_size: int, max_new_tokens: int, rounds: int) -> dict:
@@ -121,7 +130,7 @@ def main() -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         sys.exit("--devices cuda: no CUDA device visible")
     data, images = photo_dataset(args.images)
-    print(f"Florence-2 random:{args.preset}, {len(data)} examples {data.counts()}, batch {args.batch_size}, "
+    print(f"Florence-2 random:{args.preset}, {args.images} images (<CAPTION>, <OD>, <REGION_TO_DESCRIPTION>), batch {args.batch_size}, "
           f"{args.steps} measured steps (+{args.warmup} warm-up), torch {torch.__version__}, {args.threads} CPU threads")
     rows = {}
     for dev in devices:
