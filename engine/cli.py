@@ -147,6 +147,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:port)"),
     beam_runner: Optional[str] = typer.Option(None, "--beam-runner", help="Beam runner (DirectRunner, FlinkRunner, ...)"),
     beam_option: list[str] = typer.Option([], "--beam-option", help="extra Beam pipeline option, repeatable (--beam-option=--project=x)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="engine INFO logs, Ray's own logs and progress bars"),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Ingest SRC and run every step of PIPELINE into OUT; rerun to resume."""
@@ -156,7 +157,10 @@ def run(
     from engine.run import run_pipeline
     from engine.store import StoreError
 
-    options: dict = {}
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options: dict = {"verbose": verbose}
     if address:
         options["address"] = address
     if beam_runner:
@@ -182,7 +186,13 @@ def run(
     _render([{"title": f"{pipeline} -> {out} ({runner}, {summary.seconds}s)",
               "columns": ["step", "stage", "in", "out", "added", "dropped", "errors", "seconds", "shards"], "rows": rows}])
     for r in summary.rounds:
-        _say(f"round {r.get('round')}: {json.dumps({k: v for k, v in r.items() if k != 'round'}, default=str)}")
+        t, made = r.get("train") or {}, r.get("relabel") or {}
+        added = ", ".join(f"{k} {v}" for k, v in (made.get("added") or {}).items() if v) or "nothing"
+        gt = r.get("ground_truth")
+        _say(f"round {r.get('round')}: trained {t.get('steps')} steps (loss {t.get('first_loss') or 0:.3f} -> "
+             f"{t.get('last_loss') or 0:.3f}); relabel added {added} on {made.get('images_with_output', 0)}/"
+             f"{made.get('images', 0)} images" + (f"; mAP vs human {gt['map']}" if gt else ""),
+             style="yellow" if r.get("empty") else None)
 
 
 @app.command()
@@ -337,7 +347,7 @@ def quickstart(
 ) -> None:
     """The main job on the embedded default: sample images -> the quickstart pipeline -> stats."""
     samples(samples_dir)
-    run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], [])
+    run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], False, [])
     stats(out, None, "table", 2000, [])
 
 

@@ -52,6 +52,10 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+class RayUnavailableError(ValueError):
+    """The Ray cluster cannot be reached: one line for the CLI (exit 2), no traceback."""
+
+
 class StageActor:
     """A model stage on a Ray actor: setup() (model load) once in the constructor."""
 
@@ -119,7 +123,8 @@ class RayRunner:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: float | None = None, temp_dir: str | None = None,
-                 include_dashboard: bool | None = None, runtime_env: dict | None = None, **_: object):
+                 include_dashboard: bool | None = None, runtime_env: dict | None = None, verbose: bool = False,
+                 **_: object):
         """address None: a local cluster in this process; "auto" / "ray://host:port": an existing cluster.
 
         `runtime_env` (or the JSON in FLD_RAY_RUNTIME_ENV) is passed to ray.init, e.g. to install
@@ -131,6 +136,7 @@ class RayRunner:
         self.include_dashboard = include_dashboard
         env = os.environ.get("FLD_RAY_RUNTIME_ENV")
         self.runtime_env = runtime_env if runtime_env is not None else (json.loads(env) if env else None)
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ cluster
     def connect(self) -> None:
@@ -138,7 +144,10 @@ class RayRunner:
 
         if ray.is_initialized():
             return
-        kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+        # Ray's INFO lines and its workers' output stay in Ray's session logs unless asked for (-v);
+        # fld's own progress lines say what runs
+        kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": self.verbose,
+                        "logging_level": logging.INFO if self.verbose else logging.WARNING}
         if self.runtime_env:
             kwargs["runtime_env"] = self.runtime_env
         if self.address:
@@ -149,7 +158,16 @@ class RayRunner:
                 kwargs["num_cpus"] = self.num_cpus
             if self.temp_dir:
                 kwargs["_temp_dir"] = str(self.temp_dir)
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "a new local cluster"
+            raise RayUnavailableError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]} "
+                                      "(start a cluster with `ray start --head`, or run without --address)") from None
+        if not self.verbose:
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
         log.info("ray: connected to %s (%s CPUs)", self.address or "a local cluster", ray.cluster_resources().get("CPU"))
 
     # --------------------------------------------------------------------- step
