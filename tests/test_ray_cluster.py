@@ -93,7 +93,8 @@ def _wait_nodes(address: str, n: int, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_fld_run_on_a_two_node_cluster_uses_both_nodes(cluster, tmp_path, photos):
+def test_fld_run_on_a_two_node_cluster_uses_both_nodes(cluster, tmp_path, photos, s3_server):
+    """OUT on a real S3 server (SeaweedFS): every node reads and writes the bucket, none shares a folder."""
     src = tmp_path / "in"
     src.mkdir()
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "jpeg_0", "jpeg_1", "jpeg_2"]
@@ -101,12 +102,13 @@ def test_fld_run_on_a_two_node_cluster_uses_both_nodes(cluster, tmp_path, photos
         (src / (f"{name}.png" if photos[name][:4] == b"\x89PNG" else f"{name}.jpg")).write_bytes(photos[name])
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(PIPELINE)
-    out = tmp_path / "out_cluster"
-    cmd = ["fld", "run", str(cfg), "--pipeline", "two_nodes", "--input", str(src), "--out", str(out),
-           "--runner", "ray", "--address", cluster]
+    out = f"s3://fld-test/cluster-{os.getpid()}-{time.time_ns()}"
+    cmd = ["fld", "run", str(cfg), "--pipeline", "two_nodes", "--input", str(src), "--out", out,
+           "--runner", "ray", "--address", cluster, *s3_server.cli_options()]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    b = ShardStore(out, s3_server.storage_options)
+    manifest = b.read_manifest()
     metrics = manifest["engine_metrics"]
     assert len(metrics["ingest"]["nodes"]) == 2, metrics["ingest"]  # ingest chunks ran on both nodes
     assert len(metrics["read"]["nodes"]["ocr"]) == 2, metrics["read"]  # the OCR actors sat on both nodes
@@ -115,7 +117,7 @@ def test_fld_run_on_a_two_node_cluster_uses_both_nodes(cluster, tmp_path, photos
     local = tmp_path / "out_local"
     res = subprocess.run(cmd[:7] + ["--out", str(local)], env=_env(), capture_output=True, text=True, timeout=800)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = ShardStore(local), ShardStore(out)
+    a = ShardStore(local)
     for folder in ("images", "annotations/read", "annotations/filter"):
         assert a.shards(folder) == b.shards(folder) and len(a.shards(folder)) == 4
         for shard in a.shards(folder):
