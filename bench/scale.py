@@ -302,23 +302,30 @@ def section_runners(args, work: Path) -> dict:
 
 # ------------------------------------------------------------------------- s3
 def section_s3(args, work: Path) -> dict:
-    from tests.seaweedfs import SeaweedFS  # the suite's fixture helper: starts `weed server` on free ports
+    sys.path.insert(0, str(ROOT / "tests"))
+    import seaweed  # the suite's helper: `weed server` on free ports, stopped by pid
 
     from engine.run import run_pipeline
+    from engine.store import ShardStore
 
     src = work / "s3_src"
     generated_images(src, max(64, args.images // 10), seed=2)
-    with SeaweedFS(work / "weed") as s3:
-        os.environ.update(s3.env)
-        s3.make_bucket("bench")
+    print(f"\n== OUT on local disk vs on a SeaweedFS S3 gateway: ingest + a CPU step, {max(64, args.images // 10)} images",
+          flush=True)
+    server = seaweed.start(work / "weed")
+    try:
+        server.filesystem().mkdir("bench")
 
-        def run_to(out: str) -> float:
+        def run_to(out) -> float:
             t0 = time.perf_counter()
             run_pipeline(pipeline(work, "light", shard_size=32), str(src), out)
             return time.perf_counter() - t0
 
-        best = best_of(args.repeat, [("OUT local", lambda: run_to(str(work / f"s3_local_{time.time_ns()}"))),
-                                     ("OUT on SeaweedFS", lambda: run_to(f"s3://bench/run-{time.time_ns()}"))])
+        best = best_of(args.repeat, [
+            ("OUT local", lambda: run_to(str(work / f"s3_local_{time.time_ns()}"))),
+            ("OUT on SeaweedFS", lambda: run_to(ShardStore(f"s3://bench/run-{time.time_ns()}", server.storage_options)))])
+    finally:
+        seaweed.stop(server)
     ratio = best["OUT on SeaweedFS"] / best["OUT local"]
     print(f"OUT on SeaweedFS / local: {ratio:.2f}x the wall time")
     return {"seconds": best, "s3_vs_local": ratio}
