@@ -310,8 +310,8 @@ def local_fingerprint(location: str) -> str | None:
     if is_url(location):
         return None
     try:
-        st = os.stat(local_path(location))
-    except OSError:
+        st = os.stat(local_path(location_of(location)))
+    except (OSError, ValueError):  # not there, or a name no file can have (NUL)
         return None
     return f"{st.st_size}:{st.st_mtime_ns}"
 
