@@ -94,10 +94,15 @@ def _tar(rng: random.Random, photos) -> tuple[bytes, bool]:
                 tar.addfile(info, io.BytesIO(payload))
     whole = buf.getvalue()
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        headers = [m.offset for m in tar.getmembers()]
         last = tar.getmembers()[-1]
     end = last.offset_data + -(-last.size // 512) * 512 + 512  # the first end-of-archive block included
-    data = whole[: rng.randrange(1, len(whole))] if rng.random() < 0.3 else whole
-    return data, len(data) < end
+    if rng.random() < 0.7:
+        return whole, False
+    cut = rng.choice([rng.randrange(1, len(whole)),  # anywhere (mostly inside a member's data)
+                      rng.choice(headers) + rng.randrange(512),  # inside a header, or right at one
+                      end - rng.randrange(1, 513)])  # inside the end-of-archive block
+    return whole[:max(cut, 1)], max(cut, 1) < end
 
 
 def _annotation(rng: random.Random, ann_id: int, image_id: int, size: tuple[int, int] | None) -> dict:
@@ -129,7 +134,7 @@ def generate(root, photos, seed: int = SEED) -> tuple[list[bytes], dict[bytes, b
     """Write the fuzz inputs under root; (plain file names, tar name -> cut, COCO dict), all deterministic."""
     rng = random.Random(seed)
     os.makedirs(os.fsencode(root) + b"/sub/deeper", exist_ok=True)
-    files, tars, sizes, written = [], {}, {}, []
+    files, tars, sizes, usable = [], {}, {}, []
     for i in range(N_INPUTS):
         folder = rng.choice([b"", b"sub/", b"sub/deeper/"])
         roll = rng.random()
@@ -141,18 +146,19 @@ def generate(root, photos, seed: int = SEED) -> tuple[list[bytes], dict[bytes, b
             if roll < 0.32:
                 prefix = rng.choice(MAGICS) if rng.random() < 0.6 else b""
                 data, ext = prefix + rng.randbytes(rng.randint(0, 3000)), rng.choice(list(FORMATS.values()))
-            elif roll < 0.38 and written:
-                data, ext = rng.choice(written), ".png"  # an exact copy of an earlier input
+            elif roll < 0.38 and usable:
+                data, ext = rng.choice(usable), ".png"  # an exact copy of an earlier image: a duplicate
             elif roll < 0.40:
                 data, ext = b"", ".jpg"
             else:
                 photo, ext, size = _photo(rng, photos)
                 kind, data = _mutate(rng, photo)
                 size = size if kind == "valid" else None
+                if size and min(size) >= 16:
+                    usable.append(data)
             name = folder + _name(rng, i, ext)
             files.append(name)
             sizes[name] = size
-        written.append(data)
         with open(os.fsencode(root) + b"/" + name, "wb") as f:
             f.write(data)
 
