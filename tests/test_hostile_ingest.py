@@ -145,6 +145,21 @@ def _with_chunks(png: bytes, chunks: list[bytes], after_pixels: bool) -> bytes:
     return png[:ihdr_end] + b"".join(chunks) + png[ihdr_end:]
 
 
+def _fake_fs(protocol: str, **methods):
+    """A fresh in-memory fsspec backend registered as `protocol` (its own store); `methods` replace
+    MemoryFileSystem's (the misbehaviour a test needs). Returns an instance to put objects in."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def strip(cls, path):
+        return MemoryFileSystem._strip_protocol.__func__(cls, path.replace(f"{protocol}://", "memory://", 1))
+
+    cls = type(f"{protocol}FS", (MemoryFileSystem,), {"protocol": (protocol,), "store": {}, "pseudo_dirs": [""],
+                                                      "_strip_protocol": classmethod(strip), **methods})
+    fsspec.register_implementation(protocol, cls, clobber=True)
+    return cls()
+
+
 # --------------------------------------------------------------------------- only regular files
 @pytest.mark.timeout(120)
 def test_only_regular_files_are_opened(tmp_path, photos, monkeypatch):
@@ -309,22 +324,11 @@ def test_size_cap_on_a_url_whose_listed_size_lies(tmp_path, photos):
     """fsspec: the object's info size is checked before reading; a size that lies is caught while reading."""
     from fsspec.implementations.memory import MemoryFileSystem
 
-    import fsspec
+    def info(self, path, **kwargs):
+        info = MemoryFileSystem.info(self, path, **kwargs)
+        return {**info, "size": 10} if "liar" in path else info
 
-    class LyingFS(MemoryFileSystem):
-        protocol = ("lying",)
-        store, pseudo_dirs = {}, [""]
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            return super()._strip_protocol(path.replace("lying://", "memory://", 1))
-
-        def info(self, path, **kwargs):
-            info = super().info(path, **kwargs)
-            return {**info, "size": 10} if "liar" in path else info
-
-    fsspec.register_implementation("lying", LyingFS, clobber=True)
-    fs = LyingFS()
+    fs = _fake_fs("lying", info=info)
     big = _encode(photos, "PNG", "astronaut", 512)
     fs.pipe("/b/big.png", big)
     fs.pipe("/b/liar.png", big)
@@ -573,27 +577,16 @@ class _Flaky:
     always: dict = {}
     calls: dict = {}
 
+    @staticmethod
+    def open(fs, path, mode="rb", **kwargs):
+        _Flaky.calls[path] = _Flaky.calls.get(path, 0) + 1
+        if path in _Flaky.always:
+            raise _Flaky.always[path]
+        if _Flaky.fail.get(path):
+            raise _Flaky.fail[path].pop(0)
+        from fsspec.implementations.memory import MemoryFileSystem
 
-def _flaky_fs():
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    class FlakyFS(MemoryFileSystem):
-        protocol = ("flaky",)
-        store, pseudo_dirs = {}, [""]
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            return super()._strip_protocol(path.replace("flaky://", "memory://", 1))
-
-        def _open(self, path, mode="rb", **kwargs):
-            _Flaky.calls[path] = _Flaky.calls.get(path, 0) + 1
-            if path in _Flaky.always:
-                raise _Flaky.always[path]
-            if _Flaky.fail.get(path):
-                raise _Flaky.fail[path].pop(0)
-            return super()._open(path, mode, **kwargs)
-
-    return FlakyFS
+        return MemoryFileSystem._open(fs, path, mode, **kwargs)
 
 
 class _Status503(Exception):
@@ -607,10 +600,7 @@ def test_transient_read_errors_are_retried_with_backoff(tmp_path, photos, monkey
     """A fake fsspec backend fails N times then serves the bytes: connection resets, timeouts, s3fs's
     EBUSY (503 SlowDown), an HTTP 503 status are retried with growing delays; a file that keeps
     failing is unreadable after the last attempt; permissions and missing files are not retried."""
-    import fsspec
-
-    fsspec.register_implementation("flaky", _flaky_fs(), clobber=True)
-    fs = fsspec.filesystem("flaky")
+    fs = _fake_fs("flaky", _open=_Flaky.open)
     names = ["reset.jpg", "timeout.jpg", "busy.jpg", "status.jpg", "always.jpg", "denied.jpg"]
     for i, name in enumerate(names):
         fs.pipe(f"/bucket/{name}", _jpeg(photos, ["astronaut", "coffee", "chelsea", "rocket", "camera", "coffee"][i],
@@ -675,24 +665,14 @@ def test_a_missing_protocol_package_fails_once_with_one_line(tmp_path):
 def test_a_url_prefix_that_cannot_be_listed_is_an_error_naming_it(tmp_path, photos):
     """One sub-prefix whose listing fails stops the run with its name (fsspec's walk would omit it
     silently); an input that lists no image is an error too; both exit 2 with one line."""
-    import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
-    class BrokenLs(MemoryFileSystem):
-        protocol = ("brokenls",)
-        store, pseudo_dirs = {}, [""]
+    def ls(self, path, detail=True, **kwargs):
+        if path.rstrip("/").endswith("/b"):
+            raise PermissionError(errno.EACCES, "AccessDenied on ListObjectsV2")
+        return MemoryFileSystem.ls(self, path, detail=detail, **kwargs)
 
-        @classmethod
-        def _strip_protocol(cls, path):
-            return super()._strip_protocol(path.replace("brokenls://", "memory://", 1))
-
-        def ls(self, path, detail=True, **kwargs):
-            if path.rstrip("/").endswith("/b"):
-                raise PermissionError(errno.EACCES, "AccessDenied on ListObjectsV2")
-            return super().ls(path, detail=detail, **kwargs)
-
-    fsspec.register_implementation("brokenls", BrokenLs, clobber=True)
-    fs = BrokenLs()
+    fs = _fake_fs("brokenls", ls=ls)
     for sub in ("a", "b", "c"):
         fs.pipe(f"/bucket/data/{sub}/x.jpg", _jpeg(photos))
     _, yaml = _pipeline(tmp_path)
