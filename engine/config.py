@@ -37,6 +37,8 @@ class IngestConfig(_Strict):
     shard_size: int = Field(256, ge=1, description="images per shard (the unit of resume)")
     min_side: int = Field(16, ge=1, description="smaller images are quarantined as too_small")
     max_pixels: int = Field(178_956_970, ge=1, description="larger images are decompression_bomb")
+    max_file_bytes: int = Field(256 << 20, ge=1, description="larger files (and tar members) are too_large, "
+                                "checked before reading and while reading; default 256 MiB")
     source: str | None = Field(None, description="dataset / origin name recorded on each image")
     verify: Literal["header", "decode"] = Field("header", description="header: structure checks only (fast); "
                                                 "decode: decode every image's pixels at ingest")

@@ -68,7 +68,8 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, runner, progr
     cfg = pipeline.config.ingest
     ihash = pipeline.ingest_hash
     if src is not None:
-        shards, _ = plan_chunks(store, iter_inputs(src, cfg.source, image_root=cfg.image_root), cfg.shard_size, ihash)
+        items = iter_inputs(src, cfg.source, image_root=cfg.image_root, max_file_bytes=cfg.max_file_bytes)
+        shards, _ = plan_chunks(store, items, cfg.shard_size, ihash)
     else:
         shards = store.shards(INPUTS)
         if not shards:

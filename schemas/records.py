@@ -109,6 +109,8 @@ INPUTS_SCHEMA = pa.schema(
         ("length", pa.int64()),  # ... and how many bytes it has
         ("human", pa.string()),  # JSON of imported annotations, or null
         ("fingerprint", pa.string()),  # size + mtime / ETag from the listing (change detection), or null
+        ("reason", pa.string()),  # set when the listing found the input unusable (a folder that cannot be
+        ("detail", pa.string()),  # listed, a cut tar, a bad caption): quarantined with these, not read
     ]
 )
 

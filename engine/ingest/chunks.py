@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from engine.identity import digest
 from engine.ingest.decode import ingest_shard
-from engine.ingest.locations import LocationReader
+from engine.ingest.locations import ListingProblem, LocationReader, escape_name, location_of
 from engine.ingest.sources import InputItem
 from engine.ingest.webdataset import MemberReader
 from schemas.records import INPUTS_SCHEMA
@@ -48,21 +48,29 @@ def shard_name(index: int) -> str:
 
 
 def item_row(item: InputItem) -> dict:
-    """An input as a row of inputs/part-k: what a worker on any machine needs to read it again."""
+    """An input as a row of inputs/part-k: what a worker on any machine needs to read it again.
+    Every string is valid UTF-8 (Arrow refuses others): a name that is not stays exact in its
+    escaped form (engine.ingest.locations.location_of), never a crash of the listing."""
     read = item.read
+    location = offset = length = reason = detail = None
     if isinstance(read, MemberReader):
-        location, offset, length = read.tar_path, read.offset, read.size
+        location, offset, length = location_of(read.tar_path), read.offset, read.size
     elif isinstance(read, LocationReader):
-        location, offset, length = read.location, None, None
+        location = location_of(read.location)
+    elif isinstance(read, ListingProblem):
+        reason, detail = read.reason, escape_name(read.detail)
     else:
-        raise TypeError(f"{item.uri}: its reader {type(read).__name__} cannot be sent to a worker")
-    return {"uri": item.uri, "source": item.source, "location": location, "offset": offset, "length": length,
+        raise TypeError(f"{escape_name(item.uri)}: its reader {type(read).__name__} cannot be sent to a worker")
+    return {"uri": location_of(item.uri), "source": escape_name(item.source), "location": location,
+            "offset": offset, "length": length,
             "human": json.dumps(item.human, sort_keys=True) if item.human is not None else None,
-            "fingerprint": item.fingerprint}
+            "fingerprint": item.fingerprint, "reason": reason, "detail": detail}
 
 
 def row_item(row: dict) -> InputItem:
-    if row["offset"] is not None:
+    if row.get("reason") is not None:
+        read = ListingProblem(row["reason"], row["detail"])
+    elif row["offset"] is not None:
         read = MemberReader(row["location"], int(row["offset"]), int(row["length"]))
     else:
         read = LocationReader(row["location"])
@@ -122,7 +130,8 @@ def ingest_chunk(store, shard: str, settings: dict, ingest_hash: str, runner: st
     inputs = store.commit_record(INPUTS, shard)
     items = [row_item(r) for r in store.read_shard(INPUTS, shard).to_pylist()]
     images, quarantine, counters = ingest_shard(items, settings["min_side"], settings["max_pixels"], set(),
-                                                workers=settings["read_threads"], verify=settings["verify"])
+                                                workers=settings["read_threads"], verify=settings["verify"],
+                                                max_bytes=settings["max_file_bytes"])
     meta = {"config_hash": ingest_hash, "input_sha256": inputs["sha256"], "runner": runner}
     store.write_shard(QUARANTINE, shard, quarantine, meta)
     store.write_shard(IMAGES, shard, images, {**meta, "counters": counters, "cross_duplicates": 0,

@@ -5,68 +5,68 @@ orientation) or a row of quarantine/ with a short reason code and a sentence nam
 Every check the downstream decoder (engine.stage.decode_image) relies on happens here: the
 full pixel load (truncation), EXIF transpose and conversion to RGB. Sizes are checked from
 the header before any pixel is decoded, so a decompression bomb never allocates its pixels.
+Only the formats the engine supports are offered to Pillow (engine.ingest.pixels.IMAGE_FORMATS):
+an EPS, PSD, PDF or ICO renamed .jpg never reaches its plugin (nor Ghostscript).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import struct
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.ingest.pixels import to_rgb
+from engine.ingest.locations import Reader, escape_name, location_of, read_with_retries, too_large
+from engine.ingest.pixels import IMAGE_FORMATS, to_rgb
+from engine.ingest.quarantine import QUARANTINE_REASONS, Quarantined
 from engine.ingest.sources import InputItem
 from schemas.records import IMAGES_SCHEMA, QUARANTINE_SCHEMA
 
-QUARANTINE_REASONS = (
-    "missing",
-    "empty",
-    "not_image",
-    "truncated",
-    "decompression_bomb",
-    "too_small",
-    "unsupported_mode",
-    "duplicate",
-    "unreadable",
-)
+__all__ = ["QUARANTINE_REASONS", "VERIFY_MODES", "decode_input", "ingest_shard"]
+
 # Messages Pillow / libjpeg / zlib give for data that ends early or is cut inside.
 _TRUNCATION_HINTS = ("truncated", "broken data stream", "premature end", "unexpected end", "buffer is not large enough")
-
-
-class _Quarantined(Exception):
-    def __init__(self, reason: str, detail: str):
-        assert reason in QUARANTINE_REASONS, reason
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+# ... and for PNG text / zTXt / iTXt / iCCP chunks over PngImagePlugin.MAX_TEXT_CHUNK / MAX_TEXT_MEMORY
+_CHUNK_BOMB_HINTS = ("too large", "too much memory")
 
 
 def _quarantine_row(item: InputItem, reason: str, detail: str, image_id: str | None = None,
                     duplicate_of: str | None = None) -> dict:
+    assert reason in QUARANTINE_REASONS, reason
+    uri = location_of(item.uri)
     return {
-        "uri": item.uri,
-        "source": item.source,
+        "uri": uri,
+        "source": escape_name(item.source),
         "reason": reason,
-        "detail": detail,
+        "detail": escape_name(f"{uri}: {detail}"),
         "image_id": image_id,
         "duplicate_of": duplicate_of,
     }
 
 
-def _read_bytes(item: InputItem) -> bytes:
+def _read_bytes(item: InputItem, max_bytes: int | None = None) -> bytes:
+    """The input's bytes (transient errors retried), or Quarantined with why not."""
+    read = item.read
     try:
-        data = item.read()
+        # engine readers check the size before reading and read at most max_bytes + 1
+        data = read_with_retries(read, max_bytes) if isinstance(read, Reader) else read_with_retries(read)
+    except Quarantined:
+        raise
     except FileNotFoundError as exc:
-        raise _Quarantined("missing", f"{item.uri}: file not found ({exc.strerror or exc})") from None
+        raise Quarantined("missing", f"file not found ({exc.strerror or exc})") from None
     except IsADirectoryError:
-        raise _Quarantined("unreadable", f"{item.uri}: is a directory, not a file") from None
-    except Exception as exc:  # noqa: BLE001 - permissions, network, cut-off tar: all "cannot read"
-        raise _Quarantined("unreadable", f"{item.uri}: cannot read the bytes ({type(exc).__name__}: {exc})") from None
+        raise Quarantined("not_a_file", "a directory, not a file") from None
+    except Exception as exc:  # noqa: BLE001 - permissions, network after retries: all "cannot read"
+        raise Quarantined("unreadable", f"cannot read the bytes ({type(exc).__name__}: {exc})") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise too_large(len(data), max_bytes)
     if not data:
-        raise _Quarantined("empty", f"{item.uri}: file is empty (0 bytes)")
+        raise Quarantined("empty", "file is empty (0 bytes)")
     return data
 
 
@@ -109,9 +109,54 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
 
 
-def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int,
-                    verify: str = "header") -> tuple[int, int, str, str]:
-    """(width, height after EXIF orientation, format, original mode), or _Quarantined.
+def _is_chunk_bomb(exc: Exception) -> bool:
+    return isinstance(exc, ValueError) and any(hint in str(exc).lower() for hint in _CHUNK_BOMB_HINTS)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def _png_without_pixels(data: bytes) -> bytes | None:
+    """The PNG's chunks with the pixel data left out and the ones after it moved before an empty
+    IDAT, or None when nothing follows the pixels. Pillow reads chunks after IDAT (text, ICC, ...)
+    only when it loads the pixels; opening this checks them with Pillow's own parser and limits."""
+    pos, seen_idat = 8, False
+    before, after = [data[:8]], []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if kind == b"IEND":
+            break
+        if kind in (b"IDAT", b"fdAT", b"fcTL"):
+            seen_idat = seen_idat or kind == b"IDAT"
+        else:
+            (after if seen_idat else before).append(data[pos:end])
+        pos = end
+    if not after:
+        return None
+    return b"".join(before + after) + _png_chunk(b"IDAT", b"") + _png_chunk(b"IEND", b"")
+
+
+def _check_png_chunks_after_pixels(data: bytes) -> None:
+    """verify "header": PNG text / zTXt / iTXt / iCCP chunks after the pixels over Pillow's limits are
+    a decompression_bomb here, as in "decode" mode (they would fail the first step that decodes)."""
+    pixelless = _png_without_pixels(data)
+    if pixelless is None:
+        return
+    try:
+        with Image.open(io.BytesIO(pixelless), formats=("PNG",)):
+            pass
+    except ValueError as exc:
+        if _is_chunk_bomb(exc):
+            raise Quarantined("decompression_bomb", f"PNG text or ICC chunks after the pixels are over Pillow's "
+                                                    f"limits ({exc})") from None
+    except Exception:  # noqa: BLE001,S110 - other oddities of these chunks: Pillow skips them at load too
+        pass
+
+
+def _decode_checked(data: bytes, min_side: int, max_pixels: int, verify: str = "header") -> tuple[int, int, str, str]:
+    """(width, height after EXIF orientation, format, original mode), or Quarantined.
 
     verify "header": every check from the header and the file's structure (cheap: ingest runs at
     the speed of reading and hashing); a pixel-level corruption inside a complete file is then found
@@ -124,76 +169,82 @@ def _decode_checked(uri: str, data: bytes, min_side: int, max_pixels: int,
     # No warnings.catch_warnings here (not thread-safe): Pillow's DecompressionBombWarning fires
     # only above MAX_IMAGE_PIXELS >= max_pixels, which the header check below quarantines anyway.
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Quarantined("decompression_bomb", f"{uri}: header size over the limit, not decoded ({exc})") from None
+        raise Quarantined("decompression_bomb", f"header size over the limit, not decoded ({exc})") from None
     except UnidentifiedImageError:
-        raise _Quarantined("not_image", f"{uri}: not an image Pillow can identify ({len(data)} bytes)") from None
+        raise Quarantined("not_image", f"not an image in a supported format ({', '.join(IMAGE_FORMATS)}; "
+                                       f"{len(data)} bytes)") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt header of a known format
         msg = f"{type(exc).__name__}: {exc}"
+        if _is_chunk_bomb(exc):  # PNG text / ICC chunks before the pixels
+            raise Quarantined("decompression_bomb", f"PNG text or ICC chunks over Pillow's limits ({exc})") from None
         cut_riff = data[:4] == b"RIFF" and data[8:12] == b"WEBP" and _complete("WEBP", data) is False
         if cut_riff or any(hint in msg.lower() for hint in _TRUNCATION_HINTS):
-            raise _Quarantined("truncated", f"{uri}: the file ends inside its header ({msg})") from None
-        raise _Quarantined("not_image", f"{uri}: unreadable image header ({msg})") from None
+            raise Quarantined("truncated", f"the file ends inside its header ({msg})") from None
+        raise Quarantined("not_image", f"unreadable image header ({msg})") from None
     with im:
         fmt, mode = im.format or "", im.mode
         w, h = im.size
         if w * h > max_pixels:
-            raise _Quarantined(
+            raise Quarantined(
                 "decompression_bomb",
-                f"{uri}: header says {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (not decoded)",
+                f"header says {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (not decoded)",
             )
         if min(w, h) < min_side:
-            raise _Quarantined("too_small", f"{uri}: {w}x{h} is smaller than min_side={min_side}")
+            raise Quarantined("too_small", f"{w}x{h} is smaller than min_side={min_side}")
         if verify == "header":
-            return _header_checked(uri, data, im, fmt, mode, min_side, max_pixels)
+            return _header_checked(data, im, fmt, mode, min_side, max_pixels)
         try:
             im.load()  # full decode: a truncated file fails here, not in a later stage
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _Quarantined("decompression_bomb", f"{uri}: {exc}") from None
+            raise Quarantined("decompression_bomb", f"{exc}") from None
         except Exception as exc:  # noqa: BLE001
             msg = f"{type(exc).__name__}: {exc}"
             if any(hint in msg.lower() for hint in _TRUNCATION_HINTS):
-                raise _Quarantined("truncated", f"{uri}: {fmt} data ends early or is cut ({msg})") from None
-            if isinstance(exc, ValueError) and "too large" in msg.lower():  # PNG text/ICC chunk bombs
-                raise _Quarantined("decompression_bomb", f"{uri}: {msg}") from None
-            raise _Quarantined("unreadable", f"{uri}: {fmt} pixels cannot be decoded ({msg})") from None
+                raise Quarantined("truncated", f"{fmt} data ends early or is cut ({msg})") from None
+            if _is_chunk_bomb(exc):  # PNG text / ICC chunks after the pixels
+                raise Quarantined("decompression_bomb", f"PNG text or ICC chunks over Pillow's limits ({msg})") from None
+            raise Quarantined("unreadable", f"{fmt} pixels cannot be decoded ({msg})") from None
         try:
             ImageOps.exif_transpose(im, in_place=True)  # exactly what decode_image does later
         except Exception as exc:  # noqa: BLE001 - malformed EXIF block
-            raise _Quarantined("unreadable", f"{uri}: EXIF orientation cannot be applied ({exc})") from None
+            raise Quarantined("unreadable", f"EXIF orientation cannot be applied ({exc})") from None
         try:
             # Conversion support depends on the mode only: a 1x1 crop proves it without
             # copying a large image.
             to_rgb(im.crop((0, 0, 1, 1)))
         except ValueError as exc:
-            raise _Quarantined("unsupported_mode", f"{uri}: mode {mode!r} cannot be converted to RGB ({exc})") from None
+            raise Quarantined("unsupported_mode", f"mode {mode!r} cannot be converted to RGB ({exc})") from None
         return im.width, im.height, fmt, mode
 
 
-def _header_checked(uri: str, data: bytes, im: Image.Image, fmt: str, mode: str, min_side: int,
+def _header_checked(data: bytes, im: Image.Image, fmt: str, mode: str, min_side: int,
                     max_pixels: int) -> tuple[int, int, str, str]:
     complete = _complete(fmt, data)
     if complete is None:  # no cheap structural check for this format (TIFF, ...): decode it
-        return _decode_checked(uri, data, min_side, max_pixels, verify="decode")
+        return _decode_checked(data, min_side, max_pixels, verify="decode")
     if not complete:
-        raise _Quarantined("truncated", f"{uri}: {fmt} data ends early or is cut (no end marker after the image data)")
+        raise Quarantined("truncated", f"{fmt} data ends early or is cut (no end marker after the image data)")
+    if fmt == "PNG":
+        _check_png_chunks_after_pixels(data)
     try:
         width, height = _oriented_size(im)
     except Exception as exc:  # noqa: BLE001 - malformed EXIF block
-        raise _Quarantined("unreadable", f"{uri}: EXIF orientation cannot be read ({exc})") from None
+        raise Quarantined("unreadable", f"EXIF orientation cannot be read ({exc})") from None
     try:
         to_rgb(Image.new(mode, (1, 1)))  # conversion support depends on the mode only
     except ValueError as exc:
-        raise _Quarantined("unsupported_mode", f"{uri}: mode {mode!r} cannot be converted to RGB ({exc})") from None
+        raise Quarantined("unsupported_mode", f"mode {mode!r} cannot be converted to RGB ({exc})") from None
     return width, height, fmt, mode
 
 
-def decode_input(item: InputItem, min_side: int, max_pixels: int, verify: str = "header") -> tuple[dict | None, dict | None]:
+def decode_input(item: InputItem, min_side: int, max_pixels: int, verify: str = "header",
+                 max_bytes: int | None = None) -> tuple[dict | None, dict | None]:
     """(images row, None) for a usable image, else (None, quarantine row)."""
     try:
-        data = _read_bytes(item)
-    except _Quarantined as q:
+        data = _read_bytes(item, max_bytes)
+    except Quarantined as q:
         return None, _quarantine_row(item, q.reason, q.detail)
     return _decode_bytes(item, data, hashlib.sha256(data).hexdigest(), min_side, max_pixels, verify)
 
@@ -201,13 +252,13 @@ def decode_input(item: InputItem, min_side: int, max_pixels: int, verify: str = 
 def _decode_bytes(item: InputItem, data: bytes, image_id: str, min_side: int,
                   max_pixels: int, verify: str = "header") -> tuple[dict | None, dict | None]:
     try:
-        width, height, fmt, mode = _decode_checked(item.uri, data, min_side, max_pixels, verify)
-    except _Quarantined as q:
+        width, height, fmt, mode = _decode_checked(data, min_side, max_pixels, verify)
+    except Quarantined as q:
         return None, _quarantine_row(item, q.reason, q.detail, image_id=image_id)
     row = {
         "image_id": image_id,
-        "uri": item.uri,
-        "source": item.source,
+        "uri": location_of(item.uri),
+        "source": escape_name(item.source),
         "width": width,
         "height": height,
         "format": fmt,
@@ -219,16 +270,17 @@ def _decode_bytes(item: InputItem, data: bytes, image_id: str, min_side: int,
 
 
 def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_ids: set[str],
-                 workers: int = 1, verify: str = "header") -> tuple[pa.Table, pa.Table, dict]:
+                 workers: int = 1, verify: str = "header", max_bytes: int | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Decode a shard's inputs; exact duplicates (same sha256 as an image already ingested,
     in this shard or in `seen_ids`) are quarantined as 'duplicate' without being decoded again.
     Adds the ids of the ingested images to `seen_ids`. `workers` > 1 reads and decodes in threads
     (Pillow releases the GIL while decoding); the output is the same, in input order.
+    `max_bytes` (ingest.max_file_bytes): larger inputs are too_large, and never read whole.
     """
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     run = pool.map if pool else map
     try:
-        reads = list(run(_read_and_hash, items))
+        reads = list(run(lambda item: _read_and_hash(item, max_bytes), items))
         # Decode only the first copy of each id that is not already ingested.
         first_copy: dict[str, int] = {}
         for i, (_, image_id, _) in enumerate(reads):
@@ -253,7 +305,7 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
                 _quarantine_row(
                     item,
                     "duplicate",
-                    f"{item.uri}: exact copy of {first_uri.get(image_id, 'an image ingested earlier')} "
+                    f"exact copy of {first_uri.get(image_id, 'an image ingested earlier')} "
                     f"(image_id {image_id[:12]}...)",
                     image_id=image_id,
                     duplicate_of=image_id,
@@ -265,7 +317,7 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
             if row is not None:
                 images.append(row)
                 seen_ids.add(image_id)
-                first_uri[image_id] = item.uri
+                first_uri[image_id] = row["uri"]
                 continue
             quarantine.append(bad)
         reasons[quarantine[-1]["reason"]] += 1
@@ -285,10 +337,10 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
     )
 
 
-def _read_and_hash(item: InputItem) -> tuple[bytes | None, str | None, dict | None]:
+def _read_and_hash(item: InputItem, max_bytes: int | None) -> tuple[bytes | None, str | None, dict | None]:
     """(bytes, sha256, None), or (None, None, quarantine row) when the bytes cannot be had."""
     try:
-        data = _read_bytes(item)
-    except _Quarantined as q:
+        data = _read_bytes(item, max_bytes)
+    except Quarantined as q:
         return None, None, _quarantine_row(item, q.reason, q.detail)
     return data, hashlib.sha256(data).hexdigest(), None

@@ -1,57 +1,325 @@
-"""Local paths and fsspec URLs behind one small API, so every source type reads both."""
+"""Local paths and fsspec URLs behind one small API, so every source type reads both.
+
+Inputs are untrusted, so reading is defensive:
+- only regular files (objects) are opened: a FIFO would block the run, /dev/zero never ends, a
+  socket or device is not data. Local paths are stat'ed before open and fstat'ed after an open
+  that cannot block (O_NONBLOCK), so a file swapped for a FIFO in between is refused too;
+- a size cap is checked before reading (stat / listing / tar header) and enforced while reading
+  (at most cap + 1 bytes are read: sizes can lie, /proc files say 0, files grow);
+- names that are not valid UTF-8 are kept exactly: percent-escaped in text (`escape_name`), and
+  a local file's location is then a file:// URL that `local_path` turns back into the same bytes;
+- transient network errors are retried with backoff (`read_with_retries`), and a URL protocol
+  whose package is missing is one error at listing time (`require_protocol`).
+"""
 from __future__ import annotations
 
+import errno
+import functools
 import glob
+import logging
 import os
+import stat
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
+from urllib.parse import unquote_to_bytes
+
+from engine.ingest.quarantine import Quarantined
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 16 << 20  # bytes per read() while enforcing a cap on a file whose size is unknown
+RETRY_DELAYS = (0.25, 1.0, 4.0)  # seconds before the 2nd, 3rd and 4th attempt at a transient error
+RETRY_BUDGET_S = 30.0  # no new attempt starts once one input has taken this long
 
 
+class InputError(ValueError):
+    """A source that cannot be listed; the message names the file, the row / key or the prefix."""
+
+
+# ---------------------------------------------------------------------------- names and locations
 def is_url(s: str) -> bool:
     """True for non-local URLs (s3://, gs://, http://, memory://, ...); file:// counts as local."""
     return "://" in s and not s.startswith("file://")
 
 
+def is_text(s: str) -> bool:
+    """Can `s` be stored as UTF-8 (Arrow strings, JSON)? False for names decoded with surrogateescape."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _name_bytes(name: str) -> bytes:
+    try:
+        return os.fsencode(name)  # the exact bytes of a name os.listdir / argv decoded with surrogateescape
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can have that name
+        return name.encode("utf-8", "surrogatepass")
+
+
+def escape_name(name: str) -> str:
+    """`name` as valid UTF-8 text, losslessly: unchanged when it already is; otherwise the bytes that
+    are not UTF-8, and '%' itself, are written %XX ("caf\\xe9.jpg" -> "caf%E9.jpg")."""
+    if is_text(name):
+        return name
+    out = []
+    for ch in _name_bytes(name).decode("utf-8", "surrogateescape"):
+        if ch == "%":
+            out.append("%25")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def location_of(path: str) -> str:
+    """A location a reader on any worker reopens exactly: the path itself, or, for a local path that
+    is not valid UTF-8, a file:// URL with the undecodable bytes and '%' percent-escaped."""
+    if is_text(path):
+        return path
+    if is_url(path):  # object-store keys are UTF-8: such a key cannot exist, the reader says "missing"
+        return escape_name(path)
+    return "file://" + escape_name(os.path.abspath(local_path(path)))
+
+
 def local_path(s: str) -> str:
-    return s[len("file://") :] if s.startswith("file://") else s
+    """The path of a local location; a file:// URL is percent-decoded (RFC 8089) to the exact bytes."""
+    if s.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(s[len("file://"):]))
+    return s
+
+
+# ---------------------------------------------------------------------------- protocols
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp",
+             "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "adl": "adlfs", "sftp": "paramiko", "ssh": "paramiko",
+             "hf": "huggingface_hub", "oci": "ocifs", "webdav": "webdav4", "smb": "smbprotocol"}
+
+
+@functools.lru_cache(maxsize=None)
+def _protocol_problem(protocol: str) -> str | None:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        package = _PACKAGES.get(protocol)
+        fix = f"pip install {package}" if package else "install the fsspec backend for it"
+        return f"reading {protocol}:// URLs needs a package that is not installed ({exc}): {fix}"
+    except ValueError as exc:
+        return f"{protocol}:// is not a protocol fsspec knows ({exc})"
+    return None
+
+
+def require_protocol(location: str, where: str) -> None:
+    """InputError (one line naming the package to install) when `location` is a URL whose fsspec
+    backend cannot be loaded; checked once per protocol, at listing time, not once per file."""
+    if not is_url(location):
+        return
+    for part in location.split("::"):  # chained URLs: simplecache::s3://...
+        protocol = part.split("://", 1)[0] if "://" in part else part
+        problem = _protocol_problem(protocol)
+        if problem:
+            raise InputError(f"{where}: {problem}")
+
+
+def _fs(location: str):
+    import fsspec
+
+    require_protocol(location, location)
+    return fsspec.core.url_to_fs(location)
+
+
+# ---------------------------------------------------------------------------- reading
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _stat_regular(path: str) -> os.stat_result:
+    """stat of a regular file (symlinks followed), else Quarantined('not_a_file'); FileNotFoundError
+    for a path that is not there at all."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise Quarantined("not_a_file", f"a symbolic link to {os.readlink(path)!r}, which does not exist") from None
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Quarantined("not_a_file", "a symbolic link loop (it never reaches a file)") from None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        via = f" (through the symbolic link to {os.path.realpath(path)!r})" if os.path.islink(path) else ""
+        raise Quarantined("not_a_file", f"{_kind(st.st_mode)}{via}, not a regular file; not opened")
+    return st
+
+
+@contextmanager
+def open_regular(location: str) -> Iterator[tuple[IO[bytes], int | None]]:
+    """(binary file, size in bytes or None) of a regular local file or an fsspec object.
+
+    Anything else raises Quarantined('not_a_file') before an open that could block or never end."""
+    if is_url(location):
+        fs, path = _fs(location)
+        info = fs.info(path)
+        kind = info.get("type")
+        if kind not in (None, "file"):
+            raise Quarantined("not_a_file", f"a {kind}, not a file")
+        with fs.open(path, "rb") as f:
+            yield f, info.get("size")
+        return
+    path = local_path(location)
+    _stat_regular(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)  # O_NONBLOCK: a FIFO swapped in since the stat cannot block the open
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Quarantined("not_a_file", f"{_kind(st.st_mode)} (replaced since it was checked), not read")
+        yield f, st.st_size
+
+
+def too_large(size: int, limit: int, how: str = "") -> Quarantined:
+    return Quarantined("too_large", f"{size} bytes{how}, over ingest.max_file_bytes = {limit}; not read")
+
+
+def read_capped(f: IO[bytes], limit: int | None, size: int | None = None) -> bytes:
+    """All of `f`, or Quarantined('too_large') when `size` or the bytes actually read exceed `limit`
+    (at most limit + 1 bytes are ever read)."""
+    if limit is None:
+        return f.read()
+    if size is not None and size > limit:
+        raise too_large(size, limit)
+    want = limit + 1
+    parts = [f.read(min(want, size + 1 if size is not None else READ_CHUNK))]
+    total = len(parts[0])
+    while parts[-1] and total < want:
+        parts.append(f.read(min(want - total, READ_CHUNK)))
+        total += len(parts[-1])
+    if total > limit:
+        raise Quarantined("too_large", f"more than ingest.max_file_bytes = {limit} bytes while reading, although "
+                                       f"its size said {size}; not used")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class Reader:
+    """A picklable reader of one input (shipped to multiprocessing / Ray / Beam workers).
+    Called with the byte cap; raises Quarantined for an input that must not be read."""
+
+    def __call__(self, max_bytes: int | None = None) -> bytes:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class LocationReader:
-    """Reads a whole local file or fsspec URL when called. A plain picklable object (not a
-    closure), so input items can be shipped to multiprocessing / Ray / Beam workers."""
+class LocationReader(Reader):
+    """A whole local file or fsspec object."""
 
     location: str
 
-    def __call__(self) -> bytes:
-        if is_url(self.location):
-            import fsspec
-
-            with fsspec.open(self.location, "rb") as f:
-                return f.read()
-        with open(local_path(self.location), "rb") as f:
-            return f.read()
+    def __call__(self, max_bytes: int | None = None) -> bytes:
+        with open_regular(self.location) as (f, size):
+            return read_capped(f, max_bytes, size)
 
 
-def reader(location: str) -> Callable[[], bytes]:
+@dataclass(frozen=True)
+class ListingProblem(Reader):
+    """An input the listing already found unusable (a folder that cannot be listed, a cut tar, a bad
+    caption): it is quarantined with this reason, like any input, instead of silently vanishing."""
+
+    reason: str
+    detail: str
+
+    def __call__(self, max_bytes: int | None = None) -> bytes:
+        raise Quarantined(self.reason, self.detail)
+
+
+def reader(location: str) -> Callable[..., bytes]:
     """A function that reads the whole object when called (lazily: listing never reads bytes)."""
-    return LocationReader(location)
+    return LocationReader(location_of(location))
+
+
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EAGAIN", "EBUSY", "ETIMEDOUT", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ENETDOWN", "ENETUNREACH",
+    "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH", "EPIPE", "EREMOTEIO") if hasattr(errno, name))
+_TRANSIENT_WORDS = ("timeout", "connect", "disconnect", "throttl", "temporar", "payload", "incompleteread")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Worth another attempt: connection and timeout errors, 5xx / 429 / 408 statuses, the errnos s3fs
+    and sockets use for them (EBUSY for SlowDown / 503, EREMOTEIO for 500), also when chained."""
+    for _ in range(5):
+        if exc is None or isinstance(exc, (Quarantined, FileNotFoundError, PermissionError)):
+            return False
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        status = next((v for v in (getattr(exc, a, None) for a in ("status", "status_code", "code"))
+                       if isinstance(v, int) and not isinstance(v, bool)), None)
+        if status is not None and (status in (408, 429) or (500 <= status <= 599 and status not in (501, 505))):
+            return True
+        if any(word in type(exc).__name__.lower() for word in _TRANSIENT_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class RetriesExhausted(OSError):
+    """A transient error that outlived every retry; the message says how many attempts were made."""
+
+
+def read_with_retries(read: Callable[..., bytes], *args) -> bytes:
+    """read(*args), attempted again after RETRY_DELAYS on a transient error (bounded by RETRY_BUDGET_S)."""
+    start = time.monotonic()
+    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+        try:
+            return read(*args)
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else goes up unchanged
+            if not is_transient(exc):
+                raise
+            spent = time.monotonic() - start
+            if delay is None or spent + delay > RETRY_BUDGET_S:
+                raise RetriesExhausted(f"{type(exc).__name__}: {exc} (after {attempt} attempts over "
+                                       f"{spent:.1f} s)") from exc
+            log.info("transient read error (%s: %s); attempt %d in %.2f s", type(exc).__name__, exc, attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def open_binary(location: str) -> IO[bytes]:
-    """A seekable binary file object for a local path or an fsspec URL."""
+    """A seekable binary file object for a local path or an fsspec URL (no type check: use
+    open_regular for inputs)."""
     if is_url(location):
-        import fsspec
-
-        return fsspec.open(location, "rb").open()
+        fs, path = _fs(location)
+        return fs.open(path, "rb")
     return open(local_path(location), "rb")
 
 
+def local_fingerprint(location: str) -> str | None:
+    """size:mtime of a local file (one stat, no read), None for URLs and paths that cannot be stat'ed:
+    what tells a rerun that a list-file or COCO row names a file that changed."""
+    if is_url(location):
+        return None
+    try:
+        st = os.stat(local_path(location_of(location)))
+    except (OSError, ValueError):  # not there, or a name no file can have (NUL)
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# ---------------------------------------------------------------------------- listing
 def exists(location: str) -> bool:
     if is_url(location):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(location)
+        fs, path = _fs(location)
         return fs.exists(path)
     return os.path.exists(local_path(location))
 
@@ -63,23 +331,21 @@ def has_glob(location: str) -> bool:
 def expand_glob(pattern: str) -> list[str]:
     """Sorted matches of a local or fsspec glob (URLs keep their protocol)."""
     if is_url(pattern):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(pattern)
+        fs, path = _fs(pattern)
         # Keep the user's spelling of the URL: prefix before the first glob character + the rest.
         cut = pattern[: min(pattern.find(c) for c in "*?[" if c in pattern)].rsplit("/", 1)[0]
         stripped = fs._strip_protocol(cut).rstrip("/")
-        return sorted(
-            cut + m[len(stripped) :] if m.startswith(stripped + "/") else fs.unstrip_protocol(m) for m in fs.glob(path)
-        )
+        try:
+            matches = fs.glob(path)
+        except Exception as exc:  # noqa: BLE001 - a listing that fails is an error, never an empty match
+            raise InputError(f"{pattern}: the glob cannot be expanded ({type(exc).__name__}: {exc})") from exc
+        return sorted(cut + m[len(stripped):] if m.startswith(stripped + "/") else fs.unstrip_protocol(m) for m in matches)
     return sorted(glob.glob(local_path(pattern)))
 
 
 def is_dir(location: str) -> bool:
     if is_url(location):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(location)
+        fs, path = _fs(location)
         return fs.isdir(path)
     return os.path.isdir(local_path(location))
 
@@ -88,14 +354,19 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def iter_files(root: str) -> Iterator[tuple[str, str | None]]:
-    """(path or URL, fingerprint) of every file below a local folder or a URL prefix, streamed in a
-    deterministic order (a directory's entries by name, depth first; a bucket's keys in key order),
-    so a listing of millions of files is never held in memory at once. The fingerprint (size and
-    mtime / ETag, from the listing itself: no extra request) changes when the file changes.
+Listed = tuple[str, "str | None", "tuple[str, str] | None"]  # (path, fingerprint, (reason, detail) of a problem)
 
-    Hidden files and folders (".git", ".ipynb_checkpoints", "._x.jpg") are left out: tool
-    artefacts, not data, and a source of duplicates.
+
+def iter_files(root: str) -> Iterator[Listed]:
+    """(path or URL, fingerprint, problem) of every file below a local folder or a URL prefix, streamed
+    in a deterministic order (a directory's entries by name, depth first; a bucket's keys in key
+    order), so a listing of millions of files is never held in memory at once. The fingerprint (size
+    and mtime / ETag, from the listing itself: no extra request) changes when the file changes.
+
+    A local folder that cannot be listed, or a symlink back to a folder above it, is yielded as a
+    problem (quarantined with its reason: never a silent loss). A URL prefix whose listing fails is an
+    InputError naming it. Hidden files and folders (".git", ".ipynb_checkpoints", "._x.jpg") are left
+    out: tool artefacts, not data, and a source of duplicates.
     """
     if is_url(root):
         yield from _iter_url_files(root)
@@ -103,19 +374,55 @@ def iter_files(root: str) -> Iterator[tuple[str, str | None]]:
     yield from _iter_local_files(local_path(root))
 
 
-def _iter_local_files(folder: str) -> Iterator[tuple[str, str | None]]:
+def _scan(folder: str) -> list[os.DirEntry]:
     with os.scandir(folder) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    for entry in entries:
-        if entry.is_dir():
-            yield from _iter_local_files(entry.path)
-        else:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _dir_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _unlistable(exc: OSError) -> tuple[str, str]:
+    return "unreadable", f"a folder that cannot be listed ({exc.strerror or exc}); its files are not ingested"
+
+
+def _iter_local_files(root: str) -> Iterator[Listed]:
+    try:
+        top, entries = _dir_key(root), _scan(root)
+    except OSError as exc:
+        yield root, None, _unlistable(exc)
+        return
+    stack = [(iter(entries), frozenset({top}))]  # depth first without recursion: any depth of folders
+    while stack:
+        entries_left, ancestors = stack[-1]
+        entry = next(entries_left, None)
+        if entry is None:
+            stack.pop()
+            continue
+        try:
+            is_folder = entry.is_dir()  # follows symlinks
+        except OSError:  # a symlink loop: listed as a file, then quarantined by the worker
+            is_folder = False
+        if is_folder:
             try:
-                st = entry.stat()
-                fingerprint = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                fingerprint = None  # a dangling link: listed anyway, decode quarantines it
-            yield entry.path, fingerprint
+                key = _dir_key(entry.path)
+                if key in ancestors:
+                    yield entry.path, None, ("not_a_file", "a symbolic link to a folder above it (a loop); not followed")
+                    continue
+                sub = _scan(entry.path)
+            except OSError as exc:
+                yield entry.path, None, _unlistable(exc)
+                continue
+            stack.append((iter(sub), ancestors | {key}))
+            continue
+        try:
+            st = entry.stat()
+            fingerprint = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            fingerprint = None  # a dangling link: listed anyway, the worker quarantines it
+        yield entry.path, fingerprint, None
 
 
 def _url_fingerprint(info: dict) -> str:
@@ -123,42 +430,75 @@ def _url_fingerprint(info: dict) -> str:
     return f"{info.get('size')}:{tag}"
 
 
-def _iter_url_files(root: str) -> Iterator[tuple[str, str | None]]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(root)
+def _iter_url_files(root: str) -> Iterator[Listed]:
+    fs, path = _fs(root)
     base = path.rstrip("/") + "/"
     stem = root.rstrip("/") + "/"
+
+    def named(p: str) -> str:
+        return stem + p[len(base):] if p.startswith(base) else root
+
     if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs: pages of keys, in key order
-        infos = _iter_s3(fs, base)
-    else:  # other backends list everything below the prefix in one call
-        infos = (info for _, info in sorted(fs.find(path, detail=True).items()))
+        infos = _iter_s3(fs, base, root)
+    else:
+        infos = _walk_url(fs, path, named)
     for info in infos:
         name = info["name"]
         if info.get("type") == "directory" or not name.startswith(base):
             continue
         rel = name[len(base):]
         if not _hidden(rel):
-            yield stem + rel, _url_fingerprint(info)
+            yield stem + rel, _url_fingerprint(info), None
 
 
-def _iter_s3(fs, prefix_path: str) -> Iterator[dict]:
+def _listing_failed(prefix: str, exc: Exception, after: int | None = None) -> InputError:
+    done = f" after {after} entries" if after is not None else ""
+    return InputError(f"{prefix}: this prefix cannot be listed{done} ({type(exc).__name__}: {exc}); "
+                      "the run stops rather than miss its files (fix the access and rerun)")
+
+
+def _walk_url(fs, path: str, named: Callable[[str], str]) -> Iterator[dict]:
+    """Files below `path`, one directory listing at a time, by name, depth first. Unlike fs.find
+    (whose walk omits a sub-prefix it fails to list), a failed listing is an error naming it."""
+
+    def listing(p: str) -> list[dict]:
+        try:
+            entries = fs.ls(p, detail=True)
+        except Exception as exc:  # noqa: BLE001 - permissions, network: the whole listing is in doubt
+            raise _listing_failed(named(p), exc) from exc
+        return sorted((e for e in entries if e["name"].rstrip("/") != p.rstrip("/")), key=lambda e: e["name"])
+
+    seen = {path.rstrip("/")}
+    stack = [iter(listing(path))]
+    while stack:
+        info = next(stack[-1], None)
+        if info is None:
+            stack.pop()
+        elif info.get("type") == "directory":
+            name = info["name"].rstrip("/")
+            if name not in seen:
+                seen.add(name)
+                stack.append(iter(listing(name)))
+        else:
+            yield info
+
+
+def _iter_s3(fs, prefix_path: str, root: str) -> Iterator[dict]:
     """Every object under a bucket prefix, one ListObjectsV2 page at a time (s3fs's async pager)."""
     from fsspec.asyn import sync
 
     bucket, key, _ = fs.split_path(prefix_path)
     pages = fs._iterdir(bucket, delimiter="", prefix=key.rstrip("/") + "/" if key else "")
+    n = 0
     while True:
         try:
             info = sync(fs.loop, pages.__anext__())
         except StopAsyncIteration:
             return
+        except Exception as exc:  # noqa: BLE001 - a failed page: an error, not a shorter listing
+            raise _listing_failed(root, exc, n) from exc
+        n += 1
         yield info
-
-
-def files_under(root: str) -> list[str]:
-    """Every file below a folder or URL prefix (small listings; see iter_files for large ones)."""
-    return [path for path, _ in iter_files(root)]
 
 
 def join(base_dir: str, location: str) -> str:
@@ -167,7 +507,7 @@ def join(base_dir: str, location: str) -> str:
         return location
     if is_url(base_dir):
         return base_dir.rstrip("/") + "/" + location
-    return os.path.normpath(os.path.join(base_dir, location))
+    return os.path.normpath(os.path.join(local_path(base_dir), location))
 
 
 def dirname(location: str) -> str:

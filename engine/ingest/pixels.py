@@ -1,4 +1,4 @@
-"""Decoded image -> 8-bit RGB, keeping the picture for high-bit-depth files.
+"""Decoded image -> 8-bit RGB, keeping the picture for high-bit-depth files; the formats the engine opens.
 
 Pillow's plain convert("RGB") clips 16-bit samples ("I;16", "I") at 255, so a 16-bit PNG
 becomes an almost white image; every model would then see garbage. Scaling the 16-bit range
@@ -10,6 +10,10 @@ import numpy as np
 from PIL import Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# The only Pillow formats the engine opens (Image.open(..., formats=IMAGE_FORMATS)): every other
+# plugin (EPS -> Ghostscript, PSD, PDF, ICO, ...) is never offered an input, whatever its name.
+# MPO (multi-picture JPEG) has no opener of its own: the JPEG one returns it.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

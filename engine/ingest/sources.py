@@ -7,6 +7,11 @@ it with a reason instead of it silently vanishing. Sources: a folder (recursive,
 shards inside are expanded), a single image, a list file (.csv/.jsonl/.parquet with a column
 path|url|uri|image; entries may be fsspec URLs), WebDataset tar shards (a tar, or a glob of
 them) and a COCO JSON whose boxes, masks and captions come along as `human` annotations.
+
+Names are kept exactly (engine.ingest.locations.location_of: a name that is not UTF-8 becomes a
+percent-escaped file:// URL), list-file and COCO rows that are local files carry a fingerprint
+(one stat: a changed file is ingested again), and a URL protocol whose package is missing is one
+InputError here, in the driver, not one quarantined input per URL.
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ import csv
 import io
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from engine.ingest import locations as loc
 from engine.ingest.coco import parse_coco_json, read_coco
+from engine.ingest.locations import InputError, ListingProblem, escape_name, location_of
+from engine.ingest.quarantine import Quarantined
 from engine.ingest.webdataset import list_samples
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -31,57 +39,57 @@ CAPTION_COLUMNS = ("caption", "text")  # optional column of a list file: enters 
 class InputItem:
     """One image to ingest; `read` fetches the bytes only when called."""
 
-    uri: str  # path or URL as the user gave it (or tar path + '::' + member name)
+    uri: str  # path or URL as the user gave it (or tar path + '::' + member name), as valid UTF-8 (location_of)
     source: str  # dataset / origin name
-    read: Callable[[], bytes] = field(repr=False, compare=False)
+    read: Callable[..., bytes] = field(repr=False, compare=False)  # read(max_bytes) for engine readers
     human: dict | None = None  # imported annotations (format: engine.ingest.human), JSON-serialisable
     fingerprint: str | None = None  # size + mtime / ETag from the listing: changes when the input changes
-
-
-class InputError(ValueError):
-    """A source that cannot be listed; the message names the file and the row / key."""
 
 
 def has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_inputs(src: str, source: str | None = None, image_root: str | None = None) -> list[InputItem]:
+def list_inputs(src: str, source: str | None = None, image_root: str | None = None,
+                max_file_bytes: int | None = None) -> list[InputItem]:
     """Every input image of `src`, in a deterministic order (small sources; see iter_inputs)."""
-    return list(iter_inputs(src, source, image_root))
+    return list(iter_inputs(src, source, image_root, max_file_bytes))
 
 
-def iter_inputs(src: str, source: str | None = None, image_root: str | None = None) -> Iterator[InputItem]:
+def iter_inputs(src: str, source: str | None = None, image_root: str | None = None,
+                max_file_bytes: int | None = None) -> Iterator[InputItem]:
     """Every input image of `src`, streamed in a deterministic order.
 
     `source` overrides the origin name recorded on each image (default: the folder / file name).
     `image_root` (COCO only) is where `file_name`s are resolved; default the JSON's folder, and a
     relative image_root is taken from the JSON's folder (COCO's `annotations/` + `val2017/` layout:
-    image_root="../val2017").
+    image_root="../val2017"). `max_file_bytes` bounds what the listing itself reads (tar captions).
     """
     src = str(src)
+    loc.require_protocol(src, "input")
     if loc.has_glob(src) and not loc.exists(src):  # "photos [2020]/" is a folder, not a glob
         paths = loc.expand_glob(src)
         if not paths:
             raise FileNotFoundError(f"input {src!r}: the glob matches no file")
         for path in paths:
-            name = source or loc.folder_name(loc.dirname(path))
-            yield from iter_inputs(path, source=name, image_root=image_root)
+            name = source or escape_name(loc.folder_name(loc.dirname(path)))
+            yield from iter_inputs(path, name, image_root, max_file_bytes)
         return
     if not loc.exists(src):
         raise FileNotFoundError(f"input {src!r} does not exist")
     if loc.is_dir(src):
-        yield from _iter_folder(src, source or loc.folder_name(src))
+        yield from _iter_folder(src, source or escape_name(loc.folder_name(src)), max_file_bytes)
         return
     lower = src.lower()
     if lower.endswith(LIST_EXTENSIONS):
-        yield from _iter_list_file(src, source or loc.stem(src))
+        yield from _iter_list_file(src, source or escape_name(loc.stem(src)))
     elif lower.endswith(".tar"):
-        yield from _iter_tar(src, source or loc.stem(src))
+        yield from _iter_tar(src, source or escape_name(loc.stem(src)), None, max_file_bytes)
     elif lower.endswith(".json"):
-        yield from _list_coco(src, source or loc.stem(src), image_root)
+        yield from _list_coco(src, source or escape_name(loc.stem(src)), image_root)
     elif has_image_extension(lower):
-        yield InputItem(uri=src, source=source or loc.basename(loc.dirname(src)), read=loc.reader(src))
+        yield InputItem(uri=location_of(src), source=source or escape_name(loc.basename(loc.dirname(src))),
+                        read=loc.reader(src), fingerprint=loc.local_fingerprint(src))
     else:
         raise InputError(
             f"input {src!r}: not a folder, an image, a list file ({', '.join(LIST_EXTENSIONS)}), "
@@ -90,20 +98,46 @@ def iter_inputs(src: str, source: str | None = None, image_root: str | None = No
 
 
 # ---------------------------------------------------------------------------- folders
-def _iter_folder(root: str, source: str) -> Iterator[InputItem]:
-    """Image files and .tar shards below `root` (local or URL prefix), streamed."""
-    for path, fingerprint in loc.iter_files(root):
-        if has_image_extension(path):
-            yield InputItem(uri=path, source=source, read=loc.reader(path), fingerprint=fingerprint)
+def _iter_folder(root: str, source: str, max_file_bytes: int | None) -> Iterator[InputItem]:
+    """Image files and .tar shards below `root` (local or URL prefix), streamed; a folder that
+    cannot be listed is an input of its own, quarantined with the reason."""
+    for path, fingerprint, problem in loc.iter_files(root):
+        if problem is not None:
+            yield InputItem(uri=location_of(path), source=source, read=ListingProblem(*problem))
+        elif has_image_extension(path):
+            yield InputItem(uri=location_of(path), source=source, read=loc.reader(path), fingerprint=fingerprint)
         elif path.lower().endswith(".tar"):
-            yield from _iter_tar(path, source, fingerprint)
+            yield from _iter_tar(path, source, fingerprint, max_file_bytes)
+
+
+@contextmanager
+def _input_file(path: str) -> Iterator[IO[bytes]]:
+    """A list / COCO file given as the input: a regular file (a FIFO or /dev/zero named list.csv
+    would block or never end), else an InputError naming it."""
+    try:
+        with loc.open_regular(location_of(path)) as (f, _):
+            yield f
+    except Quarantined as q:
+        raise InputError(f"{escape_name(path)}: {q.detail}") from None
+
+
+def _text(value: str) -> str:
+    """Caption text as valid UTF-8 (the undecodable bytes of a list file become U+FFFD)."""
+    if loc.is_text(value):
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------- list files
 def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
-    """(columns, row, row number as a person counts it) of a list file, streamed in file order."""
+    """(columns, row, row number as a person counts it) of a list file, streamed in file order.
+    Bytes that are not UTF-8 are kept (surrogateescape), so a row can name any file exactly."""
     lower = path.lower()
-    with loc.open_binary(path) as f:
+    with _input_file(path) as f:
         if lower.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -115,7 +149,7 @@ def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
                     n += 1
                     yield columns, row, n
             return
-        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
         if lower.endswith(".csv"):
             reader = csv.DictReader(text)
             columns = list(reader.fieldnames or [])
@@ -127,50 +161,60 @@ def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise InputError(f"{escape_name(path)} line {lineno}: not valid JSON "
+                                 f"({getattr(exc, 'msg', type(exc).__name__)})") from None
             if not isinstance(row, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{escape_name(path)} line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield list(row), row, lineno
 
 
 def _iter_list_file(path: str, source: str) -> Iterator[InputItem]:
-    """One image per row, in the file's order; relative entries are resolved from the list file's folder."""
+    """One image per row, in the file's order; relative entries are resolved from the list file's folder.
+    Local rows are stat'ed (size + mtime): a file that changes under an unchanged row is ingested again."""
     base = loc.dirname(path)
+    origin = escape_name(loc.basename(path))
     path_col = caption_col = None
     for columns, row, number in _iter_rows(path):
         by_lower = {c.lower(): c for c in columns if isinstance(c, str)}
         col = next((by_lower[c] for c in PATH_COLUMNS if c in by_lower), None)
         if col is None:
-            raise InputError(f"{path}: no image column; expected one of {list(PATH_COLUMNS)}, found columns {columns}")
+            raise InputError(f"{escape_name(path)}: no image column; expected one of {list(PATH_COLUMNS)}, "
+                             f"found columns {columns}")
         path_col = path_col or col
         caption_col = caption_col or next((by_lower[c] for c in CAPTION_COLUMNS if c in by_lower), None)
         value = row.get(path_col)
+        if isinstance(value, bytes):  # a binary Parquet column: the name's exact bytes
+            value = os.fsdecode(value)
         if value is None or not str(value).strip():
-            raise InputError(f"{path} row {number}: column {path_col!r} is empty")
+            raise InputError(f"{escape_name(path)} row {number}: column {path_col!r} is empty")
         location = loc.join(base, str(value).strip())
+        loc.require_protocol(location, f"{escape_name(path)} row {number}")
         caption = row.get(caption_col) if caption_col else None
         human = None
         if caption is not None and str(caption).strip():
-            human = {"origin": loc.basename(path), "captions": [{"text": str(caption).strip()}]}
-        yield InputItem(uri=location, source=source, read=loc.reader(location), human=human)
+            human = {"origin": origin, "captions": [{"text": _text(str(caption).strip())}]}
+        yield InputItem(uri=location_of(location), source=source, read=loc.reader(location), human=human,
+                        fingerprint=loc.local_fingerprint(location))
 
 
 # ---------------------------------------------------------------------------- tars, COCO
-def _iter_tar(tar_path: str, source: str, fingerprint: str | None = None) -> Iterator[InputItem]:
-    for uri, read, human in list_samples(tar_path):
-        member = f"{read.offset}:{read.size}" if hasattr(read, "offset") else ""
+def _iter_tar(tar_path: str, source: str, fingerprint: str | None, max_file_bytes: int | None) -> Iterator[InputItem]:
+    for uri, read, human in list_samples(tar_path, max_file_bytes):
+        member = f"{read.offset}:{read.size}" if hasattr(read, "offset") else "problem"
         yield InputItem(uri=uri, source=source, read=read, human=human,
                         fingerprint=f"{fingerprint}:{member}" if fingerprint else None)
 
 
 def _list_coco(json_path: str, source: str, image_root: str | None) -> list[InputItem]:
-    with loc.open_binary(json_path) as f:
-        coco = parse_coco_json(f.read(), json_path)
+    with _input_file(json_path) as f:
+        coco = parse_coco_json(f.read(), escape_name(json_path))
     json_dir = loc.dirname(json_path)
     root = loc.join(json_dir, image_root) if image_root else json_dir
     items = []
-    for human in read_coco(coco, json_path):
+    for human in read_coco(coco, escape_name(json_path)):
         location = loc.join(root, human["file_name"])
-        items.append(InputItem(uri=location, source=source, read=loc.reader(location), human=human))
+        loc.require_protocol(location, f"{escape_name(json_path)} image {human['file_name']!r}")
+        items.append(InputItem(uri=location_of(location), source=source, read=loc.reader(location), human=human,
+                               fingerprint=loc.local_fingerprint(location)))
     return sorted(items, key=lambda it: it.uri)

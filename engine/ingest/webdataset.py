@@ -2,6 +2,11 @@
 
 Reading by (offset, size) instead of tarfile.extractfile keeps each image read O(1): a
 reader does not rescan a multi-GB shard per image, and it works on fsspec URLs as well.
+
+A shard is untrusted input, listed in the driver: no header or caption is read before its size
+is checked (a 10 KB sparse tar can claim a 3 GiB caption or pax header), a caption that cannot
+be used quarantines its sample only, and a cut or corrupt tar gives its readable samples plus one
+quarantine row for the rest; none of these stops the run.
 """
 from __future__ import annotations
 
@@ -10,16 +15,21 @@ import tarfile
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.ingest.locations import basename, open_binary
+from engine.ingest.locations import ListingProblem, Reader, escape_name, location_of, open_regular, too_large
+from engine.ingest.quarantine import Quarantined
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
+# in order of preference within a sample: every format ingest decodes
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTENSIONS = ("txt", "json")
-MEMBER_SEPARATOR = "::"  # uri of a member: <tar path>::<member name>
+MEMBER_SEPARATOR = "::"  # uri of a member: <tar uri>::<member name>
+MAX_CAPTION_BYTES = 1 << 20  # a caption member is read in the driver: over this (or max_file_bytes), too_large
 _JSON_CAPTION_KEYS = ("caption", "captions", "text", "txt")
 
+Sample = tuple[str, Callable[..., bytes], "dict | None"]  # (uri, reader of the image bytes, human captions)
 
-class TarError(ValueError):
-    """A shard or one of its members cannot be used; the message names the tar and the member."""
+
+class _HeaderTooLarge(tarfile.TarError):
+    """A tar header (pax / GNU long name) claims more bytes than any header needs."""
 
 
 def key_and_extension(member_name: str) -> tuple[str, str]:
@@ -31,32 +41,53 @@ def key_and_extension(member_name: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class MemberReader:
+class MemberReader(Reader):
     """Reads one member's data by offset; picklable, so items can travel to other workers."""
 
-    tar_path: str
+    tar_path: str  # a location (engine.ingest.locations.location_of)
     offset: int
     size: int
 
-    def __call__(self) -> bytes:
-        with open_binary(self.tar_path) as f:
+    def __call__(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and self.size > max_bytes:
+            raise too_large(self.size, max_bytes, " (tar header)")
+        with open_regular(self.tar_path) as (f, _):
             f.seek(self.offset)
-            data = f.read(self.size)
-        if len(data) != self.size:
-            raise OSError(
-                f"{self.tar_path}: member data at offset {self.offset} is cut short ({len(data)} of {self.size} bytes)"
-            )
-        return data
+            parts = [f.read(self.size)]
+            got = len(parts[0])
+            while parts[-1] and got < self.size:  # fsspec streams may return less than asked
+                parts.append(f.read(self.size - got))
+                got += len(parts[-1])
+        if got != self.size:
+            raise Quarantined("truncated", f"the tar ends inside this member ({got} of {self.size} bytes)")
+        return b"".join(parts)
 
 
-def _captions(tar_path: str, member: str, ext: str, data: bytes) -> list[str]:
+class _BoundedReads:
+    """The tar's file object as tarfile sees it: no single read larger than `limit` (tarfile reads a
+    pax or GNU long-name header whole, whatever size it claims)."""
+
+    def __init__(self, f, limit: int):
+        self._f, self._limit = f, limit
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._limit:
+            raise _HeaderTooLarge(f"a header or member of {n} bytes is read whole; over the {self._limit}-byte limit")
+        return self._f.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _captions(ext: str, data: bytes) -> list[str]:
+    """Caption texts of a .txt / .json member; ValueError for JSON that is not valid."""
     text = data.decode("utf-8", errors="replace").strip()
     if ext == "txt":
         return [text] if text else []
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TarError(f"{tar_path}{MEMBER_SEPARATOR}{member}: not valid JSON ({exc.msg})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
     if isinstance(obj, str):
         return [obj.strip()] if obj.strip() else []
     if isinstance(obj, dict):
@@ -69,41 +100,102 @@ def _captions(tar_path: str, member: str, ext: str, data: bytes) -> list[str]:
     return []  # metadata JSON without a caption
 
 
-def list_samples(tar_path: str) -> list[tuple[str, Callable[[], bytes], dict | None]]:
+def _tar_problem(exc: Exception, members: int, last: str | None) -> tuple[str, str]:
+    """(reason, detail) for a tar whose listing stopped: what was read and why the rest cannot be."""
+    where = f"after {members} members" + (f" (the last: {escape_name(last)!r})" if last else "")
+    msg = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, _HeaderTooLarge):
+        return "too_large", f"the tar stops being readable {where}: {exc}; members after it are not ingested"
+    if isinstance(exc, OSError):  # permissions, network: the bytes, not the format
+        return "unreadable", f"the tar cannot be read {where} ({msg})"
+    if "unexpected end" in msg or "truncated" in msg.lower():
+        return "truncated", f"the tar is cut {where} ({msg}); members after it are lost"
+    return "unreadable", f"the tar is corrupt {where} ({msg}); members after it cannot be read"
+
+
+def _end_problem(f, tar: tarfile.TarFile, members: int, last: str | None) -> tuple[str, str] | None:
+    """A tar whose listing ended quietly is complete only if its end-of-archive block follows
+    (tarfile stops without a word at a cut or corrupt header past the first member)."""
+    f.seek(tar.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    where = f"after {members} members" + (f" (the last: {escape_name(last)!r})" if last else "")
+    if len(block) < tarfile.BLOCKSIZE:
+        return "truncated", f"the tar ends without its end-of-archive block {where}: it was cut; members after it are lost"
+    return "unreadable", f"the tar has a corrupt header at byte {tar.offset} {where}; members after it cannot be read"
+
+
+def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
     """(uri, reader of the image bytes, human captions or None) per sample with an image, by key.
 
     A sample without an image member (e.g. only .cls) is skipped: there is nothing to ingest.
-    Caption members (.txt, or .json with a caption/captions/text key) are read now: they are small.
+    Caption members (.txt, or .json with a caption/captions/text key) are read now, if they are at
+    most MAX_CAPTION_BYTES (and max_bytes); a caption over that, not valid JSON, or cut, makes its
+    sample a quarantined input (too_large / bad_caption / truncated). A tar that cannot be opened,
+    or whose listing stops early, adds one quarantined input for the tar itself.
     """
+    location = location_of(tar_path)
+    caption_limit = min(MAX_CAPTION_BYTES, max_bytes) if max_bytes is not None else MAX_CAPTION_BYTES
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     captions: dict[str, list[str]] = {}
+    problems: dict[str, tuple[str, str]] = {}  # key -> (reason, detail) of a sample that cannot be used
+    tar_problem = None
+    n, last = 0, None
     try:
-        with open_binary(tar_path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = key_and_extension(member.name)
-                members.setdefault(key, {})[ext] = member
-                if ext in CAPTION_EXTENSIONS:
-                    extracted = tar.extractfile(member)
-                    data = extracted.read() if extracted else b""
-                    captions.setdefault(key, []).extend(_captions(tar_path, member.name, ext, data))
-    except tarfile.TarError as exc:
-        raise TarError(f"{tar_path}: not a readable tar archive ({exc})") from None
-    out = []
-    origin = basename(tar_path)
+        with open_regular(location) as (f, _):
+            tar = tarfile.open(fileobj=_BoundedReads(f, tarfile.BLOCKSIZE + caption_limit), mode="r:")
+            try:
+                for member in tar:
+                    n, last = n + 1, member.name
+                    if not member.isfile():
+                        continue
+                    key, ext = key_and_extension(member.name)
+                    members.setdefault(key, {})[ext] = member
+                    if ext in IMAGE_EXTENSIONS and member.issparse():
+                        problems.setdefault(key, ("unreadable", f"its image member {escape_name(member.name)!r} is a "
+                                                                "sparse tar member, which ingest does not read"))
+                    if ext not in CAPTION_EXTENSIONS or key in problems:
+                        continue
+                    what = f"its caption member {escape_name(member.name)!r}"
+                    if member.size > caption_limit:
+                        problems[key] = ("too_large", f"{what} has {member.size} bytes, over the {caption_limit}-byte "
+                                                      "caption limit; not read")
+                        continue
+                    try:
+                        extracted = tar.extractfile(member)
+                        captions.setdefault(key, []).extend(_captions(ext, extracted.read() if extracted else b""))
+                    except ValueError as exc:
+                        problems[key] = ("bad_caption", f"{what} is {exc}")
+                    except tarfile.TarError as exc:
+                        problems[key] = ("truncated", f"{what} cannot be read ({exc})")
+                tar_problem = _end_problem(f, tar, n, last)
+            except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
+                tar_problem = _tar_problem(exc, n, last)
+    except Quarantined as q:  # not a regular file
+        tar_problem = (q.reason, q.detail)
+    except FileNotFoundError as exc:
+        tar_problem = ("missing", f"file not found ({exc.strerror or exc})")
+    except tarfile.ReadError as exc:  # not a tar from its first block on
+        tar_problem = ("empty", "an empty file") if "empty file" in str(exc) else \
+            ("unreadable", f"not a readable tar archive ({exc})")
+    except (tarfile.TarError, ValueError, OSError, EOFError) as exc:  # the first header already unusable
+        tar_problem = _tar_problem(exc, n, last)
+
+    out: list[Sample] = []
+    origin = escape_name(tar_path.rstrip("/").rsplit("/", 1)[-1])
     for key in sorted(members):
         ext = next((e for e in IMAGE_EXTENSIONS if e in members[key]), None)
         if ext is None:
             continue
         member = members[key][ext]
+        uri = f"{location}{MEMBER_SEPARATOR}{escape_name(member.name)}"
+        if key in problems:
+            out.append((uri, ListingProblem(*problems[key]), None))
+            continue
         caps = captions.get(key) or []
         human = {"origin": origin, "captions": [{"text": c} for c in caps]} if caps else None
-        out.append(
-            (
-                f"{tar_path}{MEMBER_SEPARATOR}{member.name}",
-                MemberReader(tar_path, member.offset_data, member.size),
-                human,
-            )
-        )
+        out.append((uri, MemberReader(location, member.offset_data, member.size), human))
+    if tar_problem is not None:
+        out.append((location, ListingProblem(*tar_problem), None))
     return out
