@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from annotators.clip_model import CONFIG_FILE, WEIGHTS_FILE, ClipModel
+from annotators.clip_model import WEIGHTS_FILE, ClipModel
+from engine.models import OPEN_CLIP_CONFIG_FILE as CONFIG_FILE
 
 torch.set_num_threads(2)
 

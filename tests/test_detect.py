@@ -6,7 +6,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from annotators.detect import TINY_LABELS, ObjectDetector, clip_bpe_tokenizer, load_detector
+from annotators.detect import ObjectDetector, load_detector
+from engine.random_models.detectors import TINY_LABELS, tiny_detr
+from engine.random_models.tokenizers import clip_tokenizer
 from engine.stage import IMAGE_BYTES_COLUMN
 from schemas.validate import validate_table
 
@@ -66,7 +68,7 @@ def test_owlv2_zero_shot_on_photos(photos):
     assert _check_regions(out, set(OWL_VOCAB), 0.0, 10) > 0
     # the queries were tokenized with the real CLIP vocabulary ("cat" is CLIP token 2368)
     assert 2368 in stage._queries["input_ids"][1].tolist()
-    assert clip_bpe_tokenizer(16)("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert clip_tokenizer(16)("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 def test_local_directory_round_trip(photo_batch, tmp_path):
@@ -148,9 +150,7 @@ def test_random_detector_from_config_file(tmp_path, photo_batch):
     """random:<file.json>: any DETR-family model_type of transformers, its image processor resolved."""
     import json
 
-    from annotators.detect import _tiny_detr
-
-    config, processor_kwargs = _tiny_detr()
+    config, processor_kwargs = tiny_detr()
     config.update(model_type="detr", num_queries=5, image_processor=processor_kwargs)
     path = tmp_path / "detr.json"
     path.write_text(json.dumps(config))

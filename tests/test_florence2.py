@@ -18,11 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from annotators.florence2 import TASK_TOKENS, Florence2Annotator, find_phrase
-from annotators.florence2_model import TASKS, Florence2Model, build_random_florence2, resolve_random_config
+from annotators.florence2 import Florence2Annotator, find_phrase
+from annotators.florence2_model import Florence2Model
+from engine.random_models.florence2 import build_random_florence2, resolve_random_config
+from schemas.florence2_tasks import STAGE_TASKS, TOKENS
 from engine.models import parse_model_ref
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
-from schemas.records import empty_record, new_annotation, source_of
+from schemas.records import ANNOTATION_KINDS, empty_record, new_annotation, source_of
 from schemas.validate import validate_table
 
 # 64 new tokens: enough for random:tiny's garbage to contain "text<loc>x4" objects and OCR quads
@@ -71,7 +73,7 @@ def test_random_tiny_is_the_real_architecture_with_florence_tokens():
     assert tok.image_token == "<image>" and model.config.image_token_id == tok.image_token_id
     assert processor.num_image_tokens == (128 // 32) ** 2 + 1
     # every task's parse type is configured (else post_process_generation raises)
-    for task in TASKS:
+    for task in TOKENS:
         processor.post_process_generation(text="</s><s>a</s>", task=task, image_size=(64, 48))
 
 
@@ -91,7 +93,7 @@ def test_random_build_is_identical_in_another_process():
         f"""
         import hashlib, torch
         torch.manual_seed(1234)  # the build must not depend on the caller's RNG state
-        from annotators.florence2_model import build_random_florence2
+        from engine.random_models.florence2 import build_random_florence2
         m, p = build_random_florence2({{"preset": "tiny"}})
         h = hashlib.sha256()
         for name, t in sorted(m.state_dict().items()):
@@ -144,13 +146,13 @@ def test_every_task_on_real_photos(annotated, photo_batch):
     assert annotated.column(IMAGE_BYTES_COLUMN).to_pylist() == photo_batch.column(IMAGE_BYTES_COLUMN).to_pylist()
     revision = parse_model_ref("random:tiny").revision
     records = table_to_records(annotated)
-    counts = {"texts": 0, "regions": 0, "groundings": 0}
+    counts = dict.fromkeys(ANNOTATION_KINDS, 0)
     for rec in records:
         assert rec["errors"] == [], rec["errors"]
         assert not any("<pad>" in t["text"] for t in rec["texts"])  # batch padding is not text
         w, h = rec["width"], rec["height"]
         assert sorted(t["tier"] for t in rec["texts"]) == ["brief", "detailed", "more_detailed"]
-        anns = rec["texts"] + rec["regions"] + rec["groundings"]
+        anns = [a for kind in ANNOTATION_KINDS for a in rec[kind]]
         assert len({a["ann_id"] for a in anns}) == len(anns)
         for a in anns:
             assert a["source"]["annotator"] == "florence2"
@@ -253,7 +255,7 @@ def test_params_are_validated():
         Florence2Annotator({"tasks": ["region_proposal"]})
     with pytest.raises(ValueError, match="Extra inputs"):
         Florence2Annotator({"beams": 3})
-    assert Florence2Annotator().params.tasks == list(TASK_TOKENS)
+    assert Florence2Annotator().params.tasks == list(STAGE_TASKS)
     assert Florence2Annotator().resources.batch_size == 4
 
 
