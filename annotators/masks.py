@@ -97,19 +97,14 @@ class SamMaskAnnotator(Stage):
             if not targets:
                 continue
             try:
-                self._segment(rec, image, targets)
+                self._segment(image, targets)
             except Exception as exc:  # noqa: BLE001 - per-image error contract
                 record_error(rec, self.name, exc)
         return records
 
-    def _segment(self, record: dict, image, targets: list[tuple[str, dict]]) -> None:
+    def _segment(self, image, targets: list[tuple[str, dict]]) -> None:
         import torch
 
-        if (image.width, image.height) != (record["width"], record["height"]):
-            raise ValueError(
-                f"image {record['image_id']}: decoded size {image.width}x{image.height} differs from the record's "
-                f"{record['width']}x{record['height']}"
-            )
         boxes = [clamp_box(ann["box"], image.width, image.height) for _, ann in targets]
         inputs = self.processor(images=image, input_boxes=[boxes], return_tensors="pt").to(self.device)
         inputs["input_boxes"] = inputs["input_boxes"].float()
