@@ -13,12 +13,7 @@ naming rules themselves:
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
 import json
-import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,58 +21,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from engine.models import parse_model_ref
+from engine.models import OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_HUB_PREFIX, OPEN_CLIP_LOCAL_PREFIX, parse_model_ref
 
-CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
-LOCAL_DIR_PREFIX = "local-dir:"
-HF_HUB_PREFIX = "hf-hub:"
-
-# Small enough to build and encode in milliseconds on one CPU core; a plain ViT + text
-# transformer, i.e. the same CLIP class as ViT-B-32 / ViT-L-14.
-TINY_CONFIG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
-def _seed_of(config: Any) -> int:
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return int(digest[:8], 16)
-
-
-def _random_model_cfg(location: str, config: dict) -> tuple[dict, dict]:
-    """(model_cfg, preprocess_cfg overrides) of a random: reference."""
-    import open_clip
-
-    if "preset" in config:
-        name = config["preset"]
-        if name == "tiny":
-            return copy.deepcopy(TINY_CONFIG), {}
-        cfg = open_clip.get_model_config(name)
-        if cfg is None:
-            raise ValueError(
-                f"random:{name}: unknown preset; use 'tiny', an open_clip architecture "
-                f"(e.g. ViT-B-32; see open_clip.list_models()) or a .json/.yaml model config"
-            )
-        return cfg, {}
-    if "model_cfg" in config:
-        return copy.deepcopy(config["model_cfg"]), dict(config.get("preprocess_cfg") or {})
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in config]
-    if missing:
-        raise ValueError(f"random:{location}: an open_clip model config needs the key(s) {missing}")
-    return copy.deepcopy(config), {}
 
 
 @dataclass
@@ -101,31 +47,26 @@ class ClipModel:
             from engine.stage import pick_device
 
             device = pick_device()
-        local = ref[len(LOCAL_DIR_PREFIX):] if ref.startswith(LOCAL_DIR_PREFIX) else None
-        if local is not None or ref.startswith(HF_HUB_PREFIX):
+        local = ref[len(OPEN_CLIP_LOCAL_PREFIX):] if ref.startswith(OPEN_CLIP_LOCAL_PREFIX) else None
+        if local is not None or ref.startswith(OPEN_CLIP_HUB_PREFIX):
             parsed = parse_model_ref(local) if local is not None else None
         else:
             parsed = parse_model_ref(ref)
 
         if parsed is not None and parsed.kind == "random":
-            model_cfg, pp_cfg = _random_model_cfg(parsed.location, parsed.random_config())
-            with tempfile.TemporaryDirectory(prefix="fld-clip-") as tmp:
-                Path(tmp, CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp_cfg}))
-                with torch.random.fork_rng(devices=[]), _quiet_logging():
-                    torch.manual_seed(_seed_of({"model_cfg": model_cfg, "preprocess_cfg": pp_cfg}))
-                    # open_clip warns that no weights were found: random weights are the point here
-                    model, _, preprocess = open_clip.create_model_and_transforms(LOCAL_DIR_PREFIX + tmp)
-                tokenizer = open_clip.get_tokenizer(LOCAL_DIR_PREFIX + tmp)
+            from engine.random_models.open_clip import build_open_clip
+
+            model, preprocess, tokenizer, model_cfg = build_open_clip(parsed)
             revision = parsed.revision
         elif parsed is not None and parsed.kind == "local":
             directory = Path(parsed.location)
-            config_path = directory / CONFIG_FILE
+            config_path = directory / OPEN_CLIP_CONFIG_FILE
             if not config_path.is_file():
-                raise FileNotFoundError(f"{directory}: not an open_clip model directory (no {CONFIG_FILE})")
+                raise FileNotFoundError(f"{directory}: not an open_clip model directory (no {OPEN_CLIP_CONFIG_FILE})")
             model_cfg = json.loads(config_path.read_text()).get("model_cfg")
             if model_cfg is None:
                 raise ValueError(f"{config_path}: missing the 'model_cfg' key")
-            name = LOCAL_DIR_PREFIX + str(directory)
+            name = OPEN_CLIP_LOCAL_PREFIX + str(directory)
             model, _, preprocess = open_clip.create_model_and_transforms(name, require_pretrained=True)
             tokenizer = open_clip.get_tokenizer(name)
             revision = parsed.revision
@@ -145,13 +86,13 @@ class ClipModel:
         """(open_clip model name, pretrained tag) of a hub reference."""
         import open_clip
 
-        if ref.startswith(HF_HUB_PREFIX):
+        if ref.startswith(OPEN_CLIP_HUB_PREFIX):
             return ref, None
         arch, sep, tag = ref.partition("/")
         if sep and arch in open_clip.list_models():
             return arch, tag
         if sep:
-            return HF_HUB_PREFIX + ref, None
+            return OPEN_CLIP_HUB_PREFIX + ref, None
         raise ValueError(
             f"CLIP model {ref!r}: give 'hf-hub:org/name', 'ARCH/pretrained_tag' (e.g. ViT-L-14/openai), "
             f"a local directory or random:<preset|config>"
@@ -164,7 +105,7 @@ class ClipModel:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         pp_cfg = {k: v for k, v in get_model_preprocess_cfg(self.model).items()}
-        (directory / CONFIG_FILE).write_text(
+        (directory / OPEN_CLIP_CONFIG_FILE).write_text(
             json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": pp_cfg}, indent=2, default=list)
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

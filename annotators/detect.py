@@ -14,19 +14,14 @@ padding) and write boxes in original-image pixels, clamped to the image.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import gzip
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from engine.models import parse_model_ref
+from engine.models import is_ssd_ref, parse_model_ref, resolve_ssd
+from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, pick_device
 from schemas.geometry import clamp_box
 from schemas.records import make_ann_id, new_annotation
@@ -34,10 +29,6 @@ from schemas.records import make_ann_id, new_annotation
 FAMILIES = ("detr", "owlv2", "ssd")
 # ssd 0.5: the TF Object Detection API's own visualisation cut-off
 DEFAULT_THRESHOLD = {"detr": 0.5, "owlv2": 0.1, "ssd": 0.5}
-
-# Tiny label set of the random DETR preset: real category names, so downstream stages
-# (region_text, filters) see realistic labels.
-TINY_LABELS = ["person", "cat", "cup", "rocket", "car", "dog", "bicycle", "chair"]
 
 
 # --------------------------------------------------------------------------- models
@@ -64,141 +55,21 @@ class DetectorModel:
         self.processor.save_pretrained(directory)
 
 
-def _seed_of(config: Any) -> int:
-    return int(hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8], 16)
-
-
-@contextlib.contextmanager
-def _seeded(config: Any):
-    """Same config -> same random weights on every worker, without touching the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_of(config))
-        yield
-
-
-@functools.lru_cache(maxsize=4)
-def clip_bpe_tokenizer(max_length: int):
-    """The CLIP BPE tokenizer (same vocabulary and ids as openai/clip-*), built offline from the
-    BPE merges bundled with open_clip, as CLIPTokenizer (what Owlv2Processor expects)."""
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
-
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # open_clip's slice
-    tokens = list(bytes_to_unicode().values())
-    tokens = tokens + [t + "</w>" for t in tokens] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
-
-def _tiny_detr() -> tuple[dict, dict]:
-    """Conditional DETR (its per-query reference points give distinct boxes even untrained) with
-    a tiny native ResNet backbone: no timm, no pretrained backbone download."""
-    config = {
-        "model_type": "conditional_detr",
-        "backbone_config": {
-            "model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32, 64, 128],
-            "depths": [1, 1, 1, 1], "layer_type": "basic", "out_features": ["stage4"],
-        },
-        "use_timm_backbone": False, "use_pretrained_backbone": False,
-        "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
-        "encoder_attention_heads": 2, "decoder_attention_heads": 2, "num_queries": 20,
-        "id2label": {str(i): name for i, name in enumerate(TINY_LABELS)},
-    }
-    return config, {"size": {"shortest_edge": 128, "longest_edge": 192}}
-
-
-def _tiny_owlv2() -> dict:
-    return {
-        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                        "num_attention_heads": 2, "max_position_embeddings": 16},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "image_size": 128, "patch_size": 16},
-        "projection_dim": 32,
-    }
-
-
-def random_detr_config(location: str, config: dict) -> tuple[dict, dict]:
-    """(model config, image processor kwargs) of a random: DETR reference; no model is built."""
-    if config.get("preset") == "tiny":
-        model_cfg, proc_kwargs = _tiny_detr()
-    elif "preset" in config:
-        raise ValueError(f"random:{location}: unknown detr preset; use 'tiny' or a .json/.yaml transformers config")
-    else:
-        model_cfg = dict(config)
-        proc_kwargs = model_cfg.pop("image_processor", {}) or {}
-        if "model_type" not in model_cfg:
-            raise ValueError(f"random:{location}: the config needs a 'model_type' (e.g. conditional_detr, detr)")
-    return model_cfg, proc_kwargs
-
-
-def _random_detr(location: str, config: dict) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForObjectDetection
-    from transformers.models.auto.image_processing_auto import (
-        IMAGE_PROCESSOR_MAPPING_NAMES,
-        get_image_processor_class_from_name,
-    )
-
-    model_cfg, proc_kwargs = random_detr_config(location, config)
-    model_cfg = json.loads(json.dumps(model_cfg))  # a private copy
-    model_type = model_cfg.pop("model_type")
-    proc_kwargs = dict(proc_kwargs)
-    class_name = proc_kwargs.pop("image_processor_type", None)  # as preprocessor_config.json names it
-    if not class_name:
-        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
-        class_name = names if isinstance(names, str) else names.get("torchvision") or names.get("pil")
-    if not class_name:
-        raise ValueError(
-            f"random:{location}: no image processor known for model_type {model_type!r}; "
-            f"set image_processor.image_processor_type (e.g. RTDetrImageProcessor)"
-        )
-    hf_config = AutoConfig.for_model(model_type, **model_cfg)
-    with _seeded({"model_type": model_type, **model_cfg}):
-        model = AutoModelForObjectDetection.from_config(hf_config)
-    processor = get_image_processor_class_from_name(class_name)(**proc_kwargs)
-    return model, processor
-
-
-def random_owlv2_config(location: str, config: dict) -> dict:
-    """The Owlv2Config kwargs of a random: OWLv2 reference; no model is built."""
-    if config.get("preset") == "tiny":
-        return _tiny_owlv2()
-    if "preset" in config:
-        raise ValueError(f"random:{location}: unknown owlv2 preset; use 'tiny' or a .json/.yaml Owlv2Config")
-    return config
-
-
-def _random_owlv2(location: str, config: dict) -> tuple[Any, Any]:
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
-
-    config = random_owlv2_config(location, config)
-    hf_config = Owlv2Config(**config)
-    with _seeded(config):
-        model = Owlv2ForObjectDetection(hf_config)
-    size = hf_config.vision_config.image_size
-    processor = Owlv2Processor(
-        image_processor=Owlv2ImageProcessor(size={"height": size, "width": size}),
-        tokenizer=clip_bpe_tokenizer(hf_config.text_config.max_position_embeddings),
-    )
-    return model, processor
-
-
 def load_detector(ref: str, family: str, device: str | None = None, threads: int = 1) -> DetectorModel:
     """Hub id or local directory (from_pretrained), or random:<preset|config> of the family;
     ssd: opencv-ssd:<name> or a folder with a .pb + .pbtxt (OpenCV DNN, CPU, `threads`)."""
     if family not in FAMILIES:
         raise ValueError(f"detector family must be one of {FAMILIES}, got {family!r}")
     if family == "ssd":
-        from annotators.ssd_model import SsdDetector, resolve_ssd
+        from annotators.ssd_model import SsdDetector
 
         files = resolve_ssd(ref)
         return DetectorModel(SsdDetector(files, threads), None, family, ref, files.revision, "cpu")
     parsed = parse_model_ref(ref)
     if parsed.kind == "random":
-        builder = _random_detr if family == "detr" else _random_owlv2
+        from engine.random_models.detectors import build_detr, build_owlv2
+
+        builder = build_detr if family == "detr" else build_owlv2
         model, processor = builder(parsed.location, parsed.random_config())
     else:
         try:
@@ -287,22 +158,15 @@ class ObjectDetector(Stage):
 
     def model_revision(self, param: str, ref: str) -> str:
         if self.params.family == "ssd":
-            from annotators.ssd_model import resolve_ssd
-
             return resolve_ssd(ref).revision
         return super().model_revision(param, ref)
 
     def check_model(self, param: str, ref: str) -> None:
         family = self.params.family
         if family != "ssd":
-            from annotators.ssd_model import is_ssd_ref
-
             if is_ssd_ref(ref):
                 raise ValueError(f"{ref!r} is an OpenCV SSD graph: set the detect parameter family: ssd")
-            parsed = parse_model_ref(ref)
-            if parsed.kind == "random":
-                check = random_detr_config if family == "detr" else random_owlv2_config
-                check(parsed.location, parsed.random_config())
+            check_random(family, ref)
 
     def setup(self) -> None:
         p = self.params
@@ -415,4 +279,4 @@ class ObjectDetector(Stage):
             )
 
 
-__all__ = ["ObjectDetector", "ObjectDetectorParams", "DetectorModel", "load_detector", "clip_bpe_tokenizer"]
+__all__ = ["ObjectDetector", "ObjectDetectorParams", "DetectorModel", "load_detector"]

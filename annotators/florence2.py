@@ -15,36 +15,20 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from annotators.florence2_model import Florence2Model
+from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, record_error
-from schemas.geometry import quad_to_box
+from schemas.florence2_tasks import BY_TOKEN, STAGE_TASK_NAMES, STAGE_TASKS
+from schemas.geometry import clamp_points, quad_to_box
 from schemas.records import make_ann_id, new_annotation
 
-TaskName = Literal[
-    "caption",
-    "detailed_caption",
-    "more_detailed_caption",
-    "od",
-    "dense_region_caption",
-    "ocr_with_region",
-    "phrase_grounding",
-]
-# Run order: captions before grounding (grounding reads the brief caption of the same batch).
-TASK_TOKENS: dict[str, str] = {
-    "caption": "<CAPTION>",
-    "detailed_caption": "<DETAILED_CAPTION>",
-    "more_detailed_caption": "<MORE_DETAILED_CAPTION>",
-    "od": "<OD>",
-    "dense_region_caption": "<DENSE_REGION_CAPTION>",
-    "ocr_with_region": "<OCR_WITH_REGION>",
-    "phrase_grounding": "<CAPTION_TO_PHRASE_GROUNDING>",
-}
-TOKEN_TASKS = {token: name for name, token in TASK_TOKENS.items()}
-CAPTION_TIERS = {"<CAPTION>": "brief", "<DETAILED_CAPTION>": "detailed", "<MORE_DETAILED_CAPTION>": "more_detailed"}
+# The stage's task names (schemas.florence2_tasks), in run order: captions before grounding
+# (grounding reads the brief caption of the same batch).
+TaskName = Literal[STAGE_TASK_NAMES]  # type: ignore[valid-type]
 
 
 class Florence2Params(StageParams):
     model: str = Field("florence2", description="model reference or an alias of the pipeline's models:")
-    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_TOKENS), min_length=1)
+    tasks: list[TaskName] = Field(default_factory=lambda: list(STAGE_TASKS), min_length=1)
     max_new_tokens: int = Field(1024, ge=1, description="the hub checkpoints' default; dense outputs need it")
     num_beams: int = Field(3, ge=1, description="Florence-2's recommended decoding")
     no_repeat_ngram_size: int = Field(3, ge=0, description="0 disables; 3 as the hub generation config")
@@ -66,16 +50,8 @@ def _clamp_or_none(box: list[float], width: int, height: int) -> list[float] | N
 
     An inverted box (x1 < x0) is a malformed generation, not a box to be re-sorted.
     """
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-    y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return [x0, y0, x1, y1]
-
-
-def _clamp_quad(quad: list[float], width: int, height: int) -> list[float]:
-    return [min(max(float(v), 0.0), width if i % 2 == 0 else height) for i, v in enumerate(quad)]
+    x0, y0, x1, y1 = clamp_points(box, width, height)
+    return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else None
 
 
 _TOKEN_DEBRIS = re.compile(r"loc_\d+|</?poly>|<sep>")
@@ -110,9 +86,7 @@ class Florence2Annotator(Stage):
     params: Florence2Params
 
     def check_model(self, param: str, ref: str) -> None:
-        from annotators.florence2_model import check_random_reference
-
-        check_random_reference(ref)
+        check_random("florence2", ref)
 
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)
@@ -127,10 +101,10 @@ class Florence2Annotator(Stage):
     # ---------------------------------------------------------------- batching
     def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         pixels: dict[int, Any] = dict(enumerate(images))
-        order = [name for name in TASK_TOKENS if name in self.params.tasks]
+        order = [name for name in STAGE_TASKS if name in self.params.tasks]
         captions: dict[int, dict] = {}  # record index -> brief caption made in this batch
         for name in order:
-            task = TASK_TOKENS[name]
+            task = STAGE_TASKS[name]
             if task == "<CAPTION_TO_PHRASE_GROUNDING>":
                 inputs = {i: self._grounding_caption(records[i], captions.get(i)) for i in pixels}
                 todo = [i for i in pixels if inputs[i] is not None]
@@ -184,15 +158,16 @@ class Florence2Annotator(Stage):
         Returns the annotations added. `caption` (a text annotation) is the grounded caption of
         <CAPTION_TO_PHRASE_GROUNDING>.
         """
-        if task not in TOKEN_TASKS:
-            raise ValueError(f"florence2 stage maps {sorted(TOKEN_TASKS)}, not {task!r}")
+        row = BY_TOKEN.get(task)
+        if row is None or row.stage_task is None:
+            raise ValueError(f"florence2 stage maps {sorted(STAGE_TASKS.values())}, not {task!r}")
         w, h = int(record["width"]), int(record["height"])
-        kind = TOKEN_TASKS[task]
-        if task in CAPTION_TIERS:
+        kind = row.stage_task
+        if row.tier is not None:
             answer = self.florence.parse(text, task, (w, h))[task]
-            anns = self.texts_from_answer(record, kind, CAPTION_TIERS[task], answer)
+            anns = self.texts_from_answer(record, kind, row.tier, answer)
             record.setdefault("texts", []).extend(anns)
-        elif task in ("<OD>", "<DENSE_REGION_CAPTION>", "<OCR_WITH_REGION>"):
+        elif row.kind == "regions":
             answer = self.florence.parse(text, task, (w, h))[task]
             anns = self.regions_from_answer(record, kind, answer)
             record.setdefault("regions", []).extend(anns)
@@ -221,7 +196,7 @@ class Florence2Annotator(Stage):
         quads = "quad_boxes" in answer
         out = []
         for k, (geometry, label) in enumerate(zip(answer["quad_boxes" if quads else "bboxes"], answer["labels"])):
-            quad = _clamp_quad(geometry, w, h) if quads else None
+            quad = clamp_points(geometry, w, h) if quads else None
             box = _clamp_or_none(quad_to_box(quad) if quads else geometry, w, h)
             label = (label or "").strip()
             if box is None or not label or is_token_debris(label):

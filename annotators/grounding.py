@@ -11,64 +11,20 @@ the phrase in the captions, with the caption's text_ann_id and char span.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import field_validator
 
-from annotators.phrases import groundable_chunks, load_spacy, normalize_phrase
-from engine.models import ModelRef, parse_model_ref
+from annotators.phrases import groundable_chunks, normalize_phrase
+from engine.models import load_spacy, parse_model_ref
+from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, pick_device, record_error
 from schemas.geometry import box_area, clamp_box
 from schemas.records import TIERS, make_ann_id, new_annotation
 
 log = logging.getLogger(__name__)
-
-# Token ids the Grounding DINO text encoder treats as phrase delimiters ([CLS], [SEP], ".", "?"):
-# transformers hard-codes bert-base-uncased's ids (modeling_grounding_dino.SPECIAL_TOKENS), so
-# the offline tokenizer places these tokens at the same ids.
-BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-
-# random:<preset> configurations: small enough for CPU tests, same architecture classes.
-RANDOM_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "model": {
-            "backbone_config": {
-                "model_type": "resnet",
-                "embedding_size": 16,
-                "hidden_sizes": [16, 32, 64, 128],
-                "depths": [1, 1, 1, 1],
-                "layer_type": "basic",
-                "out_features": ["stage2", "stage3", "stage4"],
-            },
-            "text_config": {
-                "model_type": "bert",
-                "hidden_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "intermediate_size": 64,
-                "max_position_embeddings": 256,
-            },
-            "d_model": 32,
-            "encoder_layers": 1,
-            "decoder_layers": 2,  # the decoder box heads are tied across layers: at least 2
-            "encoder_ffn_dim": 64,
-            "decoder_ffn_dim": 64,
-            "encoder_attention_heads": 2,
-            "decoder_attention_heads": 2,
-            "encoder_n_points": 2,
-            "decoder_n_points": 2,
-            "num_queries": 50,
-            "max_text_len": 256,
-        },
-        "image_size": {"shortest_edge": 160, "longest_edge": 224},
-    }
-}
-
 
 class GroundingParams(StageParams):
     model: str = "grounding_dino"  # alias of the pipeline's models: section, hub id, dir, random:
@@ -128,90 +84,18 @@ class Prompt:
         self.spans.append((start, start + len(prompt_phrase)))
 
 
-def _seed_of(ref: ModelRef) -> int:
-    """Every worker derives the same seed from the config, hence identical random weights."""
-    return int(hashlib.sha1(ref.revision.encode()).hexdigest()[:8], 16)
-
-
-def random_spec(ref: ModelRef) -> dict[str, Any]:
-    """The preset (or JSON/YAML file) behind a random: reference.
-
-    A file may name a `preset` and override its `model` (GroundingDinoConfig kwargs) and
-    `image_size` keys.
-    """
-    cfg = ref.random_config()
-    preset_name = cfg.get("preset", "tiny")
-    if preset_name not in RANDOM_PRESETS:
-        raise ValueError(f"{ref.ref}: unknown Grounding DINO preset {preset_name!r}; known: {sorted(RANDOM_PRESETS)}")
-    spec = json.loads(json.dumps(RANDOM_PRESETS[preset_name]))
-    unknown = set(cfg) - {"preset", "model", "image_size"}
-    if unknown:
-        raise ValueError(f"{ref.ref}: unknown key(s) {sorted(unknown)}; allowed: preset, model, image_size")
-    spec["model"].update(cfg.get("model") or {})
-    spec["image_size"].update(cfg.get("image_size") or {})
-    return spec
-
-
-def offline_bert_tokenizer(words: list[str]):
-    """A BERT WordPiece tokenizer built without downloads: bert-base-uncased's special ids,
-    every lowercase letter/digit as a word and as a ##piece (no [UNK] on ASCII), plus `words`."""
-    import string
-
-    from transformers import BertTokenizer
-
-    size = max(BERT_SPECIAL_IDS.values()) + 1
-    fill = list(string.punctuation) + list(string.digits) + list(string.ascii_lowercase)
-    fill += ["##" + c for c in string.digits + string.ascii_lowercase]
-    fill += [w for w in sorted(set(words)) if w not in fill]
-    fill = [t for t in fill if t not in BERT_SPECIAL_IDS]
-    tokens: list[str | None] = [None] * max(size, len(fill) + len(BERT_SPECIAL_IDS))
-    for tok, idx in BERT_SPECIAL_IDS.items():
-        tokens[idx] = tok
-    it = iter(fill)
-    for i, t in enumerate(tokens):
-        if t is None:
-            tokens[i] = next(it, f"[unused{i}]")
-    return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
-
-
-def spacy_words(nlp) -> list[str]:
-    """Lowercase words of the spaCy model's own string table file (fixed on disk, so the
-    vocabulary is the same on every worker, unlike nlp.vocab.strings that grows at run time)."""
-    path = Path(nlp.path) / "vocab" / "strings.json"
-    if not path.exists():
-        return []
-    return [w for w in json.loads(path.read_text()) if w.isascii() and w.isalpha() and w.islower() and len(w) <= 15]
-
-
 def load_grounding_dino(ref_str: str, nlp=None):
     """(model, processor) for a hub id, a local directory or a random: reference."""
-    import torch
-    from transformers import (
-        AutoConfig,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-    )
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
     ref = parse_model_ref(ref_str)
     if ref.kind in ("hub", "local"):
         model = GroundingDinoForObjectDetection.from_pretrained(ref.location)
         processor = GroundingDinoProcessor.from_pretrained(ref.location)
         return model.eval(), processor
-    spec = random_spec(ref)
-    kwargs = dict(spec["model"])
-    for key in ("backbone_config", "text_config"):
-        sub = dict(kwargs[key])
-        kwargs[key] = AutoConfig.for_model(sub.pop("model_type"), **sub)
-    tokenizer = offline_bert_tokenizer(spacy_words(nlp or load_spacy()))
-    kwargs["text_config"].vocab_size = tokenizer.vocab_size
-    config = GroundingDinoConfig(use_timm_backbone=False, use_pretrained_backbone=False, **kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_of(ref))
-        model = GroundingDinoForObjectDetection(config)
-    image_processor = GroundingDinoImageProcessor(size=dict(spec["image_size"]))
-    return model.eval(), GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    from engine.random_models.grounding_dino import build_grounding_dino
+
+    return build_grounding_dino(ref, nlp or load_spacy())
 
 
 class GroundingAnnotator(Stage):
@@ -227,9 +111,8 @@ class GroundingAnnotator(Stage):
     params: GroundingParams
 
     def check_model(self, param: str, ref: str) -> None:
-        parsed = parse_model_ref(ref) if param == "model" else None
-        if parsed is not None and parsed.kind == "random":
-            random_spec(parsed)
+        if param == "model":
+            check_random("grounding_dino", ref)
 
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)

@@ -10,45 +10,16 @@ upscaled to the original image by SamProcessor.post_process_masks and stored as 
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import field_validator
 
-from engine.models import ModelRef, parse_model_ref
+from engine.models import parse_model_ref
+from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, pick_device, record_error
-from schemas.geometry import box_area, box_iou, clamp_box, mask_to_polygon, mask_to_rle, rle_to_box
+from schemas.geometry import clamp_box, mask_box_iou, mask_to_polygon, mask_to_rle
 
 Target = Literal["groundings", "regions"]
-
-# random:<preset> configurations: the real SamModel classes, small enough for CPU tests.
-RANDOM_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "model": {
-            "vision_config": {
-                "hidden_size": 32,
-                "output_channels": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 256,
-                "patch_size": 16,
-                "window_size": 4,
-                "global_attn_indexes": [1],
-                "num_pos_feats": 16,  # output_channels / 2: the shared positional embedding
-                "mlp_dim": 64,
-            },
-            "prompt_encoder_config": {"hidden_size": 32, "image_size": 256, "patch_size": 16, "mask_input_channels": 4},
-            "mask_decoder_config": {
-                "hidden_size": 32,
-                "mlp_dim": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "iou_head_hidden_dim": 32,
-            },
-        },
-    }
-}
 
 # Masks are upscaled to the original image this many boxes at a time: N x H x W floats for a
 # 12-megapixel photo and a hundred boxes would be gigabytes.
@@ -71,49 +42,16 @@ class MaskParams(StageParams):
         return list(dict.fromkeys(v))
 
 
-def _seed_of(ref: ModelRef) -> int:
-    """Every worker derives the same seed from the config, hence identical random weights."""
-    return int(hashlib.sha1(ref.revision.encode()).hexdigest()[:8], 16)
-
-
-def random_spec(ref: ModelRef) -> dict[str, Any]:
-    """The preset (or JSON/YAML file naming a `preset` and overriding its `model` sub-configs)."""
-    cfg = ref.random_config()
-    preset_name = cfg.get("preset", "tiny")
-    if preset_name not in RANDOM_PRESETS:
-        raise ValueError(f"{ref.ref}: unknown SAM preset {preset_name!r}; known: {sorted(RANDOM_PRESETS)}")
-    unknown = set(cfg) - {"preset", "model"}
-    if unknown:
-        raise ValueError(f"{ref.ref}: unknown key(s) {sorted(unknown)}; allowed: preset, model")
-    spec = json.loads(json.dumps(RANDOM_PRESETS[preset_name]))
-    for sub, overrides in (cfg.get("model") or {}).items():
-        if sub not in spec["model"]:
-            raise ValueError(f"{ref.ref}: model.{sub} is not a SAM sub-config ({sorted(spec['model'])})")
-        spec["model"][sub].update(overrides)
-    return spec
-
-
 def load_sam(ref_str: str):
     """(model, processor) for a hub id, a local directory or a random: reference."""
-    import torch
-    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    from transformers import SamModel, SamProcessor
 
     ref = parse_model_ref(ref_str)
     if ref.kind in ("hub", "local"):
         return SamModel.from_pretrained(ref.location).eval(), SamProcessor.from_pretrained(ref.location)
-    config = SamConfig(**random_spec(ref)["model"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_of(ref))
-        model = SamModel(config)
-    size = config.vision_config.image_size
-    low_res = 4 * (size // config.vision_config.patch_size)  # the mask decoder's output side
-    image_processor = SamImageProcessor(
-        size={"longest_edge": size},
-        pad_size={"height": size, "width": size},
-        mask_size={"longest_edge": low_res},
-        mask_pad_size={"height": low_res, "width": low_res},
-    )
-    return model.eval(), SamProcessor(image_processor=image_processor)
+    from engine.random_models.sam import build_sam
+
+    return build_sam(ref)
 
 
 class SamMaskAnnotator(Stage):
@@ -129,9 +67,8 @@ class SamMaskAnnotator(Stage):
     params: MaskParams
 
     def check_model(self, param: str, ref: str) -> None:
-        parsed = parse_model_ref(ref) if param == "model" else None
-        if parsed is not None and parsed.kind == "random":
-            random_spec(parsed)
+        if param == "model":
+            check_random("sam", ref)
 
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)
@@ -160,19 +97,14 @@ class SamMaskAnnotator(Stage):
             if not targets:
                 continue
             try:
-                self._segment(rec, image, targets)
+                self._segment(image, targets)
             except Exception as exc:  # noqa: BLE001 - per-image error contract
                 record_error(rec, self.name, exc)
         return records
 
-    def _segment(self, record: dict, image, targets: list[tuple[str, dict]]) -> None:
+    def _segment(self, image, targets: list[tuple[str, dict]]) -> None:
         import torch
 
-        if (image.width, image.height) != (record["width"], record["height"]):
-            raise ValueError(
-                f"image {record['image_id']}: decoded size {image.width}x{image.height} differs from the record's "
-                f"{record['width']}x{record['height']}"
-            )
         boxes = [clamp_box(ann["box"], image.width, image.height) for _, ann in targets]
         inputs = self.processor(images=image, input_boxes=[boxes], return_tensors="pt").to(self.device)
         inputs["input_boxes"] = inputs["input_boxes"].float()
@@ -196,7 +128,6 @@ class SamMaskAnnotator(Stage):
                 ann["mask"] = rle
                 checks = ann.setdefault("checks", {})
                 checks["masks.pred_iou"] = float(pred_iou[lo + k])
-                tight = rle_to_box(rle)
-                checks["masks.box_mask_iou"] = box_iou(boxes[lo + k], tight) if box_area(tight) > 0 else 0.0
+                checks["masks.box_mask_iou"] = mask_box_iou(boxes[lo + k], rle)
                 if collection == "regions":
                     ann["polygon"] = mask_to_polygon(mask, tolerance=self.params.polygon_tolerance) or None

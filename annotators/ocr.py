@@ -11,15 +11,14 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from engine.models import RAPIDOCR_BUNDLED
 from engine.stage import Resources, Stage, StageParams, pick_device
-from schemas.geometry import clamp_box, quad_to_box
+from schemas.geometry import clamp_box, clamp_points, quad_to_box
 from schemas.records import make_ann_id, new_annotation
-
-BUNDLED = "rapidocr"  # the PP-OCR models inside the rapidocr wheel
 
 
 class OCRParams(StageParams):
-    model: str = Field(BUNDLED, description="'rapidocr' (bundled PP-OCR) or a RapidOCR config YAML with local models")
+    model: str = Field(RAPIDOCR_BUNDLED, description="'rapidocr' (bundled PP-OCR) or a RapidOCR config YAML with local models")
     min_score: float = Field(0.5, ge=0, le=1, description="RapidOCR text_score: lines below are not returned")
     box_thresh: float = Field(0.5, ge=0, le=1)
     use_cls: bool = Field(True, description="text-direction classifier (upside-down lines)")
@@ -48,7 +47,7 @@ class RapidOCRAnnotator(Stage):
             "EngineConfig.onnxruntime.use_cuda": pick_device() == "cuda",
         }
         model = self.resolve_model(p.model)
-        self._engine = RapidOCR(config_path=None if model == BUNDLED else model, params=params)
+        self._engine = RapidOCR(config_path=None if model == RAPIDOCR_BUNDLED else model, params=params)
         from importlib.metadata import version
 
         self._source = self.source(model, f"rapidocr-{version('rapidocr')}")
@@ -59,7 +58,7 @@ class RapidOCRAnnotator(Stage):
             return
         w, h = record["width"], record["height"]
         for i, (quad_pts, text, score) in enumerate(zip(out.boxes, out.txts, out.scores)):
-            quad = [float(min(max(v, 0.0), w if j % 2 == 0 else h)) for j, v in enumerate(np.asarray(quad_pts).reshape(-1))]
+            quad = clamp_points(np.asarray(quad_pts).reshape(-1).tolist(), w, h)
             record["regions"].append(
                 new_annotation(
                     self._source,

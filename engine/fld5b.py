@@ -113,7 +113,7 @@ class CaptionParser:
     """spaCy statistics of captions, parsed once per distinct text (steps share most captions)."""
 
     def __init__(self) -> None:
-        from annotators.phrases import load_spacy
+        from engine.models import load_spacy
 
         self.nlp = load_spacy()
         self.memo: dict[str, Any] = {}

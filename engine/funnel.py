@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-ANNOTATION_VIEWS = ("texts", "regions", "groundings")
+from schemas.records import ANNOTATION_KINDS
+
 STAGE2_ORDER = ("text_filter", "region_filter", "clip_score", "grounding_filter")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 QUANTILE_NAMES = tuple(f"p{round(q * 100)}" for q in QUANTILES)
@@ -20,7 +21,7 @@ QUANTILE_NAMES = tuple(f"p{round(q * 100)}" for q in QUANTILES)
 
 def _views(con) -> list[str]:
     names = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    return [v for v in ANNOTATION_VIEWS if v in names]
+    return [v for v in ANNOTATION_KINDS if v in names]
 
 
 def _prefix(reason: str) -> str:

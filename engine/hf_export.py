@@ -1,4 +1,5 @@
-"""`fld export --format hf`: Parquet that Hugging Face `datasets` loads unchanged.
+"""The Arrow types of `fld export --format hf` (written by engine/export.py): Parquet that Hugging Face
+`datasets` loads unchanged.
 
 `datasets.load_dataset("parquet", data_files="DEST/*.parquet")` fails on the annotation shards
 themselves: `checks` is an Arrow MAP, which `datasets` has no feature type for, and image bytes
@@ -15,7 +16,6 @@ with
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -94,21 +94,3 @@ HF_SCHEMA = with_features(
               + [pa.field("image", IMAGE_TYPE)]),
     image_columns=("image",),
 )
-
-
-def export_hf(store, folder: str, dest: Path) -> dict:
-    """One Parquet per store shard (part-k of the step -> DEST/part-k.parquet)."""
-    from engine.export import EXT, _atomic_parquet, _shard_inputs  # the exports' shared reading and writing
-
-    counts = {"images": 0, "files": 0, "left_out": {}}
-    for shard, records, by_id in _shard_inputs(store, folder, counts["left_out"]):
-        rows = []
-        for rec in records:
-            row = {f.name: map_values_as_pairs(rec.get(f.name), f.type) for f in IMAGE_RECORD_SCHEMA}
-            data, fmt = by_id[rec["image_id"]]
-            row["image"] = hf_image(data, f"{rec['image_id']}.{EXT.get(fmt, 'img')}")
-            rows.append(row)
-        _atomic_parquet(pa.Table.from_pylist(rows, schema=HF_SCHEMA), dest / f"{shard}.parquet")
-        counts["images"] += len(rows)
-        counts["files"] += 1
-    return counts

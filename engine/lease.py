@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from engine.store import RunLockedError, StoreError, _one_line
+from engine.store_errors import RunLockedError, StoreError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Lease:
         except Exception as exc:  # noqa: BLE001 - classified below
             if _precondition_failed(exc):
                 return False
-            raise StoreError(f"cannot create {self.store.url(LEASE)}: {_one_line(exc)}") from None
+            raise StoreError(f"cannot create {self.store.url(LEASE)}: {one_line(exc)}") from None
         finally:
             self.fs.invalidate_cache(path)
         return True
@@ -206,7 +206,7 @@ class Lease:
             ok = self._replace(self._payload(), self.etag) and self._confirm()
         except Exception as exc:  # noqa: BLE001 - a transient error: retried at the next tick, lost at expiry
             self.expires = expires_before
-            log.warning("could not renew the lease of %s: %s", self.store.out, _one_line(exc))
+            log.warning("could not renew the lease of %s: %s", self.store.out, one_line(exc))
             return
         if not ok:
             self.lost = "another run took the lease over"

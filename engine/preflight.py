@@ -24,7 +24,19 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from engine.config import ConfigError, Pipeline
-from engine.models import parse_model_ref
+from engine.models import (
+    OPEN_CLIP_CONFIG_FILE,
+    OPEN_CLIP_HUB_PREFIX,
+    OPEN_CLIP_LOCAL_PREFIX,
+    RAPIDOCR_BUNDLED,
+    SPACY_MODELS,
+    SSD_INSTALL_HINT,
+    SsdPackageMissing,
+    is_ssd_ref,
+    parse_model_ref,
+    resolve_ssd,
+)
+from engine.random_models import check as check_random
 
 HUB_PROBE_SECONDS = 0.8  # TCP connect to the hub endpoint: a closed port answers in microseconds
 HUB_INFO_SECONDS = 10.0
@@ -164,12 +176,11 @@ def _hf(ref: str, hub: _Hub, config_files: tuple[str, ...] = ("config.json",)) -
 def _open_clip(ref: str, hub: _Hub) -> _Found:
     import open_clip
 
-    from annotators.clip_model import CONFIG_FILE, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, _random_model_cfg
-
-    if ref.startswith(LOCAL_DIR_PREFIX):
-        ref = ref[len(LOCAL_DIR_PREFIX):]
-    if ref.startswith(HF_HUB_PREFIX):
-        return hub.find(ref[len(HF_HUB_PREFIX):], [CONFIG_FILE], parse_model_ref(ref[len(HF_HUB_PREFIX):]).revision)
+    if ref.startswith(OPEN_CLIP_LOCAL_PREFIX):
+        ref = ref[len(OPEN_CLIP_LOCAL_PREFIX):]
+    if ref.startswith(OPEN_CLIP_HUB_PREFIX):
+        repo = ref[len(OPEN_CLIP_HUB_PREFIX):]
+        return hub.find(repo, [OPEN_CLIP_CONFIG_FILE], parse_model_ref(repo).revision)
     arch, sep, tag = ref.partition("/")
     if sep and arch in open_clip.list_models():
         cfg = open_clip.get_pretrained_cfg(arch, tag)
@@ -186,21 +197,18 @@ def _open_clip(ref: str, hub: _Hub) -> _Found:
         if cached.is_file():
             return _Found("hub", str(cached), tag)
         return _Found("hub", None, None, f"open_clip weights for {ref} are not downloaded ({cached})")
-    parsed_or_problem = _hf(ref, hub, (CONFIG_FILE,))
+    parsed_or_problem = _hf(ref, hub, (OPEN_CLIP_CONFIG_FILE,))
     if parsed_or_problem.problem or parsed_or_problem.kind != "random":
         return parsed_or_problem
     try:
-        parsed = parse_model_ref(ref)
-        _random_model_cfg(parsed.location, parsed.random_config())
+        check_random("open_clip", ref)
     except (OSError, ValueError) as exc:
         return replace(parsed_or_problem, revision=None, problem=str(exc))
     return parsed_or_problem
 
 
 def _rapidocr(ref: str, hub: _Hub) -> _Found:
-    from annotators.ocr import BUNDLED
-
-    if ref == BUNDLED:
+    if ref == RAPIDOCR_BUNDLED:
         missing = [m for m in ("rapidocr", "onnxruntime") if importlib.util.find_spec(m) is None]
         if missing:
             return _Found("package", None, None, f"{', '.join(missing)} not installed",
@@ -220,8 +228,6 @@ def _rapidocr(ref: str, hub: _Hub) -> _Found:
 
 
 def _spacy(ref: str | None, hub: _Hub) -> _Found:
-    from annotators.phrases import SPACY_MODELS
-
     candidates = [ref] if ref else list(SPACY_MODELS)
     for name in candidates:
         if os.path.isdir(name):
@@ -240,13 +246,11 @@ def _spacy(ref: str | None, hub: _Hub) -> _Found:
 
 
 def _opencv_dnn(ref: str, hub: _Hub) -> _Found:
-    from annotators.ssd_model import INSTALL_HINT, SsdPackageMissing, is_ssd_ref, resolve_ssd
-
     kind = "package" if is_ssd_ref(ref) else "local"
     try:
         files = resolve_ssd(ref)
     except SsdPackageMissing as exc:
-        return _Found(kind, None, None, str(exc), fix=INSTALL_HINT)
+        return _Found(kind, None, None, str(exc), fix=SSD_INSTALL_HINT)
     except (OSError, ValueError) as exc:
         return _Found(kind, None, None, str(exc))
     return _Found(files.kind, str(Path(files.graph).parent), files.revision)
@@ -289,11 +293,10 @@ def resolve(pipeline: Pipeline) -> list[ResolvedModel]:
                     continue
                 one(step.name, stage.name, param, loader, raw, stage.check_model)
     if pipeline.config.rounds:
-        from annotators.florence2_model import check_random_reference
         from engine.registry import rounds_plan
 
         plan = rounds_plan(pipeline)
-        one("refine", "refine", "model", "hf", plan.cfg.model, lambda param, ref: check_random_reference(ref))
+        one("refine", "refine", "model", "hf", plan.cfg.model, lambda param, ref: check_random("florence2", ref))
     return out
 
 

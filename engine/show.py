@@ -31,6 +31,7 @@ from engine.stage import decode_image, table_to_records
 from engine.store import ShardStore
 from engine.svg_plots import funnel_svg, histogram_svg
 from schemas.geometry import mask_to_polygon, rle_to_mask
+from schemas.records import ANNOTATION_KINDS
 
 PALETTE = ["#e6194b", "#3cb44b", "#0082c8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#d2f53c",
            "#fabebe", "#008080", "#aa6e28", "#800000", "#aaffc3", "#808000", "#000080"]
@@ -242,7 +243,7 @@ def _card(rec: dict, data: bytes) -> tuple[str, dict[str, int]]:
                          f"<i>{e(t['tier'])}</i>: <s>{e(visible_text(t.get('text')))}</s> "
                          f"<small>({e(str(t.get('reason')))})</small></li>")
     reasons: dict[str, int] = {}
-    for key in ("texts", "regions", "groundings"):
+    for key in ANNOTATION_KINDS:
         for a in rec[key]:
             if a["status"] == "dropped":
                 reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1

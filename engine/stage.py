@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Iterable
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from schemas.records import IMAGE_RECORD_SCHEMA, params_hash, source_of
+from schemas.records import ANNOTATION_KINDS, IMAGE_RECORD_SCHEMA, params_hash, source_of
 
 # Transient columns a runner attaches to a step's batches for stages with needs_images; they are
 # dropped before a shard is written (annotation shards never copy image data).
@@ -210,7 +210,7 @@ def table_to_records(table: pa.Table) -> list[dict]:
     cols = [c for c in table.column_names if c not in TRANSIENT_COLUMNS]
     records = table.select(cols).to_pylist()
     for rec in records:
-        for key in ("texts", "regions", "groundings"):
+        for key in ANNOTATION_KINDS:
             anns = rec.get(key) or []
             for ann in anns:
                 ann["checks"] = _checks_to_dict(ann.get("checks"))

@@ -19,6 +19,7 @@ from engine.funnel import funnel_tables
 from engine.query import open_views, resolve_step
 from engine.run import aggregate_counters
 from engine.store import ShardStore
+from schemas.records import ANNOTATION_KINDS
 
 Table = dict  # {"title": str, "columns": [...], "rows": [[...], ...]}
 INGEST_KEYS = ("inputs", "images", "quarantined", "duplicates")
@@ -53,7 +54,7 @@ def collect_stats(out: "str | Path | ShardStore", step: str | None = None, sampl
     if folder is not None:
         parts = [
             f"SELECT '{name}' AS type, status, coalesce(reason, '') AS reason, count(*) AS n FROM {name} GROUP BY ALL"
-            for name in ("texts", "regions", "groundings")
+            for name in ANNOTATION_KINDS
         ]
         sections["annotations"] = _table(con, f"annotations of {folder} by status and reason",
                                          " UNION ALL ".join(parts) + " ORDER BY type, status DESC, n DESC, reason")

@@ -22,7 +22,6 @@ One writer per OUT: a flock on local paths, a lease object on object stores (eng
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import fcntl
 import functools
 import hashlib
@@ -44,12 +43,21 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.atomic import TEMPORARY, atomic_write, atomic_write_bytes
+from engine.store_errors import (  # noqa: F401 - the store's errors, raised and caught as engine.store.*
+    DamagedShardError,
+    RunLockedError,
+    StoreError,
+    StoreUnavailableError,
+    one_line,
+    write_error,
+)
+
 log = logging.getLogger(__name__)
 
 COMMITTED = "_committed"
 MANIFEST = "manifest.json"
 TAIL_BYTES = 64 * 1024  # one ranged read gets the footer of any shard the engine writes
-TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # what _atomic_local_write leaves behind when killed
 TRACKED_PACKAGES = (
     "fld-engine", "torch", "transformers", "open_clip_torch", "pyarrow", "duckdb", "pillow",
     "pycocotools", "ray", "apache-beam", "rapidocr", "spacy", "onnxruntime", "fsspec", "s3fs",
@@ -57,22 +65,6 @@ TRACKED_PACKAGES = (
 # A probe must fail in about a second on a dead endpoint, not after botocore's minute of retries.
 FAST_FAIL_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 10, "retries": {"max_attempts": 1}}}}
 PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
-
-
-class StoreError(RuntimeError):
-    pass
-
-
-class RunLockedError(StoreError):
-    """Another run holds OUT."""
-
-
-class StoreUnavailableError(StoreError):
-    """OUT cannot be reached: bad endpoint, credentials, missing bucket or protocol package."""
-
-
-class DamagedShardError(StoreError):
-    """A committed shard no longer matches its commit record."""
 
 
 def shard_name(index: int) -> str:
@@ -93,40 +85,6 @@ def package_versions() -> dict[str, str]:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def write_error(target: str, exc: OSError) -> StoreError:
-    """One line for a failed write; disk full says so."""
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"no space left writing {target} (disk full); nothing was committed for it: "
-                          "free space and rerun to resume")
-    return StoreError(f"cannot write {target}: {_one_line(exc)}")
-
-
-def _atomic_local_write(path: str, write) -> None:
-    """write(tmp_path) then fsync + rename over `path`; the temporary never survives an error."""
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(posixpath.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
 
 
 def parquet_footer(tail: bytes, size: int) -> tuple[int, str]:
@@ -176,15 +134,15 @@ class ShardStore:
         except ImportError as exc:
             proto = self._given.split("://", 1)[0]
             package = PROTOCOL_PACKAGES.get(proto, f"the fsspec driver for {proto}://")
-            raise StoreUnavailableError(f"{_redact(self._given)}: needs {package} ({_one_line(exc)}); "
+            raise StoreUnavailableError(f"{_redact(self._given)}: needs {package} ({one_line(exc)}); "
                                         "pip install 'fld-engine[s3]' or that package") from None
         except ValueError as exc:
             if "protocol not known" in str(exc).lower():
                 raise StoreUnavailableError(f"{_redact(self._given)}: unknown protocol {self._given.split('://', 1)[0]}:// "
                                             "(fsspec knows s3, gs, az, file, memory, ...)") from None
-            raise StoreUnavailableError(f"{_redact(self._given)}: bad storage options ({_one_line(exc)})") from None
+            raise StoreUnavailableError(f"{_redact(self._given)}: bad storage options ({one_line(exc)})") from None
         except TypeError as exc:
-            raise StoreUnavailableError(f"{_redact(self._given)}: bad storage options ({_one_line(exc)})") from None
+            raise StoreUnavailableError(f"{_redact(self._given)}: bad storage options ({one_line(exc)})") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/") if root != "/" else root
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
@@ -253,13 +211,7 @@ class ShardStore:
         try:
             if self.local:
                 os.makedirs(posixpath.dirname(path), exist_ok=True)
-
-                def write(tmp: str) -> None:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-
-                _atomic_local_write(path, write)
+                atomic_write_bytes(path, data)
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:
@@ -384,10 +336,10 @@ class ShardStore:
         except FileNotFoundError:
             pass
         except PermissionError as exc:
-            raise StoreUnavailableError(f"access to {self.out} denied: {_one_line(exc)} (check the credentials: "
+            raise StoreUnavailableError(f"access to {self.out} denied: {one_line(exc)} (check the credentials: "
                                         "AWS_* environment variables or --storage-option key=/secret=)") from None
         except Exception as exc:  # noqa: BLE001 - any failure to reach the store is one line, not a traceback
-            raise StoreUnavailableError(f"cannot reach {self.out}: {_one_line(exc)}") from None
+            raise StoreUnavailableError(f"cannot reach {self.out}: {one_line(exc)}") from None
         if not for_writing:
             raise StoreUnavailableError(f"{self.out}: no such output folder")
         if not self.local and hasattr(fs, "split_path"):  # object stores with buckets / containers
@@ -397,7 +349,7 @@ class ShardStore:
             except FileNotFoundError:
                 raise StoreUnavailableError(f"{self.out}: bucket {bucket!r} does not exist (create it first)") from None
             except Exception as exc:  # noqa: BLE001
-                raise StoreUnavailableError(f"cannot reach {self.out}: {_one_line(exc)}") from None
+                raise StoreUnavailableError(f"cannot reach {self.out}: {one_line(exc)}") from None
         self._probed = False  # reachable; OUT itself does not exist yet
 
     def _fast_fail_fs(self):
@@ -418,7 +370,7 @@ class ShardStore:
         try:
             if self.local:
                 os.makedirs(self._p(f"{folder}/{COMMITTED}"), exist_ok=True)
-                _atomic_local_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+                atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
                 with open(path, "rb") as f:
                     digest, size = _sha256_stream(f)
                     f.seek(max(0, size - TAIL_BYTES))
@@ -497,7 +449,7 @@ class ShardStore:
                 blob = blobs.get(p)
                 try:
                     if isinstance(blob, BaseException) or blob is None:
-                        raise ValueError(_one_line(blob) if isinstance(blob, BaseException) else "missing")
+                        raise ValueError(one_line(blob) if isinstance(blob, BaseException) else "missing")
                     rec = json.loads(blob)
                     if not isinstance(rec, dict) or "rows" not in rec or "bytes" not in rec:
                         raise ValueError("not a commit record")
@@ -550,7 +502,7 @@ class ShardStore:
             else:
                 problem = None
         except (ValueError, OSError, pa.ArrowException) as exc:
-            problem = f"unreadable: {_one_line(exc)}"
+            problem = f"unreadable: {one_line(exc)}"
         self._checks[path] = (key, problem)
         return problem
 
@@ -590,7 +542,7 @@ class ShardStore:
                     with self.fs.open(self._p(f"{folder}/{shard}.parquet"), "rb") as f:
                         digest, _ = _sha256_stream(f)
                 except OSError as exc:
-                    problems.append((folder, shard, f"unreadable: {_one_line(exc)}"))
+                    problems.append((folder, shard, f"unreadable: {one_line(exc)}"))
                     continue
                 if digest != rec.get("sha256"):
                     problems.append((folder, shard, f"sha256 {digest[:12]}... differs from the committed {str(rec.get('sha256'))[:12]}..."))
@@ -655,7 +607,7 @@ class ShardStore:
                     self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                     removed.append(f"{self.protocol}://{bucket}/{up['Key']} (unfinished upload)")
             except Exception as exc:  # noqa: BLE001 - housekeeping never fails a run
-                log.info("could not list unfinished uploads under %s: %s", self.out, _one_line(exc))
+                log.info("could not list unfinished uploads under %s: %s", self.out, one_line(exc))
         for p in removed:
             log.warning("removed %s, left by a killed run", p)
         return removed

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from typing import Iterable, NamedTuple
 
+from schemas.records import ANNOTATION_KINDS
+
 KEPT = "kept"
 DROPPED = "dropped"
-ANNOTATION_LISTS = ("texts", "regions", "groundings")
 
 
 class Threshold(NamedTuple):
@@ -46,7 +47,7 @@ def reset_own(ann: dict, filter_name: str, keep: Iterable[str] = ()) -> None:
 
 
 def reset_all(
-    records: Iterable[dict], filter_name: str, lists: Iterable[str] = ANNOTATION_LISTS, keep: Iterable[str] = ()
+    records: Iterable[dict], filter_name: str, lists: Iterable[str] = ANNOTATION_KINDS, keep: Iterable[str] = ()
 ) -> None:
     keep = tuple(keep)
     for rec in records:

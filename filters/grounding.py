@@ -19,7 +19,7 @@ from pydantic import Field
 from annotators.phrases import GROUNDING_BLACKLIST, is_blacklisted, normalize_phrase
 from engine.stage import Resources, Stage, StageParams
 from filters.decision import Threshold, drop, is_kept, reset_all, set_check
-from filters.mask_agreement import mask_box_iou
+from schemas.geometry import mask_box_iou
 
 
 class GroundingFilterParams(StageParams):

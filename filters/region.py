@@ -22,9 +22,8 @@ from pydantic import field_validator
 
 from engine.stage import Resources, Stage, StageParams
 from filters.decision import Threshold, drop, is_kept, reset_all, set_check
-from filters.mask_agreement import mask_box_iou
 from filters.per_kind import merge_per_key
-from schemas.geometry import box_iou, clamp_box
+from schemas.geometry import box_iou, box_iou_matrix, clamp_box, clamp_points, mask_box_iou
 from schemas.records import REGION_KINDS
 
 NmsMode = Literal["per_label", "class_agnostic"]
@@ -73,10 +72,6 @@ def _valid_box(box: Any) -> bool:
     )
 
 
-def _clamp_points(points: list[float], width: int, height: int) -> list[float]:
-    return [min(max(float(v), 0.0), float(width if i % 2 == 0 else height)) for i, v in enumerate(points)]
-
-
 def rank_key(ann: dict) -> tuple[float, str]:
     """Higher score first, then ann_id: a total order, the same on every runner. A NaN score
     ranks last (NaN compares false both ways, so it would make the order depend on input order)."""
@@ -90,15 +85,15 @@ def nms_group(ann: dict, mode: NmsMode) -> str:
     return " ".join((ann.get("label") or "").lower().split()) if mode == "per_label" else ""
 
 
-def greedy_nms(boxes: list[list[float]], groups: list[int], iou_threshold: float) -> tuple[list[bool], list[float]]:
-    """Boxes given in rank order (best first). Returns (survives, max IoU with a better-ranked survivor).
+def nms_in_rank_order(boxes: list[list[float]], groups: list[int], iou_threshold: float) -> tuple[list[bool], list[float]]:
+    """NMS of boxes given in rank order (best first), within each group. Returns (survives, max IoU
+    with a better-ranked survivor of the same group).
 
     torchvision.ops.batched_nms does the suppression (boxes of different groups never overlap);
     the IoU value is what lets a user ask later "which would survive at threshold t" in SQL.
     """
     import torch
     from torchvision.ops import batched_nms
-    from torchvision.ops import box_iou as pairwise_iou
 
     n = len(boxes)
     if n == 0:
@@ -109,9 +104,9 @@ def greedy_nms(boxes: list[list[float]], groups: list[int], iou_threshold: float
     keep = batched_nms(b, scores, idxs, iou_threshold)
     survives = torch.zeros(n, dtype=torch.bool)
     survives[keep] = True
-    # Two zero-area boxes (allowed with min_side 0) have IoU 0/0: count it as no overlap, as
-    # torchvision's NMS does (NaN > threshold is false), so no NaN reaches the checks.
-    iou = torch.nan_to_num(pairwise_iou(b, b), nan=0.0)
+    # Two zero-area boxes (allowed with min_side 0) have IoU 0/0: box_iou_matrix counts it as no overlap,
+    # as torchvision's NMS does (NaN > threshold is false), so no NaN reaches the checks.
+    iou = torch.as_tensor(box_iou_matrix(boxes, boxes))
     same_group = idxs[:, None] == idxs[None, :]
     better = torch.ones(n, n, dtype=torch.bool).tril(-1)  # better[i, j]: j ranked before i
     mask = same_group & better & survives[None, :]
@@ -169,9 +164,9 @@ class RegionFilter(Stage):
                 if was_clamped:
                     ann["box"] = clamped
                 if ann.get("quad"):
-                    ann["quad"] = _clamp_points(ann["quad"], width, height)
+                    ann["quad"] = clamp_points(ann["quad"], width, height)
                 if ann.get("polygon"):
-                    ann["polygon"] = [_clamp_points(ring, width, height) for ring in ann["polygon"]]
+                    ann["polygon"] = [clamp_points(ring, width, height) for ring in ann["polygon"]]
             w, h = clamped[2] - clamped[0], clamped[3] - clamped[1]
             set_check(ann, self.name, "area_frac", (w * h) / float(width * height))
             set_check(ann, self.name, "min_side", min(w, h))
@@ -210,7 +205,7 @@ class RegionFilter(Stage):
             groups = [group_ids.setdefault(nms_group(a, mode), len(group_ids)) for a in participants]
             # the clamped, ordered box: with clamp off, ann["box"] may still be flipped or outside
             box_of = {id(a): clamp_box(a["box"], width, height) for a in ranked}
-            survives, max_iou = greedy_nms([box_of[id(a)] for a in participants], groups, float(p.nms_iou[kind]))
+            survives, max_iou = nms_in_rank_order([box_of[id(a)] for a in participants], groups, float(p.nms_iou[kind]))
             for ann, ok, iou in zip(participants, survives, max_iou):
                 set_check(ann, self.name, "nms_iou", iou)
                 if not ok:

@@ -125,7 +125,7 @@ class TextFilter(Stage):
     model_params: ClassVar[dict[str, str]] = {"spacy_model": "spacy"}
 
     def setup(self) -> None:
-        from annotators.phrases import load_spacy
+        from engine.models import load_spacy
 
         self.nlp = load_spacy(self.params.spacy_model)
 

@@ -25,8 +25,8 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from engine.ingest.human import HUMAN
 from engine.stage import Resources, Stage, StageParams
+from refine.metrics import agreement_sums, is_human
 from refine.relabel import PREVIOUS
 from schemas.geometry import box_iou_matrix
 from schemas.records import ANNOTATION_KINDS
@@ -58,11 +58,6 @@ def _drop(ann: dict, reason: str) -> None:
     if ann["status"] == "kept":
         ann["status"] = "dropped"
         ann["reason"] = reason
-
-
-def is_human(ann: dict) -> bool:
-    """Imported ground truth (engine.ingest.human)."""
-    return (ann.get("source") or {}).get("annotator") == HUMAN
 
 
 def _merge_texts(old: list[dict], new: list[dict]) -> set[str]:
@@ -180,8 +175,6 @@ class MergeStage(Stage):
     params: MergeParams
 
     def process_batch(self, records: list[dict], images=None) -> list[dict]:
-        from refine.metrics import agreement_sums
-
         policy = MergePolicy(self.params.nms_iou, self.params.agreement_weight)
         out = []
         for new in records:

@@ -14,12 +14,17 @@ import re
 from collections import Counter
 from typing import Iterable
 
-from refine.merge import is_human
+from engine.ingest.human import HUMAN
 from schemas.geometry import box_iou_matrix
 from schemas.records import REGION_KINDS, TIERS
 
 MATCH_IOU = 0.5
 _WORD = re.compile(r"[a-z0-9]+")
+
+
+def is_human(ann: dict) -> bool:
+    """Imported ground truth (engine.ingest.human): what the mAP is measured against, and what a merge never replaces."""
+    return (ann.get("source") or {}).get("annotator") == HUMAN
 
 
 def _kept(anns) -> list[dict]:

@@ -24,13 +24,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from annotators.florence2 import TASK_TOKENS, TaskName
+from annotators.florence2 import TaskName
 from engine.registry import stage_class
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
 from refine.trainer import TRAIN_EXECUTION_SETTINGS, Florence2Trainer, TrainConfig
 from schemas.records import ANNOTATION_KINDS
-from schemas.task_codec import ALL_TASKS, TaskCodec
+from schemas.florence2_tasks import STAGE_TASKS, TRAINED_TOKENS
+from schemas.task_codec import TaskCodec
 
 GROUND_TRUTH_SAMPLE = 2000  # images of a round read for the mAP against imported ground truth
 
@@ -40,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class RelabelSettings(_Strict):
-    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_TOKENS), min_length=1,
+    tasks: list[TaskName] = Field(default_factory=lambda: list(STAGE_TASKS), min_length=1,
                                   description="florence2-stage task names the new model annotates")
     batch_size: int = Field(4, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
@@ -62,7 +63,7 @@ class RefineConfig(_Strict):
 
     model: str = Field("florence2", description="round 1 starts from this reference or models: alias")
     from_step: str | None = Field(None, description="step whose annotations round 1 trains on (default: the last)")
-    train_tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS), min_length=1)
+    train_tasks: list[str] = Field(default_factory=lambda: list(TRAINED_TOKENS), min_length=1)
     max_target_tokens: int = Field(1024, ge=8)
     max_region_examples: int = Field(8, ge=1)
     train: TrainConfig = Field(default_factory=TrainConfig)

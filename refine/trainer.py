@@ -23,7 +23,6 @@ Nothing executable is ever unpickled from OUT.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -32,9 +31,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.atomic import atomic_write, atomic_write_bytes
 from engine.training import Trainer, TrainerParams, World
 from refine.dataset import Collator, ShardStream
-from schemas.task_codec import ALL_TASKS, TaskCodec
+from schemas.florence2_tasks import TRAINED_TOKENS
+from schemas.task_codec import TaskCodec
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "trainer_state.pt"
@@ -76,7 +77,7 @@ TRAIN_EXECUTION_SETTINGS = ("checkpoint_every", "keep_checkpoints", "log_every",
 class CodecSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS), min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: list(TRAINED_TOKENS), min_length=1)
     max_target_tokens: int = Field(1024, ge=8)
     max_region_examples: int = Field(8, ge=1)
 
@@ -136,20 +137,20 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
 
 
 def _save_checkpoint(model_dir: Path, step: int, model, processor, tensors: dict, plain: dict, keep: int) -> Path:
-    """Written under a temporary name and renamed: a kill mid-save leaves the previous one intact."""
+    """Written atomically (engine.atomic): a kill mid-save leaves the previous checkpoints intact."""
     import torch
 
     root = model_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
-    processor.save_pretrained(tmp)
-    torch.save(tensors, tmp / STATE_TENSORS)
-    (tmp / STATE_JSON).write_text(json.dumps(plain))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp)  # safetensors
+        processor.save_pretrained(tmp)
+        torch.save(tensors, Path(tmp) / STATE_TENSORS)
+        (Path(tmp) / STATE_JSON).write_text(json.dumps(plain))
+
+    atomic_write(final, write)
     for old in checkpoint_dirs(model_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -369,7 +370,7 @@ class Florence2Trainer(Trainer):
         if world.main and step >= cfg.steps:
             model.eval()
             wrapped.save(model_dir)  # the final model: a local dir any loader reads
-            (model_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+            atomic_write_bytes(model_dir / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
             _publish(store, job, model_dir)
         return summary
 

@@ -5,6 +5,7 @@ exporter imports it, so it is the contract between them.
 """
 from schemas.records import (
     ANNOTATION_FIELDS,
+    ANNOTATION_KINDS,
     GROUNDING_TYPE,
     IMAGE_RECORD_SCHEMA,
     IMAGES_SCHEMA,
@@ -22,6 +23,7 @@ from schemas.validate import SchemaError, validate_table
 
 __all__ = [
     "ANNOTATION_FIELDS",
+    "ANNOTATION_KINDS",
     "GROUNDING_TYPE",
     "IMAGE_RECORD_SCHEMA",
     "IMAGES_SCHEMA",

@@ -9,11 +9,16 @@ import numpy as np
 Box = list[float]
 
 
+def clamp_points(points: Sequence[float], width: float, height: float) -> list[float]:
+    """Flat [x, y, x, y, ...] (a box, a quad, a polygon ring) with every x in [0, width] and every y in
+    [0, height]; the order of the points is kept (a quad stays clockwise, an inverted box inverted)."""
+    return [min(max(float(v), 0.0), float(width if i % 2 == 0 else height)) for i, v in enumerate(points)]
+
+
 def clamp_box(box: Sequence[float], width: int, height: int) -> Box:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
-    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
-    return [x0, y0, x1, y1]
+    """The box clamped into the image, its corners ordered (x0 <= x1, y0 <= y1)."""
+    x0, y0, x1, y1 = clamp_points(box, width, height)
+    return [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
 
 
 def box_area(box: Sequence[float]) -> float:
@@ -333,17 +338,36 @@ def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0, min_points: int = 
         tol /= 2
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    inter = box_area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def box_iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np.ndarray:
-    """IoU of every pair through pycocotools (boxes converted to x, y, w, h)."""
-    from pycocotools import mask as mask_utils
+    """IoU of every pair of [x0, y0, x1, y1] boxes, [len(a), len(b)] float64: THE box IoU of the project
+    (torchvision.ops.box_iou). An inverted box counts as empty, and two empty boxes overlap 0 (not 0/0)."""
+    import torch
+    from torchvision.ops import box_iou as torchvision_box_iou
 
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
-    xywh = lambda bs: [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in bs]  # noqa: E731
-    return np.asarray(mask_utils.iou(xywh(a), xywh(b), [0] * len(b)), dtype=float).reshape(len(a), len(b))
+
+    def tensor(boxes):
+        t = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+        return torch.cat([t[:, :2], torch.maximum(t[:, 2:], t[:, :2])], dim=1)  # inverted -> zero width / height
+
+    return torch.nan_to_num(torchvision_box_iou(tensor(a), tensor(b)), nan=0.0).numpy()
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two boxes (box_iou_matrix of one pair)."""
+    return float(box_iou_matrix([a], [b])[0, 0])
+
+
+def mask_box_iou(box: Sequence[float] | None, mask: dict | None) -> float | None:
+    """IoU of a box with the tight box of its mask (0 for an empty mask; None when there is no mask).
+
+    A box-prompted SAM mask fills its prompt box, so the mask's tight box overlaps it by ~0.8-0.95; a much
+    lower IoU means the mask shows something else (a part, the background): the masks stage records it,
+    the region and grounding filters threshold it.
+    """
+    if box is None or not mask or mask.get("counts") is None:
+        return None
+    if rle_area(mask) <= 0:
+        return 0.0
+    return box_iou(box, rle_to_box(mask))

@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from schemas.florence2_tasks import BY_TOKEN, TRAINED_TOKENS
 from schemas.geometry import box_to_quad, mask_to_polygon, rle_to_mask
 from schemas.loc_tokens import (
     box_to_tokens,
@@ -37,22 +38,6 @@ from schemas.loc_tokens import (
     quantize_points,
 )
 
-CAPTION_TASKS = {"brief": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "more_detailed": "<MORE_DETAILED_CAPTION>"}
-_CAPTION_TIER = {task: tier for tier, task in CAPTION_TASKS.items()}
-# The tasks this codec encodes: a subset of annotators.florence2_model.TASKS (not imported here,
-# it pulls the model code; tests/test_task_codec.py checks the subset).
-ALL_TASKS: tuple[str, ...] = (
-    *CAPTION_TASKS.values(),
-    "<OD>",
-    "<DENSE_REGION_CAPTION>",
-    "<REGION_PROPOSAL>",
-    "<OCR>",
-    "<OCR_WITH_REGION>",
-    "<CAPTION_TO_PHRASE_GROUNDING>",
-    "<REGION_TO_DESCRIPTION>",
-    "<REFERRING_EXPRESSION_SEGMENTATION>",
-    "<REGION_TO_SEGMENTATION>",
-)
 TokenCounter = Callable[[str], int]
 _SPECIAL = re.compile(r"<loc_\d+>|<sep>|</?poly>")
 
@@ -115,14 +100,14 @@ class TaskCodec:
 
     def __init__(
         self,
-        tasks: Sequence[str] = ALL_TASKS,
+        tasks: Sequence[str] = TRAINED_TOKENS,
         max_target_tokens: int = 1024,
         max_region_examples: int = 8,
         count_tokens: TokenCounter = approx_token_count,
     ):
-        unknown = [t for t in tasks if t not in ALL_TASKS]
+        unknown = [t for t in tasks if t not in TRAINED_TOKENS]
         if unknown:
-            raise ValueError(f"unknown Florence-2 training task(s) {unknown}; known: {list(ALL_TASKS)}")
+            raise ValueError(f"unknown Florence-2 training task(s) {unknown}; known: {list(TRAINED_TOKENS)}")
         if max_target_tokens < 8:
             raise ValueError(f"max_target_tokens must be >= 8, got {max_target_tokens}")
         self.tasks = tuple(tasks)
@@ -171,8 +156,8 @@ class TaskCodec:
         return [Example(iid, task, "", target)] if target else []
 
     def _task(self, task, iid, w, h, texts, objects, lines, groundings) -> list[Example]:
-        if task in _CAPTION_TIER:
-            tier = _CAPTION_TIER[task]
+        tier = BY_TOKEN[task].tier
+        if tier is not None:
             return [ex for t in texts if t["tier"] == tier for ex in self._text_example(iid, task, t["text"] or "")]
         if task == "<OD>":
             items = [(r["label"], r["box"]) for r in objects if clean_phrase(r.get("label") or "")]

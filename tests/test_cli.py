@@ -19,6 +19,15 @@ pipelines:
       - name: stage1
         stages:
           - {stage: ocr, params: {batch_size: 2, min_score: MIN}}
+  ocr_filtered:  # the same stage1 (its shards are reused), then a filter that drops every OCR line
+    ingest: {shard_size: 2}
+    steps:
+      - name: stage1
+        stages:
+          - {stage: ocr, params: {batch_size: 2, min_score: MIN}}
+      - name: stage2
+        stages:
+          - {stage: region_filter, params: {min_score: {text: 1.01}}}
 """
 
 
@@ -169,3 +178,58 @@ def test_run_without_a_file_uses_the_installed_pipelines(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["pipeline"]["file"] == str(packaged_pipelines())
     assert [r["label"] for r in _query(tmp_path / "out", "SELECT label FROM regions ORDER BY box[2]")] == WORDS
+
+
+def _statuses(out, *step) -> dict:
+    rows = _query(out, "SELECT status, coalesce(reason, '') AS reason, count(*) AS n FROM regions GROUP BY ALL", *step)
+    return {(r["status"], r["reason"]): r["n"] for r in rows}
+
+
+def test_step_of_query_and_stats_chooses_the_step(tmp_path, done):
+    """Two steps whose regions differ (stage2 drops every OCR line): `--step` reads the one named,
+    the default is the last; the same for `fld stats`."""
+    cfg, out, _ = done
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    res = _run("run", cfg, "--pipeline", "ocr_filtered", "--out", work)
+    assert res.exit_code == 0 and "4 run / 0 resumed" in res.output and "0 run / 4 resumed" in res.output, res.output
+    n = _query(out, "SELECT count(*) AS n FROM regions")[0]["n"]
+    assert n >= 3
+    assert _statuses(work, "--step", "stage1") == {("kept", ""): n}
+    assert _statuses(work) == _statuses(work, "--step", "stage2") == {("dropped", "region_filter:low_score"): n}
+    res = _run("query", work, "SELECT 1", "--step", "stage9")
+    assert res.exit_code == 2 and "stage9" in res.output and "stage1" in res.output
+
+    def annotations(*step) -> tuple[str, dict]:
+        res = _run("stats", work, "--format", "json", *step)
+        assert res.exit_code == 0, res.output
+        section = json.loads(res.stdout)["annotations"]
+        return section["title"], {(t, s, r): k for t, s, r, k in section["rows"]}
+
+    title, rows = annotations("--step", "stage1")
+    assert "annotations/stage1" in title and rows == {("regions", "kept", ""): n}
+    title, rows = annotations()
+    assert "annotations/stage2" in title and rows == {("regions", "dropped", "region_filter:low_score"): n}
+    assert _run("stats", work, "--step", "stage9").exit_code == 2
+
+
+def test_force_redoes_ingest_and_every_step(tmp_path, done, inputs):
+    """A changed configuration is refused; --force redoes everything: inputs re-ingested, every shard
+    recommitted with the new configuration."""
+    cfg, out, _ = done
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    (work / ".lock").unlink(missing_ok=True)
+    records = lambda folder: {p.name: json.loads(p.read_text()) for p in (work / folder / "_committed").glob("*.json")}  # noqa: E731
+    before = {f: records(f) for f in ("images", "quarantine", "annotations/stage1")}
+    strict = _yaml(tmp_path, 0.99)
+    assert _run("run", strict, "--pipeline", "ocr", "--input", inputs, "--out", work).exit_code == 2
+    res = _run("run", strict, "--pipeline", "ocr", "--input", inputs, "--out", work, "--force")
+    assert res.exit_code == 0 and "4 run / 0 resumed" in res.output, res.output
+    after = {f: records(f) for f in before}
+    for folder in before:
+        assert sorted(after[folder]) == sorted(before[folder]), folder
+        for shard, record in after[folder].items():  # rewritten, not kept (ingest too)
+            assert record["committed_at"] != before[folder][shard]["committed_at"], (folder, shard)
+    assert {r["config_hash"] for r in after["annotations/stage1"].values()} != {r["config_hash"] for r in before["annotations/stage1"].values()}
+    assert _query(work, "SELECT count(*) AS n FROM regions")[0]["n"] < _query(out, "SELECT count(*) AS n FROM regions")[0]["n"]

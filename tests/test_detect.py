@@ -1,12 +1,16 @@
 """Stage `detect`: both detector families (tiny random, real architectures) on real photos."""
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import pytest
 import torch
 from pydantic import ValidationError
 
-from annotators.detect import TINY_LABELS, ObjectDetector, clip_bpe_tokenizer, load_detector
+from annotators.detect import ObjectDetector, load_detector
+from engine.random_models.detectors import TINY_LABELS, tiny_detr
+from engine.random_models.tokenizers import clip_tokenizer
 from engine.stage import IMAGE_BYTES_COLUMN
 from schemas.validate import validate_table
 
@@ -66,7 +70,7 @@ def test_owlv2_zero_shot_on_photos(photos):
     assert _check_regions(out, set(OWL_VOCAB), 0.0, 10) > 0
     # the queries were tokenized with the real CLIP vocabulary ("cat" is CLIP token 2368)
     assert 2368 in stage._queries["input_ids"][1].tolist()
-    assert clip_bpe_tokenizer(16)("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert clip_tokenizer(16)("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 def test_local_directory_round_trip(photo_batch, tmp_path):
@@ -148,9 +152,7 @@ def test_random_detector_from_config_file(tmp_path, photo_batch):
     """random:<file.json>: any DETR-family model_type of transformers, its image processor resolved."""
     import json
 
-    from annotators.detect import _tiny_detr
-
-    config, processor_kwargs = _tiny_detr()
+    config, processor_kwargs = tiny_detr()
     config.update(model_type="detr", num_queries=5, image_processor=processor_kwargs)
     path = tmp_path / "detr.json"
     path.write_text(json.dumps(config))
@@ -162,3 +164,36 @@ def test_random_detector_from_config_file(tmp_path, photo_batch):
     (tmp_path / "dfine.json").write_text(json.dumps({"model_type": "d_fine"}))
     with pytest.raises(ValueError, match="image_processor_type"):
         load_detector(f"random:{tmp_path / 'dfine.json'}", "detr")
+
+
+def test_detr_boxes_land_in_the_photo_pixels(photos, monkeypatch):
+    """A DETR whose output the test chooses (forward replaced): one confident query with a known
+    normalised box on a non-square photo must come out at exactly that place in its pixels, with its
+    label; a (w, h) / (h, w) swap of the post-processing's target sizes would move it."""
+    from transformers.models.conditional_detr.modeling_conditional_detr import ConditionalDetrObjectDetectionOutput
+
+    from conftest import make_batch
+
+    stage = ObjectDetector({"model": "random:tiny", "family": "detr", "threshold": 0.5, "max_detections": 5})
+    stage.ensure_setup()
+    cat, dog = TINY_LABELS.index("cat"), TINY_LABELS.index("dog")
+    chosen = {3: ((0.30, 0.25, 0.20, 0.30), cat, 4.0), 11: ((0.70, 0.60, 0.40, 0.50), dog, 2.0)}
+
+    def chosen_forward(pixel_values, **_):
+        n, queries = pixel_values.shape[0], stage.detector.model.config.num_queries
+        logits = torch.full((n, queries, len(TINY_LABELS)), -10.0)
+        boxes = torch.full((n, queries, 4), 0.5)
+        for q, (box, label, logit) in chosen.items():
+            logits[:, q, label] = logit
+            boxes[:, q] = torch.tensor(box)
+        return ConditionalDetrObjectDetectionOutput(logits=logits, pred_boxes=boxes)
+
+    monkeypatch.setattr(stage.detector.model, "forward", chosen_forward)
+    rec = stage(make_batch({"chelsea": photos["chelsea"]})).drop_columns([IMAGE_BYTES_COLUMN]).to_pylist()[0]
+    w, h = rec["width"], rec["height"]
+    assert (w, h) == (451, 300)
+    got = [(r["label"], r["box"], r["score"]) for r in rec["regions"]]
+    assert [g[0] for g in got] == ["cat", "dog"]  # best score first
+    for (label, box, score), ((cx, cy, bw, bh), _, logit) in zip(got, chosen.values()):
+        assert box == pytest.approx([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], abs=1e-3)
+        assert score == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-6)

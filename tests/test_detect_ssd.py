@@ -106,7 +106,7 @@ def test_stage_writes_valid_regions_with_provenance(photo_batch):
 
 
 def test_vocabulary_and_local_folder(photos, tmp_path):
-    from annotators.ssd_model import resolve_ssd
+    from engine.models import resolve_ssd
 
     files = resolve_ssd(SSD)
     folder = tmp_path / "ssd"

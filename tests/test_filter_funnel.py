@@ -12,7 +12,7 @@ from engine.store import ShardStore, shard_name
 from filters.grounding import GroundingFilter
 from filters.region import RegionFilter
 from filters.text import TextFilter
-from schemas.records import new_annotation, source_of
+from schemas.records import ANNOTATION_KINDS, new_annotation, source_of
 
 SRC = source_of("detect", "random:tiny")
 
@@ -112,7 +112,7 @@ def test_stage2_chain_on_real_photos_loses_nothing(photo_batch, tmp_path):
     assert rows[("texts", "total")]["in"] == 2 * n and rows[("texts", "text_filter")]["dropped"] == n
     assert rows[("regions", "region_filter")]["reasons"] == {"region_filter:nms": n, "region_filter:low_score": n}
     assert rows[("groundings", "grounding_filter")]["reasons"] == {"grounding_filter:text_dropped": n}
-    for kind in ("texts", "regions", "groundings"):
+    for kind in ANNOTATION_KINDS:
         total = rows[(kind, "total")]
         kept, dropped = con.execute(
             f"SELECT count(*) FILTER (WHERE status = 'kept'), count(*) FILTER (WHERE status = 'dropped') FROM {kind}"

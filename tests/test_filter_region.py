@@ -5,7 +5,7 @@ import pytest
 
 from engine.registry import stage_class
 from engine.stage import records_to_table, table_to_records
-from filters.region import RegionFilter, RegionFilterParams, greedy_nms
+from filters.region import RegionFilter, RegionFilterParams, nms_in_rank_order
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
 
@@ -82,13 +82,13 @@ def test_class_agnostic_suppresses_across_labels(record):
     assert regions["J"]["reason"] is None  # text lines are never suppressed by object boxes
 
 
-def test_greedy_nms_ties_are_broken_by_rank():
+def test_nms_in_rank_order_ties_are_broken_by_rank():
     same = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]
-    survives, ious = greedy_nms(same, [0, 0, 0], 0.5)
+    survives, ious = nms_in_rank_order(same, [0, 0, 0], 0.5)
     assert survives == [True, False, False] and ious == [0.0, 1.0, 1.0]
-    survives, _ = greedy_nms(same, [0, 1, 0], 0.5)  # per-group: the second group keeps its own
+    survives, _ = nms_in_rank_order(same, [0, 1, 0], 0.5)  # per-group: the second group keeps its own
     assert survives == [True, True, False]
-    assert greedy_nms([], [], 0.5) == ([], [])
+    assert nms_in_rank_order([], [], 0.5) == ([], [])
 
 
 def test_rerun_is_idempotent_and_rethresholding_undrops(record):

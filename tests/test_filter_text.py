@@ -12,7 +12,7 @@ from schemas.validate import validate_table
 
 @pytest.fixture(scope="module")
 def nlp():
-    from annotators.phrases import load_spacy
+    from engine.models import load_spacy
 
     return load_spacy()
 

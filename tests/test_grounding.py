@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pytest
@@ -178,3 +179,64 @@ def test_local_directory_gives_the_same_groundings(stage, photo_batch, tmp_path)
     want = table_to_records(stage(table))[0]["groundings"]
     assert got and [(g["phrase"], g["box"], g["score"]) for g in got] == [(g["phrase"], g["box"], g["score"]) for g in want]
     assert got[0]["source"]["revision"].startswith("local-") and got[0]["source"]["model"] == str(tmp_path)
+
+
+# Queries of a model whose output the test chooses: (normalised cx, cy, w, h), {token: logit}; tokens of
+# the prompt "a cat. a table." are [CLS] a cat . a table . [SEP] (positions 0..7); other logits -20.
+CHOSEN_QUERIES = [
+    ((0.25, 0.50, 0.30, 0.40), {1: 3.0, 2: 3.0}),  # both tokens of "a cat": a cat box
+    ((0.75, 0.50, 0.20, 0.60), {4: 3.0, 5: 3.0}),  # both tokens of "a table": a table box
+    ((0.50, 0.20, 0.10, 0.10), {2: -1.0}),  # best token 0.27 < box_threshold 0.35: no box at all
+    ((0.40, 0.80, 0.20, 0.20), {2: 1.0}),  # "cat" 0.73: box kept; mean over "a cat" 0.37 > 0.25 -> a cat
+    ((0.60, 0.80, 0.20, 0.20), {5: 0.0}),  # "table" 0.5: box kept; mean over "a table" 0.25, not > 0.25 -> none
+]
+
+
+def test_each_phrase_gets_the_boxes_its_tokens_score(stage, photos, monkeypatch):
+    """A Grounding DINO whose logits and boxes are chosen (forward replaced): which phrase gets which box,
+    in pixels of a non-square photo, at the official thresholds. Thresholds 0 would give every phrase
+    every box, so a wrong token-to-phrase mapping, threshold or (w, h) order would go unseen there."""
+    from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoObjectDetectionOutput
+
+    from conftest import make_batch
+
+    st = GroundingAnnotator({"model": "random:tiny", "box_threshold": 0.35, "text_threshold": 0.25})
+    st.model, st.processor, st.nlp = stage.model, stage.processor, stage.nlp
+    st.model_ref, st.revision, st.device, st.max_text_len = stage.model_ref, stage.revision, stage.device, stage.max_text_len
+    st._is_setup = True
+    seen_prompts = []
+
+    def chosen_forward(input_ids, pixel_values, **_):
+        seen_prompts.extend(st.processor.tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist())
+        rows = input_ids.shape[0]
+        logits = torch.full((rows, len(CHOSEN_QUERIES), st.max_text_len), -20.0)
+        boxes = torch.zeros((rows, len(CHOSEN_QUERIES), 4))
+        for q, (box, tokens) in enumerate(CHOSEN_QUERIES):
+            boxes[:, q] = torch.tensor(box)
+            for position, logit in tokens.items():
+                logits[:, q, position] = logit
+        return GroundingDinoObjectDetectionOutput(logits=logits, pred_boxes=boxes)
+
+    monkeypatch.setattr(st.model, "forward", chosen_forward)
+    table = with_captions(make_batch({"chelsea": photos["chelsea"]}), TWO_PHRASES)
+    rec = table_to_records(st(table))[0]
+    assert seen_prompts == [["[CLS]", "a", "cat", ".", "a", "table", ".", "[SEP]"]]
+    w, h = rec["width"], rec["height"]
+    assert (w, h) == (451, 300)
+
+    def pixels(cx, cy, bw, bh):  # centre format -> corners in the photo's pixels
+        return [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+
+    got = sorted(((g["phrase"], g["char_start"]), g["box"], g["score"], g["checks"]["grounding.text_score"])
+                 for g in rec["groundings"])
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = sorted([
+        (("A cat", 0), pixels(*CHOSEN_QUERIES[0][0]), sigmoid(3), sigmoid(3)),
+        (("A cat", 0), pixels(*CHOSEN_QUERIES[3][0]), sigmoid(1), (sigmoid(-20) + sigmoid(1)) / 2),
+        (("a table", 14), pixels(*CHOSEN_QUERIES[1][0]), sigmoid(3), sigmoid(3)),
+    ])
+    assert [g[0] for g in got] == [g[0] for g in want]
+    for (_, box, score, text_score), (_, want_box, want_score, want_text) in zip(got, want):
+        assert box == pytest.approx(want_box, abs=1e-3)
+        assert (score, text_score) == pytest.approx((want_score, want_text), abs=1e-5)
+    assert all(g["text_ann_id"] == rec["texts"][0]["ann_id"] for g in rec["groundings"])

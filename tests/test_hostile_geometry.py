@@ -125,9 +125,9 @@ def test_random_masks_round_trip_exactly():
 # ---------------------------------------------------------------- text that cleans to nothing
 @pytest.fixture(scope="module")
 def processor():
-    from annotators.florence2_model import build_processor, build_tokenizer
+    from engine.random_models.florence2 import offline_processor
 
-    return build_processor(build_tokenizer(2000), 128)
+    return offline_processor("tiny")
 
 
 EMPTY_AFTER_CLEANING = ["<>", "  ", "<\n>", "\t<<>>\r\n", "><"]

@@ -155,3 +155,57 @@ def test_local_directory_gives_the_same_masks(stage, photo_batch, tmp_path):
     want = table_to_records(stage(table))[0]["groundings"]
     assert [g["mask"] for g in got] == [g["mask"] for g in want] and all(g["mask"] for g in got)
     assert [g["checks"] for g in got] == [g["checks"] for g in want]
+
+
+def test_each_mask_lies_under_its_own_prompt_box(stage, photos, monkeypatch):
+    """A SAM whose output the test chooses (forward replaced): for every prompt box it returns, in its own
+    input frame, an empty candidate, the box filled (best predicted IoU) and the whole image. After the
+    stage's upscaling each mask must lie under ITS annotation's box in the photo's pixels: a wrong candidate,
+    a mixed-up order of boxes, a box in the wrong frame or a (w, h) swap all move or lose it."""
+    from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
+
+    from conftest import make_batch
+
+    seen = []
+
+    def chosen_forward(pixel_values=None, input_boxes=None, multimask_output=True, **_):
+        side = pixel_values.shape[-1]  # the padded square the boxes are given in
+        low = side // 4  # SAM's low-resolution mask side
+        centres = (torch.arange(low, dtype=torch.float32) + 0.5) * (side / low)
+        boxes = input_boxes[0]
+        seen.append(boxes.tolist())
+        masks = torch.full((1, len(boxes), 3, low, low), -10.0)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            inside = ((centres[None, :] >= x0) & (centres[None, :] <= x1)) & ((centres[:, None] >= y0) & (centres[:, None] <= y1))
+            masks[0, k, 1][inside] = 10.0
+            masks[0, k, 2] = 10.0
+        iou = torch.tensor([0.5, 0.9, 0.7]).repeat(1, len(boxes), 1)
+        return SamImageSegmentationOutput(iou_scores=iou, pred_masks=masks)
+
+    monkeypatch.setattr(stage.model, "forward", chosen_forward)
+    batch = make_batch({"chelsea": photos["chelsea"]})
+    records = table_to_records(batch.drop([IMAGE_BYTES_COLUMN]))
+    w, h = records[0]["width"], records[0]["height"]
+    assert (w, h) == (451, 300)
+    prompt_boxes = [[20.0, 30.0, 140.0, 120.0], [300.0, 40.0, 440.0, 280.0], [150.0, 180.0, 290.0, 290.0]]
+    src = source_of("test")
+    records[0]["regions"] = [
+        new_annotation(src, 0.9, ann_id=f"r{k}", kind="object", box=b, quad=None, polygon=None, mask=None,
+                       label="thing", brief=None)
+        for k, b in enumerate(prompt_boxes)
+    ]
+    table = records_to_table(records).append_column(IMAGE_BYTES_COLUMN, batch.column(IMAGE_BYTES_COLUMN))
+    rec = table_to_records(stage(table))[0]
+    assert rec["errors"] == [] and len(seen) == 1 and len(seen[0]) == 3
+    # SAM's input frame: the longest side resized to the tiny preset's 256, the other rounded
+    sx, sy = 256 / w, int(h * 256 / w + 0.5) / h
+    for got, box in zip(seen[0], prompt_boxes):  # in the annotations' order
+        assert got == pytest.approx([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], abs=1e-3)
+    tolerance = 2 * max(w, h) / 64  # two low-resolution mask pixels, in the photo's pixels
+    for region, box in zip(rec["regions"], prompt_boxes):
+        mask = rle_to_mask(region["mask"])
+        ys, xs = np.nonzero(mask)
+        assert len(xs), f"{region['ann_id']}: empty mask (the best candidate is the filled box)"
+        tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert tight == pytest.approx(box, abs=tolerance), region["ann_id"]
+        assert region["checks"]["masks.box_mask_iou"] > 0.85 and region["checks"]["masks.pred_iou"] == pytest.approx(0.9)

@@ -3,13 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from annotators.phrases import (
-    GROUNDING_BLACKLIST,
-    groundable_chunks,
-    is_blacklisted,
-    load_spacy,
-    noun_chunks,
-)
+from annotators.phrases import GROUNDING_BLACKLIST, groundable_chunks, is_blacklisted, noun_chunks
+from engine.models import load_spacy
 
 SENTENCES = [
     "A woman in a red dress is holding an umbrella next to the image of her dog.",

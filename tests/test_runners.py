@@ -24,6 +24,7 @@ from engine.query import run_query
 from engine.run import run_pipeline
 from engine.stage import Resources, Stage, StageParams
 from engine.store import ShardStore
+from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
 
 SHARD_SIZE = 2
@@ -58,15 +59,35 @@ class TextContrastFilter(Stage):
         return records
 
 
+class BrightnessModel(Stage):
+    """A "model" stage (Ray runs it on an actor pool) asking for more than a GPU-less 2-CPU cluster has:
+    a GPU and 2 CPUs for each of 2 actors. Writes each image's mean brightness as a caption."""
+
+    name = "brightness_model"
+    Params = StageParams
+    default_resources = Resources(cpus=2.0, gpus=1.0, batch_size=2, concurrency=2)
+    needs_images = True
+    uses_model = True
+
+    def process_batch(self, records, images):
+        for rec, image in zip(records, images):
+            value = float(np.asarray(image.convert("L"), dtype=np.float32).mean())
+            rec["texts"].append(new_annotation(source_of(self.name), ann_id=make_ann_id(rec["image_id"], self.name, "text", 0),
+                                               tier="brief", text=f"brightness {value:.1f}"))
+        return records
+
+
 @pytest.fixture(scope="module", autouse=True)
 def test_stage_registered():
-    """Register the test stage; Ray workers get its class by value (this module is not importable there)."""
+    """Register the test stages; Ray workers get their classes by value (this module is not importable there)."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     registry.STAGES["text_contrast"] = f"{__name__}:TextContrastFilter"
+    registry.STAGES["brightness_model"] = f"{__name__}:BrightnessModel"
     yield
     registry.STAGES.pop("text_contrast", None)
+    registry.STAGES.pop("brightness_model", None)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +146,12 @@ pipelines:
       - name: measure
         stages:
           - {{stage: text_contrast, params: {{fail_on_uri: rocket.png}}}}
+  greedy:
+    ingest: {{shard_size: {SHARD_SIZE}}}
+    steps:
+      - name: bright
+        stages:
+          - {{stage: brightness_model}}
 """
 
 
@@ -302,3 +329,45 @@ def test_quickstart_pipeline_gives_the_same_annotations_on_every_runner(tmp_path
         for runner in ("ray", "beam"):
             other = ShardStore(outs[runner])
             _close(rows, [r for s in shards for r in other.read_shard(folder, s).to_pylist()], f"{runner}:{folder}")
+
+
+def test_fit_actor_cpus_leaves_room_for_read_and_write_tasks():
+    from engine.runners.ray_runner import fit_actor_cpus
+
+    assert fit_actor_cpus([(0.5, 1), (0.25, 2)], 2.0) == ([0.5, 0.25], False)  # 1.0 <= 2 - 0.5
+    assert fit_actor_cpus([(2.0, 2)], 2.0) == ([0.75], True)  # 4 asked, 1.5 left: 2 x 0.75
+    assert fit_actor_cpus([(1.0, 2), (1.0, 1)], 2.0) == ([0.5, 0.5], True)  # 3 asked -> 1.5
+    assert fit_actor_cpus([(4.0, 2)], 8.0) == ([3.5], True)  # big machines keep a whole core
+    assert fit_actor_cpus([(2.0, 3)], 8.0) == ([2.0], False)
+
+
+@pytest.mark.timeout(600)
+def test_ray_runs_gpu_stages_on_cpu_and_scales_actor_cpus(tmp_path, input_dir, pipelines_file, ray_cluster,
+                                                          caplog, monkeypatch):
+    """On the GPU-less 2-CPU cluster, 2 actors asking for a GPU and 2 CPUs each would never start (the job
+    hangs silently): the runner drops the GPU request with a warning and scales the actors to 0.75 CPUs."""
+    import logging
+
+    import ray.data
+
+    asked = []
+    real_map_batches = ray.data.Dataset.map_batches
+
+    def recording_map_batches(self, fn, *args, **kwargs):
+        if getattr(fn, "__name__", "") == "StageActor":
+            asked.append({k: kwargs.get(k) for k in ("num_cpus", "num_gpus")})
+            # fail now, not after a silent hang: these actors could never be scheduled here
+            assert not kwargs.get("num_gpus") and kwargs.get("num_cpus", 1) * 2 <= 1.5, asked
+        return real_map_batches(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", recording_map_batches)
+    caplog.set_level(logging.WARNING, logger="engine.runners.ray_runner")
+    out = tmp_path / "greedy"
+    summary = run_pipeline(load_pipeline(pipelines_file, "greedy"), str(input_dir), str(out), runner="ray")
+    assert asked == [{"num_cpus": 0.75, "num_gpus": None}]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("brightness_model asks for 1.0 GPU(s) but the cluster has none; running it on CPU" in w for w in warnings)
+    assert any("scaled to [0.75] CPUs per actor" in w for w in warnings), warnings
+    assert summary.steps["bright"]["counters"]["brightness_model"]["records_out"] == 6
+    texts = run_query(out, "SELECT text FROM texts WHERE annotator = 'brightness_model'")[1]
+    assert len(texts) == 6 and all(t[0].startswith("brightness ") for t in texts)

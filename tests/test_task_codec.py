@@ -1,12 +1,15 @@
 """Task codec: kept annotations -> Florence-2 examples; targets parse back to the same geometry."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from engine.stage import table_to_records
-from schemas.task_codec import ALL_TASKS, TaskCodec, approx_token_count
 from schemas import loc_tokens as lt
+from schemas.florence2_tasks import STAGE_TASKS, TASKS, TRAINED_TOKENS
+from schemas.task_codec import TaskCodec, approx_token_count
 from schemas.geometry import mask_to_rle
 from schemas.records import make_ann_id, new_annotation, source_of
 
@@ -51,35 +54,42 @@ def record(photo_batch):
 
 @pytest.fixture(scope="module")
 def processor():
-    from annotators.florence2_model import build_processor, build_tokenizer
+    from engine.random_models.florence2 import offline_processor
 
-    return build_processor(build_tokenizer(2000), 128)
+    return offline_processor("tiny")
 
 
-def test_every_task_from_kept_annotations(record):
+def parse(processor, ex, record) -> dict:
+    return processor.post_process_generation(text="<s>" + ex.target + "</s>", task=ex.task,
+                                             image_size=(record["width"], record["height"]))[ex.task]
+
+
+LOC = re.compile(r"<loc_\d+>")
+
+
+def test_every_task_from_kept_annotations(record, processor):
     examples = TaskCodec().encode(record)
     by_task = {}
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
-    assert set(by_task) == set(ALL_TASKS) - {"<MORE_DETAILED_CAPTION>"}  # no more_detailed text in the record
+    assert set(by_task) == set(TRAINED_TOKENS) - {"<MORE_DETAILED_CAPTION>"}  # no more_detailed text in the record
     assert by_task["<CAPTION>"][0].target == "a man holding a cup"  # whitespace normalised
-    od = by_task["<OD>"][0].target
-    assert "junk" not in od  # dropped annotations never train
+    od = by_task["<OD>"][0]
+    assert "junk" not in od.target  # dropped annotations never train
     # reading order: by quantised y0 then x0 -> man (y 0.1), box (0.25), cup (0.5)
-    assert [i.label for i in lt.parse_boxes(od, record["width"], record["height"])] == ["man", "box", "cup"]
+    assert parse(processor, od, record)["labels"] == ["man", "box", "cup"]
     assert by_task["<OCR>"][0].target == "NASA EXIT"
-    assert [i.label for i in lt.parse_ocr(by_task["<OCR_WITH_REGION>"][0].target, record["width"], record["height"])] == ["NASA", "EXIT"]
+    assert parse(processor, by_task["<OCR_WITH_REGION>"][0], record)["labels"] == ["NASA", "EXIT"]
     (gr,) = by_task["<CAPTION_TO_PHRASE_GROUNDING>"]
     assert gr.text_input == "a man holding a cup"
-    parsed = lt.parse_grounding(gr.target, record["width"], record["height"])
-    assert [(i.label, len(i.boxes)) for i in parsed] == [("a man", 2), ("cup", 1)]
+    assert parse(processor, gr, record)["labels"] == ["a man", "a man", "cup"]  # one label per box
     assert {ex.target for ex in by_task["<REGION_TO_DESCRIPTION>"]} == {"a red cup", "a man in white"}
-    assert all(len(lt.LOC_PATTERN.findall(ex.text_input)) == 4 for ex in by_task["<REGION_TO_DESCRIPTION>"])
+    assert all(len(LOC.findall(ex.text_input)) == 4 for ex in by_task["<REGION_TO_DESCRIPTION>"])
     res = by_task["<REFERRING_EXPRESSION_SEGMENTATION>"]
     assert {ex.text_input for ex in res} == {"a man in white", "box"}  # polygon and mask (-> polygon)
     assert len(by_task["<REGION_TO_SEGMENTATION>"]) == 2
     (rp,) = by_task["<REGION_PROPOSAL>"]
-    assert len(lt.parse_boxes(rp.target, record["width"], record["height"], allow_empty_phrase=True)) == 3
+    assert len(parse(processor, rp, record)["bboxes"]) == 3
 
 
 def test_targets_parse_back_through_transformers(record, processor):
@@ -105,8 +115,8 @@ def test_truncation_keeps_whole_instances(record, processor):
     ex = {e.task: e for e in codec.encode(record)}
     cut = ex["<OD>"].target
     assert count(cut) + 2 <= n_full - 1
-    assert len(lt.LOC_PATTERN.findall(cut)) % 4 == 0 and cut.endswith(">")
-    assert full.startswith(cut) and len(lt.parse_boxes(cut, record["width"], record["height"])) == 2
+    assert len(LOC.findall(cut)) % 4 == 0 and cut.endswith(">")
+    assert full.startswith(cut) and len(parse(processor, ex["<OD>"], record)["bboxes"]) == 2
     tiny = TaskCodec(["<DETAILED_CAPTION>"], max_target_tokens=8, count_tokens=count)
     assert tiny.encode(record) == [] and tiny.skipped_too_long == 1  # captions are skipped, never cut
 
@@ -118,7 +128,22 @@ def test_region_examples_are_capped_and_bad_task_named(record):
     assert approx_token_count("ab<loc_1><loc_2>") == 3
 
 
-def test_codec_tasks_are_florence2_tasks():
-    from annotators.florence2_model import TASKS
+def test_the_task_table_is_transformers_own(processor):
+    """schemas.florence2_tasks copies the processor's task prompts (they are instance attributes of
+    Florence2Processor): token, prompt and whether it takes an input must be exactly transformers'."""
+    ours = {t.token: t.prompt for t in TASKS}
+    theirs = {**processor.task_prompts_without_inputs, **processor.task_prompts_with_input}
+    assert ours == theirs
+    assert {t.token for t in TASKS if t.takes_input} == set(processor.task_prompts_with_input)
+    assert set(ours) == set(processor.tasks_answer_post_processing_type)
 
-    assert len(set(ALL_TASKS)) == len(ALL_TASKS) and set(ALL_TASKS) <= set(TASKS)
+
+def test_task_orders_are_the_configured_defaults():
+    """The stage's and the codec's task orders are defaults inside configuration hashes (florence2 params,
+    refine.train_tasks): a reordered table would make every existing OUT refuse its steps and rounds."""
+    assert list(STAGE_TASKS) == ["caption", "detailed_caption", "more_detailed_caption", "od",
+                                 "dense_region_caption", "ocr_with_region", "phrase_grounding"]
+    assert TRAINED_TOKENS == ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
+                              "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<OCR>", "<OCR_WITH_REGION>",
+                              "<CAPTION_TO_PHRASE_GROUNDING>", "<REGION_TO_DESCRIPTION>",
+                              "<REFERRING_EXPRESSION_SEGMENTATION>", "<REGION_TO_SEGMENTATION>")

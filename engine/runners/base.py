@@ -14,6 +14,7 @@ Rows never travel back to the driver: a runner reports per-shard summaries (rows
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -98,20 +99,17 @@ class Runner(Protocol):
         ...
 
 
-RUNNERS = ("local", "ray", "beam")
+# name -> module:class, imported only when that runner is asked for (ray / apache_beam are optional extras)
+RUNNER_CLASSES = {
+    "local": "engine.runners.local:LocalRunner",
+    "ray": "engine.runners.ray_runner:RayRunner",
+    "beam": "engine.runners.beam_runner:BeamRunner",
+}
+RUNNERS = tuple(RUNNER_CLASSES)
 
 
 def get_runner(name: str, **options: Any) -> Runner:
-    if name == "local":
-        from engine.runners.local import LocalRunner
-
-        return LocalRunner(**options)
-    if name == "ray":
-        from engine.runners.ray_runner import RayRunner
-
-        return RayRunner(**options)
-    if name == "beam":
-        from engine.runners.beam_runner import BeamRunner
-
-        return BeamRunner(**options)
-    raise ValueError(f"unknown runner {name!r}: use one of {', '.join(RUNNERS)}")
+    if name not in RUNNER_CLASSES:
+        raise ValueError(f"unknown runner {name!r}: use one of {', '.join(RUNNERS)}")
+    module, _, cls = RUNNER_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(**options)
