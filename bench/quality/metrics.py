@@ -247,6 +247,6 @@ def read_version(out, step: str) -> list[dict]:
 
     con = open_views(out, step)
     try:
-        return con.execute("SELECT uri, width, height, texts, regions, groundings FROM records").to_arrow_table().to_pylist()
+        return con.sql("SELECT uri, width, height, texts, regions, groundings FROM records").to_arrow_table().to_pylist()
     finally:
         con.close()
