@@ -41,8 +41,8 @@ class ClipConfig:
     layers: int = 3
     text_width: int = 128
     text_layers: int = 2
-    steps: int = 300
-    batch_size: int = 48
+    steps: int = 250
+    batch_size: int = 32
     lr: float = 5e-4
     warmup: int = 40
     crop_jitter: float = 0.08
@@ -109,26 +109,28 @@ def _corrupt_caption(truth: dict, tier: str, rng: random.Random) -> str:
     return out if out != truth["captions"][tier] else out + " There is also a red star."
 
 
+def jitter_box(box: list[float], jitter: float, width: int, height: int, rng: random.Random) -> list[float]:
+    """Each side moved by N(0, jitter x the box side): crops like a detector's boxes."""
+    if not jitter:
+        return list(box)
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    b = [box[0] + rng.gauss(0, jitter * bw), box[1] + rng.gauss(0, jitter * bh),
+         box[2] + rng.gauss(0, jitter * bw), box[3] + rng.gauss(0, jitter * bh)]
+    return [max(0.0, min(b[0], b[2] - 2)), max(0.0, min(b[1], b[3] - 2)), min(float(width), max(b[2], b[0] + 2)),
+            min(float(height), max(b[3], b[1] + 2))]
+
+
 def pairs_of(truth: dict, rng: random.Random, jitter: float = 0.0) -> list[Pair]:
     """Every true pair of one image, each with its hard negative; boxes jittered by `jitter`."""
     out = []
     for tier in ("brief", "detailed"):
         out.append(Pair("caption", truth["file"], None, truth["captions"][tier], _corrupt_caption(truth, tier, rng)))
     w, h = truth["width"], truth["height"]
-
-    def moved(box):
-        if not jitter:
-            return list(box)
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        b = [box[0] + rng.gauss(0, jitter * bw), box[1] + rng.gauss(0, jitter * bh),
-             box[2] + rng.gauss(0, jitter * bw), box[3] + rng.gauss(0, jitter * bh)]
-        return [max(0.0, min(b[0], b[2] - 2)), max(0.0, min(b[1], b[3] - 2)), min(float(w), max(b[2], b[0] + 2)), min(float(h), max(b[3], b[1] + 2))]
-
     for o in truth["objects"]:
-        out.append(Pair("region", truth["file"], moved(o["box"]), o["brief"], _swap_word(o["brief"], rng)))
-        out.append(Pair("region", truth["file"], moved(o["box"]), o["category"], _swap_word(o["category"], rng)))
+        out.append(Pair("region", truth["file"], jitter_box(o["box"], jitter, w, h, rng), o["brief"], _swap_word(o["brief"], rng)))
+        out.append(Pair("region", truth["file"], jitter_box(o["box"], jitter, w, h, rng), o["category"], _swap_word(o["category"], rng)))
     for t in truth["texts"]:
-        out.append(Pair("ocr", truth["file"], moved(t["box"]), t["text"], other_word(t["text"], SIGN_WORDS, rng)))
+        out.append(Pair("ocr", truth["file"], jitter_box(t["box"], jitter, w, h, rng), t["text"], other_word(t["text"], SIGN_WORDS, rng)))
     return out
 
 
@@ -141,11 +143,25 @@ class PairImages:
         self.images = {f: Image.open(image_dir(world, split) / f).convert("RGB") for f, split in files.items()}
         self.preprocess = preprocess
 
-    def tensor(self, pair: Pair):
+    def tensor(self, pair: Pair, augment: tuple[float, random.Random] | None = None):
+        """The pair's pixels; with `augment` = (jitter, rng) (training): the crop box jittered
+        afresh, object crops mirrored at random, brightness within +-15 % (no colour name changes)."""
+        from PIL import ImageEnhance, ImageOps
+
         from filters.clip_score import crop_box
 
         img = self.images[pair.file]
-        return self.preprocess(img if pair.box is None else crop_box(img, pair.box))
+        box = pair.box
+        if augment is not None and box is not None:
+            jitter, rng = augment
+            box = jitter_box(box, jitter, img.width, img.height, rng)
+        pixels = img if box is None else crop_box(img, box)
+        if augment is not None:
+            rng = augment[1]
+            if pair.kind == "region" and rng.random() < 0.5:
+                pixels = ImageOps.mirror(pixels)
+            pixels = ImageEnhance.Brightness(pixels).enhance(rng.uniform(0.85, 1.15))
+        return self.preprocess(pixels)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float | None:
@@ -176,9 +192,9 @@ def score_pairs(clip, pairs: list[Pair], images: PairImages, batch_size: int = 1
     with torch.inference_mode():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
-            im = clip.model.encode_image(torch.stack([images.tensor(p) for p in chunk]), normalize=True)
-            tp = clip.model.encode_text(clip.tokenizer([p.text for p in chunk]), normalize=True)
-            tn = clip.model.encode_text(clip.tokenizer([p.negative for p in chunk]), normalize=True)
+            im = clip.model.encode_image(torch.stack([images.tensor(p) for p in chunk]).to(clip.device), normalize=True)
+            tp = clip.model.encode_text(clip.tokenizer([p.text for p in chunk]).to(clip.device), normalize=True)
+            tn = clip.model.encode_text(clip.tokenizer([p.negative for p in chunk]).to(clip.device), normalize=True)
             pos += (im * tp).sum(-1).tolist()
             neg += (im * tn).sum(-1).tolist()
     return pos, neg
@@ -221,7 +237,8 @@ def train_clip(world: str | Path, out_dir: str | Path, cfg: ClipConfig = ClipCon
     cfg_path = out_dir / "random_config.json"
     cfg_path.write_text(json.dumps(cfg.model_config()))
     torch.manual_seed(cfg.seed)
-    clip = ClipModel.load(f"random:{cfg_path}", device="cpu")
+    clip = ClipModel.load(f"random:{cfg_path}")  # CUDA when there is one (the --gpu size)
+    device = clip.device
     truth = load_truth(world, ["train"])
     rng = random.Random(cfg.seed)
     images = PairImages(world, {f: "train" for f in truth}, clip.preprocess)
@@ -229,7 +246,8 @@ def train_clip(world: str | Path, out_dir: str | Path, cfg: ClipConfig = ClipCon
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     losses = []
-    pool = [p for name in sorted(truth) for _ in range(cfg.variants) for p in pairs_of(truth[name], rng, jitter=cfg.crop_jitter)]
+    # true boxes here; every draw jitters its crop afresh (PairImages.tensor), the variants vary the hard negatives
+    pool = [p for name in sorted(truth) for _ in range(cfg.variants) for p in pairs_of(truth[name], rng)]
     for step in range(cfg.steps):
         pairs, seen = [], set()
         while len(pairs) < min(cfg.batch_size, len({p.text for p in pool})):  # distinct texts: no false negatives
@@ -237,13 +255,13 @@ def train_clip(world: str | Path, out_dir: str | Path, cfg: ClipConfig = ClipCon
             if cand.text not in seen:
                 seen.add(cand.text)
                 pairs.append(cand)
-        pixels = torch.stack([images.tensor(p) for p in pairs])
-        texts = clip.tokenizer([p.text for p in pairs] + [p.negative for p in pairs])
+        pixels = torch.stack([images.tensor(p, (cfg.crop_jitter, rng)) for p in pairs]).to(device)
+        texts = clip.tokenizer([p.text for p in pairs] + [p.negative for p in pairs]).to(device)
         im = model.encode_image(pixels, normalize=True)
         tx = model.encode_text(texts, normalize=True)
         scale = model.logit_scale.exp().clamp(max=100)
         logits = scale * im @ tx.T  # [B, 2B]: columns B.. are the hard negatives
-        target = torch.arange(len(pairs))
+        target = torch.arange(len(pairs), device=device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(pairs)].T, target)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()

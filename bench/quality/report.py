@@ -107,7 +107,8 @@ def markdown(res, plot_name: str | None) -> str:
     lines = [BEGIN, "",
              f"Size `{res.size}`, {res.rounds} rounds, {res.jobs} parallel refinement chain(s); total {s.get('total')} s "
              f"(world {s.get('world')} s, CLIP {s.get('clip')} s, engine {s.get('engine')} s, metrics {s.get('metrics')} s); "
-             f"machine: {res.machine.get('cpus')} CPUs, load average at the end {res.machine.get('loadavg_at_end')}.", ""]
+             f"CPU time {res.machine.get('cpu_seconds')} s; machine: {res.machine.get('cpus')} CPUs, load average at the end "
+             f"{res.machine.get('loadavg_at_end')} (other processes share the machine: wall seconds include their load).", ""]
     lines += ["### Label quality by dataset version", ""] + quality_tables(res)
     if plot_name:
         lines += [f"![each metric by round]({plot_name})", ""]

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -42,7 +41,6 @@ TEMPLATE = HERE / "pipelines.yaml"
 NOISES = ("mild", "harsh")
 ARMS = ("full", "nofilter")
 SPLITS = ("train", "heldout")
-SPECIALIST_STAGES = ("SimDetector", "SimCaptioner", "SimGrounder", "SimSegmenter")
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,6 @@ class Size:
     relabel: dict
     florence2: str  # the refine model's random config (relative to bench/quality)
     shard_size: int
-    profile_note: str = ""
 
 
 SIZES: dict[str, Size] = {
@@ -63,10 +60,10 @@ SIZES: dict[str, Size] = {
                   rounds=2, train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 1},
                   relabel={"max_new_tokens": 12, "batch_size": 8}, florence2="florence2_cpu.json", shard_size=4),
     # The measured default: under 40 minutes on this 2-core CPU (BENCHMARKS.md says how long it took).
-    "default": Size(WorldConfig(n_train=48, n_heldout=24), ClipConfig(), rounds=3,
-                    train={"steps": 150, "batch_size": 8, "lr": 5.0e-4, "warmup_steps": 15, "checkpoint_every": 150},
+    "default": Size(WorldConfig(n_train=64, n_heldout=32), ClipConfig(), rounds=3,
+                    train={"steps": 300, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 30, "checkpoint_every": 300},
                     relabel={"max_new_tokens": 96, "batch_size": 16}, florence2="florence2_cpu.json", shard_size=16),
-    # A GPU machine: a 25x larger world, a larger CLIP, a ~40M-parameter Florence-2 at 384 px, 20x the steps.
+    # A GPU machine: a 20x larger world, a larger CLIP, a 45M-parameter Florence-2 at 384 px, 20x the steps.
     "gpu": Size(WorldConfig(n_train=1200, n_heldout=300), ClipConfig(steps=3000, batch_size=256, width=384, layers=6, text_width=384, text_layers=6, embed_dim=256, image_size=96),
                 rounds=3, train={"steps": 3000, "batch_size": 32, "lr": 3.0e-4, "warmup_steps": 200, "checkpoint_every": 500},
                 relabel={"max_new_tokens": 256, "batch_size": 64, "num_beams": 3}, florence2="florence2_gpu.json", shard_size=256),
@@ -276,10 +273,19 @@ class Result:
     machine: dict = field(default_factory=dict)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished workers: what the run cost whatever else the
+    machine was doing (wall seconds grow with other processes' load, this does not)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, 1)
+
+
 def machine_info() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load] if load else None,
-            "python": sys.version.split()[0], "nice": os.nice(0)}
+            "python": sys.version.split()[0], "nice": os.nice(0), "cpu_seconds": cpu_seconds()}
 
 
 def main(argv: list[str] | None = None) -> Result:
@@ -349,6 +355,3 @@ def main(argv: list[str] | None = None) -> Result:
         raise SystemExit(f"{len(failed)} engine run(s) failed: " + "; ".join(f"{r['pipeline']} {r['out']}: {r['error']}" for r in failed))
     return res
 
-
-def result_dict(res: Result) -> dict:
-    return asdict(res)

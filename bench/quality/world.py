@@ -48,8 +48,8 @@ GENERATOR_VERSION = 1
 @dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
-    n_train: int = 48
-    n_heldout: int = 24
+    n_train: int = 64
+    n_heldout: int = 32
     min_side: int = 160  # image sides are drawn in [min_side, max_side], multiples of 8
     max_side: int = 352
     objects: tuple[int, int] = (2, 6)  # non-sign objects per image, inclusive
