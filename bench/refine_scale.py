@@ -174,7 +174,7 @@ def section_relabel_and_train(args, work: Path) -> dict:
         return time.perf_counter() - t0
 
     temp = tempfile.mkdtemp(prefix="fldrb", dir="/tmp")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

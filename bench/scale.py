@@ -193,7 +193,7 @@ runner = {runner!r}
 options = {{}}
 if runner == "ray":
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir={temp!r}, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir={temp!r}, log_to_driver=False)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
 t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def section_runners(args, work: Path) -> dict:
     import ray
 
     ray_temp = tempfile.mkdtemp(prefix="fldbench", dir="/tmp")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=ray_temp, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=ray_temp, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

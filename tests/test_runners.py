@@ -95,7 +95,7 @@ def ray_cluster():
     import ray
 
     temp = tempfile.mkdtemp(prefix="fldray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

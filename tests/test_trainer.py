@@ -226,7 +226,7 @@ def test_ray_train_two_workers_trains_and_resumes(photo_store):
     from engine.runners.ray_train import run_train
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
     store = photo_store
     try:
         full = job("ddp_full", keep_checkpoints=2)
@@ -252,6 +252,8 @@ def test_ray_train_two_workers_trains_and_resumes(photo_store):
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5), (x, y)
     plain = json.loads((latest_checkpoint(run_dir) / STATE_JSON).read_text())
-    assert len(plain["workers"]) == 2 and plain["workers"][0]["data"] != plain["workers"][1]["data"]  # per-worker positions
+    # one data position per worker (each reads its own shards; equal-sized parts may stand at equal positions)
+    assert len(plain["workers"]) == 2
+    assert all(set(w["data"]) == {"epoch", "window", "draws"} and w["data"]["draws"] > 0 for w in plain["workers"])
     model = Florence2Model.load(str(run_dir), device="cpu")  # the final model loads back
     assert model.model.config.text_config.d_model == 256

@@ -150,9 +150,12 @@ class RayRunner:
                         "logging_level": logging.INFO if self.verbose else logging.WARNING}
         if self.runtime_env:
             kwargs["runtime_env"] = self.runtime_env
-        if self.address:
-            kwargs["address"] = self.address
-        else:
+        # without --address: RAY_ADDRESS if set, else always a new local instance ("local"). Ray's own
+        # default (None) would join whatever Ray it finds running on this machine (another user's
+        # `ray start`, a second fld run): a silent change of cluster and resources.
+        address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+        kwargs["address"] = address
+        if address == "local":
             kwargs["include_dashboard"] = bool(self.include_dashboard)
             if self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
@@ -161,7 +164,7 @@ class RayRunner:
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = self.address or "a new local cluster"
+            where = "a new local cluster" if address == "local" else address
             raise RayUnavailableError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]} "
                                       "(start a cluster with `ray start --head`, or run without --address)") from None
         if not self.verbose:
