@@ -9,7 +9,7 @@ What is counted: KEPT annotations (what an export would ship; FLD-5B is the filt
   grounding's caption), per kept caption of that tier, and the mean tokens of their phrases.
   Tokens are Florence-2's BPE tokens (engine.tokens), over every annotation.
 - Table 3: per tier, mean objects / attributes / actions / proper nouns per caption and mean
-  object / action complexity, from filters.text.text_stats (the text filter's own definitions).
+  object / action complexity, from schemas.text_stats (the text filter's own definitions).
   spaCy is the expensive part, so at most `sample` captions per tier are parsed: the first by
   md5(image_id, ann_id), the same captions on every call and every machine.
 A cell the paper does not give (or our notes do not carry) is None / "-".
@@ -121,7 +121,7 @@ class CaptionParser:
         self.model = f"spaCy {meta.get('lang', '')}_{meta.get('name', '?')} {meta.get('version', '')}".strip()
 
     def stats(self, texts: list[str]) -> list:
-        from filters.text import text_stats
+        from schemas.text_stats import text_stats
 
         todo = list(dict.fromkeys(t for t in texts if t not in self.memo))
         for text, doc in zip(todo, self.nlp.pipe(todo, batch_size=64)):

@@ -24,7 +24,6 @@ Checks: text_filter.objects, .attributes, .actions, .proper_nouns, .object_compl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,10 +32,8 @@ from engine.stage import Resources, Stage, StageParams
 from filters.decision import Threshold, drop, reset_all, set_check
 from filters.per_kind import merge_per_key
 from schemas.records import TIERS
+from schemas.text_stats import TextStats, degree, text_stats  # noqa: F401 - the definitions live in schemas
 
-ATTRIBUTE_DEPS = frozenset({"amod", "acomp", "compound"})
-OBJECT_POS = frozenset({"NOUN", "PROPN"})
-NON_ACTION_LEMMAS = frozenset({"be"})
 
 
 class TierThresholds(BaseModel):
@@ -72,47 +69,6 @@ class TextFilterParams(StageParams):
         if isinstance(value, dict):
             value = {k: v.model_dump() if isinstance(v, TierThresholds) else v for k, v in value.items()}
         return merge_per_key(value, DEFAULT_TIERS, TIERS, "tiers")
-
-
-@dataclass(frozen=True)
-class TextStats:
-    """What the parse says about one caption."""
-
-    tokens: int
-    objects: int
-    attributes: int
-    actions: int
-    proper_nouns: int
-    object_complexity: float
-    action_complexity: float
-
-
-def degree(token) -> int:
-    """Undirected degree in the dependency tree, punctuation edges left out."""
-    children = sum(1 for c in token.children if not c.is_punct and not c.is_space)
-    return children + (0 if token.head.i == token.i else 1)
-
-
-def _aggregate(values: list[int], how: str) -> float:
-    if not values:
-        return 0.0
-    return float(max(values)) if how == "max" else sum(values) / len(values)
-
-
-def text_stats(doc, aggregate: str = "mean") -> TextStats:
-    """Objects, attributes, actions and complexity of one parsed caption (a spaCy Doc)."""
-    objects = [t for t in doc if t.pos_ in OBJECT_POS and t.dep_ != "compound"]
-    attributes = [t for t in doc if t.pos_ == "ADJ" or t.dep_ in ATTRIBUTE_DEPS]
-    actions = [t for t in doc if t.pos_ == "VERB" and t.lemma_.lower() not in NON_ACTION_LEMMAS]
-    return TextStats(
-        tokens=sum(1 for t in doc if not t.is_punct and not t.is_space),
-        objects=len(objects),
-        attributes=len(attributes),
-        actions=len(actions),
-        proper_nouns=sum(1 for t in doc if t.pos_ == "PROPN"),
-        object_complexity=_aggregate([degree(t) for t in objects], aggregate),
-        action_complexity=_aggregate([degree(t) for t in actions], aggregate),
-    )
 
 
 class TextFilter(Stage):

@@ -72,7 +72,7 @@ def cluster():
                 pass
         for p in procs:
             try:
-                p.wait(30)
+                p.wait(5)  # `ray start --block` takes longer than this to stop on SIGTERM; its group is killed
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         for t in temps:

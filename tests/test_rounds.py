@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -84,25 +83,19 @@ def coco(tmp_path_factory, photos):
     return _coco_input(photos, tmp_path_factory.mktemp("coco_in"))
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="fldrr", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, ignore_reinit_error=True, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.mark.timeout(1500)
-def test_two_rounds_write_the_same_shards_and_metrics_on_every_runner(tmp_path, coco, ray_cluster):
+def test_two_rounds_write_the_same_shards_and_metrics_on_every_runner(tmp_path, coco):
+    """local and Beam in this process; Ray through the CLI, which is also the bar: `fld run --runner ray`
+    with rounds: 2 on a COCO input with human boxes finishes, and `fld query OUT "SELECT count(*) FROM
+    regions"` without --step reads round 2. (Two Ray Train workers: tests/test_trainer.py.)"""
     cfg = _pipeline_file(tmp_path)
-    outs = {}
-    for runner in ("local", "ray", "beam"):
-        outs[runner] = tmp_path / f"out_{runner}"
+    outs = {runner: tmp_path / f"out_{runner}" for runner in ("local", "ray", "beam")}
+    for runner in ("local", "beam"):
         summary = run_pipeline(load_pipeline(cfg, "two_rounds"), str(coco), str(outs[runner]), runner=runner)
         assert [r["round"] for r in summary.rounds] == [1, 2]
+    with open(tmp_path / "ray.log", "w") as log:
+        proc = _fld(cfg, coco, outs["ray"], log, runner="ray")
+        assert proc.wait(timeout=1000) == 0, (tmp_path / "ray.log").read_text()[-3000:]
     local = _round_view(outs["local"])
     assert all(len(rows) == 4 for rows in local.values())
     for runner in ("ray", "beam"):
@@ -112,6 +105,20 @@ def test_two_rounds_write_the_same_shards_and_metrics_on_every_runner(tmp_path, 
         assert {r["runner"] for r in store.committed("annotations/round2").values()} == {runner}
     # every reader defaults to the dataset the engine produced: the last complete round
     assert resolve_step(ShardStore(outs["local"]), None) == "annotations/round2"
+    out = outs["ray"]
+    env = dict(os.environ, COLUMNS="200")
+    default = subprocess.run(["fld", "query", str(out), "SELECT count(*) AS n FROM regions", "--format", "json"],
+                             capture_output=True, text=True, env=env)
+    round2 = subprocess.run(["fld", "query", str(out), "SELECT count(*) AS n FROM regions", "--format", "json",
+                             "--step", "round2"], capture_output=True, text=True, env=env)
+    stage2 = subprocess.run(["fld", "query", str(out), "SELECT count(*) AS n FROM regions", "--format", "json",
+                             "--step", "filtered"], capture_output=True, text=True, env=env)
+    assert default.returncode == 0 and default.stdout == round2.stdout, default.stderr
+    assert round2.stdout != stage2.stdout  # round 2 holds the relabelled regions too: the default is not stage 2
+    assert run_query(out, "SELECT count(*) FROM records")[1] == run_query(out, "SELECT count(*) FROM records", "round2")[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["rounds"]) == ["1", "2"]
+    assert all(json.loads(line)["samples_per_s"] for line in (out / "models/round1/train_log.jsonl").read_text().splitlines())
 
 
 def _fld(cfg, src, out, log, runner="local", extra=()):
@@ -171,24 +178,3 @@ def test_killed_during_training_and_relabel_the_rerun_equals_an_uninterrupted_ru
     assert store.shards("annotations/round1") == ref.shards("annotations/round1")
     for shard in ref.shards("annotations/round1"):
         _close(store.read_shard("annotations/round1", shard).to_pylist(), ref.read_shard("annotations/round1", shard).to_pylist(), shard)
-
-
-@pytest.mark.timeout(1200)
-def test_the_bar_two_rounds_on_ray_with_two_training_workers(tmp_path, coco):
-    """`fld run --runner ray` with rounds: 2 (and 2 Ray Train workers) on a COCO input with human boxes;
-    `fld query OUT "SELECT count(*) FROM regions"` without --step reads round 2."""
-    cfg = _pipeline_file(tmp_path, steps=4, workers=2)
-    out = tmp_path / "out"
-    with open(tmp_path / "ray.log", "w") as log:
-        proc = _fld(cfg, coco, out, log, runner="ray")
-        assert proc.wait(timeout=1000) == 0, (tmp_path / "ray.log").read_text()[-3000:]
-    env = dict(os.environ, COLUMNS="200")
-    default = subprocess.run(["fld", "query", str(out), "SELECT count(*) AS n FROM regions", "--format", "json"],
-                             capture_output=True, text=True, env=env)
-    round2 = subprocess.run(["fld", "query", str(out), "SELECT count(*) AS n FROM regions", "--format", "json",
-                             "--step", "round2"], capture_output=True, text=True, env=env)
-    assert default.returncode == 0 and default.stdout == round2.stdout, default.stderr
-    assert run_query(out, "SELECT count(*) FROM records")[1] == run_query(out, "SELECT count(*) FROM records", "round2")[1]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["rounds"]) == ["1", "2"]
-    assert all(json.loads(line)["samples_per_s"] for line in (out / "models/round1/train_log.jsonl").read_text().splitlines())
