@@ -216,6 +216,18 @@ def test_one_full_round_end_to_end(photos, tmp_path):
     assert (out / "models" / "round1" / "model.safetensors").stat().st_mtime == model_mtime
     assert store.committed("annotations/round1") == commits
 
+    # a stale round: another training setting is refused with the way out, never mixed into the round
+    from engine.run import StaleOutputError
+
+    (tmp_path / "changed.yaml").write_text(PIPELINE.replace("lr: 1.0e-3,", "lr: 2.0e-3,"))
+    with pytest.raises(StaleOutputError, match=r"round 1 .* another configuration; rerun with --force"):
+        run_pipeline(load_pipeline(tmp_path / "changed.yaml", "refine_test"), None, str(out))
+    assert store.committed("annotations/round1") == commits
+    # a changed execution setting (relabel's batch size is not part of the identity) is not stale: resumed
+    (tmp_path / "batch.yaml").write_text(PIPELINE.replace("batch_size: 4, max_new_tokens", "batch_size: 2, max_new_tokens"))
+    resumed = run_pipeline(load_pipeline(tmp_path / "batch.yaml", "refine_test"), None, str(out)).rounds
+    assert resumed[0]["round_hash"] == m["round_hash"] and store.committed("annotations/round1") == commits
+
 
 def test_target_limit_is_set_once(tmp_path):
     from engine.config import ConfigError, load_pipeline
