@@ -105,7 +105,8 @@ def clip_table(res) -> list[str]:
 def markdown(res, plot_name: str | None) -> str:
     s = res.seconds
     lines = [BEGIN, "",
-             f"Size `{res.size}`, {res.rounds} rounds, {res.jobs} parallel refinement chain(s); total {s.get('total')} s "
+             f"Size `{res.size}`, {res.rounds} rounds, runner `{getattr(res, 'runner', 'local')}`, {res.jobs} parallel "
+             f"refinement chain(s); total {s.get('total')} s "
              f"(world {s.get('world')} s, CLIP {s.get('clip')} s, engine {s.get('engine')} s, metrics {s.get('metrics')} s); "
              f"CPU time {res.machine.get('cpu_seconds')} s; machine: {res.machine.get('cpus')} CPUs, load average at the end "
              f"{res.machine.get('loadavg_at_end')} (other processes share the machine: wall seconds include their load).", ""]

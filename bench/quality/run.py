@@ -128,13 +128,13 @@ def seed_models(train_out: Path, heldout_out: Path, rounds: int) -> None:
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "round.json", "ray_results"), dirs_exist_ok=True)
 
 
-def run_engine(yaml_path: str, pipeline: str, src: str, out: str) -> dict:
-    """One `fld run`, in this process: (seconds, the run summary)."""
+def run_engine(yaml_path: str, pipeline: str, src: str, out: str, runner: str = "local") -> dict:
+    """One `fld run` driven from this process on `runner`: (seconds, the run summary)."""
     from engine.config import load_pipeline
     from engine.run import run_pipeline
 
     t0 = time.perf_counter()
-    summary = run_pipeline(load_pipeline(yaml_path, pipeline), src, out)
+    summary = run_pipeline(load_pipeline(yaml_path, pipeline), src, out, runner=runner)
     return {"pipeline": pipeline, "out": out, "seconds": round(time.perf_counter() - t0, 2), "rounds": summary.rounds}
 
 
@@ -147,7 +147,7 @@ def run_chain(jobs: list[dict]) -> list[dict]:
                 seed_models(Path(job["seed_models_from"]), Path(job["out"]), job["rounds"])
             for src, folders in job.get("seed_from", []):
                 seed_out(Path(src), Path(job["out"]), folders)
-            done.append(run_engine(job["yaml"], job["pipeline"], job["input"], job["out"]))
+            done.append(run_engine(job["yaml"], job["pipeline"], job["input"], job["out"], job.get("runner", "local")))
         except Exception as exc:  # noqa: BLE001 - the other chains go on; the report names this one
             done.append({"pipeline": job["pipeline"], "out": job["out"], "error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc()})
@@ -271,6 +271,7 @@ class Result:
     metrics: list = field(default_factory=list)
     costs: list = field(default_factory=list)
     machine: dict = field(default_factory=dict)
+    runner: str = "local"
 
 
 def cpu_seconds() -> float:
@@ -297,6 +298,9 @@ def main(argv: list[str] | None = None) -> Result:
     ap.add_argument("--rounds", type=int, default=None, help="refinement rounds (default 3; --small 2)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="refinement chains run in parallel")
     ap.add_argument("--seed", type=int, default=0, help="world seed")
+    ap.add_argument("--runner", choices=("local", "ray", "beam"), default="local",
+                    help="the engine's runner for every run (the rounds write the same shards on every runner: "
+                         "tests/test_rounds.py)")
     ap.add_argument("--report", default=None, help="Markdown to update (default: BENCHMARKS.md for the default size only)")
     ap.add_argument("--results", default=None, help="folder for results.json + plot (default: bench/quality/results for the default size, else <work>)")
     args = ap.parse_args(argv)
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> Result:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    res = Result(size_name, rounds, args.jobs)
+    res = Result(size_name, rounds, args.jobs, runner=args.runner)
     t_all = time.perf_counter()
     say = lambda msg: print(f"[quality {time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)  # noqa: E731
 
@@ -331,6 +335,9 @@ def main(argv: list[str] | None = None) -> Result:
     res.specialists = specialist_params(cfg)
     t0 = time.perf_counter()
     for i, phase in enumerate(plan(work, yaml_path, rounds), start=1):
+        for chain in phase:
+            for job in chain:
+                job["runner"] = args.runner
         tp = time.perf_counter()
         done = run_parallel(phase, args.jobs if i == 3 else min(args.jobs, len(phase)))
         res.runs += done
