@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,9 +122,21 @@ def test_two_rounds_write_the_same_shards_and_metrics_on_every_runner(tmp_path, 
     assert all(json.loads(line)["samples_per_s"] for line in (out / "models/round1/train_log.jsonl").read_text().splitlines())
 
 
+_RAY_TEMPS: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_ray_temps():
+    """The CLI runs' Ray session folders (short /tmp paths: Ray's socket paths must stay < 108 bytes)."""
+    yield
+    for temp in _RAY_TEMPS:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def _fld(cfg, src, out, log, runner="local", extra=()):
+    _RAY_TEMPS.append(tempfile.mkdtemp(prefix="fldrk", dir="/tmp"))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               FLD_RAY_TEMP_DIR=tempfile.mkdtemp(prefix="fldrk", dir="/tmp"))
+               FLD_RAY_TEMP_DIR=_RAY_TEMPS[-1])
     cmd = [sys.executable, "-m", "engine.cli", "run", str(cfg), "-p", "two_rounds", "-o", str(out), "--runner", runner,
            *(["-i", str(src)] if src else []), *extra]
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
