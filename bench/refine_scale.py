@@ -16,11 +16,9 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.scale import best_of  # noqa: E402 - the same interleaved best-of-N as scale.py
 
 PIPELINE = """
 models: {{florence2: "random:tiny"}}
@@ -115,23 +115,12 @@ def section_rss(args, work: Path) -> dict:
     return {"runs": out, "ratio": ratio}
 
 
-def best_of(repeat: int, configs) -> dict[str, float]:
-    best: dict[str, float] = {}
-    for r in range(repeat):
-        for name, fn in configs:
-            load = os.getloadavg()[0]
-            seconds = fn()
-            print(f"  round {r + 1} {name}: {seconds:.2f}s (load average {load:.1f})", flush=True)
-            best[name] = min(best.get(name, float("inf")), seconds)
-    return best
-
-
 def section_relabel_and_train(args, work: Path) -> dict:
     import ray
 
     from engine.config import load_pipeline
     from engine.execute import batches, read_step_input
-    from engine.run import ingest, run_pipeline
+    from engine.run import run_pipeline
     from engine.runners.base import StageRecipe, StepJob, get_runner
     from engine.runners.ray_train import run_train
     from engine.store import ShardStore
@@ -150,7 +139,8 @@ def section_relabel_and_train(args, work: Path) -> dict:
     n = sum(store.commit_record("images", s)["rows"] for s in shards)
     params = {"model": model_dir, "round": 1, "tasks": ["caption", "od"], "batch_size": 8, "max_new_tokens": 12,
               "num_beams": 1, "cpus": 1}
-    print(f"\n== relabel: round-1 model, {n} images in {len(shards)} shards, batch 8, 1 thread per worker", flush=True)
+    if "relabel" in args.sections:
+        print(f"\n== relabel: round-1 model, {n} images in {len(shards)} shards, batch 8, 1 thread per worker", flush=True)
 
     def bare() -> float:
         tables = [read_step_input(store, "annotations/filtered", s, frozenset({"pixels"})) for s in shards]
@@ -179,37 +169,41 @@ def section_relabel_and_train(args, work: Path) -> dict:
 
     DataContext.get_current().enable_progress_bars = False
     try:
-        relabel = best_of(args.repeat, [("bare loop", bare), ("ray, 1 actor", lambda: engine(1)),
-                                        ("ray, 2 actors", lambda: engine(2))])
-        print(f"{'':<16}{'seconds':>9}{'images/s':>10}")
-        for name, s in relabel.items():
-            print(f"{name:<16}{s:>9.2f}{n / s:>10.2f}")
-        speedup = relabel["ray, 1 actor"] / relabel["ray, 2 actors"]
-        print(f"ray 2 actors / 1 actor: {speedup:.2f}x (target >= 1.7); 1 actor / bare: {relabel['bare loop'] / relabel['ray, 1 actor']:.2f}x")
+        out: dict = {}
+        if "relabel" in args.sections:
+            relabel = best_of(args.repeat, [("bare loop", bare), ("ray, 1 actor", lambda: engine(1)),
+                                            ("ray, 2 actors", lambda: engine(2))])
+            print(f"{'':<16}{'seconds':>9}{'images/s':>10}")
+            for name, s in relabel.items():
+                print(f"{name:<16}{s:>9.2f}{n / s:>10.2f}")
+            speedup = relabel["ray, 1 actor"] / relabel["ray, 2 actors"]
+            print(f"ray 2 actors / 1 actor: {speedup:.2f}x (target >= 1.7); 1 actor / bare: {relabel['bare loop'] / relabel['ray, 1 actor']:.2f}x")
 
-        print(f"\n== training: {args.train_bench_steps} steps, batch 4 per worker, tiny Florence-2", flush=True)
-        rates = {}
-        for workers in (1, 2):
-            job = TrainJob(f"bench-{workers}", Florence2Trainer,
-                           {"start": "random:tiny", "codec": {"tasks": ["<CAPTION>", "<OD>"]},
-                            "train": {"steps": args.train_bench_steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
-                                      "checkpoint_every": 10_000, "log_every": 2}},
-                           {}, "annotations/filtered", f"models/bench{workers}_{time.time_ns()}", "h", workers)
-            if workers == 1:
-                import torch
+            out |= {"relabel_seconds": relabel, "relabel_images": n, "relabel_two_vs_one": speedup}
+        if "train" in args.sections:
+            print(f"\n== training: {args.train_bench_steps} steps, batch 4 per worker, tiny Florence-2", flush=True)
+            rates = {}
+            for workers in (1, 2):
+                job = TrainJob(f"bench-{workers}", Florence2Trainer,
+                               {"start": "random:tiny", "codec": {"tasks": ["<CAPTION>", "<OD>"]},
+                                "train": {"steps": args.train_bench_steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
+                                          "checkpoint_every": 10_000, "log_every": 2}},
+                               {}, "annotations/filtered", f"models/bench{workers}_{time.time_ns()}", "h", workers)
+                if workers == 1:
+                    import torch
 
-                torch.set_num_threads(1)
-                summary = job.build().fit(store, job, World())
-            else:
-                summary = run_train(store, job)
-            rates[workers] = summary["samples_per_s"]
-            print(f"  {workers} worker(s): {rates[workers]:.2f} samples/s", flush=True)
-        print(f"training 2 workers / 1: {rates[2] / rates[1]:.2f}x (2 cores: < 2x expected)")
+                    torch.set_num_threads(1)
+                    summary = job.build().fit(store, job, World())
+                else:
+                    summary = run_train(store, job)
+                rates[workers] = summary["samples_per_s"]
+                print(f"  {workers} worker(s): {rates[workers]:.2f} samples/s", flush=True)
+            print(f"training 2 workers / 1: {rates[2] / rates[1]:.2f}x (2 cores: < 2x expected)")
+            out |= {"train_samples_per_s": rates, "train_two_vs_one": rates[2] / rates[1]}
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    return {"relabel_seconds": relabel, "relabel_images": n, "relabel_two_vs_one": speedup,
-            "train_samples_per_s": rates, "train_two_vs_one": rates[2] / rates[1]}
+    return out
 
 
 def main() -> None:
@@ -220,7 +214,7 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=8, help="relabel section: images per shard")
     ap.add_argument("--train-steps", type=int, default=12, help="training steps of the measured rounds")
     ap.add_argument("--train-bench-steps", type=int, default=20)
-    ap.add_argument("--sections", default="rss,relabel")
+    ap.add_argument("--sections", default="rss,relabel,train", help="rss, relabel, train (comma-separated)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -230,7 +224,7 @@ def main() -> None:
     try:
         if "rss" in args.sections:
             results["rss"] = section_rss(args, work)
-        if "relabel" in args.sections:
+        if "relabel" in args.sections or "train" in args.sections:  # both use the same trained round-1 store
             results["relabel_train"] = section_relabel_and_train(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
