@@ -12,9 +12,12 @@ Running a model is annotation work, so the wrapper stays with the annotators: th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.models import parse_model_ref
+
+if TYPE_CHECKING:
+    from annotators.florence2_scores import Generated
 from schemas.florence2_tasks import task as florence2_task
 
 
@@ -84,7 +87,22 @@ class Florence2Model:
         **gen_kwargs: Any,
     ) -> list[str]:
         """Raw decoded texts, special and location tokens kept (what post_process_generation parses)."""
+        return [g.text for g in self.generate_scored(images, task, text_inputs, max_new_tokens, num_beams, **gen_kwargs)]
+
+    def generate_scored(
+        self,
+        images: list,
+        task: str,
+        text_inputs: list[str | None] | None = None,
+        max_new_tokens: int = 1024,
+        num_beams: int = 3,
+        **gen_kwargs: Any,
+    ) -> list["Generated"]:
+        """generate, keeping the log-probability of every generated token (annotators.florence2_scores):
+        transformers' compute_transition_scores, through beam_indices under beam search."""
         import torch
+
+        from annotators.florence2_scores import from_generation
 
         if not images:
             return []
@@ -104,20 +122,34 @@ class Florence2Model:
         if vocab > n_tokens:  # padded embedding rows have no token: never generate them (caller's list kept)
             gen_kwargs["suppress_tokens"] = sorted(set(gen_kwargs.get("suppress_tokens") or ()) | set(range(n_tokens, vocab)))
         with torch.inference_mode():
-            ids = self.model.generate(
+            out = self.model.generate(
                 input_ids=inputs["input_ids"].to(self.device),
                 pixel_values=inputs["pixel_values"].to(self.device, dtype),
                 attention_mask=inputs["attention_mask"].to(self.device),
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
                 **gen_kwargs,
             )
+            beams = getattr(out, "beam_indices", None)
+            # greedy: scores are the processed logits (normalised here); beam search: already log-probs
+            logprobs = self.model.compute_transition_scores(
+                out.sequences, out.scores, beams, normalize_logits=beams is None
+            ).float().cpu()
+        ids = out.sequences.cpu()
         texts = self.processor.batch_decode(ids, skip_special_tokens=False)
         # <pad> after </s> is batch padding, not generation: post_process_generation keeps it in
         # pure-text answers (captions would end in "<pad><pad>"), so drop it here.
         pad = tokenizer.pad_token
-        return [t.replace(pad, "") for t in texts] if pad else texts
+        texts = [t.replace(pad, "") for t in texts] if pad else texts
+        first = ids.shape[1] - logprobs.shape[1]  # the decoder start token(s) have no score
+        return [
+            from_generation(self.processor.post_processor, ids[i, first:].tolist(), logprobs[i].tolist(),
+                            tokenizer.eos_token_id, tokenizer.pad_token_id, texts[i])
+            for i in range(len(texts))
+        ]
 
     def parse(self, text: str, task: str, image_size: tuple[int, int]) -> dict:
         """processor.post_process_generation: {task: answer} with coordinates in pixels of image_size (w, h)."""
