@@ -71,7 +71,7 @@ class PreflightError(ConfigError):
 def _fix(stage: str, param: str, alias: str | None, found: "_Found", pipeline: Pipeline) -> str:
     if found.fix:
         return found.fix
-    where = f"models.{alias}" if alias else f"the {param} parameter of stage {stage}"
+    where = f"models.{alias}" if alias else ("refine.model" if stage == "refine" else f"the {param} parameter of stage {stage}")
     if found.kind == "hub":
         profiles = _profiles_swapping(pipeline, alias) if alias else []
         use = f"--profile {profiles[0]}, or " if profiles and pipeline.profile not in profiles else ""

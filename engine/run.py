@@ -159,12 +159,13 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
     input_hash = pipeline.step_hash(plan.source_step)
     start_ref = plan.start_model()
     start = identity.model_identity(start_ref)
+    start_in_store = False  # round 1 starts from a reference; later rounds as plan.next_start says
     results = []
     for k in range(1, pipeline.config.rounds + 1):
         folder, model_folder = f"annotations/round{k}", f"models/round{k}"
         h = identity.round_hash(input_hash, plan.identity(), start, k)
         data_hash = identity.digest({s: r["sha256"] for s, r in store.committed(input_folder).items()})
-        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref, store if k > 1 else None)
+        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref, store if start_in_store else None)
         train = TrainJob(f"round{k}-train", cls, params, dict(pipeline.models), input_folder, model_folder, h,
                          workers, gpus, {"data_hash": data_hash}, cpus)
         marker = store.read_json(f"{model_folder}/round.json")
@@ -198,7 +199,8 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
             metrics["empty"] = True
         store.update_manifest(rounds={str(k): metrics}, folder_order=[folder], counters={f"round{k}": counters})
         results.append(metrics)
-        input_folder, input_hash, start_ref, start = folder, h, model_folder, {"round": h}
+        input_folder, input_hash = folder, h
+        start_ref, start, start_in_store = plan.next_start(model_folder, h, start_ref, start)
     return results
 
 

@@ -4,8 +4,9 @@ This module is what the engine's driver asks about a pipeline's refinement round
 through engine.registry, like a stage); the driver does the running, the resuming and the
 committing, with the same code as for every step:
 - round k trains a Florence-2 (refine.trainer.Florence2Trainer, an engine trainer) on the kept
-  annotations of `annotations/<last step>` (k = 1) or `annotations/round<k-1>`, starting from
-  `refine.model` (k = 1) or round k-1's model, into `OUT/models/round<k>/`;
+  annotations of `annotations/<last step>` (k = 1) or `annotations/round<k-1>` (round k-1's merged
+  labels), starting from `refine.model` (k = 1) or round k-1's model (`round_start: previous`, the
+  default; `init`: refine.model again), into `OUT/models/round<k>/`;
 - then a step over every shard: relabel with that model (refine.relabel) -> the pipeline's
   stage-2 filters on the new annotations -> merge with the record as it was (refine.merge), into
   `annotations/round<k>/`.
@@ -16,7 +17,7 @@ pipelines.yaml:
       model: florence2            # alias of models: or a reference; round 1 starts from it
       train: {steps: 1000, batch_size: 8, lr: 1.0e-5, num_workers: 1, ...}   # refine.trainer.TrainConfig
       relabel: {tasks: [caption, od, ...], batch_size: 4, max_new_tokens: 1024, num_beams: 3}
-      merge: {nms_iou: 0.7, agreement_weight: 0.5}
+      merge: {nms_iou: 0.7}
 """
 from __future__ import annotations
 
@@ -54,14 +55,17 @@ class RelabelSettings(_Strict):
 
 
 class MergeSettings(_Strict):
-    nms_iou: float = Field(0.7, gt=0, le=1)
-    agreement_weight: float = Field(0.5, ge=0, le=1)
+    nms_iou: float = Field(0.7, gt=0, le=1, description="IoU above which two boxes of a kind are one object (refine.merge)")
 
 
 class RefineConfig(_Strict):
     """The `refine:` block of a pipeline."""
 
-    model: str = Field("florence2", description="round 1 starts from this reference or models: alias")
+    model: str = Field("florence2", description="round 1 starts from this reference or models: alias: a hub id "
+                       "(microsoft/Florence-2-base: real weights), a local folder, or random:<preset|config> (from scratch)")
+    round_start: Literal["previous", "init"] = Field(
+        "previous", description="weights round k > 1 starts from: round k-1's model (rounds build on each other), "
+        "or refine.model again (each round from the same start: from scratch with a random: model)")
     from_step: str | None = Field(None, description="step whose annotations round 1 trains on (default: the last)")
     train_tasks: list[str] = Field(default_factory=lambda: list(TRAINED_TOKENS), min_length=1)
     max_target_tokens: int = Field(1024, ge=8)
@@ -119,7 +123,8 @@ class FlorenceRounds:
     # ----------------------------------------------------------------- identity
     def identity(self) -> dict:
         """The settings that decide what a round produces (execution settings left out)."""
-        d = self.cfg.model_dump(mode="json", exclude={"model"})
+        # round_start is in each round's start model (engine.run: identity of the weights it starts from)
+        d = self.cfg.model_dump(mode="json", exclude={"model", "round_start"})
         for key in TRAIN_EXECUTION_SETTINGS:
             d["train"].pop(key, None)
         for key in ("batch_size", "cpus", "gpus", "concurrency"):
@@ -129,6 +134,13 @@ class FlorenceRounds:
 
     def start_model(self) -> str:
         return self.pipeline.models.get(self.cfg.model, self.cfg.model)
+
+    def next_start(self, previous_folder: str, previous_hash: str, start_ref: str, start: dict) -> tuple[str, dict, bool]:
+        """(reference, identity, read from the store?) of the weights round k + 1 starts from, given
+        round k's model folder and hash and what round k started from (refine.round_start)."""
+        if self.cfg.round_start == "previous":
+            return previous_folder, {"round": previous_hash}, True
+        return start_ref, start, False
 
     # ---------------------------------------------------------------- the jobs
     def trainer(self, round_: int, start_ref: str, store=None) -> tuple[type, dict, int, float, float]:
