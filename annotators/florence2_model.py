@@ -86,8 +86,9 @@ class Florence2Model:
         num_beams: int = 3,
         **gen_kwargs: Any,
     ) -> list[str]:
-        """Raw decoded texts, special and location tokens kept (what post_process_generation parses)."""
-        return [g.text for g in self.generate_scored(images, task, text_inputs, max_new_tokens, num_beams, **gen_kwargs)]
+        """Raw decoded texts, special and location tokens kept (what post_process_generation parses).
+        No token scores are kept (they cost (images x beams) x vocab floats per generated token)."""
+        return self._generate(images, task, text_inputs, max_new_tokens, num_beams, False, **gen_kwargs)
 
     def generate_scored(
         self,
@@ -99,7 +100,12 @@ class Florence2Model:
         **gen_kwargs: Any,
     ) -> list["Generated"]:
         """generate, keeping the log-probability of every generated token (annotators.florence2_scores):
-        transformers' compute_transition_scores, through beam_indices under beam search."""
+        transformers' compute_transition_scores, through beam_indices under beam search. Memory: generate
+        holds (images x beams) x vocab scores per generated token until the batch ends."""
+        return self._generate(images, task, text_inputs, max_new_tokens, num_beams, True, **gen_kwargs)
+
+    def _generate(self, images: list, task: str, text_inputs, max_new_tokens: int, num_beams: int, scored: bool,
+                  **gen_kwargs: Any) -> list:
         import torch
 
         from annotators.florence2_scores import from_generation
@@ -129,21 +135,26 @@ class Florence2Model:
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
-                output_scores=True,
+                output_scores=scored,
                 return_dict_in_generate=True,
                 **gen_kwargs,
             )
-            beams = getattr(out, "beam_indices", None)
+            if not scored:
+                logprobs = None
+            else:
+                beams = getattr(out, "beam_indices", None)
             # greedy: scores are the processed logits (normalised here); beam search: already log-probs
-            logprobs = self.model.compute_transition_scores(
-                out.sequences, out.scores, beams, normalize_logits=beams is None
-            ).float().cpu()
+                logprobs = self.model.compute_transition_scores(
+                    out.sequences, out.scores, beams, normalize_logits=beams is None
+                ).float().cpu()
         ids = out.sequences.cpu()
         texts = self.processor.batch_decode(ids, skip_special_tokens=False)
         # <pad> after </s> is batch padding, not generation: post_process_generation keeps it in
         # pure-text answers (captions would end in "<pad><pad>"), so drop it here.
         pad = tokenizer.pad_token
         texts = [t.replace(pad, "") for t in texts] if pad else texts
+        if logprobs is None:
+            return texts
         first = ids.shape[1] - logprobs.shape[1]  # the decoder start token(s) have no score
         return [
             from_generation(self.processor.post_processor, ids[i, first:].tolist(), logprobs[i].tolist(),
