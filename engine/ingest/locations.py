@@ -88,6 +88,27 @@ def location_of(path: str) -> str:
     return "file://" + escape_name(os.path.abspath(local_path(path)))
 
 
+MEMBER_SEPARATOR = "::"  # uri of a tar member: <tar uri>::<member name>
+
+
+def input_uri(path: str) -> str:
+    """The `uri` of a file input: location_of(path), except that a local name holding the member
+    separator '::' becomes a file:// URL with ':' (and '%', and bytes that are not UTF-8) escaped, so
+    a file named `shard.tar::evil.jpg` never shares its uri with the member `evil.jpg` of `shard.tar`."""
+    location = location_of(path)
+    if MEMBER_SEPARATOR not in location or is_url(location) or location.startswith("file://"):
+        return location
+    out = []
+    for ch in _name_bytes(os.path.abspath(path)).decode("utf-8", "surrogateescape"):
+        if ch in "%:":
+            out.append(f"%{ord(ch):02X}")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        else:
+            out.append(ch)
+    return "file://" + "".join(out)
+
+
 def local_path(s: str) -> str:
     """The path of a local location; a file:// URL is percent-decoded (RFC 8089) to the exact bytes."""
     if s.startswith("file://"):
