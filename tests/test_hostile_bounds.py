@@ -431,3 +431,77 @@ def test_allow_urls_lets_urls_through_but_never_local_escapes():
         assert outside_root(name, allow_urls=True) is not None, name
     for name in ("a.jpg", "a/b/../c.jpg", "./a.jpg", "a..b.jpg", "..a.jpg"):
         assert outside_root(name) is None, name
+
+
+# --------------------------------------------------------------------------- 5. URLs: timeouts, deadline, reasons
+class _SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers; stops by itself."""
+
+    def __init__(self, lifetime_s: float = 60.0):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.held: list = []
+        self.deadline = time.monotonic() + lifetime_s
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while time.monotonic() < self.deadline:
+            try:
+                conn, _ = self.sock.accept()
+                self.held.append(conn)  # held open, never read from or written to
+            except OSError:
+                continue
+        self.close()
+
+    def close(self):
+        self.deadline = 0
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there: connections are refused
+    return port
+
+
+@pytest.mark.timeout(120)
+def test_urls_have_timeouts_one_deadline_and_reasons_that_say_what_happened(monkeypatch, caplog):
+    from engine.ingest import locations
+    from engine.ingest.decode import decode_input
+
+    monkeypatch.setattr(locations, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(locations, "READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(locations, "RETRY_DELAYS", (0.1, 0.1, 0.1))
+    monkeypatch.setattr(locations, "RETRY_BUDGET_S", 3.0)
+    deadline = locations.RETRY_BUDGET_S + 2 * (locations.CONNECT_TIMEOUT_S + locations.READ_TIMEOUT_S) + 5
+    server = _SilentServer()
+    try:
+        for path in ("/a.jpg", "/b/c.png?x=1"):
+            url = f"http://127.0.0.1:{server.port}{path}"
+            t0 = time.monotonic()
+            row, bad = decode_input(InputItem(uri=url, source="t", read=LocationReader(url)), 16, 10**8)
+            took = time.monotonic() - t0
+            assert row is None and bad["reason"] == "timeout", bad
+            assert took < deadline, took  # before: ~8 minutes, then called `missing`
+            assert "attempts" in bad["detail"]
+    finally:
+        server.close()
+    caplog.set_level("INFO", logger="engine.ingest.locations")
+    for path in ("/x.jpg", "/y.webp"):
+        url = f"http://127.0.0.1:{_closed_port()}{path}"
+        caplog.clear()
+        row, bad = decode_input(InputItem(uri=url, source="t", read=LocationReader(url)), 16, 10**8)
+        assert row is None and bad["reason"] == "connection_refused", bad
+        assert sum("transient read error" in r.message for r in caplog.records) >= 2  # retried as transient

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.ingest.locations import Reader, escape_name, location_of, read_with_retries, too_large
+from engine.ingest.locations import (Reader, RetriesExhausted, escape_name, location_of, network_reason,
+                                     read_with_retries, too_large)
 from engine.ingest.pixels import IMAGE_FORMATS, to_rgb
 from engine.ingest.quarantine import QUARANTINE_REASONS, Quarantined
 from engine.ingest.sources import InputItem
@@ -57,6 +58,8 @@ def _read_bytes(item: InputItem, max_bytes: int | None = None) -> bytes:
         data = read_with_retries(read, max_bytes) if isinstance(read, Reader) else read_with_retries(read)
     except Quarantined:
         raise
+    except RetriesExhausted as exc:  # a network failure that outlived the retries: say which
+        raise Quarantined(network_reason(exc), f"cannot read the bytes ({exc})") from None
     except FileNotFoundError as exc:
         raise Quarantined("missing", f"file not found ({exc.strerror or exc})") from None
     except IsADirectoryError:
