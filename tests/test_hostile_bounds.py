@@ -505,3 +505,40 @@ def test_urls_have_timeouts_one_deadline_and_reasons_that_say_what_happened(monk
         row, bad = decode_input(InputItem(uri=url, source="t", read=LocationReader(url)), 16, 10**8)
         assert row is None and bad["reason"] == "connection_refused", bad
         assert sum("transient read error" in r.message for r in caplog.records) >= 2  # retried as transient
+
+
+# --------------------------------------------------------------------------- 4. tar listings bounded
+@pytest.mark.timeout(120)
+def test_a_tar_of_many_members_is_listed_in_bounded_memory_with_a_member_cap(tmp_path, monkeypatch):
+    """tarfile keeps every TarInfo it reads (1.9 GB for 1,000,000 empty members): the listing keeps
+    none it does not need, and a tar over MAX_TAR_MEMBERS gives its first members plus one too_large
+    row naming the limit."""
+    import tracemalloc
+
+    import engine.ingest.webdataset as wds
+
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(20_000):
+            info = tarfile.TarInfo(f"{i}.cls")  # metadata members: part of no input
+            info.size = 0
+            tar.addfile(info, io.BytesIO(b""))
+        for i in range(3):
+            info = tarfile.TarInfo(f"img{i}.jpg")
+            data = _photo(500 + i)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tracemalloc.start()
+    try:
+        samples = wds.list_samples(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [u.rsplit("::", 1)[1] for u, _, _ in samples] == ["img0.jpg", "img1.jpg", "img2.jpg"]
+    assert peak < 6 * MIB, peak  # with tarfile's own list of 20,003 TarInfo: 9 MB
+
+    monkeypatch.setattr(wds, "MAX_TAR_MEMBERS", 20_001)
+    samples = wds.list_samples(str(path))
+    assert [u.rsplit("::", 1)[-1] for u, _, _ in samples[:-1]] == ["img0.jpg"]
+    uri, problem, _ = samples[-1]
+    assert uri == str(path) and problem.reason == "too_large" and "more than 20001 members" in problem.detail

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 from engine.ingest.locations import (MEMBER_SEPARATOR, ListingProblem, Reader, escape_name, input_uri, location_of,
                                      open_regular, too_large)
@@ -38,6 +38,25 @@ def key_and_extension(member_name: str) -> tuple[str, str]:
     stem, dot, ext = name.partition(".")
     key = f"{folder}/{stem}" if folder else stem
     return key, (ext.lower() if dot else "")
+
+
+MAX_TAR_MEMBERS = 200_000  # members listed per tar; beyond, one too_large row for the tar names the limit
+
+
+class _Member(NamedTuple):
+    """What the listing keeps of an image member (not tarfile's TarInfo: a tar of 1,000,000 members)."""
+
+    name: str
+    offset_data: int
+    size: int
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members one at a time, without tarfile keeping every TarInfo it read (its `members`
+    list held 1.9 GB for a tar of 1,000,000 empty members)."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
 
 
 def member_kind(member_name: str) -> str:
@@ -151,7 +170,7 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
     """
     location = location_of(tar_path)
     caption_limit = min(MAX_CAPTION_BYTES, max_bytes) if max_bytes is not None else MAX_CAPTION_BYTES
-    images: dict[str, list[tarfile.TarInfo]] = {}  # key -> its image members, in tar order
+    images: dict[str, list[_Member]] = {}  # key -> its image members, in tar order
     captions: dict[str, list[str]] = {}
     problems: dict[str, tuple[str, str]] = {}  # key -> (reason, detail) of a sample whose caption cannot be used
     # (member name, byte offset of a repeated name, (reason, detail)): members that are not ingested
@@ -163,7 +182,11 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
         with open_regular(location) as (f, _):
             tar = tarfile.open(fileobj=_BoundedReads(f, tarfile.BLOCKSIZE + caption_limit), mode="r:")
             try:
-                for member in tar:
+                for member in _members(tar):
+                    if n >= MAX_TAR_MEMBERS:
+                        tar_problem = ("too_large", f"the tar has more than {MAX_TAR_MEMBERS} members; the members "
+                                                    f"after the first {MAX_TAR_MEMBERS} are not ingested")
+                        break
                     n, last = n + 1, member.name
                     kind = member_kind(member.name)
                     again = member.offset if member.name in seen else None  # a repeated name: its uri says where
@@ -185,7 +208,7 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
                         continue
                     key, ext = key_and_extension(member.name)
                     if kind == "image":
-                        images.setdefault(key, []).append(member)
+                        images.setdefault(key, []).append(_Member(member.name, member.offset_data, member.size))
                         if member.issparse():
                             others.append((member.name, None, ("unreadable", f"its image member {escape_name(member.name)!r} "
                                                          "is a sparse tar member, which ingest does not read")))
@@ -204,7 +227,7 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
                         problems[key] = ("bad_caption", f"{what} is {exc}")
                     except tarfile.TarError as exc:
                         problems[key] = ("truncated", f"{what} cannot be read ({exc})")
-                tar_problem = _end_problem(f, tar, n, last)
+                tar_problem = tar_problem or _end_problem(f, tar, n, last)
             except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
                 tar_problem = _tar_problem(exc, n, last)
     except Quarantined as q:  # not a regular file
