@@ -542,3 +542,50 @@ def test_a_tar_of_many_members_is_listed_in_bounded_memory_with_a_member_cap(tmp
     assert [u.rsplit("::", 1)[-1] for u, _, _ in samples[:-1]] == ["img0.jpg"]
     uri, problem, _ = samples[-1]
     assert uri == str(path) and problem.reason == "too_large" and "more than 20001 members" in problem.detail
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ext", [".jsonl", ".csv", ".json"])
+def test_a_sparse_16_gb_list_or_coco_file_is_one_error_naming_it(tmp_path, ext):
+    """A sparse 16 GB list / COCO file (no newline anywhere) was read whole: 9 GB, then MemoryError.
+    Lines are read with a cap, a COCO JSON with a size cap: one error naming the file, at once."""
+    import tracemalloc
+
+    from engine.ingest.sources import InputError
+
+    path = tmp_path / f"huge{ext}"
+    with open(path, "wb") as f:
+        f.write(b'{"path": "a.jpg"}\n' if ext == ".jsonl" else b"path\na.jpg\n" if ext == ".csv" else b"")
+        f.truncate(16 << 30)  # sparse: no disk used
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(InputError) as err:
+            list_inputs(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - t0 < 30 and peak < 200 * MIB, peak
+    if ext != ".json":  # the line after the header / first row
+        assert f"line {3 if ext == '.csv' else 2}: longer than" in str(err.value)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("column", ["path", "caption"])
+def test_a_parquet_list_whose_cell_decompresses_huge_is_one_error(tmp_path, monkeypatch, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import engine.ingest.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_PARQUET_COLUMN_BYTES", 1 * MIB)
+    big = "a" * (3 * MIB)  # compresses to a few KB, like the 13 KB file whose cell was 300 MB
+    table = pa.table({"path": ["x.jpg", big if column == "path" else "y.jpg"],
+                      "caption": ["ok", big if column == "caption" else "ok"]})
+    path = tmp_path / "list.parquet"
+    pq.write_table(table, path, compression="zstd")
+    assert path.stat().st_size < 64 * 1024
+    with pytest.raises(sources.InputError) as err:
+        list_inputs(str(path))
+    assert str(path) in str(err.value) and f"column '{column}'" in str(err.value)

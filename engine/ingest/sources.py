@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -39,6 +40,9 @@ CAPTION_COLUMNS = ("caption", "text")  # optional column of a list file: enters 
 # Largest cell of a CSV list file (Python's csv module stops at 128 KiB by default): a long caption is
 # read and then refused by the caption policy (engine.ingest.human.limit_annotations), not the run.
 MAX_CSV_CELL_BYTES = 16 << 20
+MAX_LINE_BYTES = 32 << 20  # a JSONL / CSV line longer than this is one error naming the file and line
+MAX_PARQUET_COLUMN_BYTES = 256 << 20  # uncompressed bytes of one column chunk of a Parquet list file
+MAX_COCO_JSON_BYTES = 2 << 30  # a COCO JSON is parsed whole (about 8x its size in memory): larger is an error
 
 
 @dataclass(frozen=True)
@@ -159,13 +163,14 @@ def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
 
             pf = pq.ParquetFile(f)
             columns = pf.schema_arrow.names
+            _check_parquet_sizes(pf, path)
             n = 0
-            for batch in pf.iter_batches(batch_size=4096):
+            for batch in pf.iter_batches(batch_size=256):
                 for row in batch.to_pylist():
                     n += 1
                     yield columns, row, n
             return
-        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        text = _bounded_lines(f, path)
         if lower.endswith(".csv"):
             if csv.field_size_limit() < MAX_CSV_CELL_BYTES:
                 csv.field_size_limit(MAX_CSV_CELL_BYTES)
@@ -190,6 +195,50 @@ def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
             if not isinstance(row, dict):
                 raise InputError(f"{escape_name(path)} line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield list(row), row, lineno
+
+
+def _bounded_lines(f: IO[bytes], path: str) -> Iterator[str]:
+    """The file's lines as text (UTF-8, a BOM dropped, undecodable bytes kept by surrogateescape), each
+    read with a cap: a 16 GB file without a newline is one error naming the file, never read whole.
+    (Read in blocks: fsspec files have no readline(limit).)"""
+    buf = bytearray()
+    lineno, eof = 0, False
+    while True:
+        nl = buf.find(b"\n")
+        while nl < 0 and not eof:
+            if len(buf) > MAX_LINE_BYTES:
+                break
+            block = f.read(1 << 20)
+            if not block:
+                eof = True
+                break
+            start = len(buf)
+            buf += block
+            nl = buf.find(b"\n", start)
+        lineno += 1
+        end = nl + 1 if nl >= 0 else len(buf)
+        if end > MAX_LINE_BYTES + 1 or (nl < 0 and len(buf) > MAX_LINE_BYTES):
+            raise InputError(f"{escape_name(path)} line {lineno}: longer than {MAX_LINE_BYTES} bytes; not read")
+        if end == 0:
+            return
+        raw = bytes(buf[:end])
+        del buf[:end]
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        yield raw.decode("utf-8", "surrogateescape")
+
+
+def _check_parquet_sizes(pf, path: str) -> None:
+    """A Parquet list file whose column chunks decompress to more than MAX_PARQUET_COLUMN_BYTES (a 13 KB
+    file can hold a 300 MB cell) is one error naming the file, before anything is decompressed."""
+    meta = pf.metadata
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            size = group.column(c).total_uncompressed_size
+            if size > MAX_PARQUET_COLUMN_BYTES:
+                raise InputError(f"{escape_name(path)}: column {group.column(c).path_in_schema!r} of row group {g} "
+                                 f"decompresses to {size} bytes, over {MAX_PARQUET_COLUMN_BYTES}; not read")
 
 
 def _iter_list_file(path: str, source: str) -> Iterator[InputItem]:
@@ -234,6 +283,13 @@ def _iter_tar(tar_path: str, source: str, fingerprint: str | None, max_file_byte
                         fingerprint=f"{fingerprint}:{member}" if fingerprint else None)
 
 
+def _size_of(f: IO[bytes]) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return None
+
+
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
@@ -261,7 +317,12 @@ def outside_root(file_name: str, allow_urls: bool = False) -> str | None:
 
 def _list_coco(json_path: str, source: str, image_root: str | None, allow_urls: bool = False) -> list[InputItem]:
     with _input_file(json_path) as f:
-        coco = parse_coco_json(f.read(), escape_name(json_path))
+        try:
+            data = loc.read_capped(f, MAX_COCO_JSON_BYTES, _size_of(f))
+        except Quarantined:
+            raise InputError(f"{escape_name(json_path)}: over {MAX_COCO_JSON_BYTES} bytes; a COCO JSON is parsed whole "
+                             "and this one would not fit in memory (split it)") from None
+        coco = parse_coco_json(data, escape_name(json_path))
     json_dir = loc.dirname(json_path)
     root = loc.join(json_dir, image_root) if image_root else json_dir
     items = []
