@@ -266,15 +266,13 @@ def decode_image(data: bytes):
 def decode_pixels(data: bytes | None, width: int, height: int) -> bytes:
     """Encoded bytes -> the raw RGB buffer of PIXELS_COLUMN; the decoded size must be the record's
     (all geometry is in those pixels), else a ValueError that names both sizes."""
-    import numpy as np
-
     if data is None:
         raise ValueError("no image bytes for this record")
     img = decode_image(data)
     if img.size != (width, height):
         raise ValueError(f"decoded size {img.width}x{img.height} differs from the record's {width}x{height}; "
                          "geometry would be in the wrong frame")
-    return np.asarray(img, dtype=np.uint8).tobytes()
+    return img.tobytes()  # raw RGB, row-major: one copy of the pixels, not two
 
 
 def pixels_image(buffer: bytes, width: int, height: int):
@@ -322,6 +320,9 @@ def batch_images(batch: pa.Table, records: list[dict], image_input: str, stage: 
     elif IMAGE_BYTES_COLUMN in cols:
         buffers = []
         for rec, data in zip(records, batch.column(IMAGE_BYTES_COLUMN).to_pylist()):
+            if any(e.get("stage") == DECODE_STAGE for e in rec.get("errors") or []):
+                buffers.append(None)  # an earlier stage of the step found it undecodable: recorded once
+                continue
             try:
                 buffers.append(decode_pixels(data, int(rec["width"]), int(rec["height"])))
             except Exception as exc:  # noqa: BLE001 - recorded on the image, the batch goes on

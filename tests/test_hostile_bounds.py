@@ -589,3 +589,55 @@ def test_a_parquet_list_whose_cell_decompresses_huge_is_one_error(tmp_path, monk
     with pytest.raises(sources.InputError) as err:
         list_inputs(str(path))
     assert str(path) in str(err.value) and f"column '{column}'" in str(err.value)
+
+
+# --------------------------------------------------------------------------- 1. pixels a step holds
+@pytest.mark.timeout(120)
+def test_a_shard_over_the_pixel_budget_is_decoded_batch_by_batch_with_the_same_results(monkeypatch):
+    """Four 13000 x 13000 PNGs (518 KB each) made a step decode 7.2 GB at once. Over SHARD_PIXEL_BUDGET
+    a step gets the encoded bytes and each stage decodes its own batches: the same records, an
+    undecodable image still one error, never the whole shard in memory."""
+    import pyarrow as pa
+
+    import engine.execute as execute
+    import engine.stage as stage_mod
+    from engine.stage import Resources, Stage
+    from schemas.records import empty_record, make_ann_id, new_annotation, source_of
+
+    class Brightness(Stage):
+        name = "brightness"
+        needs_images = True
+        default_resources = Resources(batch_size=2)
+
+        def process_batch(self, records, images):
+            for rec, im in zip(records, images):
+                value = float(np.asarray(im.convert("L"), dtype=np.float32).mean())
+                rec["texts"].append(new_annotation(source_of(self.name), ann_id=make_ann_id(rec["image_id"], self.name,
+                                                   "text", len(rec["texts"])), tier="brief", text=f"{value:.3f}"))
+            return records
+
+    photos = [_photo(600 + i, size=200) for i in range(5)]
+    photos[3] = photos[3][:300]  # cut: undecodable
+    rows = [{"image_id": hashlib.sha256(p).hexdigest(), "uri": f"{i}.jpg", "source": "t", "width": 200,
+             "height": 200, "format": "JPEG", "mode": "RGB", "bytes": p, "human": None} for i, p in enumerate(photos)]
+    images = pa.Table.from_pylist(rows)
+    records = stage_mod.records_to_table(empty_record(r) for r in rows)
+    decodes = []
+    real = stage_mod.decode_pixels
+    monkeypatch.setattr(stage_mod, "decode_pixels", lambda *a: (decodes.append(1), real(*a))[1])
+
+    def step(budget):
+        monkeypatch.setattr(execute, "SHARD_PIXEL_BUDGET", budget)
+        decodes.clear()
+        table = execute.attach_images(records, images)
+        held = stage_mod.PIXELS_COLUMN in table.column_names
+        out = execute.run_stages([Brightness(), Brightness()], table, {})
+        return stage_mod.table_to_records(out), held, len(decodes)
+
+    whole, held_whole, n_whole = step(10**12)
+    batched, held_batched, n_batched = step(100_000)  # under the 5 x 40,000 pixels of the shard
+    assert held_whole and not held_batched
+    assert n_whole == 5 and n_batched == 5 + 4  # per stage, per batch; the cut one is not tried again
+    assert [r["texts"] for r in batched] == [r["texts"] for r in whole]
+    assert [r["errors"] for r in batched] == [r["errors"] for r in whole]
+    assert [len(r["errors"]) for r in batched] == [0, 0, 0, 1, 0] and batched[3]["errors"][0]["stage"] == "decode"
