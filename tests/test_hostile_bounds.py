@@ -82,6 +82,7 @@ def _bounded_fld(args: list[str], timeout_s: float, max_rss_mb: int) -> str:
     assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert rss_mb < max_rss_mb, f"peak RSS {rss_mb} MB over {max_rss_mb} MB"
+    print(f"fld {args[0]}: {wall:.1f} s, peak RSS {rss_mb} MB")  # shown with pytest -s
     return output
 
 
@@ -142,6 +143,7 @@ def test_hostile_captions_never_stop_a_grounding_run_and_memory_stays_bounded(tm
             for f in ("images", "annotations/s1")} == before
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_caption_and_annotation_policy_for_every_caption_source(tmp_path):
     """CSV (cells over Python's 128 KiB csv limit), COCO (long caption, too many captions and boxes),
