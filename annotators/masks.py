@@ -1,8 +1,8 @@
 """Stage `masks`: SAM masks for boxes (groundings, object regions) from box prompts.
 
 Florence-2's segmentation targets are polygons of objects, and SAM turns a box into a mask
-without any class vocabulary. All target boxes of an image go into ONE SamModel call
-(input_boxes holds them all: the image encoder, by far the costliest part, runs once).
+without any class vocabulary. The image encoder, by far the costliest part, runs once per image;
+the box prompts go to the mask decoder PROMPT_CHUNK at a time, so memory is bounded per image.
 SAM proposes 3 masks per box (multimask) and predicts each one's IoU; the best one is kept,
 upscaled to the original image by SamProcessor.post_process_masks and stored as COCO RLE
 (regions also get polygons). Checks: `masks.pred_iou` (SAM's own IoU estimate) and
@@ -24,6 +24,9 @@ Target = Literal["groundings", "regions"]
 # Masks are upscaled to the original image this many boxes at a time: N x H x W floats for a
 # 12-megapixel photo and a hundred boxes would be gigabytes.
 UPSCALE_CHUNK = 16
+# Box prompts per mask-decoder call (the image encoder runs once per image): bounds the decoder's
+# memory whatever the number of boxes of an image (ingest.max_objects_per_image caps imported ones).
+PROMPT_CHUNK = 64
 
 
 class MaskParams(StageParams):
@@ -107,27 +110,37 @@ class SamMaskAnnotator(Stage):
 
         boxes = [clamp_box(ann["box"], image.width, image.height) for _, ann in targets]
         inputs = self.processor(images=image, input_boxes=[boxes], return_tensors="pt").to(self.device)
-        inputs["input_boxes"] = inputs["input_boxes"].float()
-        with torch.inference_mode():
-            outputs = self.model(**inputs, multimask_output=self.params.multimask)
-        iou = outputs.iou_scores[0].float()  # (boxes, candidates)
-        best = iou.argmax(dim=-1)
-        rows = torch.arange(len(boxes), device=best.device)
-        pred_iou = iou[rows, best].cpu().tolist()
-        low_res = outputs.pred_masks[0][rows, best].unsqueeze(1)  # (boxes, 1, h, w)
-        for lo in range(0, len(boxes), UPSCALE_CHUNK):
-            masks = self.processor.post_process_masks(
-                [low_res[lo : lo + UPSCALE_CHUNK]],
-                inputs["original_sizes"].cpu(),
-                inputs["reshaped_input_sizes"].cpu(),
-                mask_threshold=self.params.mask_threshold,
-            )[0][:, 0].cpu().numpy()
-            for k, mask in enumerate(masks):
-                collection, ann = targets[lo + k]
-                rle = mask_to_rle(mask)
-                ann["mask"] = rle
-                checks = ann.setdefault("checks", {})
-                checks["masks.pred_iou"] = float(pred_iou[lo + k])
-                checks["masks.box_mask_iou"] = mask_box_iou(boxes[lo + k], rle)
-                if collection == "regions":
-                    ann["polygon"] = mask_to_polygon(mask, tolerance=self.params.polygon_tolerance) or None
+        inputs["input_boxes"] = inputs["input_boxes"].float()  # (1, boxes, 4): small whatever the count
+        image = {"pixel_values": inputs["pixel_values"]}
+        if len(boxes) > PROMPT_CHUNK:
+            with torch.inference_mode():  # the encoder runs once; each chunk of prompts reuses its output
+                image = {"image_embeddings": self.model.get_image_embeddings(inputs["pixel_values"])}
+        # The mask decoder gets PROMPT_CHUNK boxes at a time: its outputs are boxes x 3 x 256 x 256 floats
+        # (20,000 boxes would be ~16 GB at once); each chunk is upscaled UPSCALE_CHUNK boxes at a time.
+        for start in range(0, len(boxes), PROMPT_CHUNK):
+            with torch.inference_mode():
+                outputs = self.model(**image, input_boxes=inputs["input_boxes"][:, start:start + PROMPT_CHUNK],
+                                     multimask_output=self.params.multimask)
+            iou = outputs.iou_scores[0].float()  # (boxes, candidates)
+            best = iou.argmax(dim=-1)
+            rows = torch.arange(iou.shape[0], device=best.device)
+            pred_iou = iou[rows, best].cpu().tolist()
+            low_res = outputs.pred_masks[0][rows, best].unsqueeze(1)  # (boxes, 1, h, w)
+            del outputs
+            for lo in range(0, len(rows), UPSCALE_CHUNK):
+                masks = self.processor.post_process_masks(
+                    [low_res[lo : lo + UPSCALE_CHUNK]],
+                    inputs["original_sizes"].cpu(),
+                    inputs["reshaped_input_sizes"].cpu(),
+                    mask_threshold=self.params.mask_threshold,
+                )[0][:, 0].cpu().numpy()
+                for k, mask in enumerate(masks):
+                    j = start + lo + k
+                    collection, ann = targets[j]
+                    rle = mask_to_rle(mask)
+                    ann["mask"] = rle
+                    checks = ann.setdefault("checks", {})
+                    checks["masks.pred_iou"] = float(pred_iou[lo + k])
+                    checks["masks.box_mask_iou"] = mask_box_iou(boxes[j], rle)
+                    if collection == "regions":
+                        ann["polygon"] = mask_to_polygon(mask, tolerance=self.params.polygon_tolerance) or None

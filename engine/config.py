@@ -43,6 +43,16 @@ class IngestConfig(_Strict):
     verify: Literal["header", "decode"] = Field("header", description="header: structure checks only (fast); "
                                                 "decode: decode every image's pixels at ingest")
     image_root: str | None = Field(None, description="COCO input: image folder, relative to the JSON's folder")
+    allow_urls: bool = Field(False, description="COCO input: file_name may be a URL (http(s)://, s3://, ...); by "
+                             "default every file_name must stay inside the image root")
+    max_caption_chars: int = Field(10_000, ge=1, description="longer imported captions are not imported (an error "
+                                   "on the image names each); bounds the work of every caption stage")
+    max_captions_per_image: int = Field(1_000, ge=0, description="imported captions of one image beyond this are "
+                                        "not imported (one error on the image says how many)")
+    max_objects_per_image: int = Field(5_000, ge=0, description="imported boxes / masks of one image beyond this are "
+                                       "not imported (one error on the image says how many)")
+    max_jpeg_scans: int = Field(100, ge=1, description="JPEGs with more scans are quarantined as slow_decode (a "
+                                "progressive JPEG repeating its scans costs minutes per decode, in every step)")
     workers: int = Field(1, ge=0, description="chunks ingested at once: local processes, Ray / Beam tasks (0 on Ray: "
                          "as many as the cluster runs)")
     read_threads: int = Field(1, ge=1, description="threads reading the inputs of one chunk (raise it for "

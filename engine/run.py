@@ -63,12 +63,14 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, runner, progr
     duplicate pass. Chunks already ingested from the same inputs with the same settings are reused."""
     from engine.ingest.chunks import ingest_chunk, plan_chunks
     from engine.ingest.dedup import drop_cross_duplicates, find_cross_duplicates
-    from engine.ingest.sources import iter_inputs
+    from engine.ingest.sources import iter_inputs, limited
 
     cfg = pipeline.config.ingest
     ihash = pipeline.ingest_hash
     if src is not None:
-        items = iter_inputs(src, cfg.source, image_root=cfg.image_root, max_file_bytes=cfg.max_file_bytes)
+        items = (limited(item, cfg) for item in iter_inputs(src, cfg.source, image_root=cfg.image_root,
+                                                              max_file_bytes=cfg.max_file_bytes,
+                                                              allow_urls=cfg.allow_urls))
         shards, _ = plan_chunks(store, items, cfg.shard_size, ihash)
     else:
         shards = store.shards(INPUTS)

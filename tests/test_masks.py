@@ -209,3 +209,32 @@ def test_each_mask_lies_under_its_own_prompt_box(stage, photos, monkeypatch):
         tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert tight == pytest.approx(box, abs=tolerance), region["ann_id"]
         assert region["checks"]["masks.box_mask_iou"] > 0.85 and region["checks"]["masks.pred_iou"] == pytest.approx(0.9)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [40, 100])  # 80 and 200 target boxes: 2 and 4 decoder calls
+def test_many_boxes_are_prompted_in_bounded_chunks_with_the_same_masks(stage, photo_batch, monkeypatch, n):
+    """Issue 21: 20,000 boxes on one image made SAM's decoder ask for 657 MB at once. The encoder runs
+    once, the prompts go PROMPT_CHUNK at a time, and the masks equal those of one unchunked call."""
+    import annotators.masks as masks_mod
+
+    table = annotated(photo_batch.slice(0, 1), [n])
+    shapes = []
+    handle = stage.model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_boxes"].shape)), with_kwargs=True)
+    try:
+        chunked = table_to_records(stage(table))[0]
+        monkeypatch.setattr(masks_mod, "PROMPT_CHUNK", 10_000)
+        shapes_chunked, shapes[:] = list(shapes), []
+        whole = table_to_records(stage(table))[0]
+    finally:
+        handle.remove()
+    targets = 2 * n  # groundings + object regions (the human-masked region keeps its mask)
+    assert [s[1] for s in shapes_chunked] == [min(64, targets - lo)
+                                               for lo in range(0, targets, 64)]
+    assert shapes == [(1, targets, 4)]  # the unchunked reference: one call with every box
+    assert chunked["errors"] == [] == whole["errors"]
+    for a, b in zip(chunked["groundings"] + chunked["regions"], whole["groundings"] + whole["regions"]):
+        assert a["mask"] == b["mask"]
+        if "masks.pred_iou" in b["checks"]:
+            assert a["checks"]["masks.pred_iou"] == pytest.approx(b["checks"]["masks.pred_iou"], abs=1e-5)

@@ -281,9 +281,10 @@ def test_beam_dead_letter_keeps_the_record_with_its_error(tmp_path, input_dir, p
     assert "refusing" in bad[0]["errors"][0]["error"]
     assert all(not r["errors"] for r in rows if r is not bad[0])
     counters = summary.steps["measure"]["counters"]["text_contrast"]
-    assert counters["records_in"] == 6 and counters["errors"] == 1 and counters["dead_letter"] == 1
-    metrics = json.loads((out / "manifest.json").read_text())["engine_metrics"]["measure"]["text_contrast"]
-    assert metrics["dead_letter"] == 1 and metrics["batches_retried_per_element"] == 1
+    # the stage itself redoes a failing batch record by record (engine.stage.Stage._isolated, every
+    # runner): the record carries its error and Beam's own dead-letter path is not needed
+    assert counters["records_in"] == 6 and counters["errors"] == 1 and "dead_letter" not in counters
+    assert 1 <= counters["metrics"]["records_isolated"] <= 3  # the failing batch (batch_size 3) redone
 
 
 def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input_dir, pipelines_file):
