@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from engine.query_output import DEFAULT_MAX_BYTES, DEFAULT_MAX_CELL
+
 # -h works like --help on every command (click contexts inherit help_option_names)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.",
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,38 +205,40 @@ def query(
     step: Optional[str] = typer.Option(None, "--step", help="which step's annotations (default: the latest)"),
     timeout: float = typer.Option(60.0, "--timeout", help="stop the query after this many seconds"),
     max_rows: int = typer.Option(1000, "--max-rows", help="table output: print at most this many rows (says how many were cut)"),
+    max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", help="csv / json output: stop after this many bytes, at a row boundary (says so)"),
+    max_cell: int = typer.Option(DEFAULT_MAX_CELL, "--max-cell", help="csv / json output: cut cells longer than this many characters (says so)"),
     memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB memory limit"),
     threads: int = typer.Option(2, "--threads", help="DuckDB threads"),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
-    """Read-only SQL over OUT (DuckDB), sandboxed: SELECT only, no files outside OUT, limits."""
-    from engine.query import QueryError, QueryInterrupted, execute_query
+    """Read-only SQL over OUT (DuckDB), sandboxed: SELECT only, no files outside OUT, limits.
+
+    Rows are streamed; one --timeout covers the whole command, printing included."""
+    from engine.query import QueryError, QueryInterrupted, check_limits, execute_query
+    from engine.query_output import CsvSink, JsonSink, TableSink
     from engine.store import StoreError
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
+    for name, value in (("--max-bytes", max_bytes), ("--max-cell", max_cell)):
+        if value < 1:
+            _fail(f"{name} must be at least 1, not {value}")
+    try:
+        check_limits(memory_limit, threads, timeout, max_rows)
+    except QueryError as exc:
+        _fail(str(exc))
+    note = lambda text: _say(text, to=console)  # noqa: E731 - stderr, beside the data
+    if format == "table":
+        sink = TableSink(max_rows, lambda cols, rows: _render([{"title": "", "columns": cols, "rows": rows}]), note)
+    else:
+        sink = (JsonSink if format == "json" else CsvSink)(sys.stdout, note, max_bytes, max_cell)
     try:
         store = open_store(out, storage_option)
-        result = execute_query(store, sql, step, max_rows=max_rows if format == "table" else None, timeout=timeout,
-                               memory_limit=memory_limit, threads=threads)
+        execute_query(store, sql, step, timeout=timeout, memory_limit=memory_limit, threads=threads, sink=sink)
     except (QueryInterrupted, KeyboardInterrupt):
         _fail("query interrupted (Ctrl-C)", code=130)
     except (QueryError, StoreError) as exc:
         _fail(str(exc))
-    cols, rows = result.columns, result.rows
-    if format == "json":
-        sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
-    elif format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(cols)
-        w.writerows(rows)
-        sys.stdout.write(buf.getvalue())
-    else:
-        _render([{"title": "", "columns": cols, "rows": rows}])
-        if result.cut:
-            console.print(f"{result.cut} more rows not shown ({result.total} in all; --max-rows {max_rows}, "
-                          "or --format csv / json for every row)")
 
 
 @app.command()

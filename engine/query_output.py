@@ -1,0 +1,178 @@
+"""How `fld query` writes streamed rows: csv / json / table sinks with bounded output.
+
+Rows arrive FETCH_BATCH at a time from engine.query (on its worker thread, inside its
+timeout). Nothing is held beyond one batch for csv / json; the table holds --max-rows rows.
+Bounds, each cut said once on stderr:
+- a cell longer than `max_cell` characters (text, bytes, or a nested value's JSON) is cut and
+  ends with "...[cut: N chars]"; table cells are cut at TABLE_CELL characters;
+- csv / json stop after `max_bytes` of output, at a row boundary (json stays a valid array).
+JSON is strict: NaN / Infinity become null, and same-named columns stay distinct ("n", "n_2").
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from typing import Callable, TextIO
+
+DEFAULT_MAX_CELL = 1 << 20  # characters per cell, csv / json
+DEFAULT_MAX_BYTES = 1 << 30  # bytes of csv / json output
+TABLE_CELL = 2000  # characters per table cell: rich lays out every character
+
+
+def distinct_names(columns: list[str]) -> list[str]:
+    """Column names made unique: the second "n" becomes "n_2" (then "n_3", skipping taken names)."""
+    seen: set[str] = set()
+    out = []
+    for name in columns:
+        candidate, k = name, 1
+        while candidate in seen:
+            k += 1
+            candidate = f"{name}_{k}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def strict_json(value):
+    """A value json.dumps(allow_nan=False) writes: non-finite floats -> None, containers walked."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _dumps(value) -> str:
+    return json.dumps(strict_json(value), default=str, allow_nan=False, ensure_ascii=False)
+
+
+class Limits:
+    """Counts what was cut, for the one stderr note."""
+
+    def __init__(self, max_cell: int, say: Callable[[str], None]):
+        self.max_cell, self.say, self.cells_cut = max_cell, say, 0
+
+    def cut(self, text: str) -> str:
+        if len(text) <= self.max_cell:
+            return text
+        self.cells_cut += 1
+        return f"{text[:self.max_cell]}...[cut: {len(text)} chars]"
+
+    def note(self, unit: str = "characters", option: str = "--max-cell") -> None:
+        if self.cells_cut:
+            self.say(f"{self.cells_cut} cells cut to {self.max_cell} {unit} ({option})")
+
+
+class _Stream:
+    """csv / json: rows written as they come, stopped at max_bytes on a row boundary."""
+
+    def __init__(self, out: TextIO, say: Callable[[str], None], max_bytes: int, max_cell: int):
+        self.out, self.say, self.max_bytes = out, say, max_bytes
+        self.limits = Limits(max_cell, say)
+        self.written = self.rows = 0
+        self.full = False
+
+    def _emit(self, text: str) -> bool:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if self.written + size > self.max_bytes:
+            self.full = True
+            return False
+        self.out.write(text)
+        self.written += size
+        return True
+
+    def _end(self, total: int | None) -> None:
+        self.limits.note()
+        if self.full:
+            self.say(f"output cut at {self.written} bytes after {self.rows} rows (--max-bytes {self.max_bytes})")
+        self.out.flush()
+
+
+class CsvSink(_Stream):
+    def _line(self, cells) -> str:
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf).writerow(cells)
+        return buf.getvalue()
+
+    def _cell(self, v) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, (dict, list, tuple)):
+            return self.limits.cut(_dumps(v))
+        return self.limits.cut(str(v))
+
+    def start(self, columns: list[str]) -> None:
+        self._emit(self._line(columns))
+
+    def write(self, rows: list[tuple]) -> bool:
+        for row in rows:
+            if not self._emit(self._line([self._cell(v) for v in row])):
+                return False
+            self.rows += 1
+        return True
+
+    def finish(self, total: int | None) -> None:
+        self._end(total)
+
+
+class JsonSink(_Stream):
+    """A JSON array of objects, one per line; valid however it ends (finish closes it)."""
+
+    def _cell(self, v) -> str:
+        text = _dumps(v)
+        if len(text) <= self.limits.max_cell:
+            return text
+        return _dumps(self.limits.cut(text if not isinstance(v, str) else v))
+
+    def start(self, columns: list[str]) -> None:
+        self.keys = [_dumps(c) for c in distinct_names(columns)]
+        self.out.write("[")
+
+    def write(self, rows: list[tuple]) -> bool:
+        for row in rows:
+            body = "{" + ", ".join(f"{k}: {self._cell(v)}" for k, v in zip(self.keys, row)) + "}"
+            if not self._emit(("\n" if self.rows == 0 else ",\n") + body):
+                return False
+            self.rows += 1
+        return True
+
+    def finish(self, total: int | None) -> None:
+        self.out.write("\n]\n" if self.rows else "]\n")
+        self._end(total)
+
+
+class TableSink:
+    """At most max_rows rows held (cells cut at TABLE_CELL characters), the rest counted;
+    `render(columns, rows)` draws them on the worker thread, inside the timeout."""
+
+    def __init__(self, max_rows: int, render: Callable[[list[str], list[list]], None], say: Callable[[str], None]):
+        self.max_rows, self.render, self.say = max_rows, render, say
+        self.limits = Limits(TABLE_CELL, say)
+        self.columns: list[str] = []
+        self.rows: list[list] = []
+
+    def _cell(self, v):
+        if v is None:
+            return None
+        return self.limits.cut(v if isinstance(v, str) else str(v))
+
+    def start(self, columns: list[str]) -> None:
+        self.columns = columns
+
+    def write(self, rows: list[tuple]) -> bool:
+        for row in rows[:max(0, self.max_rows - len(self.rows))]:
+            self.rows.append([self._cell(v) for v in row])
+        return True
+
+    def finish(self, total: int | None) -> None:
+        self.render(self.columns, self.rows)
+        self.limits.note(option="table cells; --format csv / json for whole cells")
+        cut = (total or 0) - len(self.rows)
+        if cut > 0:
+            self.say(f"{cut} more rows not shown ({total} in all; --max-rows {self.max_rows}, "
+                     "or --format csv / json for every row)")
