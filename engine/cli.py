@@ -16,12 +16,42 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from engine.query_output import DEFAULT_MAX_BYTES, DEFAULT_MAX_CELL
 
+# Errors from the operating system or an object store's client that no command expected (a
+# read-only OUT or cwd, a full disk, an S3 endpoint lost mid-run) end as one line, never a traceback.
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs", "fsspec")
+
+
+def unexpected_error_line(exc: BaseException) -> str | None:
+    """One line for an OSError or an object-store client error, else None (a bug: let it show)."""
+    from engine.store_errors import one_line
+
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return f"{where}{exc.strerror or one_line(exc)}" if exc.strerror else f"{where}{one_line(exc)}"
+    if type(exc).__module__.split(".")[0] in _CLIENT_MODULES:
+        return (f"object store error ({type(exc).__name__}): {one_line(exc)}; what was committed stays committed, "
+                "rerun to resume")
+    return None
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is one of the two kinds above
+            line = unexpected_error_line(exc)
+            if line is None:
+                raise
+            _fail(line)
+
+
 # -h works like --help on every command (click contexts inherit help_option_names)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.",
-                  context_settings={"help_option_names": ["-h", "--help"]})
+                  context_settings={"help_option_names": ["-h", "--help"]}, cls=_Group)
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, which cuts cells.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 console = Console(stderr=True, width=_WIDTH)
