@@ -1,9 +1,8 @@
 """The `fld` command line (typer + rich)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
+import logging
 import os
 import sys
 import unicodedata
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,9 +39,23 @@ def unexpected_error_line(exc: BaseException) -> str | None:
 
 
 class _Group(TyperGroup):
+    """Every command: usage errors shown escaped (they quote what was typed), unexpected OS and
+    object-store errors as one line, log lines through ShownFormatter."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            exc.message = shown(exc.message)
+            raise
+
     def invoke(self, ctx):
+        install_logging()
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:  # a subcommand's usage error: the value typed, escaped
+            exc.message = shown(exc.message)
+            raise
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is one of the two kinds above
             line = unexpected_error_line(exc)
             if line is None:
@@ -82,6 +96,46 @@ def shown(value: object) -> str:
             code = ord(ch)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return "".join(out)
+
+
+class ShownFormatter(logging.Formatter):
+    """The one format of every log line fld prints (engine, stages, libraries, warnings): the
+    whole line, exception text included, passed through `shown`, so a file name with ESC / OSC /
+    C1 / bidi characters in a WARNING cannot drive the terminal, and a line stays one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record).rstrip("\n"))
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def install_logging(level: int | None = None) -> None:
+    """Root logging to stderr through ShownFormatter (once; `level` sets the level), with
+    Python warnings routed through it too."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(ShownFormatter(LOG_FORMAT))
+        root.addHandler(handler)
+        logging.captureWarnings(True)
+    if level is not None:
+        root.setLevel(level)
 
 
 def _say(message: object, style: str | None = None, to: Console = console) -> None:
@@ -189,9 +243,7 @@ def run(
     from engine.run import run_pipeline
     from engine.store import StoreError
 
-    import logging
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_logging(logging.INFO if verbose else logging.WARNING)
     options: dict = {"verbose": verbose}
     if address:
         options["address"] = address
@@ -261,7 +313,8 @@ def query(
     if format == "table":
         sink = TableSink(max_rows, lambda cols, rows: _render([{"title": "", "columns": cols, "rows": rows}]), note)
     else:
-        sink = (JsonSink if format == "json" else CsvSink)(sys.stdout, note, max_bytes, max_cell)
+        sink = JsonSink(sys.stdout, note, max_bytes, max_cell) if format == "json" else \
+            CsvSink(sys.stdout, note, max_bytes, max_cell, escape=shown if sys.stdout.isatty() else None)
     try:
         store = open_store(out, storage_option)
         execute_query(store, sql, step, timeout=timeout, memory_limit=memory_limit, threads=threads, sink=sink)

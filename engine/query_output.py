@@ -6,7 +6,9 @@ Bounds, each cut said once on stderr:
 - a cell longer than `max_cell` characters (text, bytes, or a nested value's JSON) is cut and
   ends with "...[cut: N chars]"; table cells are cut at TABLE_CELL characters;
 - csv / json stop after `max_bytes` of output, at a row boundary (json stays a valid array).
-JSON is strict: NaN / Infinity become null, and same-named columns stay distinct ("n", "n_2").
+JSON is strict: NaN / Infinity become null, same-named columns stay distinct ("n", "n_2"), and
+it is ASCII (every control, C1 or bidi character escaped by JSON itself). CSV is data and keeps
+its bytes, except on a terminal, where the CLI passes `escape` (engine.cli.shown).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def strict_json(value):
 
 
 def _dumps(value) -> str:
-    return json.dumps(strict_json(value), default=str, allow_nan=False, ensure_ascii=False)
+    return json.dumps(strict_json(value), default=str, allow_nan=False)  # ASCII: no raw C1 / bidi character
 
 
 class Limits:
@@ -69,8 +71,9 @@ class Limits:
 class _Stream:
     """csv / json: rows written as they come, stopped at max_bytes on a row boundary."""
 
-    def __init__(self, out: TextIO, say: Callable[[str], None], max_bytes: int, max_cell: int):
-        self.out, self.say, self.max_bytes = out, say, max_bytes
+    def __init__(self, out: TextIO, say: Callable[[str], None], max_bytes: int, max_cell: int,
+                 escape: Callable[[str], str] | None = None):
+        self.out, self.say, self.max_bytes, self.escape = out, say, max_bytes, escape
         self.limits = Limits(max_cell, say)
         self.written = self.rows = 0
         self.full = False
@@ -102,12 +105,11 @@ class CsvSink(_Stream):
     def _cell(self, v) -> str:
         if v is None:
             return ""
-        if isinstance(v, (dict, list, tuple)):
-            return self.limits.cut(_dumps(v))
-        return self.limits.cut(str(v))
+        text = self.limits.cut(_dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))
+        return self.escape(text) if self.escape else text  # on a terminal: engine.cli.shown
 
     def start(self, columns: list[str]) -> None:
-        self._emit(self._line(columns))
+        self._emit(self._line([self.escape(c) if self.escape else c for c in columns]))
 
     def write(self, rows: list[tuple]) -> bool:
         for row in rows:

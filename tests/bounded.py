@@ -32,7 +32,7 @@ class Outcome:
     tmpdir: Path
 
     def check(self, rc: int = 2, *, seconds: float = 60, rss_mib: float = 1500, lines: int = 1,
-              clean: bool = True) -> "Outcome":
+              clean: bool = True, first: str | tuple = "error:") -> "Outcome":
         both = self.stdout + self.stderr
         assert self.rc == rc, (self.rc, both[-3000:])
         assert "Traceback" not in both, both[-3000:]
@@ -40,7 +40,7 @@ class Outcome:
         assert self.rss_mib < rss_mib, self.rss_mib
         if rc == 2:
             errors = [line for line in self.stderr.splitlines() if line.strip()]
-            assert errors and errors[0].startswith("error:") and len(errors) <= lines, self.stderr[-3000:]
+            assert errors and errors[0].startswith(first) and len(errors) <= lines, self.stderr[-3000:]
         if clean:
             left = sorted(str(p) for p in (*self.cwd.rglob("*"), *self.tmpdir.rglob("*")))
             assert not left, left
