@@ -332,3 +332,44 @@ def test_out_inside_its_input_folder_is_refused(tmp_path, ocr_inputs, ocr_pipeli
     res = fld_bounded("run", ocr_pipelines, "-p", "ocr", "-i", given, "-o", out).check(2, seconds=60)
     assert "inside the input folder" in res.stderr
     assert sorted(p.name for p in src.rglob("*")) == before  # nothing written
+
+
+def _endpoint_lost():
+    import botocore.exceptions
+
+    return botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/\nsecond line")
+
+
+def _server_gone():
+    import aiohttp
+
+    return aiohttp.ServerDisconnectedError("Server disconnected\n" + "frame\n" * 50)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("error", [_endpoint_lost, _server_gone, lambda: ConnectionResetError(104, "Connection reset by peer")])
+def test_an_object_store_lost_mid_run_is_one_line_and_the_rerun_resumes(tmp_path, ocr_run, ocr_inputs, ocr_pipelines,
+                                                                        monkeypatch, error):
+    """The client's exception escapes a shard write after the first commit (as when the S3
+    endpoint goes away): one line, exit 2; the rerun then finishes with the same rows."""
+    from engine.store import ShardStore as Store
+
+    out = tmp_path / "out"
+    real, calls = Store.write_shard, {"n": 0}
+
+    def lost_after_one(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise error()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "write_shard", lost_after_one)
+    res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and len([line for line in lines if line.startswith("error:")]) == 1, res.output
+    assert "rerun" in lines[-1] or "reset" in lines[-1]
+    monkeypatch.setattr(Store, "write_shard", real)
+    assert _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out).exit_code == 0
+    assert {f: _rows(out, f) for f in ("images", "annotations/stage1")} == \
+        {f: _rows(ocr_run, f) for f in ("images", "annotations/stage1")}
