@@ -13,6 +13,7 @@ its bytes, except on a terminal, where the CLI passes `escape` (engine.cli.shown
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from typing import Callable, TextIO
@@ -69,7 +70,7 @@ class Limits:
 
 
 class _Stream:
-    """csv / json: rows written as they come, stopped at max_bytes on a row boundary."""
+    """csv / json: rows written a batch at a time, stopped at max_bytes on a row boundary."""
 
     def __init__(self, out: TextIO, say: Callable[[str], None], max_bytes: int, max_cell: int,
                  escape: Callable[[str], str] | None = None):
@@ -78,13 +79,32 @@ class _Stream:
         self.written = self.rows = 0
         self.full = False
 
-    def _emit(self, text: str) -> bool:
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if self.written + size > self.max_bytes:
-            self.full = True
-            return False
+    def _size(self, text: str) -> int:
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+    def _emit_rows(self, texts: list[str]) -> bool:
+        """Write whole rows while they fit in max_bytes; False once one does not."""
+        size = sum(self._size(t) for t in texts)
+        if self.written + size <= self.max_bytes:
+            self.out.write("".join(texts))
+            self.written += size
+            self.rows += len(texts)
+            return True
+        for text in texts:
+            size = self._size(text)
+            if self.written + size > self.max_bytes:
+                self.full = True
+                return False
+            self.out.write(text)
+            self.written += size
+            self.rows += 1
+        return True
+
+    def _emit_batch(self, text: str, rows: int) -> bool:
+        """A batch already known to fit (see the callers' fast paths)."""
         self.out.write(text)
-        self.written += size
+        self.written += self._size(text)
+        self.rows += rows
         return True
 
     def _end(self, total: int | None) -> None:
@@ -95,28 +115,35 @@ class _Stream:
 
 
 class CsvSink(_Stream):
-    def _line(self, cells) -> str:
-        import io
-
-        buf = io.StringIO()
-        csv.writer(buf).writerow(cells)
-        return buf.getvalue()
-
     def _cell(self, v) -> str:
         if v is None:
             return ""
         text = self.limits.cut(_dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))
         return self.escape(text) if self.escape else text  # on a terminal: engine.cli.shown
 
+    def _lines(self, rows) -> list[str]:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        lines = []
+        for row in rows:
+            writer.writerow(row)
+            lines.append(buf.getvalue())
+            buf.seek(0)
+            buf.truncate()
+        return lines
+
     def start(self, columns: list[str]) -> None:
-        self._emit(self._line([self.escape(c) if self.escape else c for c in columns]))
+        self._emit_rows(self._lines([[self.escape(c) if self.escape else c for c in columns]]))
+        self.rows = 0
 
     def write(self, rows: list[tuple]) -> bool:
-        for row in rows:
-            if not self._emit(self._line([self._cell(v) for v in row])):
-                return False
-            self.rows += 1
-        return True
+        if self.escape is None and not any(isinstance(v, (dict, list, tuple)) for row in rows for v in row):
+            buf = io.StringIO()
+            csv.writer(buf).writerows(rows)  # None is written as "" like _cell does
+            text = buf.getvalue()
+            if len(text) <= self.limits.max_cell and self.written + self._size(text) <= self.max_bytes:
+                return self._emit_batch(text, len(rows))  # the fast path: no cell can be over a limit
+        return self._emit_rows(self._lines([self._cell(v) for v in row] for row in rows))
 
     def finish(self, total: int | None) -> None:
         self._end(total)
@@ -131,17 +158,30 @@ class JsonSink(_Stream):
             return text
         return _dumps(self.limits.cut(text if not isinstance(v, str) else v))
 
+    def _object(self, row: tuple) -> str:
+        whole = json.dumps(dict(zip(self.names, strict_json(list(row)))), default=str, allow_nan=False)
+        if len(whole) <= self.limits.max_cell:  # no cell can be over the limit: the fast path
+            return whole
+        return "{" + ", ".join(f"{k}: {self._cell(v)}" for k, v in zip(self.keys, row)) + "}"
+
     def start(self, columns: list[str]) -> None:
-        self.keys = [_dumps(c) for c in distinct_names(columns)]
+        self.names = distinct_names(columns)
+        self.keys = [_dumps(c) for c in self.names]
         self.out.write("[")
 
     def write(self, rows: list[tuple]) -> bool:
+        objects = [dict(zip(self.names, row)) for row in rows]
+        try:
+            text = json.dumps(objects, default=str, allow_nan=False)
+        except ValueError:  # NaN / Infinity somewhere
+            text = json.dumps(strict_json(objects), default=str, allow_nan=False)
+        body = ("\n" if self.rows == 0 else ",\n") + text[1:-1]
+        if len(text) <= self.limits.max_cell and self.written + len(body) <= self.max_bytes:
+            return self._emit_batch(body, len(rows))  # the fast path: no cell can be over a limit
+        texts = []
         for row in rows:
-            body = "{" + ", ".join(f"{k}: {self._cell(v)}" for k, v in zip(self.keys, row)) + "}"
-            if not self._emit(("\n" if self.rows == 0 else ",\n") + body):
-                return False
-            self.rows += 1
-        return True
+            texts.append(("\n" if self.rows + len(texts) == 0 else ",\n") + self._object(row))
+        return self._emit_rows(texts)
 
     def finish(self, total: int | None) -> None:
         self.out.write("\n]\n" if self.rows else "]\n")
