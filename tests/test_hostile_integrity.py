@@ -264,6 +264,7 @@ BAD_MANIFESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", BAD_MANIFESTS)
 def test_a_damaged_manifest_is_named_checked_past_and_rewritten(tmp_path, ocr_run, ocr_pipelines, kind):
@@ -346,6 +347,7 @@ def _server_gone():
     return aiohttp.ServerDisconnectedError("Server disconnected\n" + "frame\n" * 50)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("error", [_endpoint_lost, _server_gone, lambda: ConnectionResetError(104, "Connection reset by peer")])
 def test_an_object_store_lost_mid_run_is_one_line_and_the_rerun_resumes(tmp_path, ocr_run, ocr_inputs, ocr_pipelines,
