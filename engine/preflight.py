@@ -218,13 +218,14 @@ def _rapidocr(ref: str, hub: _Hub) -> _Found:
     path = Path(ref).expanduser()
     if not path.is_file():
         return _Found("file", None, None, "neither 'rapidocr' (the bundled models) nor an existing RapidOCR config file")
-    import yaml
+    from engine.config_files import ConfigError, parse_yaml, read_config_text
 
     try:
-        yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = read_config_text(path, "RapidOCR config")
+        parse_yaml(text, str(path))
+    except ConfigError as exc:
         return _Found("file", str(path), None, f"not a readable YAML config ({exc})")
-    return _Found("file", str(path), "sha1-" + hashlib.sha1(path.read_bytes()).hexdigest()[:12])
+    return _Found("file", str(path), "sha1-" + hashlib.sha1(text.encode()).hexdigest()[:12])
 
 
 def _spacy(ref: str | None, hub: _Hub) -> _Found:

@@ -10,8 +10,10 @@ one whose input shard changed since (inputs re-ingested, duplicates moved) is re
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from engine.config import ConfigError, Pipeline
@@ -206,6 +208,19 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
     return results
 
 
+def check_out_outside_input(store: ShardStore, src: str | None) -> None:
+    """A local OUT inside a local input folder is refused: ingest would list OUT's own files (its
+    shards, an export written next to them) as inputs of the next run."""
+    from engine.ingest.locations import InputError, is_url
+
+    if not store.local or not isinstance(src, str) or is_url(src) or not os.path.isdir(src):
+        return
+    root, folder = Path(store.root).resolve(), Path(src).resolve()
+    if root == folder or folder in root.parents:
+        raise InputError(f"OUT {store.out} is inside the input folder {src}: its own files would become inputs; "
+                         "put OUT outside the input folder")
+
+
 def run_pipeline(
     pipeline: Pipeline,
     src: str | None,
@@ -222,6 +237,7 @@ def run_pipeline(
     step_names = [s.name for s in pipeline.steps]
     if from_step is not None and from_step not in step_names:
         raise ConfigError(f"--from {from_step!r}: pipeline {pipeline.name!r} has steps {step_names}")
+    check_out_outside_input(store, src if src is not None else store.read_manifest().get("pipeline", {}).get("input"))
     engine_runner = get_runner(runner, **(runner_options or {}))
     summary = RunSummary(out=str(store.out))
     with store.lock(f"fld run {pipeline.name}"):

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from engine.values import BoundedModel
 from schemas.records import ANNOTATION_KINDS, IMAGE_RECORD_SCHEMA, params_hash, source_of
 
 # Transient columns a runner attaches to a step's batches for stages with needs_images; they are
@@ -46,7 +47,7 @@ class Resources:
 EXECUTION_PARAMS = ("batch_size", "cpus", "gpus", "concurrency", "threads", "model_store")
 
 
-class StageParams(BaseModel):
+class StageParams(BoundedModel):
     """Base of every stage's parameters: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

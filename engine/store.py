@@ -406,11 +406,12 @@ class ShardStore:
 
     def commit_record(self, folder: str, shard: str) -> dict | None:
         try:
-            return json.loads(self.read_bytes(self._commit_rel(folder, shard)))
+            rec = json.loads(self.read_bytes(self._commit_rel(folder, shard)))
         except FileNotFoundError:
             return None
         except ValueError:
             return None  # an unreadable record commits nothing
+        return rec if isinstance(rec, dict) and "rows" in rec and "bytes" in rec else None
 
     def is_committed(self, folder: str, shard: str, config_hash: str | None = None) -> bool:
         """Committed and intact (cheap checks); with config_hash, also written with that configuration."""
@@ -453,6 +454,8 @@ class ShardStore:
                     rec = json.loads(blob)
                     if not isinstance(rec, dict) or "rows" not in rec or "bytes" not in rec:
                         raise ValueError("not a commit record")
+                    if not all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) for k in ("rows", "bytes")):
+                        raise ValueError("rows and bytes must be integers")
                 except ValueError as exc:
                     rec = {"folder": folder, "shard": shard, "unreadable": f"commit record unreadable ({exc})"}
                 self._records[(folder, shard)] = (key, rec)
@@ -480,6 +483,9 @@ class ShardStore:
     def _problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> str | None:
         if "unreadable" in rec:
             return rec["unreadable"]
+        if rec.get("folder") != folder or rec.get("shard") != shard:  # each record names its own shard
+            return (f"its commit record is the one of {str(rec.get('folder'))[:80]}/{str(rec.get('shard'))[:40]} "
+                    "(a shard and its record copied over this one)")
         if entry is None:
             return "deleted: the shard file is missing"
         size = entry.get("size")
@@ -531,6 +537,9 @@ class ShardStore:
         """Recompute every committed shard's sha256 (reads everything): (shards checked, [(folder, shard, problem)])."""
         folders = folders or self.data_folders()
         checked, problems = 0, []
+        manifest = self.manifest_problem()
+        if manifest is not None:
+            problems.append((MANIFEST, "", f"{manifest}; a run rewrites it (every folder was checked anyway)"))
         for folder in folders:
             bad = self.damaged(folder, report=False)
             for shard, rec in self.records(folder).items():
@@ -652,7 +661,33 @@ class ShardStore:
             self._lease.check()
 
     # --------------------------------------------------------------- manifest
+    def manifest_problem(self) -> str | None:
+        """What is wrong with manifest.json (None: absent or sound). It holds only summaries and the
+        order folders were written in, so a damaged one is read as absent and rewritten by the next run."""
+        try:
+            manifest = json.loads(self.read_bytes(MANIFEST))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as exc:
+            return f"not readable JSON ({one_line(exc)})"
+        if not isinstance(manifest, dict):
+            return f"not a JSON object but {type(manifest).__name__}"
+        order = manifest.get("order", [])
+        if not isinstance(order, list) or not all(isinstance(f, str) for f in order):
+            return f"'order' must be a list of folder names, not {json.dumps(order)[:60]}"
+        for key in ("pipeline", "rounds", "shards"):
+            if key in manifest and not isinstance(manifest[key], dict):
+                return f"{key!r} must be an object, not {json.dumps(manifest[key])[:60]}"
+        return None
+
     def read_manifest(self) -> dict:
+        """manifest.json, or {} (with one warning naming it) when it is damaged: see manifest_problem."""
+        problem = self.manifest_problem()
+        if problem is not None:
+            if (MANIFEST, "", problem) not in self._warned:
+                self._warned.add((MANIFEST, "", problem))
+                log.warning("%s is damaged (%s): read as absent; the next run rewrites it", self.url(MANIFEST), problem)
+            return {}
         try:
             return json.loads(self.read_bytes(MANIFEST))
         except FileNotFoundError:
