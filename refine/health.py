@@ -6,7 +6,7 @@ learns the label distribution without looking at the image: the same caption for
 every task prompt) while its training loss still falls. Such a model must not relabel the dataset.
 
 Figures (per trained task, on the validation images the trainer held out and never trained on;
-greedy decoding, one example per image and task):
+greedy decoding without an n-gram ban, one example per image and task):
 - `distinct`: (distinct generations - 1) / (distinct targets - 1) across the validation images:
   1 when the model says something different wherever the labels differ, 0 for a collapse (one
   output for every image). None when the targets themselves do not differ.
@@ -125,7 +125,7 @@ def check_model(florence, examples: Iterable, images: dict, max_new_tokens: dict
             chunk = exs[start:start + batch_size]
             inputs = [ex.text_input or None for ex in chunk] if BY_TOKEN[task].takes_input else None
             texts = florence.generate([images[ex.image_id] for ex in chunk], task, inputs, max_new_tokens=limit,
-                                      num_beams=1)
+                                      num_beams=1, no_repeat_ngram_size=0)
             for ex, text in zip(chunk, texts):
                 generated[(ex.image_id, task)] = text.replace("</s>", "").replace("<s>", "").strip()
     tasks: dict[str, dict] = {}

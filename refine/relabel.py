@@ -46,6 +46,7 @@ class RelabelParams(Florence2Params):
     # where `model` (an OUT-relative folder, models/round<k>) is read from: the store's spec (local path
     # or object-store URL + options); each worker copies the folder from there (an execution setting)
     model_store: Any = None
+    no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram ban by default (refine.rounds.RelabelSettings says why)")
     health: HealthThresholds = Field(default_factory=HealthThresholds,
                                      description="the round's model health thresholds (refine.health)")
 

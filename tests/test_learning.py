@@ -64,18 +64,19 @@ def world_images(n: int, split: str = "train") -> tuple[list[dict], dict[str, by
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vision", ["seen", "zeroed"])
-def test_trainer_fits_generated_images_and_a_blind_model_fails(vision, tmp_path, request):
-    """8 generated images, <OD> + <CAPTION>, the default recipe from random weights (lr 3e-4, warm-up 10%,
-    cosine, clipping 1.0), no validation split (the point is fitting). Relabelled by the round's stage:
-    >= 90% of the true boxes at IoU 0.5 with the right category and the captions verbatim. With the
-    vision features zeroed the same run must miss the boxes and fail the health check."""
+@pytest.mark.parametrize("vision,steps", [("seen", OVERFIT_STEPS), ("zeroed", 100)])
+def test_trainer_fits_generated_images_and_a_blind_model_fails(vision, steps, tmp_path, request):
+    """4 generated images (16 objects), <OD> + <CAPTION>, the default recipe from random weights (lr 3e-4,
+    warm-up 10%, cosine, clipping 1.0), no validation split (the point is fitting). Relabelled by the
+    round's stage: >= 90% of the true boxes at IoU 0.5 with the right category, and the captions verbatim.
+    With the vision features zeroed the run must miss the boxes and fail the health check (fewer steps:
+    a model that cannot see the image cannot tell 4 images apart however long it trains)."""
     if vision == "zeroed":
         request.getfixturevalue("zero_vision")
-    records, images, truths = world_images(8)
+    records, images, truths = world_images(4)
     store = write_store(tmp_path, records, images, 4)
     params = {"start": MODEL, "codec": {"tasks": ["<CAPTION>", "<OD>"], "max_target_tokens": 256},
-              "train": {"steps": OVERFIT_STEPS, "batch_size": 8, "val_fraction": 0.0, "checkpoint_every": OVERFIT_STEPS,
+              "train": {"steps": steps, "batch_size": 8, "val_fraction": 0.0, "checkpoint_every": steps,
                         "log_every": 50}}
     job = TrainJob("fit", Florence2Trainer, params, {}, FOLDER, "models/fit", "h")
     summary = Florence2Trainer(params).fit(store, job, World())
@@ -101,10 +102,10 @@ def test_trainer_fits_generated_images_and_a_blind_model_fails(vision, tmp_path,
     health = check_model(stage.florence, codec.encode_all(records), {r["image_id"]: p for r, p in zip(records, pixels)},
                          generation_lengths(summary["target_tokens"]))
     failed = verdict(health, HealthThresholds())
-    print(vision, f"recall {matched}/{total}, captions {exact}/8", json.dumps({k: v for k, v in health.items() if k != "generations"}))
+    print(vision, f"recall {matched}/{total}, captions {exact}/4", json.dumps({k: v for k, v in health.items() if k != "generations"}))
     if vision == "seen":
         assert matched / total >= 0.9, (matched, total)
-        assert exact >= 7
+        assert exact >= 3
         assert not failed and health["tasks"]["<OD>"]["distinct"] == 1.0
     else:
         assert matched / total < 0.5
@@ -213,7 +214,7 @@ class Canned:
         self.real = Florence2Model.load("random:tiny")
         self.answer = answer  # (example) -> generated text
 
-    def generate(self, images, task, text_inputs=None, max_new_tokens=1024, num_beams=1):
+    def generate(self, images, task, text_inputs=None, max_new_tokens=1024, num_beams=1, no_repeat_ngram_size=0):
         return [self.answer(task, i) for i in range(len(images))]
 
     def parse(self, text, task, size):
