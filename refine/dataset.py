@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,18 +48,24 @@ def validation_split(store, folder: str, fraction: float, min_images: int,
     """The round's validation images (shard -> image ids) and the folder's image count: the ceil(fraction x n) images (at least
     `min_images`, at most `max_images`, never more than half) with the lowest sha256 of
     "validation:<image_id>". A function of the image ids alone, so every worker, a resumed run and
-    a rerun on another shard layout hold out the same images (read: the image_id column only)."""
+    a rerun on another shard layout hold out the same images (read: the image_id column only), except
+    that a shard never becomes validation only (its last image stays a training image)."""
     ids: dict[str, str] = {}
     for shard in store.shards(folder):
         for image_id in store.read_shard(folder, shard, columns=["image_id"]).column("image_id").to_pylist():
             ids[image_id] = shard
     n = len(ids)
     count = 0 if fraction <= 0 else min(max(math.ceil(round(fraction * n, 6)), min_images), max_images, n // 2)
-    chosen = sorted(ids, key=lambda i: hashlib.sha256(f"validation:{i}".encode()).hexdigest())[:count]
+    rank = {i: hashlib.sha256(f"validation:{i}".encode()).hexdigest() for i in ids}
+    chosen = sorted(ids, key=rank.__getitem__)[:count]
     out: dict[str, list[str]] = {}
     for image_id in sorted(chosen):
         out.setdefault(ids[image_id], []).append(image_id)
-    return out, n
+    sizes = Counter(ids.values())
+    for shard, held in out.items():
+        if len(held) == sizes[shard]:  # a training worker reads whole shards: none may be validation only
+            held.remove(max(held, key=rank.__getitem__))
+    return {s: held for s, held in out.items() if held}, n
 
 
 def read_window(store, folder: str, shards: Sequence[str], codec: TaskCodec,

@@ -260,3 +260,15 @@ def test_validation_images_are_chosen_by_id_and_never_drawn(tmp_path):
     stream = ShardStream(one, FOLDER, one.shards(FOLDER), TaskCodec(["<CAPTION>", "<OD>"]), exclude=frozenset(ids))
     drawn = {ex.image_id for step in range(40) for ex in stream.batch(step, 0, 8)}
     assert drawn == {r["image_id"] for r in records} - set(ids)
+
+
+def test_no_shard_is_validation_only(tmp_path):
+    """A training worker reads whole shards (Ray Train DDP): a shard whose images all hash into the
+    validation part keeps its last one for training."""
+    from refine.dataset import validation_split
+
+    records, images, _ = world_images(4)
+    by_rank = sorted(records, key=lambda r: hashlib.sha256(f"validation:{r['image_id']}".encode()).hexdigest())
+    store = write_store(tmp_path, by_rank, images, 2)  # the 2 images validation wants share part-00000
+    held, _ = validation_split(store, FOLDER, 0.5, 2, 64)
+    assert held == {"part-00000": [by_rank[0]["image_id"]]}
