@@ -198,6 +198,8 @@ class FlorenceRounds:
         health = dict(summary.get("health") or {})
         health.pop("generations", None)
         failed = verdict(health, self.cfg.health)
+        # fewer validation images than `min_images`: figures reported, no verdict
+        health["checked"] = bool(health.get("checked")) and health.get("images", 0) >= self.cfg.health.min_images
         health.update(ok=not failed, failed=failed, validation=summary.get("validation"),
                       best_step=summary.get("best_step"), val_loss=summary.get("best_val_loss") or summary.get("val_loss"))
         if failed:
