@@ -272,3 +272,25 @@ def test_no_shard_is_validation_only(tmp_path):
     store = write_store(tmp_path, by_rank, images, 2)  # the 2 images validation wants share part-00000
     held, _ = validation_split(store, FOLDER, 0.5, 2, 64)
     assert held == {"part-00000": [by_rank[0]["image_id"]]}
+
+
+def test_the_round_keeps_the_weights_of_the_lowest_validation_loss(tmp_path):
+    """An LR far too high for a model from random weights makes the validation loss rise again: the
+    saved model is the checkpoint of the lowest validation loss, not the last step's."""
+    from refine.trainer import read_log
+
+    records, images, _ = world_images(6)
+    store = write_store(tmp_path, records, images, 3)
+    params = {"start": "random:tiny", "codec": {"tasks": ["<CAPTION>", "<OD>"], "max_target_tokens": 256},
+              "train": {"steps": 12, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "eval_every": 2,
+                        "checkpoint_every": 12, "log_every": 2}}
+    job = TrainJob("best", Florence2Trainer, params, {}, FOLDER, "models/best", "h")
+    summary = Florence2Trainer(params).fit(store, job, World())
+    folder = store.local_dir("models/best")
+    losses = {h["step"]: h["val_loss"] for h in read_log(folder)}
+    assert len(losses) == 6 and summary["best_step"] == min(losses, key=losses.get) != 12, losses
+    assert summary["model_step"] == summary["best_step"] and summary["best_val_loss"] == min(losses.values())
+    from safetensors.torch import load_file
+
+    saved, best = load_file(f"{folder}/model.safetensors"), load_file(f"{folder}/best/model.safetensors")
+    assert all(torch.equal(saved[k], best[k]) for k in best)
