@@ -30,6 +30,9 @@ class Florence2Model:
         self.ref = ref
         self.revision = revision
         self.device = device
+        # task -> most new tokens (a refinement round sizes them from its training targets); generate's
+        # max_new_tokens stays the cap
+        self.token_limits: dict[str, int] = {}
 
     @classmethod
     def load(cls, ref: str, device: str | None = None, dtype: str | None = None) -> "Florence2Model":
@@ -120,7 +123,7 @@ class Florence2Model:
                 f"{task}: prompt of {inputs['input_ids'].shape[1]} tokens (image tokens included) exceeds the "
                 f"model's {positions} positions; shorten the text input"
             )
-        max_new_tokens = min(max_new_tokens, positions)  # BART's learned positions end there
+        max_new_tokens = min(max_new_tokens, self.token_limits.get(task, max_new_tokens), positions)  # BART's positions end there
         dtype = next(self.model.parameters()).dtype
         tokenizer = self.processor.tokenizer
         n_tokens = len(tokenizer)

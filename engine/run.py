@@ -196,6 +196,8 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
                    "train": {key: summary.get(key) for key in ("steps", "first_loss", "last_loss", "loss_by_task",
                                                                "samples_per_s", "examples")},
                    **plan.metrics(store, folder, k, counters), "seconds": round(time.perf_counter() - t0, 2)}
+        if (metrics.get("health") or {}).get("message"):  # stage 3's one line on a model that did not prove itself
+            log.warning("%s", metrics["health"]["message"])
         if not any((metrics.get("relabel") or {}).get("added", {}).values()):
             log.warning("round %d: the model of this round produced no parseable annotation on any of the %s images "
                         "(undertrained?): round %d holds only round %d's annotations", k,

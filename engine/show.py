@@ -298,6 +298,29 @@ def model_uses(config: dict | None, models: dict[str, str]) -> dict[str, list[st
     return uses
 
 
+def _round_health(manifest: dict) -> str:
+    """One line per refinement round: what its model showed on its validation images (refine.health);
+    a round whose model failed is a red warning (its relabels were dropped as round:unhealthy_model)."""
+    lines = []
+    for k, m in sorted((manifest.get("rounds") or {}).items(), key=lambda kv: int(kv[0])):
+        h = m.get("health") or {}
+        if not h:
+            continue
+        v = h.get("validation") or {}
+        figures = ", ".join(f"{name.replace('_', ' ')} {h[name]:.2f}" for name in
+                            ("same_across_tasks", "box_recall", "box_precision", "mention_precision") if h.get(name) is not None)
+        tasks = "; ".join(f"{t} distinct {f['distinct']:.2f}" if f.get("distinct") is not None else t
+                          for t, f in (h.get("tasks") or {}).items())
+        text = (f"round {k}: {v.get('images', 0)} validation images, val loss {h['val_loss']:.3f}" if h.get("val_loss") is not None
+                else f"round {k}: {v.get('images', 0)} validation images")
+        text += f" &middot; {e(tasks)}" + (f" &middot; {e(figures)}" if figures else "")
+        if h.get("message"):
+            lines.append(f"<div class='warning' id='round{k}-health'>&#9888; {e(h['message'])}. {text}</div>")
+        else:
+            lines.append(f"<p class='facts' id='round{k}-health'>{text} &middot; health check passed</p>")
+    return "".join(lines)
+
+
 def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> str:
     pipe = manifest.get("pipeline", {})
     models: dict[str, str] = pipe.get("models") or {}
@@ -328,7 +351,7 @@ def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> st
     return (
         f"<header><h1>fld-engine report: {e(str(out))} &middot; {e(folder)}</h1>"
         + "<p class='facts'>" + " &middot; ".join(f"{k} <b>{e(str(v))}</b>" for k, v in facts if v) + "</p>"
-        + warning
+        + warning + _round_health(manifest)
         + f"<p>{shown} of {total} images shown.</p>"
         + f"<table class='models'><tr><th>model alias</th><th>reference</th><th>used by</th></tr>{rows}</table></header>"
     )

@@ -90,10 +90,31 @@ def round_metrics(out) -> list[dict]:
     return [rounds[k] for k in sorted(rounds, key=int)]
 
 
+def _health_cells(h: dict) -> list[str]:
+    """The round's validation and health figures (refine.health), as three cells."""
+    if not h:
+        return ["-", "-", "-"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    v = h.get("validation") or {}
+    loss = f"{v.get('images', 0)} / {fmt(h.get('val_loss'))}" + (f" (step {h['best_step']})" if h.get("best_step") else "")
+    tasks = (h.get("tasks") or {}).values()
+    distinct = [f["distinct"] for f in tasks if f.get("distinct") is not None]
+    parse = [f["parse_rate"] for f in tasks if f.get("parse_rate") is not None]
+    figures = " / ".join(fmt(x) for x in (min(distinct, default=None), min(parse, default=None), h.get("same_across_tasks"),
+                                          h.get("box_recall"), h.get("box_precision"), h.get("mention_precision")))
+    if not h.get("checked"):
+        verdict = "unchecked"
+    else:
+        verdict = "passed" if h.get("ok") else "FAILED: " + "; ".join(h.get("failed") or [])
+    return [loss, figures, verdict]
+
+
 def round_metrics_table(store) -> dict:
     """The table `fld stats` prints: one row per round, saying plainly when a round added nothing."""
     cols = ["round", "train loss first -> last", "relabel: images with output / images, annotations added",
-            "object F1@0.5 / mIoU vs k-1", "text F1@0.5", "brief / detailed caption F1 vs k-1", "mAP / mAP50 vs human", "model"]
+            "object F1@0.5 / mIoU vs k-1", "text F1@0.5", "brief / detailed caption F1 vs k-1", "mAP / mAP50 vs human",
+            "validation images / loss (best step)", "model health: distinct min / parse min / same across tasks / "
+            "box R / box P / mention P", "health check", "model"]
     rows = []
     for m in round_metrics(store):
         a = m.get("agreement", {})
@@ -109,6 +130,7 @@ def round_metrics_table(store) -> dict:
             a.get("text_f1@0.5", "-"),
             f"{a.get('brief_token_f1', '-')} / {a.get('detailed_token_f1', '-')}",
             f"{gt['map']} / {gt['map50']}" if gt else "-",
+            *_health_cells(m.get("health") or {}),
             m.get("model_dir", ""),
         ])
     return {"title": "refinement rounds (stage 3)", "columns": cols, "rows": rows}
