@@ -6,7 +6,7 @@ committed so far (the same data `fld query` sees).
 
 Returns {section key: titled table}; the CLI renders the tables in this order and
 `--format json` prints the dict as is. Section keys are stable (README "fld stats"):
-ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds.
+ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds, notes.
 A section without data for this OUT (no annotation step yet, no rounds) is left out.
 """
 from __future__ import annotations
@@ -79,6 +79,12 @@ def collect_stats(out: "str | Path | ShardStore", step: str | None = None, sampl
     t = round_metrics_table(store)
     if t["rows"]:
         sections["rounds"] = t
+    pipe = store.read_manifest().get("pipeline") or {}
+    from engine.show import clip_note  # the report says the same
+
+    note = clip_note(pipe.get("config"), pipe.get("models") or {})
+    if note:
+        sections["notes"] = {"title": "notes", "columns": ["note"], "rows": [[note]]}
     return sections
 
 
