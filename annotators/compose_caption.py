@@ -3,7 +3,8 @@ with their groundings by construction (the offline profile's captioner).
 
 Nothing here looks at pixels it did not get a box for and nothing is guessed: every noun phrase
 names a kept object region of the detector (its category, its count, its dominant colour measured
-in its mask, else its box - annotators/colors.py), every position / relation comes from the boxes,
+in its mask, else its box - annotators/colors.py; none from a mask that
+missed its object), every position / relation comes from the boxes,
 every quoted string is an OCR line. Each such noun phrase is written together with the regions it
 came from, so its groundings are exact: `caption[char_start:char_end] == phrase`, the box is the
 region's box, the mask the region's mask (the segmenter's, when the masks stage ran before).
@@ -152,6 +153,8 @@ class ComposeCaptionParams(StageParams):
     max_ocr_lines: int = Field(3, ge=0, description="OCR lines quoted in the more detailed caption")
     min_ocr_score: float = Field(0.8, ge=0, le=1, description="OCR lines less confident than this are not quoted")
     min_color_share: float = Field(0.45, gt=0, le=1, description="share of pixels the dominant colour must cover")
+    color_min_mask_iou: float = Field(0.5, ge=0, le=1, description="no colour word from a mask whose tight box "
+                                      "overlaps its region's box less than this (the segmenter missed the object)")
     briefs: bool = Field(True, description="fill `brief` of kept object regions that have none: '<colour> <category>'")
 
 
@@ -193,6 +196,9 @@ class ComposeCaptioner(Stage):
         return groups
 
     def _color(self, region: dict, rgb: np.ndarray) -> str | None:
+        iou = (region.get("checks") or {}).get("masks.box_mask_iou")
+        if region.get("mask") and iou is not None and iou < self.params.color_min_mask_iou:
+            return None  # the segmenter missed the object: its mask's colour would be something else's
         mask = rle_to_mask(region["mask"]).astype(bool) if region.get("mask") else None
         found = dominant_color(rgb, mask, region["box"], self.params.min_color_share)
         if found is not None:

@@ -94,3 +94,14 @@ def test_helpers():
         "people", "buses", "wine glasses", "sheep", "teddy bears", "knives"]
     assert clean_ocr('"OPEN\ufffd"') == "OPEN" and clean_ocr("x") == "" and clean_ocr("a" * 50) == ""
     assert where([0, 0, 10, 10], 300, 300) == "in the top left" and where([100, 100, 200, 200], 300, 300) == "in the center"
+
+
+def test_no_colour_from_a_mask_that_missed_its_object():
+    rec = record(OBJECTS[:1])
+    car = rec["regions"][0]
+    tiny = np.zeros((H, W), bool)
+    tiny[60:64, 20:24] = True
+    car["mask"] = mask_to_rle(tiny)
+    car["checks"] = {"masks.box_mask_iou": 0.0025}
+    brief = [t["text"] for t in run([rec])[0]["texts"] if t["tier"] == "brief"][0]
+    assert "car" in brief and "red" not in brief
