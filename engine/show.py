@@ -309,18 +309,19 @@ def model_uses(config: dict | None, models: dict[str, str]) -> dict[str, list[st
 
 
 def clip_note(config: dict | None, models: dict[str, str], template: str = "{}") -> str:
-    """Why the CLIP score rule is not applied, when it is not (no CLIP stage, or a random CLIP); else ""."""
+    """Why the CLIP score rule is not applied where no real CLIP is available (the pipeline's CLIP is a
+    random: model): its stage left out, or run with its scores recorded only; else ""."""
     if not config:
         return ""
     specs = [spec for step in config.get("steps", []) for spec in step.get("stages", []) if spec["stage"] == "clip_score"]
+    ref = str(models.get((specs[0].get("params") or {}).get("model", "clip") if specs else "clip", ""))
+    if not ref.startswith("random:"):
+        return ""
     if not specs:
-        return template.format("CLIP score rule: off - this pipeline runs no CLIP stage (no real CLIP model is "
-                               "installable offline, and a random CLIP's scores would mean nothing).")
-    ref = models.get((specs[0].get("params") or {}).get("model", "clip"), "")
-    if str(ref).startswith("random:"):
-        return template.format(f"CLIP score rule: off - the CLIP model is {ref} (random); its scores are recorded, "
-                               "not used to drop anything.")
-    return ""
+        return template.format(f"CLIP score rule: off - no real CLIP model is available (clip = {ref}), so this "
+                               "pipeline runs no CLIP stage: a random CLIP's scores would mean nothing.")
+    return template.format(f"CLIP score rule: off - the CLIP model is {ref} (random); its scores are recorded, "
+                           "not used to drop anything.")
 
 
 def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> str:

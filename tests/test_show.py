@@ -149,7 +149,7 @@ def test_header_funnel_histograms_and_quarantine(report):
     # offline, the quickstart's only random model is stage 3's Florence-2; this step has none of its annotations
     assert "florence2 = random:tiny (used by refine): none of this step&#x27;s annotations come from it" in warning
     assert "grounding_dino" not in warning and "sam" not in warning  # not used: composed groundings, GrabCut
-    assert "CLIP score rule: off - this pipeline runs no CLIP stage" in page
+    assert "CLIP score rule: off - no real CLIP model is available (clip = random:tiny)" in page
     assert "<td>ocr</td><td>rapidocr</td><td>ocr</td>" in page  # a real model is listed, not warned about
     assert '<svg class="funnel"' in page and "region_filter" in re.search(r'<svg class="funnel".*?</svg>', page, re.S).group(0)
     score = re.search(r"<figure class='hist'><svg.*?>score</text><text[^>]*>regions, n=5.*?</figure>", page, re.S).group(0)
@@ -175,6 +175,7 @@ def test_no_warning_when_every_model_is_real(tmp_path, photos):
     build_report(store.out, tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert "random-models" not in page and "<td>florence2</td><td>florence-community/Florence-2-large</td>" in page
+    assert "CLIP score rule" not in page  # a real CLIP: the rule applies
 
 
 def test_a_broken_record_does_not_block_the_report(tmp_path, photos):
