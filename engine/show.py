@@ -343,8 +343,8 @@ def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> st
         for kind, annotator, refined, count in made:
             if ("refine" in stages and refined) or (not refined and annotator in stages):
                 n[kind] = n.get(kind, 0) + count
-        what = ", ".join(f"{v} {k}" for k, v in n.items() if v)
-        return f": {what} in this step come from it" if what else ": none of this step's annotations come from it"
+        what = ", ".join(f"{k} {v}" for k, v in n.items() if v)
+        return f": this step's annotations from it: {what}" if what else ": none of this step's annotations come from it"
 
     random_refs = [f"{a} = {r} (used by {', '.join(uses.get(a, [])) or 'the pipeline'}){made_by(uses.get(a, []))}"
                    for a, r in used.items() if str(r).startswith("random:")]
