@@ -7,13 +7,18 @@ SAM proposes 3 masks per box (multimask) and predicts each one's IoU; the best o
 upscaled to the original image by SamProcessor.post_process_masks and stored as COCO RLE
 (regions also get polygons). Checks: `masks.pred_iou` (SAM's own IoU estimate) and
 `masks.box_mask_iou` (how well the mask's tight box matches the prompt box) for the filters.
+
+`model: grabcut` (directly or through an alias, as the offline profile's `sam: grabcut` does) runs
+OpenCV GrabCut from each box instead (annotators/grabcut.py): real, CPU-only, no weights; its
+checks are `masks.fg_fraction`, `masks.edge_agreement` and `masks.box_mask_iou`.
 """
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
+from annotators.grabcut import GRABCUT, GrabCutSettings, segment_box
 from engine.models import parse_model_ref
 from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, pick_device, record_error
@@ -36,6 +41,8 @@ class MaskParams(StageParams):
     mask_threshold: float = 0.0  # logit threshold of SamProcessor.post_process_masks (SAM's own)
     polygon_tolerance: float = 1.0  # pixels, cv2.approxPolyDP for region polygons
     overwrite: bool = False  # recompute masks that are already there (e.g. imported human masks)
+    grabcut_iterations: int = Field(3, ge=1, le=20)  # model: grabcut only
+    grabcut_max_side: int = Field(192, ge=16)  # model: grabcut only: the context crop's longer side (pixels)
 
     @field_validator("targets")
     @classmethod
@@ -69,12 +76,30 @@ class SamMaskAnnotator(Stage):
 
     params: MaskParams
 
+    def __init__(self, params=None, models=None):
+        super().__init__(params, models)
+        if self.grabcut:  # OpenCV, no weights: preflight checks the package
+            self.model_params = {"model": "opencv"}
+
+    @property
+    def grabcut(self) -> bool:
+        return self.resolve_model(self.params.model) == GRABCUT
+
+    def model_revision(self, param: str, ref: str) -> str:
+        if self.grabcut:
+            import cv2
+
+            return f"opencv-{cv2.__version__}"
+        return super().model_revision(param, ref)
+
     def check_model(self, param: str, ref: str) -> None:
-        if param == "model":
+        if param == "model" and ref != GRABCUT:
             check_random("sam", ref)
 
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)
+        if self.grabcut:
+            return
         self.revision = parse_model_ref(self.model_ref).revision
         self.model, self.processor = load_sam(self.model_ref)
         self.device = pick_device()
@@ -100,7 +125,7 @@ class SamMaskAnnotator(Stage):
             if not targets:
                 continue
             try:
-                self._segment(image, targets)
+                (self._grabcut if self.grabcut else self._segment)(image, targets)
             except Exception as exc:  # noqa: BLE001 - per-image error contract
                 record_error(rec, self.name, exc)
         return records
@@ -144,3 +169,20 @@ class SamMaskAnnotator(Stage):
                     checks["masks.box_mask_iou"] = mask_box_iou(boxes[j], rle)
                     if collection == "regions":
                         ann["polygon"] = mask_to_polygon(mask, tolerance=self.params.polygon_tolerance) or None
+
+    def _grabcut(self, image, targets: list[tuple[str, dict]]) -> None:
+        import numpy as np
+
+        rgb = np.asarray(image, dtype=np.uint8)
+        settings = GrabCutSettings(iterations=self.params.grabcut_iterations, max_side=self.params.grabcut_max_side)
+        for collection, ann in targets:
+            box = clamp_box(ann["box"], image.width, image.height)
+            seg = segment_box(rgb, box, settings)
+            rle = mask_to_rle(seg.mask)
+            ann["mask"] = rle
+            checks = ann.setdefault("checks", {})
+            checks["masks.fg_fraction"] = seg.fg_fraction
+            checks["masks.edge_agreement"] = seg.edge_agreement
+            checks["masks.box_mask_iou"] = mask_box_iou(box, rle)
+            if collection == "regions":
+                ann["polygon"] = mask_to_polygon(seg.mask, tolerance=self.params.polygon_tolerance) or None

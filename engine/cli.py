@@ -438,6 +438,16 @@ def quickstart(
     samples(samples_dir)
     run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], False, [])
     stats(out, None, "table", 2000, [])
+    from engine.stats import round_summaries
+
+    for line in round_summaries(out):
+        _say(f"stage 3 {line}")
+    for line in ("", "next, try:",
+                 f"  fld query {out} \"SELECT i.uri, t.tier, t.text FROM texts t JOIN images i USING (image_id) "
+                 "WHERE t.status = 'kept' LIMIT 10\"",
+                 f"  fld show {out} --out report.html",
+                 f"  fld export {out} --format coco --dest export/"):
+        console.print(Text(shown(line)), soft_wrap=True)  # never wrapped: each command copies as one line
 
 
 @app.command()

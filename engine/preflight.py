@@ -257,7 +257,17 @@ def _opencv_dnn(ref: str, hub: _Hub) -> _Found:
     return _Found(files.kind, str(Path(files.graph).parent), files.revision)
 
 
-LOADERS = {"hf": _hf, "open_clip": _open_clip, "rapidocr": _rapidocr, "spacy": _spacy, "opencv_dnn": _opencv_dnn}
+def _opencv(ref: str, hub: _Hub) -> _Found:
+    """A classical OpenCV algorithm (GrabCut): no weights, the installed OpenCV is the model."""
+    spec = importlib.util.find_spec("cv2")
+    if spec is None:
+        return _Found("package", None, None, "opencv is not installed", fix="pip install opencv-python-headless")
+    import cv2
+
+    return _Found("package", str(Path(spec.origin).parent), f"opencv-{cv2.__version__}")
+
+
+LOADERS = {"opencv": _opencv, "hf": _hf, "open_clip": _open_clip, "rapidocr": _rapidocr, "spacy": _spacy, "opencv_dnn": _opencv_dnn}
 
 
 # ----------------------------------------------------------------------------- public

@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "region_text": "annotators.region_text:RegionTextAnnotator",
     "grounding": "annotators.grounding:GroundingAnnotator",
     "masks": "annotators.masks:SamMaskAnnotator",
+    "compose_caption": "annotators.compose_caption:ComposeCaptioner",
     # stage 2: filters (filters/)
     "text_filter": "filters.text:TextFilter",
     "region_filter": "filters.region:RegionFilter",

@@ -164,7 +164,7 @@ def test_pipelines_lists_the_installed_file():
     for name, p in cfg.pipelines.items():
         row = next(line for line in lines if line.strip("│ ").startswith(name + " "))
         assert p.description[:30] in row and f"│ {p.rounds} " in row
-    assert "stage1: ocr, florence2, detect" in res.output and "offline" in res.output
+    assert "stage1: ocr, detect, masks, compose_caption" in res.output and "offline" in res.output
     assert _run("pipelines", "/no/such.yaml").exit_code == 2
 
 

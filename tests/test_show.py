@@ -134,6 +134,9 @@ def test_layers_are_drawn_over_the_embedded_photo(report):
     assert grounding, "the grounding box is drawn dashed"
     # the phrase has its box's colour, and the caption has no location token left
     assert f'<b class="phrase" style="color:{grounding.group(1)}">a cup</b> of coffee on a table' in page
+    assert masks.count("<title>mask:") == 3  # r1, r4 and g1, each drawn once, light fill with an outline
+    assert 'fill-opacity="0.18"' in masks and 'class="mask-outline"' in masks
+    assert 'id="layer-masks" class="toggle" checked>' in page  # few masks: shown at start
     dropped = _layer(page, "dropped")
     assert "<title>dropped by region_filter:low_score: spoon (0.20)</title>" in dropped
     assert 'id="layer-dropped" class="toggle">' in page and 'id="layer-objects" class="toggle" checked>' in page
@@ -143,7 +146,10 @@ def test_header_funnel_histograms_and_quarantine(report):
     page = report
     assert "pipeline <b>quickstart</b>" in page and "profile <b>offline</b>" in page
     warning = re.search(r"<div class='warning' id='random-models'>(.*?)</div>", page, re.S).group(1)
-    assert "florence2 = random:tiny (used by florence2, region_text)" in warning
+    # offline, the quickstart's only random model is stage 3's Florence-2; this step has none of its annotations
+    assert "florence2 = random:tiny (used by refine): none of this step&#x27;s annotations come from it" in warning
+    assert "grounding_dino" not in warning and "sam" not in warning  # not used: composed groundings, GrabCut
+    assert "CLIP score rule: off - no real CLIP model is available (clip = random:tiny)" in page
     assert "<td>ocr</td><td>rapidocr</td><td>ocr</td>" in page  # a real model is listed, not warned about
     assert '<svg class="funnel"' in page and "region_filter" in re.search(r'<svg class="funnel".*?</svg>', page, re.S).group(0)
     score = re.search(r"<figure class='hist'><svg.*?>score</text><text[^>]*>regions, n=5.*?</figure>", page, re.S).group(0)
@@ -169,6 +175,7 @@ def test_no_warning_when_every_model_is_real(tmp_path, photos):
     build_report(store.out, tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert "random-models" not in page and "<td>florence2</td><td>florence-community/Florence-2-large</td>" in page
+    assert "CLIP score rule" not in page  # a real CLIP: the rule applies
 
 
 def test_a_broken_record_does_not_block_the_report(tmp_path, photos):
@@ -189,3 +196,14 @@ def test_cli_show_with_markup_in_the_path(tmp_path, photos):
     assert "[/bold] report.html (1 images)" in res.output and dest.exists()
     res = CliRunner().invoke(app, ["show", str(store.out), "--step", "nope"])
     assert res.exit_code == 2 and "no committed step 'nope'" in res.output
+
+
+def test_many_masks_start_hidden_and_a_shared_mask_is_drawn_once():
+    from engine.show import MANY_MASKS, MaskLayer, _toggles
+
+    assert 'id="layer-masks" class="toggle">' in _toggles({"masks": MANY_MASKS + 1})
+    assert 'id="layer-masks" class="toggle" checked>' in _toggles({"masks": MANY_MASKS})
+    layer = MaskLayer(60, 40, 1024)
+    rle = _rect_mask(40, 60, (10, 10, 30, 30))
+    assert layer.add({"mask": rle}, "#e6194b", "cup") and not layer.add({"mask": rle}, "#3cb44b", "a cup")
+    assert layer.svg().count("<path") == 1
