@@ -1,10 +1,17 @@
-"""Shared fixtures: real photos (scikit-image, Debian darknet) and image-record batches."""
+"""Shared fixtures: real photos (scikit-image, Debian darknet) and image-record batches; the unit layer.
+
+The unit layer (`python3 -m pytest -m unit`): every test of a module in UNIT_MODULES that is not marked `slow` and
+not listed in NOT_UNIT gets the `unit` marker. A unit test starts no subprocess, Ray or Beam (so no SeaweedFS and
+no browser either): while one runs (its fixtures included), starting any of them raises, and the test fails
+naming what it started, even where the code under test catches the error.
+"""
 from __future__ import annotations
 
 import glob
-import hashlib
+import importlib.util
 import io
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,8 +23,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from engine.stage import IMAGE_BYTES_COLUMN, records_to_table
-from schemas.records import empty_record
+from helpers import make_batch, rendered_sign
+from helpers import ocr_pipelines as write_ocr_pipelines
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 DARKNET_DIR = "/usr/share/darknet/data"
@@ -58,21 +65,6 @@ def photos() -> dict[str, bytes]:
     return out
 
 
-def make_batch(images: dict[str, bytes]) -> pa.Table:
-    """Image records (no annotations yet) plus the transient image-bytes column."""
-    records = []
-    for name, data in images.items():
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-        records.append(
-            empty_record(
-                {"image_id": hashlib.sha256(data).hexdigest(), "uri": name, "width": w, "height": h, "source": "test"}
-            )
-        )
-    table = records_to_table(records)
-    return table.append_column(IMAGE_BYTES_COLUMN, pa.array(list(images.values()), pa.binary()))
-
-
 @pytest.fixture(scope="session")
 def photo_batch(photos) -> pa.Table:
     """Four real photos as a stage input batch."""
@@ -83,8 +75,6 @@ def photo_batch(photos) -> pa.Table:
 @pytest.fixture(scope="session")
 def ocr_inputs(tmp_path_factory, photos):
     """Five inputs: a rendered sign (OCR finds its words), three photos, one non-image (quarantined)."""
-    from test_ocr import rendered_sign
-
     d = tmp_path_factory.mktemp("ocr_inputs")
     (d / "sign.jpg").write_bytes(rendered_sign())
     for name in ("astronaut", "coffee", "chelsea"):
@@ -96,9 +86,20 @@ def ocr_inputs(tmp_path_factory, photos):
 @pytest.fixture(scope="session")
 def ocr_pipelines(tmp_path_factory):
     """test_cli's `ocr` pipeline: one RapidOCR step, shards of 2 inputs."""
-    from test_cli import _yaml
+    return write_ocr_pipelines(tmp_path_factory.mktemp("ocr_pipelines"))
 
-    return _yaml(tmp_path_factory.mktemp("ocr_pipelines"))
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, photos):
+    """The CLI tests' folder: a rendered sign and an exact copy of it, three photos, an empty file, a non-image."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "sign.jpg").write_bytes(rendered_sign())
+    (d / "copy_of_sign.jpg").write_bytes(rendered_sign())  # exact duplicate
+    for name in ("astronaut", "coffee", "chelsea"):
+        (d / f"{name}.png").write_bytes(photos[name])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("not an image at all")
+    return d
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +127,107 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         seaweed.stop(server)
+
+
+# ---------------------------------------------------------------------- the unit layer
+# Modules whose tests (other than `slow` ones and NOT_UNIT) are unit tests: in-process, seconds each.
+UNIT_MODULES = {
+}
+# Tests of those modules that are not unit tests (they start a subprocess, Ray or Beam, or take long).
+NOT_UNIT = {
+}
+# audit events (sys.addaudithook) that start another process
+PROCESS_EVENTS = {"subprocess.Popen": "a subprocess", "os.fork": "a forked process", "os.forkpty": "a forked process",
+                  "os.posix_spawn": "a process", "os.system": "a shell command", "os.exec": "a program"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.path.name in UNIT_MODULES and item.get_closest_marker("slow") is None
+                and f"{item.path.name}::{item.originalname}" not in NOT_UNIT):
+            item.add_marker(pytest.mark.unit)
+
+
+class UnitLayerViolation(RuntimeError):
+    pass
+
+
+class _Guard:
+    """While a unit test runs: refuse new processes (audit hook), Ray (`ray.init`) and Beam (`Pipeline.run`)."""
+
+    def __init__(self):
+        self.item = None
+        self.started: list[str] = []
+        self.installed = False
+
+    def refuse(self, what: str):
+        self.started.append(what)
+        raise UnitLayerViolation(f"unit test {self.item.nodeid} started {what}: the unit layer starts no subprocess, "
+                                 "Ray or Beam; move the test out of UNIT_MODULES / into NOT_UNIT (tests/conftest.py)")
+
+    def audit(self, event, args):
+        if self.item is not None and event in PROCESS_EVENTS:
+            self.refuse(f"{PROCESS_EVENTS[event]} ({event} {str(args[:2])[:200]})")
+
+    def install(self):
+        if not self.installed:
+            sys.addaudithook(self.audit)  # cannot be removed: it does nothing while no unit test runs
+            if importlib.util.find_spec("apache_beam") is not None:
+                import apache_beam.pipeline  # noqa: F401  (patched below while a unit test runs)
+            self.installed = True
+
+    def patches(self):
+        """(object, attribute, replacement) for Ray / Beam / multiprocessing while a unit test runs."""
+        out = []
+        def refuse(what):
+            return lambda *a, **k: self.refuse(what)
+        import multiprocessing.process
+        out.append((multiprocessing.process.BaseProcess, "start", refuse("a multiprocessing process")))
+        if "ray" in sys.modules and hasattr(sys.modules["ray"], "init"):
+            out.append((sys.modules["ray"], "init", refuse("Ray (ray.init)")))
+        if "apache_beam.pipeline" in sys.modules:
+            out.append((sys.modules["apache_beam.pipeline"].Pipeline, "run", refuse("a Beam pipeline (Pipeline.run)")))
+        return out
+
+    def run(self, item):
+        """Generator body of the hook wrappers below."""
+        if item.get_closest_marker("unit") is None:
+            return (yield)
+        self.install()
+        patches = self.patches()
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+        for obj, name, new in patches:
+            setattr(obj, name, new)
+        self.item, self.started = item, []
+        try:
+            result = yield
+        finally:
+            self.item = None
+            for obj, name, old in saved:
+                setattr(obj, name, old)
+        ray = sys.modules.get("ray")
+        if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+            self.started.append("Ray")
+        if self.started:  # also when the code under test caught the error
+            raise UnitLayerViolation(f"unit test {item.nodeid} started {', '.join(self.started)}; move it out of "
+                                     "UNIT_MODULES / into NOT_UNIT (tests/conftest.py)")
+        return result
+
+
+_GUARD = _Guard()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _GUARD.run(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _GUARD.run(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    return (yield from _GUARD.run(item))
