@@ -1,6 +1,6 @@
 """Native Florence-2 training (transformers' Florence2ForConditionalGeneration), streamed and resumable.
 
-Recipe (FLORENCE2.md §3, P §6.1): AdamW, cosine decay after a linear warm-up, gradient
+Recipe (docs/florence2.md §3, P §6.1): AdamW, cosine decay after a linear warm-up, gradient
 accumulation, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing), fp32 on CPU.
 Batches come from refine.dataset.ShardStream, a window of shards at a time, as a pure function
 of (seed, step, worker, window position), so a run killed at any point and restarted continues

@@ -266,7 +266,7 @@ LOC = lambda *ks: "".join(f"<loc_{k}>" for k in ks)  # noqa: E731
 
 
 def px(k: int, size: int) -> int:
-    """Where the official decoder puts location bin k (FLORENCE2.md §2): the bin centre, cast to int."""
+    """Where the official decoder puts location bin k (docs/florence2.md §2): the bin centre, cast to int."""
     return int((k + 0.5) * size / 1000)
 
 

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from annotators.grounding import GroundingAnnotator
 from engine.models import parse_model_ref
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
+from helpers import count_forwards, make_batch
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
 
-from conftest import make_batch
 
 TWO_PHRASES = {"brief": "A cat sits on a table."}
 TWELVE_PHRASES = {
@@ -52,16 +52,6 @@ def stage() -> GroundingAnnotator:
                            models={"dino": "random:tiny"})
     s.ensure_setup()
     return s
-
-
-def count_forwards(stage: GroundingAnnotator, table: pa.Table) -> tuple[pa.Table, int]:
-    calls = []
-    handle = stage.model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        out = stage(table)
-    finally:
-        handle.remove()
-    return out, len(calls)
 
 
 def test_groundings_valid_linked_and_spans_right(stage, photo_batch):
@@ -198,7 +188,7 @@ def test_each_phrase_gets_the_boxes_its_tokens_score(stage, photos, monkeypatch)
     every box, so a wrong token-to-phrase mapping, threshold or (w, h) order would go unseen there."""
     from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoObjectDetectionOutput
 
-    from conftest import make_batch
+    from helpers import make_batch
 
     st = GroundingAnnotator({"model": "random:tiny", "box_threshold": 0.35, "text_threshold": 0.25})
     st.model, st.processor, st.nlp = stage.model, stage.processor, stage.nlp

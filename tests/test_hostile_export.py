@@ -17,8 +17,7 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from schemas.records import new_annotation
-from test_export import store_one_image
-from test_ocr import WORDS, rendered_sign
+from helpers import WORDS, rendered_sign, store_one_image
 
 ORIENTATION = ExifTags.Base.Orientation
 # Stored pixels = the upright picture turned the other way; the tag tells viewers to turn it back.

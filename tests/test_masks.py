@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from annotators.masks import SamMaskAnnotator
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
+from helpers import count_forwards as run_counting
 from schemas.geometry import box_iou, mask_to_rle, polygon_to_rle, rle_area, rle_to_mask
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
@@ -66,16 +67,6 @@ def annotated(table: pa.Table, counts: list[int]) -> pa.Table:
         human[:8, :8] = True
         rec["regions"].append(region(102, HUMAN_MASK_BOX, mask=mask_to_rle(human)))
     return records_to_table(records).append_column(IMAGE_BYTES_COLUMN, table.column(IMAGE_BYTES_COLUMN))
-
-
-def run_counting(stage: SamMaskAnnotator, table: pa.Table) -> tuple[pa.Table, int]:
-    calls = []
-    handle = stage.model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        out = stage(table)
-    finally:
-        handle.remove()
-    return out, len(calls)
 
 
 def test_masks_decode_to_image_size_one_call_per_image(stage, photo_batch):
@@ -164,7 +155,7 @@ def test_each_mask_lies_under_its_own_prompt_box(stage, photos, monkeypatch):
     a mixed-up order of boxes, a box in the wrong frame or a (w, h) swap all move or lose it."""
     from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 
-    from conftest import make_batch
+    from helpers import make_batch
 
     seen = []
 

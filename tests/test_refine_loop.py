@@ -2,13 +2,11 @@
 (the merge policy: test_merge_policy.py)."""
 from __future__ import annotations
 
-import io
-import json
 
 import pytest
 import torch
-from PIL import Image
 
+from helpers import coco_input as _coco_input
 from refine.metrics import agreement_sums, coco_map, reduce_agreement, token_f1
 from schemas.records import ANNOTATION_KINDS, new_annotation, source_of
 
@@ -43,8 +41,13 @@ def test_agreement_figures():
     m = reduce_agreement([agreement_sums(old, new)])
     assert m["object_precision@0.5"] == 1.0 and m["object_recall@0.5"] == 0.5
     assert m["object_mean_iou"] == pytest.approx(10 / 11, abs=1e-3)
-    assert m["brief_token_f1"] == pytest.approx(token_f1("a dog on grass", "a dog on the grass"), abs=1e-4)
+    # worked by hand: 4 of the new caption's 4 tokens are in the old one's 5: precision 1, recall 4/5, F1 8/9
+    assert m["brief_token_f1"] == pytest.approx(8 / 9, abs=1e-4)
     assert token_f1("A dog.", "a DOG") == 1.0
+    # precision 2/2, recall 2/5: F1 = 2 * 1 * 0.4 / 1.4 = 4/7, either way round
+    assert token_f1("a dog", "a dog on the grass") == pytest.approx(4 / 7)
+    assert token_f1("a dog on the grass", "a dog") == pytest.approx(4 / 7)
+    assert token_f1("a dog dog", "a dog") == pytest.approx(0.8)  # common counts clip: 2 of 3 and 2 of 2
 
 
 def test_coco_map_scores_round_k_against_human_boxes():
@@ -58,24 +61,6 @@ def test_coco_map_scores_round_k_against_human_boxes():
 
 
 # ---------------------------------------------------------------------- end to end
-def _coco_input(photos, folder):
-    """Real photos + a COCO file with one box and one caption each (imported as `human`)."""
-    names = [n for n in photos if n.startswith("jpeg_")][:3] + ["coffee"]
-    images, anns = [], []
-    for i, name in enumerate(names, start=1):
-        data = photos[name]
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            ext = "jpg" if im.format == "JPEG" else "png"
-        (folder / f"{name}.{ext}").write_bytes(data)
-        images.append({"id": i, "file_name": f"{name}.{ext}", "width": w, "height": h})
-        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [w * 0.2, h * 0.2, w * 0.5, h * 0.5],
-                     "area": w * h * 0.25, "iscrowd": 0})
-    anns += [{"id": 100 + i, "image_id": i, "caption": "a dog sitting on a wooden bench"} for i in range(1, len(names) + 1)]
-    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
-    path = folder / "instances.json"
-    path.write_text(json.dumps(coco))
-    return path
 
 
 PIPELINE = """

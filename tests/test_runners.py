@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ from engine.query import run_query
 from engine.run import run_pipeline
 from engine.stage import Resources, Stage, StageParams
 from engine.store import ShardStore
+from helpers import assert_close as _close
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
 
@@ -174,22 +174,6 @@ def runs(tmp_path_factory, input_dir, pipelines_file, ray_cluster):
         pipe = load_pipeline(pipelines_file, "equal")
         out[runner] = (dest, run_pipeline(pipe, str(input_dir), str(dest), runner=runner))
     return out
-
-
-def _close(a, b, path="") -> None:
-    """Deep equality with a float tolerance (scores, geometry); names the first differing path."""
-    if isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), f"{path}: {a} != {b}"
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def _without_seconds(counters: dict) -> dict:

@@ -57,7 +57,7 @@ def run_train(store, job: TrainJob) -> dict:
         log.warning("ray: %s asks for %s GPU(s) per worker but the cluster has none; training on CPU",
                     job.name, job.gpus_per_worker)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    # fractional CPUs on small clusters, so a Ray Train controller and N workers fit (STACK.md)
+    # fractional CPUs on small clusters, so a Ray Train controller and N workers fit (docs/running.md, Ray notes)
     per_worker = {"GPU": job.gpus_per_worker} if use_gpu else {"CPU": min(1.0, max(0.25, (cpus - 0.5) / job.num_workers))}
     results = tempfile.mkdtemp(prefix="fld-train-")  # Ray Train's own run records; our checkpoints are in OUT
     try:
