@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.show import build_report, visible_text
 from engine.stage import records_to_table
-from helpers import make_report_store
+from helpers import make_report_store, rect_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,6 +124,6 @@ def test_many_masks_start_hidden_and_a_shared_mask_is_drawn_once():
     assert 'id="layer-masks" class="toggle">' in _toggles({"masks": MANY_MASKS + 1})
     assert 'id="layer-masks" class="toggle" checked>' in _toggles({"masks": MANY_MASKS})
     layer = MaskLayer(60, 40, 1024)
-    rle = _rect_mask(40, 60, (10, 10, 30, 30))
+    rle = rect_mask(40, 60, (10, 10, 30, 30))
     assert layer.add({"mask": rle}, "#e6194b", "cup") and not layer.add({"mask": rle}, "#3cb44b", "a cup")
     assert layer.svg().count("<path") == 1
