@@ -321,6 +321,12 @@ def pipeline_rules(config: dict | None) -> list[Rule]:
     return out
 
 
+def _leaf(value: Any, path: tuple) -> Any:
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _set_path(value: Any, path: tuple, new: Any) -> Any:
     if not path:
         return new
@@ -487,6 +493,8 @@ def overlay(cal: Calibration) -> tuple[dict, dict]:
     for r in cal.rules:
         if r["decision"] == "fit":
             new = round(r["fitted"], 6)
+            if isinstance(_leaf(r["current_param"], r["param"][1:]), int):  # an integer parameter (min_sources)
+                new = math.floor(new) if r["keeps"] == "<=" else math.ceil(new)
         elif r["decision"] == "off":
             new = None if r["nullable"] else (0.0 if r["keeps"] == ">=" else None)
             if new is None and not r["nullable"]:
