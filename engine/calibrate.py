@@ -553,3 +553,32 @@ def calibration_sections(store, step: str | None = None) -> dict[str, dict]:
     if "calibration" in out:
         out["calibration"]["figures"] = as_json(cal)
     return out
+
+
+def calibration_html(store, step: str | None = None) -> str:
+    """`fld show`'s section: a precision-recall curve per measured rule, the current threshold (orange) and
+    the fitted one (green) marked; empty when OUT has no human annotations."""
+    from html import escape
+
+    from engine.svg_plots import THRESHOLD_COLOR, pr_curve_svg
+
+    records = human_records(store, step)
+    if not records:
+        return ""
+    cal = calibrate(store, step, records=records)
+    figures = []
+    for r in cal.rules:
+        if not r["curve"]:
+            continue
+        marks = []
+        for label, at, colour in (("current", r["now"], THRESHOLD_COLOR), ("fitted", r["at_fitted"], "#2e8b57")):
+            if at and at["precision"] is not None and at["recall"] is not None:
+                marks.append((f"{label} {r['current'] if label == 'current' else r['fitted']:.4g}", at["recall"],
+                              at["precision"], colour))
+        sub = f"n {r['n']} ({r['correct']} correct), AUC {_f(r['auc'])} {_ci(r['auc_ci'])}: {r['decision']}"
+        plot = pr_curve_svg(f"{r['stage']} {r['rule']}", sub, r["curve"], marks)
+        figures.append(f"<figure class='pr'>{plot}<figcaption>{escape(_comment(r))}</figcaption></figure>")
+    return ("<section id='calibration'><h2>Calibration against the human annotations</h2><p>Precision-recall "
+            f"curve of each rule over {cal.images} images with human annotations (fld calibrate); orange circle: "
+            f"the current threshold, green: the threshold fitted to precision {cal.target}.</p>"
+            + ("".join(figures) or "<p>No rule has labelled items with both outcomes.</p>") + "</section>")

@@ -121,7 +121,7 @@ def _jpeg_bytes(arr) -> bytes:
 # The human sample (`fld samples DIR --human`): a COCO JSON of hand-made truth for the sample images, what
 # `fld calibrate` measures the filters against (docs/calibrate.md). Scene objects come from the drawing code
 # above; the photos' boxes were drawn by eye on a 50-pixel grid; text lines (COCO-Text `utf8_string`) are
-# where Pillow draws the words; captions were written by hand. Darknet photos carry no truth.
+# where Pillow draws the words; captions were written by hand.
 HUMAN_SAMPLE = "instances.json"
 _TEXT_LINES = {  # file -> (box the text is centred in, text, font size), as drawn by _centered_text
     "scene_stop_sign.png": [((210, 60, 430, 280), "STOP", 72)],
@@ -135,6 +135,13 @@ _OBJECTS = {  # file -> [(category, [x0, y0, x1, y1])]
     "photo_astronaut.jpg": [("person", [20, 15, 365, 512])],
     "photo_coffee.jpg": [("cup", [175, 18, 410, 305]), ("spoon", [325, 65, 425, 325]), ("dining table", [0, 0, 600, 400])],
     "photo_chelsea.jpg": [("cat", [0, 0, 451, 300])],
+    "photo_darknet_dog.jpg": [("bicycle", [125, 140, 568, 420]), ("dog", [132, 222, 310, 540]),
+                              ("truck", [465, 75, 695, 170]), ("motorcycle", [55, 70, 110, 125])],
+    "photo_darknet_horses.jpg": [("horse", [0, 195, 315, 410]), ("horse", [235, 195, 420, 362]),
+                                 ("horse", [435, 210, 597, 350]), ("horse", [0, 185, 152, 290]),
+                                 ("horse", [370, 205, 455, 322])],
+    "photo_darknet_person.jpg": [("person", [190, 98, 275, 375]), ("dog", [65, 262, 205, 345]),
+                                 ("horse", [405, 140, 600, 345])],
 }
 _CAPTIONS = {
     "scene_stop_sign.png": "A red stop sign on a grey pole by a street.",
@@ -145,6 +152,9 @@ _CAPTIONS = {
     "photo_coffee.jpg": "A cup of coffee with a spoon on a saucer on a wooden table.",
     "photo_chelsea.jpg": "A close-up of a tabby cat's face with green eyes.",
     "photo_rocket.jpg": "A rocket on a launch pad between towers at dusk.",
+    "photo_darknet_dog.jpg": "A dog sitting on a porch in front of a red bicycle, a white truck parked on the street.",
+    "photo_darknet_horses.jpg": "Horses running across a dry grassy field below snowy mountains.",
+    "photo_darknet_person.jpg": "A person in a blue jacket standing in a field between a dog and a white horse.",
 }
 
 

@@ -2,6 +2,8 @@
 and the profile overlay it writes (engine/calibrate.py)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import yaml
@@ -143,3 +145,8 @@ def test_fld_calibrate_on_the_shipped_sample_and_its_overlay_runs(tmp_path):
     assert manifest["pipeline"]["profile"] == "calibrated.yaml"
     stats = json.loads(fld("stats", "out/cal", "--format", "json"))
     assert stats["calibration"]["rows"]  # fld stats shows the figures when OUT has human annotations
+    assert stats["calibration"]["figures"]["labelled"]["regions"] == regions
+    fld("show", "out/cal", "--out", "report.html")
+    html = (tmp_path / "report.html").read_text()
+    assert "<section id='calibration'>" in html and "region_filter text min_score" in html
+    assert "<polyline" in html and re.search(r"current [0-9.e-]+: precision", html)  # curve + current threshold
