@@ -227,7 +227,7 @@ def run(
     input: Optional[str] = typer.Option(None, "--input", "-i", help="folder, list file (csv/jsonl/parquet), tar(s), or COCO JSON"),
     out: str = typer.Option(..., "--out", "-o", help="output folder or fsspec URL, e.g. s3://bucket/prefix (resumable)"),
     runner: str = typer.Option("local", "--runner", "-r", help="local | ray | beam"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="swap models by a profile of the YAML (e.g. offline)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="swap models by a profile of the YAML (e.g. offline), or a profile file (fld calibrate's calibrated.yaml)"),
     force: bool = typer.Option(False, "--force", help="redo everything, ignoring committed shards"),
     from_step: Optional[str] = typer.Option(None, "--from", help="redo this step and the ones after it"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:port)"),
@@ -352,6 +352,45 @@ def stats(
 
 
 @app.command()
+def calibrate(
+    out: str = typer.Argument(..., help="output folder (or URL) of fld run whose inputs carried human annotations"),
+    step: Optional[str] = typer.Option(None, "--step", help="which step or round (default: the latest)"),
+    target_precision: float = typer.Option(0.9, "--target-precision", help="fit each rule's threshold to reach this precision"),
+    overlay: Path = typer.Option(Path("calibrated.yaml"), "--out", "-o", help="profile overlay to write (for fld run --profile)"),
+    resamples: int = typer.Option(1000, "--bootstrap", min=0, help="bootstrap resamples of the AUC intervals"),
+    min_labels: int = typer.Option(5, "--min-labels", min=1, help="a rule is fitted or switched off only with at least "
+                                   "this many correct and this many wrong labelled items"),
+    format: str = typer.Option("table", "--format", "-f", help="table | json"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
+) -> None:
+    """Measure every filter check and rule against OUT's human annotations; write a profile with fitted thresholds."""
+    from engine.atomic import atomic_write_bytes
+    from engine.calibrate import as_json, calibrate as do_calibrate, overlay_yaml, tables
+    from engine.config import is_profile_file, load_profile_file
+    from engine.query import QueryError
+    from engine.store import StoreError
+
+    if format not in ("table", "json"):
+        _fail(f"--format must be table or json, not {format!r}")
+    try:
+        store = open_store(out, storage_option)
+        cal = do_calibrate(store, step, target_precision, resamples, min_labels=min_labels)
+        profile = (store.read_manifest().get("pipeline") or {}).get("profile")
+    except (QueryError, StoreError, ValueError) as exc:
+        _fail(str(exc))
+    if not cal.labelled:
+        _fail(f"{out}: no machine annotation on an image with human annotations: import a labelled sample "
+              "(a COCO JSON as --input) with the images, then rerun fld calibrate")
+    extends = load_profile_file(profile).extends if is_profile_file(profile) else profile
+    atomic_write_bytes(overlay, overlay_yaml(cal, extends, out).encode())
+    if format == "json":
+        sys.stdout.write(json.dumps(as_json(cal), default=str) + "\n")
+    else:
+        _render(list(tables(cal).values()))
+    _say(f"wrote {overlay}: fld run ... --profile {overlay}", to=console)
+
+
+@app.command()
 def export(
     out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     format: str = typer.Option("florence", "--format", "-f", help="florence | coco | webdataset | hf"),
@@ -417,12 +456,18 @@ def verify(
 
 
 @app.command()
-def samples(dest: Path = typer.Argument(Path("samples"), help="folder to write the sample images to")) -> None:
+def samples(
+    dest: Path = typer.Argument(Path("samples"), help="folder to write the sample images to"),
+    human: bool = typer.Option(False, "--human", help="also DEST/instances.json: COCO truth (boxes, text lines, "
+                                                       "captions) for fld calibrate; run it with --input DEST/instances.json"),
+) -> None:
     """Write the quickstart's sample images (generated scenes with text + photos from installed packages)."""
-    from engine.samples import write_samples
+    from engine.samples import write_human_sample, write_samples
 
     paths = write_samples(dest)
     _say(f"wrote {len(paths)} sample images to {dest}")
+    if human:
+        _say(f"wrote {write_human_sample(dest, paths)} (human annotations)")
 
 
 @app.command()
@@ -435,7 +480,7 @@ def quickstart(
     runner: str = typer.Option("local", "--runner", "-r"),
 ) -> None:
     """The main job on the embedded default: sample images -> the quickstart pipeline -> stats."""
-    samples(samples_dir)
+    samples(samples_dir, False)
     run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], False, [])
     stats(out, None, "table", 2000, [])
     from engine.stats import round_summaries

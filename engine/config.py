@@ -111,6 +111,23 @@ class ProfileConfig(_Strict):
     )
 
 
+class ProfileFile(ProfileConfig):
+    """A profile in a file of its own (`--profile calibrated.yaml`, what `fld calibrate` writes): applied
+    after the profile it `extends` (a profile of the pipelines file, or none)."""
+
+    extends: str | None = None
+
+
+def is_profile_file(profile: str | None) -> bool:
+    """`--profile` names a file (a YAML path that exists) rather than a profile of the pipelines file."""
+    return bool(profile) and profile.endswith((".yaml", ".yml")) and Path(profile).is_file()
+
+
+def load_profile_file(path: str | Path) -> ProfileFile:
+    return _load_yaml_model(Path(path), ProfileFile, "a profile file must be a mapping (extends, models, params)",
+                            "profile file")
+
+
 class FileConfig(_Strict):
     models: dict[str, str] = Field(default_factory=dict)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
@@ -180,16 +197,21 @@ class Pipeline:
 
 
 def load_config(path: str | Path) -> FileConfig:
-    path = Path(path)
-    raw = parse_yaml(read_config_text(path, "pipelines file"), str(path))
+    return _load_yaml_model(Path(path), FileConfig, "the top level must be a mapping with a 'pipelines' key")
+
+
+def _load_yaml_model(path: Path, model: type[BaseModel], not_a_mapping: str, what: str = "pipelines file"):
+    """A YAML file (a regular file, capped, duplicate keys refused) validated by a pydantic model; every error
+    is a ConfigError naming the file and YAML path."""
+    raw = parse_yaml(read_config_text(path, what), str(path))
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with a 'pipelines' key")
+        raise ConfigError(f"{path}: {not_a_mapping}")
     try:
-        return FileConfig(**(raw or {}))
+        return model(**(raw or {}))
     except ValidationError as exc:
         raise config_error(str(path), exc) from None
     except TypeError:
-        raise ConfigError(f"{path}: the top level must be a mapping with a 'pipelines' key") from None
+        raise ConfigError(f"{path}: {not_a_mapping}") from None
 
 
 def packaged_pipelines() -> Path:
@@ -206,6 +228,14 @@ def load_pipeline(path: str | Path | None, name: str, profile: str | None = None
         raise ConfigError(f"{path}: pipelines.{name}: no such pipeline; defined: {sorted(cfg.pipelines)}")
     models = dict(cfg.models)
     pipe_cfg = cfg.pipelines[name]
+    if is_profile_file(profile):
+        overlay = load_profile_file(profile)
+        if overlay.extends:
+            pipe = load_pipeline(path, name, overlay.extends)
+            models, pipe_cfg = dict(pipe.models), pipe.config
+        models.update(overlay.models)
+        pipe_cfg = apply_profile_params(pipe_cfg, overlay.params, f"{profile}: params")
+        return Pipeline(name, pipe_cfg, models, str(path), profile)
     if profile:
         if profile not in cfg.profiles:
             raise ConfigError(f"{path}: profiles.{profile}: no such profile; defined: {sorted(cfg.profiles)}")

@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "region_filter": "filters.region:RegionFilter",
     "clip_score": "filters.clip_score:ClipScoreFilter",
     "grounding_filter": "filters.grounding:GroundingFilter",
+    "vote": "filters.vote:VoteFilter",
 }
 
 

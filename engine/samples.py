@@ -118,6 +118,79 @@ def _jpeg_bytes(arr) -> bytes:
     return buf.getvalue()
 
 
+# The human sample (`fld samples DIR --human`): a COCO JSON of hand-made truth for the sample images, what
+# `fld calibrate` measures the filters against (docs/calibrate.md). Scene objects come from the drawing code
+# above; the photos' boxes were drawn by eye on a 50-pixel grid; text lines (COCO-Text `utf8_string`) are
+# where Pillow draws the words; captions were written by hand.
+HUMAN_SAMPLE = "instances.json"
+_TEXT_LINES = {  # file -> (box the text is centred in, text, font size), as drawn by _centered_text
+    "scene_stop_sign.png": [((210, 60, 430, 280), "STOP", 72)],
+    "scene_shop_front.png": [((70, 90, 570, 170), "OPEN 24 HOURS", 52), ((100, 360, 180, 398), "CAFE", 28)],
+    "scene_exit_sign.png": [((200, 40, 400, 130), "EXIT", 64)],
+    "scene_street.png": [((470, 140, 630, 200), "BUS STOP", 30)],
+}
+_OBJECTS = {  # file -> [(category, [x0, y0, x1, y1])]
+    "scene_stop_sign.png": [("stop sign", [218, 68, 422, 272])],
+    "scene_street.png": [("car", [200, 240, 470, 400])],
+    "photo_astronaut.jpg": [("person", [20, 15, 365, 512])],
+    "photo_coffee.jpg": [("cup", [175, 18, 410, 305]), ("spoon", [325, 65, 425, 325]), ("dining table", [0, 0, 600, 400])],
+    "photo_chelsea.jpg": [("cat", [0, 0, 451, 300])],
+    "photo_darknet_dog.jpg": [("bicycle", [125, 140, 568, 420]), ("dog", [132, 222, 310, 540]),
+                              ("truck", [465, 75, 695, 170]), ("motorcycle", [55, 70, 110, 125])],
+    "photo_darknet_horses.jpg": [("horse", [0, 195, 315, 410]), ("horse", [235, 195, 420, 362]),
+                                 ("horse", [435, 210, 597, 350]), ("horse", [0, 185, 152, 290]),
+                                 ("horse", [370, 205, 455, 322])],
+    "photo_darknet_person.jpg": [("person", [190, 98, 275, 375]), ("dog", [65, 262, 205, 345]),
+                                 ("horse", [405, 140, 600, 345])],
+}
+_CAPTIONS = {
+    "scene_stop_sign.png": "A red stop sign on a grey pole by a street.",
+    "scene_shop_front.png": "A brick shop front with a sign saying open 24 hours, a window and a door.",
+    "scene_exit_sign.png": "A green exit sign above a grey door in a corridor.",
+    "scene_street.png": "A blue car on a street next to a tree and a bus stop sign.",
+    "photo_astronaut.jpg": "An astronaut in an orange suit smiling next to a helmet and a flag.",
+    "photo_coffee.jpg": "A cup of coffee with a spoon on a saucer on a wooden table.",
+    "photo_chelsea.jpg": "A close-up of a tabby cat's face with green eyes.",
+    "photo_rocket.jpg": "A rocket on a launch pad between towers at dusk.",
+    "photo_darknet_dog.jpg": "A dog sitting on a porch in front of a red bicycle, a white truck parked on the street.",
+    "photo_darknet_horses.jpg": "Horses running across a dry grassy field below snowy mountains.",
+    "photo_darknet_person.jpg": "A person in a blue jacket standing in a field between a dog and a white horse.",
+}
+
+
+def _text_box(box: tuple[int, int, int, int], text: str, size: int) -> list[float]:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    draw = ImageDraw.Draw(Image.new("RGB", SIZE))
+    return [float(v) for v in draw.textbbox((cx, cy), text, font=_font(size), anchor="mm")]
+
+
+def write_human_sample(dest: str | Path, images: list[Path]) -> Path:
+    """dest/instances.json: a COCO file listing `images` with the hand-made truth of those that have some."""
+    import json
+
+    dest = Path(dest)
+    categories = sorted({c for objs in _OBJECTS.values() for c, _ in objs} | {"text"})
+    cat_id = {c: i for i, c in enumerate(categories, start=1)}
+    coco: dict = {"images": [], "annotations": [], "categories": [{"id": i, "name": c} for c, i in cat_id.items()]}
+    for image_id, path in enumerate(images, start=1):
+        with Image.open(path) as im:
+            coco["images"].append({"id": image_id, "file_name": path.name, "width": im.width, "height": im.height})
+        anns = [(c, box, None) for c, box in _OBJECTS.get(path.name, [])]
+        anns += [("text", _text_box(*line), line[1]) for line in _TEXT_LINES.get(path.name, [])]
+        for category, (x0, y0, x1, y1), text in anns:
+            ann = {"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cat_id[category],
+                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            if text is not None:
+                ann["utf8_string"] = text
+            coco["annotations"].append(ann)
+        if path.name in _CAPTIONS:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
+                                        "caption": _CAPTIONS[path.name]})
+    out = dest / HUMAN_SAMPLE
+    out.write_text(json.dumps(coco, indent=1))
+    return out
+
+
 def write_samples(dest: str | Path) -> list[Path]:
     """Write the sample images into `dest` (created if needed); return their paths, sorted.
 

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.calibrate import calibration_html
 from engine.funnel import funnel, pipeline_thresholds, value_histograms
 from engine.query import open_views, resolve_step
 from engine.stage import decode_image, table_to_records
@@ -509,7 +510,7 @@ def build_report(out: str | Path, dest: str | Path, step: str | None = None, lim
             + _header(out, folder, manifest, con, len(cards), total_images)
             + _toggles(totals)
             + "<main><section id='images'><h2>Images</h2>" + "".join(cards) + "</section>"
-            + _plots(con, manifest) + _quarantine(con) + "</main></body></html>"
+            + _plots(con, manifest) + calibration_html(store, step) + _quarantine(con) + "</main></body></html>"
         )
     finally:
         con.close()

@@ -6,7 +6,8 @@ committed so far (the same data `fld query` sees).
 
 Returns {section key: titled table}; the CLI renders the tables in this order and
 `--format json` prints the dict as is. Section keys are stable (README "fld stats"):
-ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds, notes.
+ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds, notes; with human
+annotations also calibration, calibration_checks, calibration_rules, calibration_drops (engine/calibrate.py).
 A section without data for this OUT (no annotation step yet, no rounds) is left out.
 """
 from __future__ import annotations
@@ -76,6 +77,10 @@ def collect_stats(out: "str | Path | ShardStore", step: str | None = None, sampl
         order = [stage for step_counters in counters.values() for stage in step_counters] or None
         sections["funnel"], sections["checks"] = funnel_tables(con, order)
     con.close()
+    if folder is not None:  # filter quality against the human annotations, where OUT has some (fld calibrate)
+        from engine.calibrate import calibration_sections
+
+        sections.update(calibration_sections(store, step))
     t = round_metrics_table(store)
     if t["rows"]:
         sections["rounds"] = t

@@ -102,3 +102,36 @@ def funnel_svg(rows: list[dict[str, Any]], width: int = 640) -> str:
             y += line
     parts.append("</svg>")
     return "".join(parts)
+
+
+def pr_curve_svg(title: str, subtitle: str, curve: Sequence[tuple[float, float, float]],
+                 marks: Sequence[tuple[str, float, float, str]] = (), width: int = 320, height: int = 200) -> str:
+    """A precision-recall curve (points (threshold, precision, recall), strictest first) on [0, 1] x [0, 1],
+    with marked operating points (label, recall, precision, colour); hover a point for its threshold."""
+    left, right, top, bottom = 34, 10, 32, 24
+    pw, ph = width - left - right, height - top - bottom
+
+    def xy(r: float, p: float) -> tuple[float, float]:
+        return left + r * pw, top + (1 - p) * ph
+
+    parts = [f'<svg class="pr" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+             f'<text x="{left}" y="12" class="plot-title">{escape(title)}</text>',
+             f'<text x="{left}" y="25" class="axis">{escape(subtitle)}</text>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>']
+    if curve:
+        points = " ".join("{:.1f},{:.1f}".format(*xy(r, p)) for _, p, r in curve)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{KEPT_COLOR}" stroke-width="1.5"/>')
+        for t, p, r in curve:
+            x, y = xy(r, p)
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{KEPT_COLOR}"><title>'
+                         f'{escape(f"threshold {_num(t)}: precision {p:.3f}, recall {r:.3f}")}</title></circle>')
+    for label, r, p, colour in marks:
+        x, y = xy(r, p)
+        parts.append(f'<g class="threshold"><title>{escape(f"{label}: precision {p:.3f}, recall {r:.3f}")}</title>'
+                     f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="none" stroke="{colour}" stroke-width="2"/></g>')
+    parts.append(f'<text x="{left}" y="{height - 8}" class="axis">recall 0</text>')
+    parts.append(f'<text x="{left + pw}" y="{height - 8}" class="axis" text-anchor="end">1</text>')
+    parts.append(f'<text x="{left - 4}" y="{top + 8}" class="axis" text-anchor="end">P 1</text>')
+    parts.append(f'<text x="{left - 4}" y="{top + ph}" class="axis" text-anchor="end">0</text>')
+    parts.append("</svg>")
+    return "".join(parts)

@@ -111,7 +111,8 @@ class ClipScoreFilter(Stage):
     def thresholds(self) -> list[Threshold]:
         """The global cosine thresholds (keep_top_fraction is relative: no fixed cut to mark)."""
         p: ClipScoreParams = self.params  # type: ignore[assignment]
-        return [Threshold(LIST_OF_TYPE[t], f"{self.name}.{t}", f"{t} min_score", float(p.min_score[t]))
+        return [Threshold(LIST_OF_TYPE[t], f"{self.name}.{t}", f"{t} min_score", float(p.min_score[t]),
+                          param=("min_score", t))
                 for t in p.types if p.min_score.get(t) is not None]
 
     def region_text(self, ann: dict) -> str:

@@ -58,7 +58,7 @@ class GroundingFilter(Stage):
         p: GroundingFilterParams = self.params  # type: ignore[assignment]
         rules = (("score", "min_box_score", p.min_box_score), (p.phrase_score_key, "min_phrase_score", p.min_phrase_score),
                  (f"{self.name}.mask_box_iou", "min_mask_iou", p.min_mask_iou))
-        return [Threshold("groundings", value_of, rule, float(v)) for value_of, rule, v in rules if v is not None]
+        return [Threshold("groundings", value_of, rule, float(v), param=(rule,)) for value_of, rule, v in rules if v is not None]
 
     def is_blacklisted(self, phrase: str) -> bool:
         """Empty, in the blacklist, or (with drop_pronouns) pronouns only; compared lower-cased."""

@@ -9,8 +9,8 @@ ours. Every value is written to `checks` (`region_filter.clamped`, `.area_frac`,
 NMS runs per image and per kind (object boxes never suppress OCR lines), per label or
 class-agnostic (per kind). Ranking is by score, ties broken by ann_id, and torchvision sees
 rank-derived scores: a sort of equal floats is not stable, and the same records must give the
-same survivors on every runner. A region without a score (human boxes, Florence-2 <OD>, which
-gives none) ranks as score 1.0.
+same survivors on every runner. A region without a score (Florence-2 <OD> gives none) ranks as
+score 1.0. Human (imported) regions are never suppressed and suppress nothing.
 """
 from __future__ import annotations
 
@@ -130,16 +130,18 @@ class RegionFilter(Stage):
     def thresholds(self) -> list[Threshold]:
         """Every active rule, on the check (or score) it reads."""
         p: RegionFilterParams = self.params  # type: ignore[assignment]
-        out = [Threshold("regions", "region_filter.min_side", "min_side", p.min_side),
-               Threshold("regions", "region_filter.area_frac", "min_area_frac", p.min_area_frac)]
+        out = [Threshold("regions", "region_filter.min_side", "min_side", p.min_side, param=("min_side",)),
+               Threshold("regions", "region_filter.area_frac", "min_area_frac", p.min_area_frac, param=("min_area_frac",))]
         for kind in REGION_KINDS:
             for value_of, rule, value in (("score", "min_score", p.min_score.get(kind)),
                                           ("region_filter.aspect", "max_aspect", p.max_aspect.get(kind)),
                                           ("region_filter.nms_iou", "nms_iou", p.nms_iou.get(kind))):
                 if value is not None:
-                    out.append(Threshold("regions", value_of, f"{kind} {rule}", float(value)))
+                    out.append(Threshold("regions", value_of, f"{kind} {rule}", float(value), upper=rule != "min_score",
+                                         where=("kind", kind), param=(rule, kind)))
         if p.min_mask_iou is not None:
-            out.append(Threshold("regions", "region_filter.mask_box_iou", "min_mask_iou", p.min_mask_iou))
+            out.append(Threshold("regions", "region_filter.mask_box_iou", "min_mask_iou", p.min_mask_iou,
+                                 param=("min_mask_iou",)))
         return out
 
     def filter_record(self, rec: dict) -> None:
@@ -201,7 +203,10 @@ class RegionFilter(Stage):
             ranked = sorted(anns, key=rank_key)
             mode = p.nms_mode[kind]
             group_ids: dict[str, int] = {}
-            participants = [a for a in ranked if is_kept(a)]
+            # imported ground truth (source annotator "human") takes no part: a human box suppressing the
+            # machine box it confirms would hide that box's quality from `fld calibrate` (and the merge of
+            # stage 3 already lets human boxes win); it still gets its IoU with the survivors
+            participants = [a for a in ranked if is_kept(a) and (a.get("source") or {}).get("annotator") != "human"]
             groups = [group_ids.setdefault(nms_group(a, mode), len(group_ids)) for a in participants]
             # the clamped, ordered box: with clamp off, ann["box"] may still be flipped or outside
             box_of = {id(a): clamp_box(a["box"], width, height) for a in ranked}

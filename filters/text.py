@@ -121,7 +121,8 @@ class TextFilter(Stage):
         """Every active per-tier rule, on the check it reads."""
         rules = (("objects", "min_objects"), ("objects", "max_objects"),
                  ("object_complexity", "min_object_complexity"), ("action_complexity", "min_action_complexity"))
-        return [Threshold("texts", f"{self.name}.{check}", f"{tier} {rule}", float(getattr(th, rule)))
+        return [Threshold("texts", f"{self.name}.{check}", f"{tier} {rule}", float(getattr(th, rule)),
+                          upper=rule.startswith("max_"), where=("tier", tier), param=("tiers", tier, rule))
                 for tier, th in self.params.tiers.items() for check, rule in rules if getattr(th, rule) is not None]
 
     def decide(self, ann: dict, stats: TextStats) -> None:

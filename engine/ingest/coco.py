@@ -128,6 +128,8 @@ def _object(ann: dict, entry: dict, categories: dict, refused: dict) -> dict:
         "iscrowd": 1 if ann.get("iscrowd") in (1, True) else 0,
         "coco_id": ann.get("id"),
     }
+    if ann.get("utf8_string") is not None:  # COCO-Text: a transcribed text line (an OCR truth), kind `text`
+        obj["text"] = check_text(ann["utf8_string"], "utf8_string")
     return check_object(obj, width, height)
 
 

@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 from engine.stage import record_error
-from schemas.geometry import check_polygon, check_rle, clamp_box, finite_numbers, polygon_to_rle
+from schemas.geometry import box_to_quad, check_polygon, check_rle, clamp_box, finite_numbers, polygon_to_rle
 from schemas.records import TIERS, make_ann_id, new_annotation, source_of
 
 HUMAN = "human"
@@ -197,15 +197,19 @@ def _region(obj: Any, i: int, width: int, height: int, image_id: str, source: di
     mask = obj["rle"]
     if mask is None and obj["polygon"] is not None:
         mask = polygon_to_rle(obj["polygon"], width, height)
+    box = clamp_box(obj["box"], width, height)
+    text = obj.get("text")  # a COCO-Text line (`utf8_string`): an OCR truth, its string is the label
+    if text is not None:
+        text = check_text(text, "text")
     return new_annotation(
         source,
         score=None,
         ann_id=make_ann_id(image_id, HUMAN, "region", i),
-        kind="object",
-        box=clamp_box(obj["box"], width, height),
-        quad=None,
+        kind="object" if text is None else "text",
+        box=box,
+        quad=None if text is None else box_to_quad(box),
         polygon=obj["polygon"],
         mask={"size": [int(v) for v in mask["size"]], "counts": str(mask["counts"])} if mask else None,
-        label=obj["label"],
+        label=obj["label"] if text is None else text,
         brief=None,
     )
