@@ -324,3 +324,46 @@ def test_json_logs_trees_and_local_dir_on_an_object_store(mem_store, tmp_path, m
         mem_store.write_shard("images", f"part-{i:05d}", _table(1))
     assert mem_store.uncommit("images", ["part-00001"]) == 1
     assert mem_store.shards("images") == ["part-00000", "part-00002"]
+
+
+@pytest.mark.timeout(120)
+def test_runner_epilogue_reads_1000_shards_in_a_constant_number_of_requests(mem_store, monkeypatch):
+    """After a step the driver checks every shard the workers committed: at 200k shards a request
+    per shard is hours, so it is a fixed number of (batched) store calls whatever the shard count."""
+    from collections import Counter
+
+    from engine.runners.base import StepJob, finished_records
+    from engine.runners.tagged import PARTS, clear_parts
+
+    shards = [f"part-{i:05d}" for i in range(1000)]
+    job = StepJob("s1", [], "images", "annotations/s1", shards, "h", {s: {"rows": 1} for s in shards})
+    for shard in shards:  # what the workers write
+        mem_store.write_shard("annotations/s1", shard, _table(1), {"config_hash": "h"})
+    mem_store.write_shard(f"{PARTS}/annotations/s1/part-00007", "rows-000000000", _table(1))  # a killed run's part
+    driver = ShardStore(mem_store.url())  # the driver's own store: no record cached from the writes
+    calls, depth = Counter(), [0]
+
+    def counted(name, real):
+        def call(*a, **kw):  # the store's own calls only (memory://'s cat loops over cat_file inside)
+            if depth[0] == 0:
+                calls.update([name])
+            depth[0] += 1
+            try:
+                return real(*a, **kw)
+            finally:
+                depth[0] -= 1
+        return call
+
+    for name in ("ls", "cat", "cat_file", "cat_ranges", "info", "exists", "open", "rm", "find"):
+        monkeypatch.setattr(driver.fs, name, counted(name, getattr(driver.fs, name)))
+    clear_parts(driver, job)
+    assert driver.list(f"{PARTS}/annotations/s1/part-00007/_committed") == []
+    before = sum(calls.values())
+    assert before <= 15, calls  # one listing of the parts folder, then the one shard that has parts
+    records = finished_records(driver, job, "ray")
+    assert len(records) == 1000 and all(r["config_hash"] == "h" for r in records.values())
+    assert sum(calls.values()) - before <= 5, calls  # ls x2, cat x1 (records), cat_ranges x1 (footers)
+    # a shard a worker never committed, or committed with other settings, is named
+    mem_store.delete("annotations/s1/_committed/part-00500.json")
+    with pytest.raises(RuntimeError, match=r"without committing annotations/s1/part-00500$"):
+        finished_records(ShardStore(mem_store.url()), job, "ray")

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from engine.counters import merge
 from engine.execute import image_needs
-from engine.runners.base import StageRecipe, StepJob, TaskJob
+from engine.runners.base import StageRecipe, StepJob, TaskJob, finished_records
 from engine.runners.tagged import (
     NODES,
     assemble_parts,
@@ -248,9 +248,7 @@ class RayRunner:
                 assembling.append(assemble.remote(store, job, self.name, row["shard"]))
         for summary in ray.get(assembling):
             done(summary)
-        left = [s for s in job.shards if not store.is_committed(job.output_folder, s, job.config_hash)]
-        if left:
-            raise RuntimeError(f"ray: step {job.name!r} finished without committing shards {left[:5]}")
+        finished_records(store, job, self.name)
         self._log_stats(store, job, ds, time.perf_counter() - t0)
         store.update_manifest(engine_metrics={job.name: {"runner": self.name, NODES: nodes}})
         return total

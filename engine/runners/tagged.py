@@ -152,6 +152,9 @@ def empty_shard(store, job: StepJob, runner: str, shard: str) -> dict:
 
 
 def clear_parts(store, job: StepJob) -> None:
-    """Parts left by a killed run belong to no commit: forget them before the job starts."""
-    for shard in job.shards:
-        store.uncommit(f"{PARTS}/{job.output_folder}/{shard}")
+    """Parts left by a killed run belong to no commit: forget them before the job starts (one listing
+    of the step's parts folder, then only the shards that have parts: no request per shard)."""
+    pending = set(job.shards)
+    for shard in store.list(f"{PARTS}/{job.output_folder}"):
+        if shard in pending:
+            store.uncommit(f"{PARTS}/{job.output_folder}/{shard}")
