@@ -283,14 +283,14 @@ class ShardStore:
 
     def local_dir(self, rel: str) -> str:
         """A local folder holding OUT/<rel>: the folder itself on a local OUT; on an object store a
-        read-only copy in the local cache (FLD_CACHE_DIR, default ~/.cache/fld-engine), refreshed
-        on every call. Write back with upload_dir."""
+        copy in the node's cache (engine.local_cache: one download per node and version of the
+        folder, under a file lock; a copy in use is never deleted or changed). Treat it as read-only
+        (a copy written into is not handed out again); write back with upload_dir."""
         if self.local:
             return self._p(rel)
-        cache = Path(os.environ.get("FLD_CACHE_DIR") or Path.home() / ".cache" / "fld-engine")
-        dest = cache / hashlib.sha256(self.url().encode()).hexdigest()[:16] / rel
-        shutil.rmtree(dest, ignore_errors=True)
-        return str(self.download_dir(rel, dest))
+        from engine.local_cache import cached_copy
+
+        return str(cached_copy(self.fs, self.root, self.url(), rel))
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
         """Copy a local folder (e.g. a model checkpoint) to rel, replacing what is there."""

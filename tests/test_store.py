@@ -367,3 +367,52 @@ def test_runner_epilogue_reads_1000_shards_in_a_constant_number_of_requests(mem_
     mem_store.delete("annotations/s1/_committed/part-00500.json")
     with pytest.raises(RuntimeError, match=r"without committing annotations/s1/part-00500$"):
         finished_records(ShardStore(mem_store.url()), job, "ray")
+
+
+def _local_dir_in_child(url, rel, log, results):
+    """A relabel actor / training worker of the same node: its own store, the node's cache."""
+    store = ShardStore(url)
+    real_get = store.fs.get
+
+    def slow_get(*a, **kw):  # a download that takes a while: the other process must wait, not fetch too
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        return real_get(*a, **kw)
+
+    store.fs.get = slow_get
+    path = store.local_dir(rel)
+    results.put((path, (Path(path) / "weights.bin").read_bytes()))
+
+
+@pytest.mark.timeout(60)
+def test_local_dir_downloads_once_per_node_and_never_deletes_a_copy_in_use(mem_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLD_CACHE_DIR", str(tmp_path / "cache"))
+    mem_store.write_bytes("models/round1/config.json", b"{}")
+    mem_store.write_bytes("models/round1/weights.bin", b"w1" * 100)
+    ctx = mp.get_context("fork")  # the children see this process's memory:// store
+    log, results = tmp_path / "downloads.log", ctx.Queue()
+    procs = [ctx.Process(target=_local_dir_in_child, args=(mem_store.url(), "models/round1", str(log), results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert len(log.read_text().split()) == 1, "two processes of a node downloaded the same folder"
+    assert got[0] == got[1] and got[0][1] == b"w1" * 100
+    first = Path(got[0][0])
+    # the folder changes in the store (a new model): a new copy, the one in use stays as it was
+    mem_store.write_bytes("models/round1/weights.bin", b"w2" * 100)
+    second = Path(mem_store.local_dir("models/round1"))
+    assert second != first and (second / "weights.bin").read_bytes() == b"w2" * 100
+    assert (first / "weights.bin").read_bytes() == b"w1" * 100 and (first / "config.json").exists()
+    assert Path(mem_store.local_dir("models/round1")) == second  # unchanged: reused, not fetched again
+    # a process wrote into its copy (a trainer's working folder): the next caller gets a clean one
+    (second / "checkpoint-4").mkdir()
+    (second / "checkpoint-4" / "state.bin").write_bytes(b"s")
+    third = Path(mem_store.local_dir("models/round1"))
+    assert third != second and not (third / "checkpoint-4").exists() and (second / "checkpoint-4" / "state.bin").exists()
+    # a folder not in the store yet (a first training): an empty working copy, nothing of the cache inside
+    empty = Path(mem_store.local_dir("models/round2"))
+    assert list(empty.iterdir()) == [] and Path(mem_store.local_dir("models/round2")) == empty
