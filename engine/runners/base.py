@@ -73,7 +73,8 @@ def finished_records(store, job: StepJob, runner: str) -> dict[str, dict]:
     (one listing of the output folder and of its _committed/, one batched fetch of the records,
     one batched footer read where no ETag vouches: ShardStore.committed), never a request per
     shard. A shard left uncommitted, or committed with another configuration, is an error."""
-    committed = store.committed(job.output_folder)
+    with store.snapshot():  # each listing once
+        committed = store.committed(job.output_folder)
     left = [s for s in job.shards if committed.get(s, {}).get("config_hash") != job.config_hash]
     if left:
         raise RuntimeError(f"{runner}: step {job.name!r} finished without committing "
