@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from annotators.florence2_model import Florence2Model
+from annotators.florence2_scores import Generated, instance_scores
 from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, record_error
 from schemas.florence2_tasks import BY_TOKEN, STAGE_TASK_NAMES, STAGE_TASKS
@@ -72,6 +73,15 @@ def find_phrase(caption: str, phrase: str, start: int) -> tuple[int, int] | None
     return (m.start(), m.end()) if m else None
 
 
+def _nth(scores: list | None, phrase: int, box: int) -> float | None:
+    """The score of a phrase's box: a list per phrase, or one value for the phrase (the whole
+    sequence's, when the alignment fell back)."""
+    if scores is None:
+        return None
+    value = scores[phrase]
+    return value[box] if isinstance(value, list) else value
+
+
 # ------------------------------------------------------------------------- stage
 class Florence2Annotator(Stage):
     """Florence-2 over a batch of images, one batched generate per task."""
@@ -108,35 +118,35 @@ class Florence2Annotator(Stage):
             if task == "<CAPTION_TO_PHRASE_GROUNDING>":
                 inputs = {i: self._grounding_caption(records[i], captions.get(i)) for i in pixels}
                 todo = [i for i in pixels if inputs[i] is not None]
-                texts = self._generate(records, pixels, todo, task, [inputs[i]["text"] for i in todo])
-                for i, text in texts.items():
-                    self.guarded(records[i], lambda i=i, text=text: self.annotate_from_text(records[i], task, text, inputs[i]))
+                gens = self._generate(records, pixels, todo, task, [inputs[i]["text"] for i in todo])
+                for i, gen in gens.items():
+                    self.guarded(records[i], lambda i=i, gen=gen: self.annotate_from_text(records[i], task, gen.text, inputs[i], gen))
                 continue
-            texts = self._generate(records, pixels, list(pixels), task, None)
-            for i, text in texts.items():
-                added = self.guarded(records[i], lambda i=i, text=text: self.annotate_from_text(records[i], task, text))
+            gens = self._generate(records, pixels, list(pixels), task, None)
+            for i, gen in gens.items():
+                added = self.guarded(records[i], lambda i=i, gen=gen: self.annotate_from_text(records[i], task, gen.text, generated=gen))
                 if task == "<CAPTION>" and added:
                     captions[i] = added[0]
         return records
 
     def _generate(
         self, records: list[dict], pixels: dict[int, Any], todo: list[int], task: str, text_inputs: list[str] | None
-    ) -> dict[int, str]:
-        """Batched generate in chunks of batch_size; a failing chunk is retried image by image
-        so one bad image is recorded on its record and the others still get annotations."""
-        out: dict[int, str] = {}
+    ) -> dict[int, Generated]:
+        """Batched generate (texts + token log-probs) in chunks of batch_size; a failing chunk is retried
+        image by image so one bad image is recorded on its record and the others still get annotations."""
+        out: dict[int, Generated] = {}
         size = max(1, self.resources.batch_size)
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             chunk_inputs = text_inputs[start : start + size] if text_inputs is not None else None
             try:
-                texts = self.florence.generate([pixels[i] for i in chunk], task, chunk_inputs, **self.gen_kwargs)
+                texts = self.florence.generate_scored([pixels[i] for i in chunk], task, chunk_inputs, **self.gen_kwargs)
                 out.update(zip(chunk, texts))
             except Exception:  # noqa: BLE001 - isolate the failing image below
                 for k, i in enumerate(chunk):
                     one = [chunk_inputs[k]] if chunk_inputs is not None else None
                     try:
-                        out[i] = self.florence.generate([pixels[i]], task, one, **self.gen_kwargs)[0]
+                        out[i] = self.florence.generate_scored([pixels[i]], task, one, **self.gen_kwargs)[0]
                     except Exception as exc:  # noqa: BLE001 - per-element error contract
                         record_error(records[i], self.name, exc)
         return out
@@ -152,12 +162,17 @@ class Florence2Annotator(Stage):
         return None
 
     # ----------------------------------------------------------------- mapping
-    def annotate_from_text(self, record: dict, task: str, text: str, caption: dict | None = None) -> list[dict]:
+    def annotate_from_text(
+        self, record: dict, task: str, text: str, caption: dict | None = None, generated: Generated | None = None
+    ) -> list[dict]:
         """Parse a generated text with the processor and append the annotations to the record.
 
         Returns the annotations added. `caption` (a text annotation) is the grounded caption of
-        <CAPTION_TO_PHRASE_GROUNDING>.
+        <CAPTION_TO_PHRASE_GROUNDING>. `generated` (the generation's token log-probs) gives each
+        annotation the model's confidence as its score (annotators.florence2_scores); without it
+        (a hand-written text) the score is None.
         """
+        post_type = self.florence.processor.tasks_answer_post_processing_type.get(task, "pure_text")
         row = BY_TOKEN.get(task)
         if row is None or row.stage_task is None:
             raise ValueError(f"florence2 stage maps {sorted(STAGE_TASKS.values())}, not {task!r}")
@@ -166,10 +181,13 @@ class Florence2Annotator(Stage):
         if row.tier is not None:
             answer = self.florence.parse(text, task, (w, h))[task]
             anns = self.texts_from_answer(record, kind, row.tier, answer)
+            for ann in anns:
+                ann["score"] = generated.sequence_score if generated is not None else None
             record.setdefault("texts", []).extend(anns)
         elif row.kind == "regions":
             answer = self.florence.parse(text, task, (w, h))[task]
-            anns = self.regions_from_answer(record, kind, answer)
+            scores = instance_scores(generated, post_type, len(answer["labels"])) if generated is not None else None
+            anns = self.regions_from_answer(record, kind, answer, scores)
             record.setdefault("regions", []).extend(anns)
         else:
             if caption is None:
@@ -179,7 +197,11 @@ class Florence2Annotator(Stage):
             instances = self.florence.processor.post_processor(
                 text=text, image_size=(w, h), parse_tasks=["phrase_grounding"]
             )["phrase_grounding"]
-            anns = self.groundings_from_instances(record, kind, caption, instances)
+            scores = None
+            if generated is not None:
+                banned = frozenset(self.florence.processor.post_processor.banned_grounding_tokens or ())
+                scores = instance_scores(generated, post_type, len(instances), banned)
+            anns = self.groundings_from_instances(record, kind, caption, instances, scores)
             record.setdefault("groundings", []).extend(anns)
         return anns
 
@@ -189,7 +211,7 @@ class Florence2Annotator(Stage):
             return []  # an empty generation is no caption
         return [new_annotation(self._source, ann_id=make_ann_id(record["image_id"], self.name, kind, 0), tier=tier, text=text)]
 
-    def regions_from_answer(self, record: dict, kind: str, answer: dict) -> list[dict]:
+    def regions_from_answer(self, record: dict, kind: str, answer: dict, scores: list | None = None) -> list[dict]:
         """Object regions from <OD> / <DENSE_REGION_CAPTION> boxes (a dense caption is also the
         region's brief), text regions from <OCR_WITH_REGION> quads."""
         w, h = int(record["width"]), int(record["height"])
@@ -204,6 +226,7 @@ class Florence2Annotator(Stage):
             out.append(
                 new_annotation(
                     self._source,
+                    scores[k] if scores is not None else None,
                     ann_id=make_ann_id(record["image_id"], self.name, kind, k),
                     kind="text" if quads else "object",
                     box=box,
@@ -216,7 +239,9 @@ class Florence2Annotator(Stage):
             )
         return out
 
-    def groundings_from_instances(self, record: dict, kind: str, caption: dict, instances: list[dict]) -> list[dict]:
+    def groundings_from_instances(
+        self, record: dict, kind: str, caption: dict, instances: list[dict], scores: list | None = None
+    ) -> list[dict]:
         """One grounding per box; the phrase's span is its first occurrence after the previous
         phrase (phrases come in caption order); a phrase not in the caption is skipped."""
         w, h = int(record["width"]), int(record["height"])
@@ -224,7 +249,7 @@ class Florence2Annotator(Stage):
         cursor = 0
         first = 0  # flat index of this instance's first box, as post_process_generation lists them
         out = []
-        for inst in instances:
+        for n, inst in enumerate(instances):
             phrase, boxes = inst["cat_name"].strip(), inst["bbox"]
             span = find_phrase(text, phrase, cursor) if phrase else None
             if span is not None:
@@ -236,6 +261,7 @@ class Florence2Annotator(Stage):
                     out.append(
                         new_annotation(
                             self._source,
+                            _nth(scores, n, j),
                             ann_id=make_ann_id(record["image_id"], self.name, kind, first + j, caption["ann_id"]),
                             text_ann_id=caption["ann_id"],
                             phrase=text[span[0] : span[1]],

@@ -12,9 +12,12 @@ Running a model is annotation work, so the wrapper stays with the annotators: th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.models import parse_model_ref
+
+if TYPE_CHECKING:
+    from annotators.florence2_scores import Generated
 from schemas.florence2_tasks import task as florence2_task
 
 
@@ -27,6 +30,9 @@ class Florence2Model:
         self.ref = ref
         self.revision = revision
         self.device = device
+        # task -> most new tokens (a refinement round sizes them from its training targets); generate's
+        # max_new_tokens stays the cap
+        self.token_limits: dict[str, int] = {}
 
     @classmethod
     def load(cls, ref: str, device: str | None = None, dtype: str | None = None) -> "Florence2Model":
@@ -83,8 +89,29 @@ class Florence2Model:
         num_beams: int = 3,
         **gen_kwargs: Any,
     ) -> list[str]:
-        """Raw decoded texts, special and location tokens kept (what post_process_generation parses)."""
+        """Raw decoded texts, special and location tokens kept (what post_process_generation parses).
+        No token scores are kept (they cost (images x beams) x vocab floats per generated token)."""
+        return self._generate(images, task, text_inputs, max_new_tokens, num_beams, False, **gen_kwargs)
+
+    def generate_scored(
+        self,
+        images: list,
+        task: str,
+        text_inputs: list[str | None] | None = None,
+        max_new_tokens: int = 1024,
+        num_beams: int = 3,
+        **gen_kwargs: Any,
+    ) -> list["Generated"]:
+        """generate, keeping the log-probability of every generated token (annotators.florence2_scores):
+        transformers' compute_transition_scores, through beam_indices under beam search. Memory: generate
+        holds (images x beams) x vocab scores per generated token until the batch ends."""
+        return self._generate(images, task, text_inputs, max_new_tokens, num_beams, True, **gen_kwargs)
+
+    def _generate(self, images: list, task: str, text_inputs, max_new_tokens: int, num_beams: int, scored: bool,
+                  **gen_kwargs: Any) -> list:
         import torch
+
+        from annotators.florence2_scores import from_generation
 
         if not images:
             return []
@@ -96,7 +123,7 @@ class Florence2Model:
                 f"{task}: prompt of {inputs['input_ids'].shape[1]} tokens (image tokens included) exceeds the "
                 f"model's {positions} positions; shorten the text input"
             )
-        max_new_tokens = min(max_new_tokens, positions)  # BART's learned positions end there
+        max_new_tokens = min(max_new_tokens, self.token_limits.get(task, max_new_tokens), positions)  # BART's positions end there
         dtype = next(self.model.parameters()).dtype
         tokenizer = self.processor.tokenizer
         n_tokens = len(tokenizer)
@@ -104,20 +131,39 @@ class Florence2Model:
         if vocab > n_tokens:  # padded embedding rows have no token: never generate them (caller's list kept)
             gen_kwargs["suppress_tokens"] = sorted(set(gen_kwargs.get("suppress_tokens") or ()) | set(range(n_tokens, vocab)))
         with torch.inference_mode():
-            ids = self.model.generate(
+            out = self.model.generate(
                 input_ids=inputs["input_ids"].to(self.device),
                 pixel_values=inputs["pixel_values"].to(self.device, dtype),
                 attention_mask=inputs["attention_mask"].to(self.device),
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
+                output_scores=scored,
+                return_dict_in_generate=True,
                 **gen_kwargs,
             )
+            if not scored:
+                logprobs = None
+            else:
+                beams = getattr(out, "beam_indices", None)
+            # greedy: scores are the processed logits (normalised here); beam search: already log-probs
+                logprobs = self.model.compute_transition_scores(
+                    out.sequences, out.scores, beams, normalize_logits=beams is None
+                ).float().cpu()
+        ids = out.sequences.cpu()
         texts = self.processor.batch_decode(ids, skip_special_tokens=False)
         # <pad> after </s> is batch padding, not generation: post_process_generation keeps it in
         # pure-text answers (captions would end in "<pad><pad>"), so drop it here.
         pad = tokenizer.pad_token
-        return [t.replace(pad, "") for t in texts] if pad else texts
+        texts = [t.replace(pad, "") for t in texts] if pad else texts
+        if logprobs is None:
+            return texts
+        first = ids.shape[1] - logprobs.shape[1]  # the decoder start token(s) have no score
+        return [
+            from_generation(self.processor.post_processor, ids[i, first:].tolist(), logprobs[i].tolist(),
+                            tokenizer.eos_token_id, tokenizer.pad_token_id, texts[i])
+            for i in range(len(texts))
+        ]
 
     def parse(self, text: str, task: str, image_size: tuple[int, int]) -> dict:
         """processor.post_process_generation: {task: answer} with coordinates in pixels of image_size (w, h)."""

@@ -1,19 +1,24 @@
 """Stage `masks`: SAM masks for boxes (groundings, object regions) from box prompts.
 
 Florence-2's segmentation targets are polygons of objects, and SAM turns a box into a mask
-without any class vocabulary. All target boxes of an image go into ONE SamModel call
-(input_boxes holds them all: the image encoder, by far the costliest part, runs once).
+without any class vocabulary. The image encoder, by far the costliest part, runs once per image;
+the box prompts go to the mask decoder PROMPT_CHUNK at a time, so memory is bounded per image.
 SAM proposes 3 masks per box (multimask) and predicts each one's IoU; the best one is kept,
 upscaled to the original image by SamProcessor.post_process_masks and stored as COCO RLE
 (regions also get polygons). Checks: `masks.pred_iou` (SAM's own IoU estimate) and
 `masks.box_mask_iou` (how well the mask's tight box matches the prompt box) for the filters.
+
+`model: grabcut` (directly or through an alias, as the offline profile's `sam: grabcut` does) runs
+OpenCV GrabCut from each box instead (annotators/grabcut.py): real, CPU-only, no weights; its
+checks are `masks.fg_fraction`, `masks.edge_agreement` and `masks.box_mask_iou`.
 """
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
+from annotators.grabcut import GRABCUT, GrabCutSettings, segment_box
 from engine.models import parse_model_ref
 from engine.random_models import check as check_random
 from engine.stage import Resources, Stage, StageParams, pick_device, record_error
@@ -24,6 +29,9 @@ Target = Literal["groundings", "regions"]
 # Masks are upscaled to the original image this many boxes at a time: N x H x W floats for a
 # 12-megapixel photo and a hundred boxes would be gigabytes.
 UPSCALE_CHUNK = 16
+# Box prompts per mask-decoder call (the image encoder runs once per image): bounds the decoder's
+# memory whatever the number of boxes of an image (ingest.max_objects_per_image caps imported ones).
+PROMPT_CHUNK = 64
 
 
 class MaskParams(StageParams):
@@ -33,6 +41,8 @@ class MaskParams(StageParams):
     mask_threshold: float = 0.0  # logit threshold of SamProcessor.post_process_masks (SAM's own)
     polygon_tolerance: float = 1.0  # pixels, cv2.approxPolyDP for region polygons
     overwrite: bool = False  # recompute masks that are already there (e.g. imported human masks)
+    grabcut_iterations: int = Field(3, ge=1, le=20)  # model: grabcut only
+    grabcut_max_side: int = Field(192, ge=16)  # model: grabcut only: the context crop's longer side (pixels)
 
     @field_validator("targets")
     @classmethod
@@ -66,12 +76,30 @@ class SamMaskAnnotator(Stage):
 
     params: MaskParams
 
+    def __init__(self, params=None, models=None):
+        super().__init__(params, models)
+        if self.grabcut:  # OpenCV, no weights: preflight checks the package
+            self.model_params = {"model": "opencv"}
+
+    @property
+    def grabcut(self) -> bool:
+        return self.resolve_model(self.params.model) == GRABCUT
+
+    def model_revision(self, param: str, ref: str) -> str:
+        if self.grabcut:
+            import cv2
+
+            return f"opencv-{cv2.__version__}"
+        return super().model_revision(param, ref)
+
     def check_model(self, param: str, ref: str) -> None:
-        if param == "model":
+        if param == "model" and ref != GRABCUT:
             check_random("sam", ref)
 
     def setup(self) -> None:
         self.model_ref = self.resolve_model(self.params.model)
+        if self.grabcut:
+            return
         self.revision = parse_model_ref(self.model_ref).revision
         self.model, self.processor = load_sam(self.model_ref)
         self.device = pick_device()
@@ -97,7 +125,7 @@ class SamMaskAnnotator(Stage):
             if not targets:
                 continue
             try:
-                self._segment(image, targets)
+                (self._grabcut if self.grabcut else self._segment)(image, targets)
             except Exception as exc:  # noqa: BLE001 - per-image error contract
                 record_error(rec, self.name, exc)
         return records
@@ -107,27 +135,54 @@ class SamMaskAnnotator(Stage):
 
         boxes = [clamp_box(ann["box"], image.width, image.height) for _, ann in targets]
         inputs = self.processor(images=image, input_boxes=[boxes], return_tensors="pt").to(self.device)
-        inputs["input_boxes"] = inputs["input_boxes"].float()
-        with torch.inference_mode():
-            outputs = self.model(**inputs, multimask_output=self.params.multimask)
-        iou = outputs.iou_scores[0].float()  # (boxes, candidates)
-        best = iou.argmax(dim=-1)
-        rows = torch.arange(len(boxes), device=best.device)
-        pred_iou = iou[rows, best].cpu().tolist()
-        low_res = outputs.pred_masks[0][rows, best].unsqueeze(1)  # (boxes, 1, h, w)
-        for lo in range(0, len(boxes), UPSCALE_CHUNK):
-            masks = self.processor.post_process_masks(
-                [low_res[lo : lo + UPSCALE_CHUNK]],
-                inputs["original_sizes"].cpu(),
-                inputs["reshaped_input_sizes"].cpu(),
-                mask_threshold=self.params.mask_threshold,
-            )[0][:, 0].cpu().numpy()
-            for k, mask in enumerate(masks):
-                collection, ann = targets[lo + k]
-                rle = mask_to_rle(mask)
-                ann["mask"] = rle
-                checks = ann.setdefault("checks", {})
-                checks["masks.pred_iou"] = float(pred_iou[lo + k])
-                checks["masks.box_mask_iou"] = mask_box_iou(boxes[lo + k], rle)
-                if collection == "regions":
-                    ann["polygon"] = mask_to_polygon(mask, tolerance=self.params.polygon_tolerance) or None
+        inputs["input_boxes"] = inputs["input_boxes"].float()  # (1, boxes, 4): small whatever the count
+        image = {"pixel_values": inputs["pixel_values"]}
+        if len(boxes) > PROMPT_CHUNK:
+            with torch.inference_mode():  # the encoder runs once; each chunk of prompts reuses its output
+                image = {"image_embeddings": self.model.get_image_embeddings(inputs["pixel_values"])}
+        # The mask decoder gets PROMPT_CHUNK boxes at a time: its outputs are boxes x 3 x 256 x 256 floats
+        # (20,000 boxes would be ~16 GB at once); each chunk is upscaled UPSCALE_CHUNK boxes at a time.
+        for start in range(0, len(boxes), PROMPT_CHUNK):
+            with torch.inference_mode():
+                outputs = self.model(**image, input_boxes=inputs["input_boxes"][:, start:start + PROMPT_CHUNK],
+                                     multimask_output=self.params.multimask)
+            iou = outputs.iou_scores[0].float()  # (boxes, candidates)
+            best = iou.argmax(dim=-1)
+            rows = torch.arange(iou.shape[0], device=best.device)
+            pred_iou = iou[rows, best].cpu().tolist()
+            low_res = outputs.pred_masks[0][rows, best].unsqueeze(1)  # (boxes, 1, h, w)
+            del outputs
+            for lo in range(0, len(rows), UPSCALE_CHUNK):
+                masks = self.processor.post_process_masks(
+                    [low_res[lo : lo + UPSCALE_CHUNK]],
+                    inputs["original_sizes"].cpu(),
+                    inputs["reshaped_input_sizes"].cpu(),
+                    mask_threshold=self.params.mask_threshold,
+                )[0][:, 0].cpu().numpy()
+                for k, mask in enumerate(masks):
+                    j = start + lo + k
+                    collection, ann = targets[j]
+                    rle = mask_to_rle(mask)
+                    ann["mask"] = rle
+                    checks = ann.setdefault("checks", {})
+                    checks["masks.pred_iou"] = float(pred_iou[lo + k])
+                    checks["masks.box_mask_iou"] = mask_box_iou(boxes[j], rle)
+                    if collection == "regions":
+                        ann["polygon"] = mask_to_polygon(mask, tolerance=self.params.polygon_tolerance) or None
+
+    def _grabcut(self, image, targets: list[tuple[str, dict]]) -> None:
+        import numpy as np
+
+        rgb = np.asarray(image, dtype=np.uint8)
+        settings = GrabCutSettings(iterations=self.params.grabcut_iterations, max_side=self.params.grabcut_max_side)
+        for collection, ann in targets:
+            box = clamp_box(ann["box"], image.width, image.height)
+            seg = segment_box(rgb, box, settings)
+            rle = mask_to_rle(seg.mask)
+            ann["mask"] = rle
+            checks = ann.setdefault("checks", {})
+            checks["masks.fg_fraction"] = seg.fg_fraction
+            checks["masks.edge_agreement"] = seg.edge_agreement
+            checks["masks.box_mask_iou"] = mask_box_iou(box, rle)
+            if collection == "regions":
+                ann["polygon"] = mask_to_polygon(seg.mask, tolerance=self.params.polygon_tolerance) or None

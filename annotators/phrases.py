@@ -16,7 +16,7 @@ from engine.models import load_spacy
 if TYPE_CHECKING:
     import spacy
 
-# Florence-2 paper (FLORENCE2.md, phase B filters): phrases that are not groundable.
+# Florence-2 paper (docs/florence2.md, phase B filters): phrases that are not groundable.
 GROUNDING_BLACKLIST: frozenset[str] = frozenset(
     {"the image", "image", "images", "the", "a", "an", "a group", "other objects", "lots", "a set"}
 )

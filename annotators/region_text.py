@@ -1,6 +1,6 @@
 """Stage `region_text`: a short text (`brief`) for every kept object region, the FLD-5B way.
 
-Florence-2 (P §4.3, FLORENCE2.md section 1) gives each object region three candidate texts:
+Florence-2 (P §4.3, docs/florence2.md section 1) gives each object region three candidate texts:
 (0) its category phrase (the detector's label), (1) a caption of the region's crop by a
 Florence-2 captioner, (2) the noun chunks of that caption; an image-text model scores every
 candidate against the crop and the most similar one becomes the region's text. Category

@@ -1,9 +1,8 @@
 """The `fld` command line (typer + rich)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
+import logging
 import os
 import sys
 import unicodedata
@@ -11,15 +10,62 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
+
+from engine.query_output import DEFAULT_MAX_BYTES, DEFAULT_MAX_CELL
+
+# Errors from the operating system or an object store's client that no command expected (a
+# read-only OUT or cwd, a full disk, an S3 endpoint lost mid-run) end as one line, never a traceback.
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs", "fsspec")
+
+
+def unexpected_error_line(exc: BaseException) -> str | None:
+    """One line for an OSError or an object-store client error, else None (a bug: let it show)."""
+    from engine.store_errors import one_line
+
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return f"{where}{exc.strerror or one_line(exc)}" if exc.strerror else f"{where}{one_line(exc)}"
+    if type(exc).__module__.split(".")[0] in _CLIENT_MODULES:
+        return (f"object store error ({type(exc).__name__}): {one_line(exc)}; what was committed stays committed, "
+                "rerun to resume")
+    return None
+
+
+class _Group(TyperGroup):
+    """Every command: usage errors shown escaped (they quote what was typed), unexpected OS and
+    object-store errors as one line, log lines through ShownFormatter."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            exc.message = shown(exc.message)
+            raise
+
+    def invoke(self, ctx):
+        install_logging()
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:  # a subcommand's usage error: the value typed, escaped
+            exc.message = shown(exc.message)
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is one of the two kinds above
+            line = unexpected_error_line(exc)
+            if line is None:
+                raise
+            _fail(line)
+
 
 # -h works like --help on every command (click contexts inherit help_option_names)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fld-engine: build FLD-5B-like annotated datasets.",
-                  context_settings={"help_option_names": ["-h", "--help"]})
+                  context_settings={"help_option_names": ["-h", "--help"]}, cls=_Group)
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, which cuts cells.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 console = Console(stderr=True, width=_WIDTH)
@@ -50,6 +96,46 @@ def shown(value: object) -> str:
             code = ord(ch)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return "".join(out)
+
+
+class ShownFormatter(logging.Formatter):
+    """The one format of every log line fld prints (engine, stages, libraries, warnings): the
+    whole line, exception text included, passed through `shown`, so a file name with ESC / OSC /
+    C1 / bidi characters in a WARNING cannot drive the terminal, and a line stays one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record).rstrip("\n"))
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def install_logging(level: int | None = None) -> None:
+    """Root logging to stderr through ShownFormatter (once; `level` sets the level), with
+    Python warnings routed through it too."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(ShownFormatter(LOG_FORMAT))
+        root.addHandler(handler)
+        logging.captureWarnings(True)
+    if level is not None:
+        root.setLevel(level)
 
 
 def _say(message: object, style: str | None = None, to: Console = console) -> None:
@@ -157,9 +243,7 @@ def run(
     from engine.run import run_pipeline
     from engine.store import StoreError
 
-    import logging
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_logging(logging.INFO if verbose else logging.WARNING)
     options: dict = {"verbose": verbose}
     if address:
         options["address"] = address
@@ -193,6 +277,8 @@ def run(
              f"{t.get('last_loss') or 0:.3f}); relabel added {added} on {made.get('images_with_output', 0)}/"
              f"{made.get('images', 0)} images" + (f"; mAP vs human {gt['map']}" if gt else ""),
              style="yellow" if r.get("empty") else None)
+        if (r.get("health") or {}).get("message"):
+            _say(r["health"]["message"], style="yellow")
 
 
 @app.command()
@@ -203,38 +289,41 @@ def query(
     step: Optional[str] = typer.Option(None, "--step", help="which step's annotations (default: the latest)"),
     timeout: float = typer.Option(60.0, "--timeout", help="stop the query after this many seconds"),
     max_rows: int = typer.Option(1000, "--max-rows", help="table output: print at most this many rows (says how many were cut)"),
+    max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", help="csv / json output: stop after this many bytes, at a row boundary (says so)"),
+    max_cell: int = typer.Option(DEFAULT_MAX_CELL, "--max-cell", help="csv / json output: cut cells longer than this many characters (says so)"),
     memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB memory limit"),
     threads: int = typer.Option(2, "--threads", help="DuckDB threads"),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
-    """Read-only SQL over OUT (DuckDB), sandboxed: SELECT only, no files outside OUT, limits."""
-    from engine.query import QueryError, QueryInterrupted, execute_query
+    """Read-only SQL over OUT (DuckDB), sandboxed: SELECT only, no files outside OUT, limits.
+
+    Rows are streamed; one --timeout covers the whole command, printing included."""
+    from engine.query import QueryError, QueryInterrupted, check_limits, execute_query
+    from engine.query_output import CsvSink, JsonSink, TableSink
     from engine.store import StoreError
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
+    for name, value in (("--max-bytes", max_bytes), ("--max-cell", max_cell)):
+        if value < 1:
+            _fail(f"{name} must be at least 1, not {value}")
+    try:
+        check_limits(memory_limit, threads, timeout, max_rows)
+    except QueryError as exc:
+        _fail(str(exc))
+    note = lambda text: _say(text, to=console)  # noqa: E731 - stderr, beside the data
+    if format == "table":
+        sink = TableSink(max_rows, lambda cols, rows: _render([{"title": "", "columns": cols, "rows": rows}]), note)
+    else:
+        sink = JsonSink(sys.stdout, note, max_bytes, max_cell) if format == "json" else \
+            CsvSink(sys.stdout, note, max_bytes, max_cell, escape=shown if sys.stdout.isatty() else None)
     try:
         store = open_store(out, storage_option)
-        result = execute_query(store, sql, step, max_rows=max_rows if format == "table" else None, timeout=timeout,
-                               memory_limit=memory_limit, threads=threads)
+        execute_query(store, sql, step, timeout=timeout, memory_limit=memory_limit, threads=threads, sink=sink)
     except (QueryInterrupted, KeyboardInterrupt):
         _fail("query interrupted (Ctrl-C)", code=130)
     except (QueryError, StoreError) as exc:
         _fail(str(exc))
-    cols, rows = result.columns, result.rows
-    if format == "json":
-        sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
-    elif format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(cols)
-        w.writerows(rows)
-        sys.stdout.write(buf.getvalue())
-    else:
-        _render([{"title": "", "columns": cols, "rows": rows}])
-        if result.cut:
-            console.print(f"{result.cut} more rows not shown ({result.total} in all; --max-rows {max_rows}, "
-                          "or --format csv / json for every row)")
 
 
 @app.command()
@@ -349,6 +438,16 @@ def quickstart(
     samples(samples_dir)
     run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], False, [])
     stats(out, None, "table", 2000, [])
+    from engine.stats import round_summaries
+
+    for line in round_summaries(out):
+        _say(f"stage 3 {line}")
+    for line in ("", "next, try:",
+                 f"  fld query {out} \"SELECT i.uri, t.tier, t.text FROM texts t JOIN images i USING (image_id) "
+                 "WHERE t.status = 'kept' LIMIT 10\"",
+                 f"  fld show {out} --out report.html",
+                 f"  fld export {out} --format coco --dest export/"):
+        console.print(Text(shown(line)), soft_wrap=True)  # never wrapped: each command copies as one line
 
 
 @app.command()

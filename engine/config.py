@@ -10,6 +10,12 @@
           - name: stage1
             stages:
               - {stage: ocr, params: {batch_size: 4}}
+
+A configuration file is untrusted input like any other: it is read only when it is a regular
+file of at most MAX_CONFIG_BYTES (engine.ingest.locations' rule: a FIFO or /dev/zero is refused
+before it is opened), duplicate keys are refused (YAML would keep the last one silently),
+nesting is limited, numbers must be finite and fit in 64 bits (engine.values), and every
+problem is one ConfigError line naming the file and the YAML path or line.
 """
 from __future__ import annotations
 
@@ -18,18 +24,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from engine.registry import UnknownStageError, stage_class
 from engine.stage import Stage
+from engine.config_files import ConfigError, parse_yaml, read_config_text
+from engine.config_files import yaml_path as _yaml_path
+from engine.values import BoundedModel
+
+__all__ = ["ConfigError", "parse_yaml", "read_config_text", "load_config", "load_pipeline"]
 
 
-class ConfigError(ValueError):
-    """A pipelines.yaml problem; the message starts with the file and the YAML path."""
+def config_error(where: str, exc: ValidationError, prefix: str = "") -> ConfigError:
+    """The first pydantic error as one ConfigError: `where: prefix.yaml.path: message`."""
+    err = exc.errors()[0]
+    path = ".".join(p for p in (prefix, _yaml_path(err["loc"])) if p)
+    return ConfigError(f"{where}: {path}: {err['msg']}" if path else f"{where}: {err['msg']}")
 
 
-class _Strict(BaseModel):
+class _Strict(BoundedModel):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -43,6 +56,16 @@ class IngestConfig(_Strict):
     verify: Literal["header", "decode"] = Field("header", description="header: structure checks only (fast); "
                                                 "decode: decode every image's pixels at ingest")
     image_root: str | None = Field(None, description="COCO input: image folder, relative to the JSON's folder")
+    allow_urls: bool = Field(False, description="COCO input: file_name may be a URL (http(s)://, s3://, ...); by "
+                             "default every file_name must stay inside the image root")
+    max_caption_chars: int = Field(10_000, ge=1, description="longer imported captions are not imported (an error "
+                                   "on the image names each); bounds the work of every caption stage")
+    max_captions_per_image: int = Field(1_000, ge=0, description="imported captions of one image beyond this are "
+                                        "not imported (one error on the image says how many)")
+    max_objects_per_image: int = Field(5_000, ge=0, description="imported boxes / masks of one image beyond this are "
+                                       "not imported (one error on the image says how many)")
+    max_jpeg_scans: int = Field(100, ge=1, description="JPEGs with more scans are quarantined as slow_decode (a "
+                                "progressive JPEG repeating its scans costs minutes per decode, in every step)")
     workers: int = Field(1, ge=0, description="chunks ingested at once: local processes, Ray / Beam tasks (0 on Ray: "
                          "as many as the cluster runs)")
     read_threads: int = Field(1, ge=1, description="threads reading the inputs of one chunk (raise it for "
@@ -97,13 +120,6 @@ class FileConfig(_Strict):
     pipelines: dict[str, PipelineConfig]
 
 
-def _yaml_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 class Pipeline:
     """A validated pipeline with its profile applied: builds stage objects per step."""
 
@@ -133,8 +149,7 @@ class Pipeline:
         try:
             cls.Params(**spec.params)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"{self.origin}: {path}.params.{_yaml_path(err['loc'])}: {err['msg']}") from None
+            raise config_error(self.origin, exc, f"{path}.params") from None
 
     @property
     def steps(self) -> list[StepConfig]:
@@ -169,17 +184,13 @@ class Pipeline:
 
 def load_config(path: str | Path) -> FileConfig:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = parse_yaml(read_config_text(path, "pipelines file"), str(path))
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with a 'pipelines' key")
     try:
         return FileConfig(**(raw or {}))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"{path}: {_yaml_path(err['loc'])}: {err['msg']}") from None
+        raise config_error(str(path), exc) from None
     except TypeError:
         raise ConfigError(f"{path}: the top level must be a mapping with a 'pipelines' key") from None
 

@@ -42,9 +42,27 @@ def transient_columns(needs: frozenset[str]) -> list[str]:
     return [col for need, col in (("bytes", IMAGE_BYTES_COLUMN), ("pixels", PIXELS_COLUMN)) if need in needs]
 
 
+# Raw RGB pixels a step holds for a whole shard (3 bytes each): a shard over this (four 13000 x 13000 PNGs
+# of 518 KB each were 7.2 GB) is not decoded whole; its stages decode batch by batch instead, so a step holds
+# at most max(this, batch_size x ingest.max_pixels) pixels at once.
+SHARD_PIXEL_BUDGET = 256_000_000
+
+
+def shard_pixels(records: pa.Table) -> int:
+    import pyarrow.compute as pc
+
+    if records.num_rows == 0:
+        return 0
+    w = records.column("width").cast(pa.int64())
+    h = records.column("height").cast(pa.int64())
+    return int(pc.sum(pc.multiply(w, h)).as_py() or 0)
+
+
 def attach_images(records: pa.Table, images: pa.Table, needs: frozenset[str] = frozenset({"pixels"})) -> pa.Table:
     """Add the transient image columns a step needs, joined by image_id (order of `records` kept):
-    the pixels decoded once here for every stage of the step, and/or the encoded bytes."""
+    the pixels decoded once here for every stage of the step, and/or the encoded bytes. A shard whose
+    images hold more than SHARD_PIXEL_BUDGET pixels gets the encoded bytes instead of the pixels: each
+    stage then decodes its own batches (engine.stage.batch_images), never the whole shard at once."""
     if not needs:
         return records
     by_id = dict(zip(images.column("image_id").to_pylist(), images.column("bytes").to_pylist()))
@@ -53,9 +71,10 @@ def attach_images(records: pa.Table, images: pa.Table, needs: frozenset[str] = f
     if missing:
         raise KeyError(f"{len(missing)} record(s) have no image in images/ (first: {missing[0]})")
     encoded = [by_id[i] for i in ids]
-    if "bytes" in needs:
+    over_budget = "pixels" in needs and shard_pixels(records) > SHARD_PIXEL_BUDGET
+    if "bytes" in needs or over_budget:
         records = records.append_column(IMAGE_BYTES_COLUMN, pa.array(encoded, pa.binary()))
-    if "pixels" in needs:
+    if "pixels" in needs and not over_budget:
         records = with_pixels(records, encoded)
     return records
 

@@ -9,6 +9,11 @@ Exported images match their annotations without EXIF handling: the store keeps t
 bytes, whose EXIF orientation tag most loaders (Image.open, cv2.imread, datasets) ignore, while
 every box is in the oriented frame; an image with an orientation tag is written with its pixels
 turned and the tag removed. Whatever a format cannot carry is counted under `left_out`.
+
+DEST is guarded (a mistake must not damage OUT or mix datasets): DEST inside OUT (or OUT inside
+DEST) is refused; a non-empty DEST is refused unless its marker file (MARKER, written before
+any data, `complete` set at the end) names the same OUT, step, format and tasks, in which case
+the export is redone into it (a killed export leaves the marker with `complete: false`).
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", 
 RESAVE = {"JPEG": ("JPEG", {"quality": 95}), "MPO": ("JPEG", {"quality": 95}), "WEBP": ("WEBP", {"lossless": True}),
           "TIFF": ("TIFF", {"compression": "tiff_deflate"})}
 TEXT_CATEGORY = "text"  # COCO category of OCR text regions (supercategory "text"; objects: "object")
+MARKER = ".fld-export.json"
 
 
 class ExportError(ValueError):
@@ -118,15 +124,44 @@ def export(out: str | Path, dest: str | Path, fmt: str, step: str | None = None,
     folder = resolve_step(store, step)
     if folder is None:
         raise ExportError(f"{out} has no committed annotations to export")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    marker = {"out": store.url(), "step": folder, "format": fmt, "tasks": sorted(tasks or [])}
+    dest = prepare_dest(store, Path(dest), marker)
     if fmt == "florence":
-        return _florence(store, folder, dest, tasks, max_target_tokens)
-    if fmt == "coco":
-        return _coco(store, folder, dest)
-    if fmt == "hf":
-        return _hf(store, folder, dest)
-    return _webdataset(store, folder, dest)
+        counts = _florence(store, folder, dest, tasks, max_target_tokens)
+    elif fmt == "coco":
+        counts = _coco(store, folder, dest)
+    elif fmt == "hf":
+        counts = _hf(store, folder, dest)
+    else:
+        counts = _webdataset(store, folder, dest)
+    atomic_write_bytes(dest / MARKER, json.dumps({**marker, "complete": True}).encode())
+    return counts
+
+
+def prepare_dest(store: ShardStore, dest: Path, marker: dict) -> Path:
+    """DEST checked (see the module doc), created, and marked as this export in progress."""
+    if store.local:
+        root, there = Path(store.root).resolve(), dest.resolve()
+        if there == root or root in there.parents:
+            raise ExportError(f"--dest {dest} is inside OUT {store.out}: an export would overwrite the dataset; "
+                              "choose a folder outside it")
+        if there in root.parents:
+            raise ExportError(f"--dest {dest} contains OUT {store.out}; choose a folder outside it")
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"--dest {dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        try:
+            found = json.loads((dest / MARKER).read_text())
+        except (OSError, ValueError):
+            found = None
+        if not isinstance(found, dict) or {k: found.get(k) for k in marker} != marker:
+            what = (f"an export of {found.get('out')} (step {found.get('step')}, format {found.get('format')})"
+                    if isinstance(found, dict) else "files that are not an fld export")
+            raise ExportError(f"--dest {dest} is not empty: it holds {what}; export into an empty or new folder "
+                              "(the same export into its own folder is redone)")
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest / MARKER, json.dumps({**marker, "complete": False}).encode())
+    return dest
 
 
 def _florence(store, folder, dest: Path, tasks, max_target_tokens) -> dict:

@@ -1,6 +1,6 @@
 """FLD-5B's Table 2 (annotation counts and lengths) and Table 3 (spaCy text statistics) computed
 on our data, one column per annotation folder (each step, each refinement round), beside the
-paper's numbers (Florence-2, P Tables 2 and 3; see ../shared/FLORENCE2.md).
+paper's numbers (Florence-2, P Tables 2 and 3; see docs/florence2.md).
 
 What is counted: KEPT annotations (what an export would ship; FLD-5B is the filtered set).
 - Table 2: texts per tier and their mean token length; region-text pairs, "phrase" text = the

@@ -54,12 +54,15 @@ class ModelRef:
         if path.suffix in (".json", ".yaml", ".yml"):
             if not path.exists():
                 raise FileNotFoundError(f"model config {path} (from {self.ref!r}) does not exist")
-            text = path.read_text()
-            if path.suffix == ".json":
-                return json.loads(text)
-            import yaml
+            from engine.config_files import ConfigError, parse_yaml, read_config_text
 
-            return yaml.safe_load(text) or {}
+            text = read_config_text(path, "model config")
+            if path.suffix == ".json":
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+            return parse_yaml(text, str(path)) or {}
         return {"preset": self.location}
 
 

@@ -71,7 +71,7 @@ class PreflightError(ConfigError):
 def _fix(stage: str, param: str, alias: str | None, found: "_Found", pipeline: Pipeline) -> str:
     if found.fix:
         return found.fix
-    where = f"models.{alias}" if alias else f"the {param} parameter of stage {stage}"
+    where = f"models.{alias}" if alias else ("refine.model" if stage == "refine" else f"the {param} parameter of stage {stage}")
     if found.kind == "hub":
         profiles = _profiles_swapping(pipeline, alias) if alias else []
         use = f"--profile {profiles[0]}, or " if profiles and pipeline.profile not in profiles else ""
@@ -218,13 +218,14 @@ def _rapidocr(ref: str, hub: _Hub) -> _Found:
     path = Path(ref).expanduser()
     if not path.is_file():
         return _Found("file", None, None, "neither 'rapidocr' (the bundled models) nor an existing RapidOCR config file")
-    import yaml
+    from engine.config_files import ConfigError, parse_yaml, read_config_text
 
     try:
-        yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = read_config_text(path, "RapidOCR config")
+        parse_yaml(text, str(path))
+    except ConfigError as exc:
         return _Found("file", str(path), None, f"not a readable YAML config ({exc})")
-    return _Found("file", str(path), "sha1-" + hashlib.sha1(path.read_bytes()).hexdigest()[:12])
+    return _Found("file", str(path), "sha1-" + hashlib.sha1(text.encode()).hexdigest()[:12])
 
 
 def _spacy(ref: str | None, hub: _Hub) -> _Found:
@@ -256,7 +257,17 @@ def _opencv_dnn(ref: str, hub: _Hub) -> _Found:
     return _Found(files.kind, str(Path(files.graph).parent), files.revision)
 
 
-LOADERS = {"hf": _hf, "open_clip": _open_clip, "rapidocr": _rapidocr, "spacy": _spacy, "opencv_dnn": _opencv_dnn}
+def _opencv(ref: str, hub: _Hub) -> _Found:
+    """A classical OpenCV algorithm (GrabCut): no weights, the installed OpenCV is the model."""
+    spec = importlib.util.find_spec("cv2")
+    if spec is None:
+        return _Found("package", None, None, "opencv is not installed", fix="pip install opencv-python-headless")
+    import cv2
+
+    return _Found("package", str(Path(spec.origin).parent), f"opencv-{cv2.__version__}")
+
+
+LOADERS = {"opencv": _opencv, "hf": _hf, "open_clip": _open_clip, "rapidocr": _rapidocr, "spacy": _spacy, "opencv_dnn": _opencv_dnn}
 
 
 # ----------------------------------------------------------------------------- public

@@ -26,14 +26,22 @@ class Progress:
         pass
 
 
+MIN_RATE_SECONDS = 1.0
+
+
 @dataclass
 class _Counter:
     done: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: time.perf_counter())
 
     def line(self, name: str, total: int) -> str:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rate = self.done / elapsed
+        elapsed = time.perf_counter() - self.started
+        # a rate over less than MIN_RATE_SECONDS is noise (the first batch ends microseconds after the
+        # counter of a stage that starts with it): no rate, no ETA until there is time to measure
+        rate = self.done / elapsed if elapsed >= MIN_RATE_SECONDS else 0.0
+        if rate <= 0:
+            of = f"/{total}" if total else ""
+            return f"{name}: {self.done}{of} images"
         eta = f", ETA {max(total - self.done, 0) / rate:.0f}s" if rate > 0 and total else ""
         of = f"/{total}" if total else ""
         return f"{name}: {self.done}{of} images, {rate:.2f} images/s{eta}"
@@ -48,6 +56,7 @@ class PlainProgress(Progress):
         self.every = every
         self.stages: dict[str, _Counter] = {}
         self.committed = _Counter()
+        self.started = self.committed.started  # every stage's rate counts from the step's start
         self.shards = 0
         self.last = 0.0
 
@@ -63,7 +72,7 @@ class PlainProgress(Progress):
         self.out.flush()
 
     def batch(self, stage: str, rows: int) -> None:
-        self.stages.setdefault(stage, _Counter()).done += rows
+        self.stages.setdefault(stage, _Counter(started=self.started)).done += rows
         self._maybe_print()
 
     def shard(self, shard: str, rows: int, resumed: bool = False) -> None:

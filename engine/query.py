@@ -10,18 +10,30 @@ error naming it). `fld query` could be a shared query service, so the SQL is unt
   OUT (`allowed_directories`, `enable_external_access = false`: read_csv/read_text/glob of
   anything else and every write are refused), no extension auto-install/auto-load, memory and
   thread limits, then `lock_configuration = true` so the query cannot undo any of it;
-- a timeout interrupts the query, Ctrl-C stops it, table output is capped.
+- DuckDB adds its `temp_directory` to `allowed_directories` (default `<cwd>/.tmp`, shared by every
+  query started there): each connection spills into a fresh private folder (mode 0700, removed with
+  the connection) capped at `max_temp_directory_size`, so SQL sees no other query's spill files;
+- options are checked first (threads 1..MAX_THREADS, memory limit 16MB..physical memory, timeout > 0);
+- one timeout covers the whole command: views, query, fetching and printing (rows are streamed to
+  the printer in batches, never held all at once); Ctrl-C stops it; output is bounded (table: rows
+  and characters per cell; csv / json: bytes per cell and in all), each cut said on stderr.
 Object stores are read through the store's fsspec filesystem (`register_filesystem`); with
 external access off DuckDB applies `allowed_directories` to those URLs too (checked on
 SeaweedFS and memory://), so other buckets and prefixes are refused as local paths are.
 """
 from __future__ import annotations
 
+import math
+import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Callable, Protocol
 from pathlib import Path
 
 import duckdb
@@ -45,6 +57,10 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_MEMORY_LIMIT = "2GB"
 DEFAULT_THREADS = 2
 DEFAULT_MAX_ROWS = 1000
+DEFAULT_TEMP_LIMIT = "4GB"  # spill space of one query
+MAX_THREADS = 256  # DuckDB aborts the process on absurd thread counts (100000 measured)
+MIN_MEMORY = 16 * 1000**2
+FETCH_BATCH = 256  # rows moved from DuckDB to Python at a time
 
 
 class QueryError(ValueError):
@@ -96,15 +112,55 @@ def _allowed_directories(store: ShardStore) -> list[str]:
     return sorted({url, f"{store.protocol}://{store.root.rstrip('/')}/"})
 
 
-def _memory_limit(value: str) -> str:
-    if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", value.strip(), re.IGNORECASE):
-        raise QueryError(f"--memory-limit must look like 2GB or 512MiB, not {value!r}")
-    return value.strip()
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 50
+
+
+def _memory_limit(value: str, option: str = "--memory-limit") -> str:
+    """A size DuckDB accepts, in bytes, between 16MB and this machine's physical memory."""
+    m = re.fullmatch(r"(\d{1,15}(?:\.\d{1,6})?)\s*([KMGT]i?B|B)?", str(value).strip(), re.IGNORECASE)
+    if not m:
+        raise QueryError(f"{option} must look like 2GB or 512MiB, not {str(value)[:40]!r}")
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    top = _physical_memory()
+    if not MIN_MEMORY <= size <= top:
+        raise QueryError(f"{option} must be between 16MB and this machine's memory ({top / 1e9:.1f}GB), "
+                         f"not {str(value)[:40]!r}")
+    return f"{size}B"
+
+
+def check_limits(memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS,
+                 timeout: float | None = DEFAULT_TIMEOUT, max_rows: int | None = None) -> None:
+    """Every option of a query checked before anything runs: one QueryError naming it."""
+    _memory_limit(memory_limit)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise QueryError(f"--threads must be between 1 and {MAX_THREADS}, not {threads}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise QueryError(f"--timeout must be a positive number of seconds, not {timeout}")
+    if max_rows is not None and max_rows < 0:
+        raise QueryError(f"--max-rows must be 0 or more, not {max_rows}")
+
+
+def _private_temp(con: duckdb.DuckDBPyConnection) -> str:
+    """A fresh 0700 folder for this connection's spill files, removed with the connection."""
+    folder = tempfile.mkdtemp(prefix="fld-query-")
+    weakref.finalize(con, shutil.rmtree, folder, True)
+    return folder
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, store: ShardStore, memory_limit: str = DEFAULT_MEMORY_LIMIT,
               threads: int = DEFAULT_THREADS) -> None:
     """After the views exist: reads only inside OUT, no writes, no extensions, limits, locked."""
+    check_limits(memory_limit, threads, None)
+    con.execute(f"SET temp_directory = {_files_sql([_private_temp(con)])[1:-1]}")
+    con.execute(f"SET max_temp_directory_size = '{DEFAULT_TEMP_LIMIT}'")
     con.execute(f"SET allowed_directories = {_files_sql(_allowed_directories(store))}")
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
@@ -118,9 +174,7 @@ def open_views(out: ShardStore | str | Path, step: str | None = None, storage_op
                memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS) -> duckdb.DuckDBPyConnection:
     """An in-memory, locked-down DuckDB connection with the views of OUT defined."""
     store = ShardStore.of(out, storage_options)
-    _memory_limit(memory_limit)
-    if int(threads) < 1:
-        raise QueryError(f"--threads must be at least 1, not {threads}")
+    check_limits(memory_limit, threads, None)
     store.probe()
     with store.snapshot():
         folder = resolve_step(store, step)
@@ -204,16 +258,58 @@ def check_read_only(sql: str) -> None:
         raise QueryError(f"fld query is read-only: {kind} statements are refused ({st.query.strip()[:60]!r})")
 
 
+class RowSink(Protocol):
+    """Where streamed rows go (engine.cli prints them): called on the query's worker thread."""
+
+    def start(self, columns: list[str]) -> None: ...
+
+    def write(self, rows: list[tuple]) -> bool: ...  # False: the sink is full, stop fetching
+
+    def finish(self, total: int | None) -> None: ...  # total: rows the query produced (None: not counted)
+
+
+class _Collect:
+    """The default sink: rows in memory up to max_rows, the rest counted."""
+
+    def __init__(self, max_rows: int | None):
+        self.max_rows = max_rows
+        self.columns: list[str] = []
+        self.rows: list[tuple] = []
+        self.total: int | None = 0
+
+    def start(self, columns: list[str]) -> None:
+        self.columns = columns
+
+    def write(self, rows: list[tuple]) -> bool:
+        room = len(rows) if self.max_rows is None else max(0, self.max_rows - len(self.rows))
+        self.rows.extend(rows[:room])
+        return True  # the rest is counted, not held
+
+    def finish(self, total: int | None) -> None:
+        self.total = total
+
+
 def execute_query(out: ShardStore | str | Path, sql: str, step: str | None = None, *, storage_options: dict | None = None,
                   max_rows: int | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                  memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS) -> QueryResult:
+                  memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS,
+                  sink: RowSink | None = None) -> QueryResult | None:
     """Run untrusted read-only SQL over OUT's views with the sandbox's limits.
+
+    Without `sink` the rows come back as a QueryResult (at most max_rows of them, the rest
+    counted). With a sink, rows are streamed to it FETCH_BATCH at a time on the worker thread
+    and nothing is returned: the timeout then covers its printing too (one deadline from this
+    call: views, query, fetch, sink), and a sink that returns False ends the fetching.
 
     The query runs on a worker thread while this thread waits in short steps, so the timeout
     and Ctrl-C both end in `con.interrupt()`. Ctrl-C is taken by a SIGINT handler rather than
     as KeyboardInterrupt: DuckDB 2.0 aborts the process when a KeyboardInterrupt is raised
     while another thread runs a query (measured), and its connection then refuses to close."""
+    started = time.monotonic()
+    check_limits(memory_limit, threads, timeout, max_rows)
     check_read_only(sql)
+    collect = None
+    if sink is None:
+        sink = collect = _Collect(max_rows)
     state: dict = {"con": None, "stopped_by": None}
 
     def on_sigint(signum, frame) -> None:
@@ -229,41 +325,58 @@ def execute_query(out: ShardStore | str | Path, sql: str, step: str | None = Non
         except KeyboardInterrupt:
             raise QueryInterrupted("query interrupted (Ctrl-C)") from None
         state["con"] = con
-        result = _run_interruptible(con, sql, max_rows, timeout, state)
+        deadline = None if timeout is None else started + timeout
+        _run_interruptible(con, sql, sink, deadline, timeout, state)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return result
+    if collect is None:
+        return None
+    return QueryResult(collect.columns, collect.rows, collect.total if collect.total is not None else len(collect.rows))
 
 
-def _run_interruptible(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None, timeout: float | None,
-                       state: dict) -> QueryResult:
+GRACE = 5.0  # seconds a sink may take to notice a stop before the caller is answered anyway
+
+
+def _run_interruptible(con: duckdb.DuckDBPyConnection, sql: str, sink: RowSink, deadline: float | None,
+                       timeout: float | None, state: dict) -> None:
     outcome: dict = {}
 
     def work() -> None:
         try:
             cur = con.execute(sql)
-            cols = [d[0] for d in cur.description] if cur.description else []
-            rows = cur.fetchmany(max_rows) if max_rows is not None else cur.fetchall()
-            total = len(rows)
-            if max_rows is not None:
-                while chunk := cur.fetchmany(10_000):  # count what the cap leaves out without holding it
-                    total += len(chunk)
-            outcome["result"] = QueryResult(cols, rows, total)
+            sink.start([d[0] for d in cur.description] if cur.description else [])
+            total: int | None = 0
+            while state["stopped_by"] is None and (chunk := cur.fetchmany(FETCH_BATCH)):
+                total += len(chunk)
+                if not sink.write(chunk):
+                    total = None
+                    break
+            if state["stopped_by"] is None:
+                sink.finish(total)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = exc
+        finally:
+            outcome["done"] = True
 
     worker = threading.Thread(target=work, name="fld-query", daemon=True)
-    started = time.monotonic()
     worker.start()
+    stopped_at = None
     while worker.is_alive():
         worker.join(0.05)
-        if timeout is not None and state["stopped_by"] is None and time.monotonic() - started > timeout:
+        if deadline is not None and state["stopped_by"] is None and time.monotonic() > deadline:
             state["stopped_by"] = "timeout"
-            con.interrupt()
-    con.close()
+        if state["stopped_by"] is not None:
+            if stopped_at is None:
+                stopped_at = time.monotonic()
+                con.interrupt()
+            elif time.monotonic() - stopped_at > GRACE:
+                break  # a sink busy printing: answer now, the daemon thread ends with the process
+    if not worker.is_alive():
+        con.close()
     if state["stopped_by"] == "timeout":
-        raise QueryError(f"query stopped after {timeout:g} s (--timeout); narrow it down or raise the limit")
+        raise QueryError(f"query stopped after {timeout:g} s (--timeout, counted over the whole command); "
+                         "narrow it down or raise the limit")
     if state["stopped_by"] == "ctrl-c":
         raise QueryInterrupted("query interrupted (Ctrl-C)")
     if "error" in outcome:
@@ -271,7 +384,6 @@ def _run_interruptible(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int |
         if isinstance(exc, duckdb.Error):
             raise QueryError(str(exc).splitlines()[0]) from None
         raise exc
-    return outcome["result"]
 
 
 def run_query(out: ShardStore | str | Path, sql: str, step: str | None = None, **limits):

@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "region_text": "annotators.region_text:RegionTextAnnotator",
     "grounding": "annotators.grounding:GroundingAnnotator",
     "masks": "annotators.masks:SamMaskAnnotator",
+    "compose_caption": "annotators.compose_caption:ComposeCaptioner",
     # stage 2: filters (filters/)
     "text_filter": "filters.text:TextFilter",
     "region_filter": "filters.region:RegionFilter",
@@ -94,10 +95,14 @@ def find_entry(name: str) -> StageEntry:
 
 def _import(target: str, name: str) -> type[Stage]:
     module, _, attr = target.partition(":")
+    if not module or not attr or module.startswith("."):
+        raise UnknownStageError(f"stage {name[:80]!r}: an import path is module.path:ClassName (absolute, "
+                                "both parts given)")
     try:
         cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UnknownStageError(f"stage {name!r}: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of a named module's import is this stage's error
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise UnknownStageError(f"stage {name[:80]!r}: cannot import {target[:80]} ({type(exc).__name__}: {first})") from None
     if not (isinstance(cls, type) and issubclass(cls, Stage)):
         raise UnknownStageError(f"stage {name!r}: {target} is not a subclass of engine.stage.Stage")
     return cls

@@ -10,8 +10,10 @@ one whose input shard changed since (inputs re-ingested, duplicates moved) is re
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from engine.config import ConfigError, Pipeline
@@ -63,12 +65,14 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, runner, progr
     duplicate pass. Chunks already ingested from the same inputs with the same settings are reused."""
     from engine.ingest.chunks import ingest_chunk, plan_chunks
     from engine.ingest.dedup import drop_cross_duplicates, find_cross_duplicates
-    from engine.ingest.sources import iter_inputs
+    from engine.ingest.sources import iter_inputs, limited
 
     cfg = pipeline.config.ingest
     ihash = pipeline.ingest_hash
     if src is not None:
-        items = iter_inputs(src, cfg.source, image_root=cfg.image_root, max_file_bytes=cfg.max_file_bytes)
+        items = (limited(item, cfg) for item in iter_inputs(src, cfg.source, image_root=cfg.image_root,
+                                                              max_file_bytes=cfg.max_file_bytes,
+                                                              allow_urls=cfg.allow_urls))
         shards, _ = plan_chunks(store, items, cfg.shard_size, ihash)
     else:
         shards = store.shards(INPUTS)
@@ -195,12 +199,13 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
     input_hash = pipeline.step_hash(plan.source_step)
     start_ref = plan.start_model()
     start = identity.model_identity(start_ref)
+    start_in_store = False  # round 1 starts from a reference; later rounds as plan.next_start says
     results = []
     for k in range(1, pipeline.config.rounds + 1):
         folder, model_folder = f"annotations/round{k}", f"models/round{k}"
         h = identity.round_hash(input_hash, plan.identity(), start, k)
         data_hash = identity.digest({s: r["sha256"] for s, r in store.committed(input_folder).items()})
-        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref, store if k > 1 else None)
+        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref, store if start_in_store else None)
         train = TrainJob(f"round{k}-train", cls, params, dict(pipeline.models), input_folder, model_folder, h,
                          workers, gpus, {"data_hash": data_hash}, cpus)
         marker = store.read_json(f"{model_folder}/round.json")
@@ -227,6 +232,8 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
                    "train": {key: summary.get(key) for key in ("steps", "first_loss", "last_loss", "loss_by_task",
                                                                "samples_per_s", "examples")},
                    **plan.metrics(store, folder, k, counters), "seconds": round(time.perf_counter() - t0, 2)}
+        if (metrics.get("health") or {}).get("message"):  # stage 3's one line on a model that did not prove itself
+            log.warning("%s", metrics["health"]["message"])
         if not any((metrics.get("relabel") or {}).get("added", {}).values()):
             log.warning("round %d: the model of this round produced no parseable annotation on any of the %s images "
                         "(undertrained?): round %d holds only round %d's annotations", k,
@@ -234,8 +241,22 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
             metrics["empty"] = True
         store.update_manifest(rounds={str(k): metrics}, folder_order=[folder], counters={f"round{k}": counters})
         results.append(metrics)
-        input_folder, input_hash, start_ref, start = folder, h, model_folder, {"round": h}
+        input_folder, input_hash = folder, h
+        start_ref, start, start_in_store = plan.next_start(model_folder, h, start_ref, start)
     return results
+
+
+def check_out_outside_input(store: ShardStore, src: str | None) -> None:
+    """A local OUT inside a local input folder is refused: ingest would list OUT's own files (its
+    shards, an export written next to them) as inputs of the next run."""
+    from engine.ingest.locations import InputError, is_url
+
+    if not store.local or not isinstance(src, str) or is_url(src) or not os.path.isdir(src):
+        return
+    root, folder = Path(store.root).resolve(), Path(src).resolve()
+    if root == folder or folder in root.parents:
+        raise InputError(f"OUT {store.out} is inside the input folder {src}: its own files would become inputs; "
+                         "put OUT outside the input folder")
 
 
 def run_pipeline(
@@ -254,6 +275,7 @@ def run_pipeline(
     step_names = [s.name for s in pipeline.steps]
     if from_step is not None and from_step not in step_names:
         raise ConfigError(f"--from {from_step!r}: pipeline {pipeline.name!r} has steps {step_names}")
+    check_out_outside_input(store, src if src is not None else store.read_manifest().get("pipeline", {}).get("input"))
     engine_runner = get_runner(runner, **(runner_options or {}))
     summary = RunSummary(out=str(store.out))
     with store.lock(f"fld run {pipeline.name}"):

@@ -40,6 +40,8 @@ DROPPED_COLOR = "#9e9e9e"
 LAYERS = (("objects", "object regions"), ("ocr", "OCR text"), ("groundings", "grounded phrases"),
           ("masks", "masks"), ("dropped", "dropped (hover: reason)"))
 HIDDEN_AT_START = frozenset({"dropped"})
+MANY_MASKS = 40  # more masks than this on the page: the masks layer starts hidden (a click shows them)
+MASK_FILL = 0.18  # masks are light fills with a solid outline: the photo stays visible under them
 QUARANTINE_ROWS = 500
 # Florence-2 tokens that must never reach the page: whole ones anywhere, and pieces of a
 # <loc_k> cut at either end of the text (generation stopped mid-token, a span cut inside one).
@@ -120,8 +122,15 @@ class MaskLayer:
         self.size = (max(1, round(width * scale)), max(1, round(height * scale)))
         self.paths: list[str] = []
         self.canvas = None
+        self.seen: set[str] = set()
 
-    def add(self, ann: dict, color: str, what: str, opacity: float) -> None:
+    def add(self, ann: dict, color: str, what: str, opacity: float = MASK_FILL) -> bool:
+        """Draw one annotation's mask (or polygon); False when it has none or the same mask is drawn
+        already (a grounding shares its region's mask)."""
+        key = (ann.get("mask") or {}).get("counts") or repr(ann.get("polygon"))
+        if not (ann.get("mask") or ann.get("polygon")) or key in self.seen:
+            return False
+        self.seen.add(key)
         rings = ann.get("polygon")
         mask = rle_to_mask(ann["mask"]) if ann.get("mask") else None
         if not rings and mask is not None:
@@ -129,9 +138,10 @@ class MaskLayer:
         path = _rings_path(rings or [])
         if path and len(path) <= self.MAX_PATH_CHARS:
             self.paths.append(f'<path d="{path}" fill="{color}" fill-opacity="{opacity}" fill-rule="evenodd" '
-                              f'stroke="none"><title>mask: {e(what)}</title></path>')
+                              f'stroke="{color}" stroke-width="1.5" class="mask-outline"><title>mask: {e(what)}</title></path>')
         elif mask is not None or rings:
             self._paint(mask, rings, color, opacity)
+        return True
 
     def _paint(self, mask, rings, color: str, opacity: float) -> None:
         import numpy as np
@@ -193,18 +203,17 @@ def image_svg(rec: dict, data: bytes, max_side: int = 1024) -> tuple[str, dict[s
             color = _label_color(visible_text(r.get("label")))
             layers["objects"].append(_rect(r["box"], color, f"{label}{_fmt_score(r)}"))
             layers["objects"].append(_label(r["box"], label, color, size))
-        masks.add(r, color, label, 0.35)
+        masks.add(r, color, label)
     for j, g in enumerate(kept(rec["groundings"])):
         color = colors[g["ann_id"]] = PALETTE[j % len(PALETTE)]
         phrase = visible_text(g.get("phrase"))
         layers["groundings"].append(_rect(g["box"], color, f'"{phrase}"{_fmt_score(g)}', dashed=True))
-        masks.add(g, color, phrase, 0.3)
+        masks.add(g, color, phrase)
     dropped = [a for a in rec["regions"] + rec["groundings"] if a["status"] == "dropped" and a.get("box")]
     for a in sorted(dropped, key=_area, reverse=True):
         what = visible_text(a.get("phrase") if "phrase" in a else (a.get("brief") or a.get("label")))
         layers["dropped"].append(_rect(a["box"], DROPPED_COLOR, f"dropped by {a.get('reason')}: {what}{_fmt_score(a)}",
                                        dashed=True, extra=' class="dropped-box"'))
-    layers["masks"].append(masks.svg())
     layers["masks"].append(masks.svg())
     body = "".join(f'<g class="layer layer-{name}">{"".join(layers[name])}</g>'
                    for name in ("masks", "objects", "ocr", "groundings", "dropped"))
@@ -251,7 +260,8 @@ def _card(rec: dict, data: bytes) -> tuple[str, dict[str, int]]:
         "objects": sum(a["status"] == "kept" and a["kind"] == "object" for a in rec["regions"]),
         "ocr": sum(a["status"] == "kept" and a["kind"] == "text" for a in rec["regions"]),
         "groundings": sum(a["status"] == "kept" for a in rec["groundings"]),
-        "masks": sum(a["status"] == "kept" and bool(a.get("mask") or a.get("polygon")) for a in rec["regions"] + rec["groundings"]),
+        "masks": len({(a.get("mask") or {}).get("counts") or repr(a.get("polygon")) for a in rec["regions"] + rec["groundings"]
+                      if a["status"] == "kept" and (a.get("mask") or a.get("polygon"))}),
         "dropped": sum(reasons.values()),
     }
     errors = "".join(f"<li>{e(err['stage'])}: {e(err['error'])}</li>" for err in rec["errors"])
@@ -298,6 +308,45 @@ def model_uses(config: dict | None, models: dict[str, str]) -> dict[str, list[st
     return uses
 
 
+def _round_health(manifest: dict) -> str:
+    """One line per refinement round: what its model showed on its validation images (refine.health);
+    a round whose model failed is a red warning (its relabels were dropped as round:unhealthy_model)."""
+    lines = []
+    for k, m in sorted((manifest.get("rounds") or {}).items(), key=lambda kv: int(kv[0])):
+        h = m.get("health") or {}
+        if not h:
+            continue
+        v = h.get("validation") or {}
+        figures = ", ".join(f"{name.replace('_', ' ')} {h[name]:.2f}" for name in
+                            ("same_across_tasks", "box_recall", "box_precision", "mention_precision") if h.get(name) is not None)
+        tasks = "; ".join(f"{t} distinct {f['distinct']:.2f}" if f.get("distinct") is not None else t
+                          for t, f in (h.get("tasks") or {}).items())
+        text = (f"round {k}: {v.get('images', 0)} validation images, val loss {h['val_loss']:.3f}" if h.get("val_loss") is not None
+                else f"round {k}: {v.get('images', 0)} validation images")
+        text += f" &middot; {e(tasks)}" + (f" &middot; {e(figures)}" if figures else "")
+        if h.get("message"):
+            lines.append(f"<div class='warning' id='round{k}-health'>&#9888; {e(h['message'])}. {text}</div>")
+        else:
+            lines.append(f"<p class='facts' id='round{k}-health'>{text} &middot; health check passed</p>")
+    return "".join(lines)
+
+
+def clip_note(config: dict | None, models: dict[str, str], template: str = "{}") -> str:
+    """Why the CLIP score rule is not applied where no real CLIP is available (the pipeline's CLIP is a
+    random: model): its stage left out, or run with its scores recorded only; else ""."""
+    if not config:
+        return ""
+    specs = [spec for step in config.get("steps", []) for spec in step.get("stages", []) if spec["stage"] == "clip_score"]
+    ref = str(models.get((specs[0].get("params") or {}).get("model", "clip") if specs else "clip", ""))
+    if not ref.startswith("random:"):
+        return ""
+    if not specs:
+        return template.format(f"CLIP score rule: off - no real CLIP model is available (clip = {ref}), so this "
+                               "pipeline runs no CLIP stage: a random CLIP's scores would mean nothing.")
+    return template.format(f"CLIP score rule: off - the CLIP model is {ref} (random); its scores are recorded, "
+                           "not used to drop anything.")
+
+
 def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> str:
     pipe = manifest.get("pipeline", {})
     models: dict[str, str] = pipe.get("models") or {}
@@ -307,7 +356,20 @@ def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> st
         "SELECT DISTINCT annotator, model FROM (SELECT annotator, model FROM texts UNION ALL "
         "SELECT annotator, model FROM regions UNION ALL SELECT annotator, model FROM groundings) "
         "WHERE model IS NOT NULL AND model <> '' ORDER BY 1, 2").fetchall()
-    random_refs = [f"{a} = {r} (used by {', '.join(uses.get(a, [])) or 'the pipeline'})"
+    made = con.execute(
+        "SELECT kind, annotator, round > 0, count(*) FROM (SELECT 'texts' kind, annotator, round FROM texts UNION ALL "
+        "SELECT 'regions', annotator, round FROM regions UNION ALL SELECT 'groundings', annotator, round FROM groundings) "
+        "GROUP BY ALL").fetchall()
+
+    def made_by(stages: list[str]) -> str:
+        n: dict[str, int] = {}
+        for kind, annotator, refined, count in made:
+            if ("refine" in stages and refined) or (not refined and annotator in stages):
+                n[kind] = n.get(kind, 0) + count
+        what = ", ".join(f"{k} {v}" for k, v in n.items() if v)
+        return f": this step's annotations from it: {what}" if what else ": none of this step's annotations come from it"
+
+    random_refs = [f"{a} = {r} (used by {', '.join(uses.get(a, [])) or 'the pipeline'}){made_by(uses.get(a, []))}"
                    for a, r in used.items() if str(r).startswith("random:")]
     random_refs += [f"{ann} annotations were made by {m}" for ann, m in provenance
                     if str(m).startswith("random:") and not any(str(r) == m for r in used.values())]
@@ -317,6 +379,7 @@ def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> st
                    + "; ".join(e(x) for x in random_refs)
                    + ". Their annotations are not meaningful (the plumbing runs); point these aliases at real "
                    "weights (a hub id or a local directory) for real annotations.</div>")
+    warning += clip_note(pipe.get("config"), models, "<p class='note' id='clip-rule'>{}</p>")
     rows = "".join(f"<tr><td>{e(a)}</td><td>{e(str(r))}</td><td>{e(', '.join(uses.get(a, [])))}</td></tr>"
                    for a, r in used.items())
     if not rows:  # an OUT written before manifests carried the models: what the data says
@@ -328,14 +391,15 @@ def _header(out, folder: str, manifest: dict, con, shown: int, total: int) -> st
     return (
         f"<header><h1>fld-engine report: {e(str(out))} &middot; {e(folder)}</h1>"
         + "<p class='facts'>" + " &middot; ".join(f"{k} <b>{e(str(v))}</b>" for k, v in facts if v) + "</p>"
-        + warning
+        + warning + _round_health(manifest)
         + f"<p>{shown} of {total} images shown.</p>"
         + f"<table class='models'><tr><th>model alias</th><th>reference</th><th>used by</th></tr>{rows}</table></header>"
     )
 
 
 def _toggles(totals: dict[str, int]) -> str:
-    inputs = "".join(f'<input type="checkbox" id="layer-{n}" class="toggle"{"" if n in HIDDEN_AT_START else " checked"}>'
+    hidden = HIDDEN_AT_START | ({"masks"} if totals.get("masks", 0) > MANY_MASKS else set())
+    inputs = "".join(f'<input type="checkbox" id="layer-{n}" class="toggle"{"" if n in hidden else " checked"}>'
                      for n, _ in LAYERS)
     swatch = {"objects": PALETTE[0], "ocr": OCR_COLOR, "groundings": PALETTE[2], "masks": PALETTE[1], "dropped": DROPPED_COLOR}
     labels = "".join(
@@ -391,7 +455,8 @@ nav.legend label{margin-right:14px;cursor:pointer;user-select:none}
 .legend-dropped .swatch{border-style:dashed}.legend-groundings .swatch{border-style:dashed}
 .card{display:inline-block;vertical-align:top;width:min(800px,95vw);margin:8px;padding:8px;background:#fff;border:1px solid #ddd}
 .card svg.annotated{width:100%;height:auto;display:block;background:#eee}
-svg.annotated rect,svg.annotated polygon{stroke-width:2px;vector-effect:non-scaling-stroke}
+svg.annotated rect,svg.annotated polygon,svg.annotated path{stroke-width:2px;vector-effect:non-scaling-stroke}
+svg.annotated path.mask-outline{stroke-width:1.5px}
 .box-label{paint-order:stroke;stroke:#000;stroke-width:2px;vector-effect:non-scaling-stroke;font-family:sans-serif}
 .dropped,.meta{color:#666}.errors{color:#b00}.phrase{font-weight:600}
 .plot-title{font-size:12px;font-weight:600}.axis{font-size:10px}

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from engine.values import BoundedModel
 from schemas.records import ANNOTATION_KINDS, IMAGE_RECORD_SCHEMA, params_hash, source_of
 
 # Transient columns a runner attaches to a step's batches for stages with needs_images; they are
@@ -46,7 +47,7 @@ class Resources:
 EXECUTION_PARAMS = ("batch_size", "cpus", "gpus", "concurrency", "threads", "model_store")
 
 
-class StageParams(BaseModel):
+class StageParams(BoundedModel):
     """Base of every stage's parameters: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -141,14 +142,12 @@ class Stage:
         if self.needs_images:
             images = batch_images(batch, records, self.image_input, self.name)
             todo = [i for i, im in enumerate(images) if im is not None]  # undecodable ones carry their error
-            if len(todo) == len(records):
-                records = self.process_batch(records, images)
-            elif todo:
-                done = self.process_batch([records[i] for i in todo], [images[i] for i in todo])
-                for i, rec in zip(todo, done):
-                    records[i] = rec
         else:
-            records = self.process_batch(records, None)
+            images, todo = None, list(range(len(records)))
+        if todo:
+            done = self._isolated(batch, records, images, todo)
+            for i, rec in zip(todo, done):
+                records[i] = rec
         table = records_to_table(records)
         for col in TRANSIENT_COLUMNS:  # carried through for the next stage of the step
             if col in batch.column_names:
@@ -156,6 +155,38 @@ class Stage:
         for key in sorted({k for rec in records for k in rec if k.startswith(STASH_PREFIX)}):
             table = table.append_column(key, pa.array([rec.get(key) for rec in records], pa.string()))
         return table
+
+    def _isolated(self, batch: pa.Table, records: list[dict], images: list | None, todo: list[int]) -> list[dict]:
+        """process_batch on records[todo]; when it raises (one record a batched model cannot take: a
+        caption spaCy refuses, an input that exhausts memory), the batch is redone one record at a time
+        from fresh copies, and each record that still fails gets that failure as its own error: one
+        record never stops the run, and the others of its batch keep their results."""
+        errors_before = {i: list(records[i].get("errors") or []) for i in todo}  # e.g. this batch's decode errors
+        metrics_before = dict(self._metrics)
+        try:
+            return self.process_batch([records[i] for i in todo], [images[i] for i in todo] if images is not None else None)
+        except Exception as exc:  # noqa: BLE001 - the batch failed: find the record(s) that make it fail
+            self._metrics = metrics_before  # what the failed attempt reported is not counted
+            failure = exc
+        fresh_all = table_to_records(batch)
+        done = []
+        for i in todo:
+            fresh = fresh_all[i]
+            fresh["errors"] = list(errors_before[i])
+            if len(todo) == 1:
+                record_error(fresh, self.name, failure)
+            else:
+                saved = dict(self._metrics)
+                try:
+                    fresh = self.process_batch([fresh], [images[i]] if images is not None else None)[0]
+                except Exception as exc:  # noqa: BLE001 - per-element error contract
+                    self._metrics = saved
+                    fresh = table_to_records(batch.slice(i, 1))[0]  # not what the failed attempt left
+                    fresh["errors"] = list(errors_before[i])
+                    record_error(fresh, self.name, exc)
+            done.append(fresh)
+        self.report("records_isolated", len(todo))  # the batch was redone one record at a time
+        return done
 
     # ------------------------------------------------------------------- metrics
     def report(self, name: str, value: float) -> None:
@@ -236,15 +267,13 @@ def decode_image(data: bytes):
 def decode_pixels(data: bytes | None, width: int, height: int) -> bytes:
     """Encoded bytes -> the raw RGB buffer of PIXELS_COLUMN; the decoded size must be the record's
     (all geometry is in those pixels), else a ValueError that names both sizes."""
-    import numpy as np
-
     if data is None:
         raise ValueError("no image bytes for this record")
     img = decode_image(data)
     if img.size != (width, height):
         raise ValueError(f"decoded size {img.width}x{img.height} differs from the record's {width}x{height}; "
                          "geometry would be in the wrong frame")
-    return np.asarray(img, dtype=np.uint8).tobytes()
+    return img.tobytes()  # raw RGB, row-major: one copy of the pixels, not two
 
 
 def pixels_image(buffer: bytes, width: int, height: int):
@@ -292,6 +321,9 @@ def batch_images(batch: pa.Table, records: list[dict], image_input: str, stage: 
     elif IMAGE_BYTES_COLUMN in cols:
         buffers = []
         for rec, data in zip(records, batch.column(IMAGE_BYTES_COLUMN).to_pylist()):
+            if any(e.get("stage") == DECODE_STAGE for e in rec.get("errors") or []):
+                buffers.append(None)  # an earlier stage of the step found it undecodable: recorded once
+                continue
             try:
                 buffers.append(decode_pixels(data, int(rec["width"]), int(rec["height"])))
             except Exception as exc:  # noqa: BLE001 - recorded on the image, the batch goes on

@@ -6,7 +6,7 @@ committed so far (the same data `fld query` sees).
 
 Returns {section key: titled table}; the CLI renders the tables in this order and
 `--format json` prints the dict as is. Section keys are stable (README "fld stats"):
-ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds.
+ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds, notes.
 A section without data for this OUT (no annotation step yet, no rounds) is left out.
 """
 from __future__ import annotations
@@ -79,6 +79,12 @@ def collect_stats(out: "str | Path | ShardStore", step: str | None = None, sampl
     t = round_metrics_table(store)
     if t["rows"]:
         sections["rounds"] = t
+    pipe = store.read_manifest().get("pipeline") or {}
+    from engine.show import clip_note  # the report says the same
+
+    note = clip_note(pipe.get("config"), pipe.get("models") or {})
+    if note:
+        sections["notes"] = {"title": "notes", "columns": ["note"], "rows": [[note]]}
     return sections
 
 
@@ -90,10 +96,31 @@ def round_metrics(out) -> list[dict]:
     return [rounds[k] for k in sorted(rounds, key=int)]
 
 
+def _health_cells(h: dict) -> list[str]:
+    """The round's validation and health figures (refine.health), as three cells."""
+    if not h:
+        return ["-", "-", "-"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    v = h.get("validation") or {}
+    loss = f"{v.get('images', 0)} / {fmt(h.get('val_loss'))}" + (f" (step {h['best_step']})" if h.get("best_step") else "")
+    tasks = (h.get("tasks") or {}).values()
+    distinct = [f["distinct"] for f in tasks if f.get("distinct") is not None]
+    parse = [f["parse_rate"] for f in tasks if f.get("parse_rate") is not None]
+    figures = " / ".join(fmt(x) for x in (min(distinct, default=None), min(parse, default=None), h.get("same_across_tasks"),
+                                          h.get("box_recall"), h.get("box_precision"), h.get("mention_precision")))
+    if not h.get("checked"):
+        verdict = "unchecked"
+    else:
+        verdict = "passed" if h.get("ok") else "FAILED: " + "; ".join(h.get("failed") or [])
+    return [loss, figures, verdict]
+
+
 def round_metrics_table(store) -> dict:
     """The table `fld stats` prints: one row per round, saying plainly when a round added nothing."""
     cols = ["round", "train loss first -> last", "relabel: images with output / images, annotations added",
-            "object F1@0.5 / mIoU vs k-1", "text F1@0.5", "brief / detailed caption F1 vs k-1", "mAP / mAP50 vs human", "model"]
+            "object F1@0.5 / mIoU vs k-1", "text F1@0.5", "brief / detailed caption F1 vs k-1", "mAP / mAP50 vs human",
+            "validation images / loss (best step)", "model health: distinct min / parse min / same across tasks / "
+            "box R / box P / mention P", "health check", "model"]
     rows = []
     for m in round_metrics(store):
         a = m.get("agreement", {})
@@ -109,6 +136,43 @@ def round_metrics_table(store) -> dict:
             a.get("text_f1@0.5", "-"),
             f"{a.get('brief_token_f1', '-')} / {a.get('detailed_token_f1', '-')}",
             f"{gt['map']} / {gt['map50']}" if gt else "-",
+            *_health_cells(m.get("health") or {}),
             m.get("model_dir", ""),
         ])
     return {"title": "refinement rounds (stage 3)", "columns": cols, "rows": rows}
+
+
+ROUND_KEYS = {"round", "round_hash", "model_dir", "train", "agreement", "ground_truth", "relabel", "seconds"}
+
+
+def round_summaries(out) -> list[str]:
+    """One plain line per completed round: what it trained, what it relabelled, what of its new
+    annotations (round == k) the filters and the merge kept or refused and why, and any other verdict
+    the round recorded in its metrics (e.g. a model health check)."""
+    from engine.query import open_views
+
+    store = ShardStore.of(out)
+    lines = []
+    for m in round_metrics(store):
+        k = int(m["round"])
+        t, r = m.get("train") or {}, m.get("relabel") or {}
+        loss = (f" (loss {t['first_loss']:.2f} -> {t['last_loss']:.2f})"
+                if t.get("first_loss") is not None and t.get("last_loss") is not None else "")
+        con = open_views(store, f"round{k}")
+        try:
+            rows = con.execute(" UNION ALL ".join(
+                f"SELECT '{kind}' AS kind, status, coalesce(reason, '') AS reason FROM {kind} WHERE round = {k}"
+                for kind in ANNOTATION_KINDS).join(("SELECT status, reason, count(*) FROM (", ") GROUP BY ALL ORDER BY 3 DESC, 2"))
+            ).fetchall()
+        finally:
+            con.close()
+        kept = sum(n for status, _, n in rows if status == "kept")
+        refused = ", ".join(f"{reason} x{n}" for status, reason, n in rows if status != "kept")
+        line = (f"round {k}: trained {t.get('steps', '?')} steps{loss}, relabelled {r.get('images', '?')} images "
+                f"({r.get('images_with_output', '?')} with parseable output); new annotations: {kept} merged"
+                + (f", refused: {refused}" if refused else ", none refused"))
+        other = {key: v for key, v in m.items() if key not in ROUND_KEYS}
+        if other:
+            line += "; " + "; ".join(f"{key}: {v}" for key, v in other.items())
+        lines.append(line)
+    return lines

@@ -408,11 +408,12 @@ class ShardStore:
 
     def commit_record(self, folder: str, shard: str) -> dict | None:
         try:
-            return json.loads(self.read_bytes(self._commit_rel(folder, shard)))
+            rec = json.loads(self.read_bytes(self._commit_rel(folder, shard)))
         except FileNotFoundError:
             return None
         except ValueError:
             return None  # an unreadable record commits nothing
+        return rec if isinstance(rec, dict) and "rows" in rec and "bytes" in rec else None
 
     def is_committed(self, folder: str, shard: str, config_hash: str | None = None) -> bool:
         """Committed and intact (cheap checks); with config_hash, also written with that configuration."""
@@ -455,6 +456,8 @@ class ShardStore:
                     rec = json.loads(blob)
                     if not isinstance(rec, dict) or "rows" not in rec or "bytes" not in rec:
                         raise ValueError("not a commit record")
+                    if not all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) for k in ("rows", "bytes")):
+                        raise ValueError("rows and bytes must be integers")
                 except ValueError as exc:
                     rec = {"folder": folder, "shard": shard, "unreadable": f"commit record unreadable ({exc})"}
                 self._records[(folder, shard)] = (key, rec)
@@ -470,7 +473,7 @@ class ShardStore:
         if not records:
             return {}
         files = self._listing(folder)
-        self._read_footers([(rec, files.get(f"{shard}.parquet")) for shard, rec in records.items()])
+        self._read_footers(folder, [(shard, rec, files.get(f"{shard}.parquet")) for shard, rec in records.items()])
         problems = {}
         for shard, rec in records.items():
             problem = self._problem(folder, shard, rec, files.get(f"{shard}.parquet"))
@@ -481,10 +484,13 @@ class ShardStore:
                     log.warning("%s/%s is damaged: %s; a run redoes it", self.out, f"{folder}/{shard}", problem)
         return problems
 
-    def _quick_problem(self, rec: dict, entry: dict | None) -> tuple[str | None, bool]:
+    def _quick_problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> tuple[str | None, bool]:
         """(problem, whether the Parquet footer must be read to know) from the record and the listing."""
         if "unreadable" in rec:
             return rec["unreadable"], False
+        if rec.get("folder") != folder or rec.get("shard") != shard:  # each record names its own shard
+            return (f"its commit record is the one of {str(rec.get('folder'))[:80]}/{str(rec.get('shard'))[:40]} "
+                    "(a shard and its record copied over this one)"), False
         if entry is None:
             return "deleted: the shard file is missing", False
         size = entry.get("size")
@@ -508,12 +514,12 @@ class ShardStore:
             return "replaced: its Parquet footer differs from the committed one"
         return None
 
-    def _read_footers(self, pairs: list[tuple[dict, dict | None]]) -> None:
-        """Check the footers of every (record, listing entry) that needs one and is not cached, in one
-        batched ranged read (fsspec cat_ranges: concurrent requests on object stores)."""
+    def _read_footers(self, folder: str, items: list[tuple[str, dict, dict | None]]) -> None:
+        """Check the footers of every (shard, record, listing entry) that needs one and is not cached, in
+        one batched ranged read (fsspec cat_ranges: concurrent requests on object stores)."""
         todo = []
-        for rec, entry in pairs:
-            if entry is None or not self._quick_problem(rec, entry)[1]:
+        for shard, rec, entry in items:
+            if entry is None or not self._quick_problem(folder, shard, rec, entry)[1]:
                 continue
             cached = self._checks.get(entry["name"])
             if cached is None or cached[0] != _listing_key(entry):
@@ -527,7 +533,7 @@ class ShardStore:
             self._checks[entry["name"]] = (_listing_key(entry), self._footer_problem(rec, tail, size))
 
     def _problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> str | None:
-        problem, needs_footer = self._quick_problem(rec, entry)
+        problem, needs_footer = self._quick_problem(folder, shard, rec, entry)
         if not needs_footer:
             return problem
         path = entry["name"]
@@ -569,6 +575,9 @@ class ShardStore:
         """Recompute every committed shard's sha256 (reads everything): (shards checked, [(folder, shard, problem)])."""
         folders = folders or self.data_folders()
         checked, problems = 0, []
+        manifest = self.manifest_problem()
+        if manifest is not None:
+            problems.append((MANIFEST, "", f"{manifest}; a run rewrites it (every folder was checked anyway)"))
         for folder in folders:
             bad = self.damaged(folder, report=False)
             for shard, rec in self.records(folder).items():
@@ -694,7 +703,33 @@ class ShardStore:
             self._lease.check()
 
     # --------------------------------------------------------------- manifest
+    def manifest_problem(self) -> str | None:
+        """What is wrong with manifest.json (None: absent or sound). It holds only summaries and the
+        order folders were written in, so a damaged one is read as absent and rewritten by the next run."""
+        try:
+            manifest = json.loads(self.read_bytes(MANIFEST))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as exc:
+            return f"not readable JSON ({one_line(exc)})"
+        if not isinstance(manifest, dict):
+            return f"not a JSON object but {type(manifest).__name__}"
+        order = manifest.get("order", [])
+        if not isinstance(order, list) or not all(isinstance(f, str) for f in order):
+            return f"'order' must be a list of folder names, not {json.dumps(order)[:60]}"
+        for key in ("pipeline", "rounds", "shards"):
+            if key in manifest and not isinstance(manifest[key], dict):
+                return f"{key!r} must be an object, not {json.dumps(manifest[key])[:60]}"
+        return None
+
     def read_manifest(self) -> dict:
+        """manifest.json, or {} (with one warning naming it) when it is damaged: see manifest_problem."""
+        problem = self.manifest_problem()
+        if problem is not None:
+            if (MANIFEST, "", problem) not in self._warned:
+                self._warned.add((MANIFEST, "", problem))
+                log.warning("%s is damaged (%s): read as absent; the next run rewrites it", self.url(MANIFEST), problem)
+            return {}
         try:
             return json.loads(self.read_bytes(MANIFEST))
         except FileNotFoundError:

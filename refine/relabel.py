@@ -9,19 +9,35 @@ Why a subclass of the `florence2` stage: the mapping from parsed Florence-2 outp
 (clamping, phrase spans of groundings, captions feeding grounding) is that stage's job; the round
 only changes who signs the annotations (`source.annotator = "refine"`, `round = k`) and makes the
 ids unique across rounds (the round is part of the id, and groundings' `text_ann_id` follow).
+
+A round proves its model first (refine.health): the trainer measured it on held-out images and
+wrote the figures to the model's train_summary.json; this stage applies `health` (the thresholds)
+to them. When a check fails, every annotation the model makes is kept in the round's shards but
+dropped, reason `round:unhealthy_model`, so the merge keeps the previous labels. Every annotation
+of the round carries the round's headline figures as checks `round.<figure>` (re-threshold in SQL).
+It also sizes generation per task from the longest target the round trained on (+25%, +8 tokens;
+`max_new_tokens` stays the cap), so long captions are not cut and short outputs stop early.
 """
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from annotators.florence2 import Florence2Annotator, Florence2Params
 from engine.stage import STASH_PREFIX
+from filters.decision import drop, reset_own, set_check
+from refine.health import HealthThresholds, headline, verdict
 from schemas.records import ANNOTATION_KINDS, make_ann_id
 
+log = logging.getLogger(__name__)
 ANNOTATOR = "refine"
+CHECK = "round"  # checks `round.<figure>`, reason `round:unhealthy_model`
+UNHEALTHY = "unhealthy_model"
+SUMMARY_FILE = "train_summary.json"  # refine.trainer.SUMMARY_FILE (the relabeller imports no trainer)
 PREVIOUS = STASH_PREFIX + "previous"  # the record's annotations before this round (JSON)
 
 
@@ -30,6 +46,28 @@ class RelabelParams(Florence2Params):
     # where `model` (an OUT-relative folder, models/round<k>) is read from: the store's spec (local path
     # or object-store URL + options); each worker copies the folder from there (an execution setting)
     model_store: Any = None
+    no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram ban by default (refine.rounds.RelabelSettings says why)")
+    health: HealthThresholds = Field(default_factory=HealthThresholds,
+                                     description="the round's model health thresholds (refine.health)")
+
+
+def model_summary(folder: str | Path) -> dict:
+    """The training summary of a model folder ({} for a model that is not a round's)."""
+    path = Path(folder) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def mark_health(records: list[dict], figures: dict[str, float], failed: list[str]) -> None:
+    """The round's figures as checks of each of its annotations; all dropped when a check failed."""
+    for rec in records:
+        for key in ANNOTATION_KINDS:
+            for ann in rec.get(key) or []:
+                reset_own(ann, CHECK)
+                for name, value in figures.items():
+                    set_check(ann, CHECK, name, value)
+                set_check(ann, CHECK, "healthy", not failed)
+                if failed:
+                    drop(ann, CHECK, UNHEALTHY)
 
 
 def stamp_round(records: list[dict], round_: int) -> list[dict]:
@@ -63,6 +101,16 @@ class RefineRelabeler(Florence2Annotator):
             store = ShardStore.from_spec(self.params.model_store)
             self.models = {**self.models, self.params.model: store.local_dir(self.params.model)}
         super().setup()
+        summary = model_summary(self.model_ref)
+        self.health = summary.get("health")
+        self.failed = verdict(self.health, self.params.health)
+        self.figures = headline(self.health)
+        if self.failed:
+            log.info("round %d: model unhealthy (%s): its annotations are dropped as %s:%s", self.params.round,
+                     "; ".join(self.failed), CHECK, UNHEALTHY)
+        # generation per task sized from the targets the round trained on (the configured value is the cap)
+        self.florence.token_limits = {task: min(n, self.params.max_new_tokens)
+                                      for task, n in (summary.get("generation_tokens") or {}).items()}
         # provenance names the model as the pipeline does (OUT-relative models/round<k>), not where this
         # worker found it, so the same round on two machines writes the same annotations
         self._source = self.source(self.params.model, self.florence.revision)
@@ -73,6 +121,7 @@ class RefineRelabeler(Florence2Annotator):
             for key in (*ANNOTATION_KINDS, "errors"):
                 rec[key] = []
         records = stamp_round(super().process_batch(records, images), self.params.round)
+        mark_health(records, self.figures, self.failed)
         # counted here: the runners' before/after counts cannot see what this stage made, since it also
         # sets the previous annotations aside
         self.report("images", len(records))

@@ -4,8 +4,9 @@ This module is what the engine's driver asks about a pipeline's refinement round
 through engine.registry, like a stage); the driver does the running, the resuming and the
 committing, with the same code as for every step:
 - round k trains a Florence-2 (refine.trainer.Florence2Trainer, an engine trainer) on the kept
-  annotations of `annotations/<last step>` (k = 1) or `annotations/round<k-1>`, starting from
-  `refine.model` (k = 1) or round k-1's model, into `OUT/models/round<k>/`;
+  annotations of `annotations/<last step>` (k = 1) or `annotations/round<k-1>` (round k-1's merged
+  labels), starting from `refine.model` (k = 1) or round k-1's model (`round_start: previous`, the
+  default; `init`: refine.model again), into `OUT/models/round<k>/`;
 - then a step over every shard: relabel with that model (refine.relabel) -> the pipeline's
   stage-2 filters on the new annotations -> merge with the record as it was (refine.merge), into
   `annotations/round<k>/`.
@@ -16,7 +17,12 @@ pipelines.yaml:
       model: florence2            # alias of models: or a reference; round 1 starts from it
       train: {steps: 1000, batch_size: 8, lr: 1.0e-5, num_workers: 1, ...}   # refine.trainer.TrainConfig
       relabel: {tasks: [caption, od, ...], batch_size: 4, max_new_tokens: 1024, num_beams: 3}
-      merge: {nms_iou: 0.7, agreement_weight: 0.5}
+      merge: {nms_iou: 0.7}
+      health: {min_distinct: 0.3, min_parse_rate: 0.5, ...}   # refine.health.HealthThresholds
+
+A round proves its model before its labels enter the dataset (docs/refine.md): the trainer holds
+out validation images and measures the model on them (refine.health); the relabel stage drops the
+round's annotations (`round:unhealthy_model`) when a threshold is missed.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from annotators.florence2 import TaskName
 from engine.registry import stage_class
+from refine.health import HealthThresholds, verdict
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
 from refine.trainer import TRAIN_EXECUTION_SETTINGS, Florence2Trainer, TrainConfig
@@ -44,9 +51,13 @@ class RelabelSettings(_Strict):
     tasks: list[TaskName] = Field(default_factory=lambda: list(STAGE_TASKS), min_length=1,
                                   description="florence2-stage task names the new model annotates")
     batch_size: int = Field(4, ge=1)
-    max_new_tokens: int = Field(1024, ge=1)
+    max_new_tokens: int = Field(1024, ge=1, description="cap; each task generates at most its longest training target "
+                                "of the round + 25% + 8 tokens")
     num_beams: int = Field(3, ge=1)
-    no_repeat_ngram_size: int = Field(3, ge=0)
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="0: no n-gram ban. The hub's 3 corrupts region outputs that repeat a label (two "
+        "crosses: the label's sub-tokens may not repeat); measured on a model that fits 8 images: 36/36 boxes at 0 "
+        "or 8, 27/36 at 3. Loops are bounded by the per-task generation length instead")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     cpus: float | None = None
     gpus: float | None = None
@@ -54,14 +65,17 @@ class RelabelSettings(_Strict):
 
 
 class MergeSettings(_Strict):
-    nms_iou: float = Field(0.7, gt=0, le=1)
-    agreement_weight: float = Field(0.5, ge=0, le=1)
+    nms_iou: float = Field(0.7, gt=0, le=1, description="IoU above which two boxes of a kind are one object (refine.merge)")
 
 
 class RefineConfig(_Strict):
     """The `refine:` block of a pipeline."""
 
-    model: str = Field("florence2", description="round 1 starts from this reference or models: alias")
+    model: str = Field("florence2", description="round 1 starts from this reference or models: alias: a hub id "
+                       "(microsoft/Florence-2-base: real weights), a local folder, or random:<preset|config> (from scratch)")
+    round_start: Literal["previous", "init"] = Field(
+        "previous", description="weights round k > 1 starts from: round k-1's model (rounds build on each other), "
+        "or refine.model again (each round from the same start: from scratch with a random: model)")
     from_step: str | None = Field(None, description="step whose annotations round 1 trains on (default: the last)")
     train_tasks: list[str] = Field(default_factory=lambda: list(TRAINED_TOKENS), min_length=1)
     max_target_tokens: int = Field(1024, ge=8)
@@ -69,6 +83,7 @@ class RefineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     relabel: RelabelSettings = Field(default_factory=RelabelSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    health: HealthThresholds = Field(default_factory=HealthThresholds)
     filters: list[str] | None = Field(None, description="filter stages to rerun (default: every filters.* stage of the steps)")
 
     @field_validator("train_tasks")
@@ -119,7 +134,8 @@ class FlorenceRounds:
     # ----------------------------------------------------------------- identity
     def identity(self) -> dict:
         """The settings that decide what a round produces (execution settings left out)."""
-        d = self.cfg.model_dump(mode="json", exclude={"model"})
+        # round_start is in each round's start model (engine.run: identity of the weights it starts from)
+        d = self.cfg.model_dump(mode="json", exclude={"model", "round_start"})
         for key in TRAIN_EXECUTION_SETTINGS:
             d["train"].pop(key, None)
         for key in ("batch_size", "cpus", "gpus", "concurrency"):
@@ -130,13 +146,23 @@ class FlorenceRounds:
     def start_model(self) -> str:
         return self.pipeline.models.get(self.cfg.model, self.cfg.model)
 
+    def next_start(self, previous_folder: str, previous_hash: str, start_ref: str, start: dict) -> tuple[str, dict, bool]:
+        """(reference, identity, read from the store?) of the weights round k + 1 starts from, given
+        round k's model folder and hash and what round k started from (refine.round_start)."""
+        if self.cfg.round_start == "previous":
+            return previous_folder, {"round": previous_hash}, True
+        return start_ref, start, False
+
     # ---------------------------------------------------------------- the jobs
     def trainer(self, round_: int, start_ref: str, store=None) -> tuple[type, dict, int, float, float]:
         """(trainer class, its params, workers, GPUs per worker, CPUs per worker) of round k's training.
         Round 1 starts from a model reference; a later round from the previous round's folder in
         `store` (start_ref is then OUT-relative)."""
         c = self.cfg
+        from engine.models import parse_model_ref
+
         params = {"start": start_ref, "start_store": store.spec() if store is not None else None, "train": c.train.model_dump(),
+                  "from_random": parse_model_ref(self.start_model()).kind == "random",
                   "codec": {"tasks": c.train_tasks, "max_target_tokens": c.max_target_tokens,
                             "max_region_examples": c.max_region_examples}}
         return Florence2Trainer, params, c.train.num_workers, c.train.gpus_per_worker, c.train.cpus_per_worker
@@ -160,7 +186,8 @@ class FlorenceRounds:
         r = self.cfg.relabel
         relabel = {"model": model_folder, "model_store": store.spec(), "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
                    "max_new_tokens": r.max_new_tokens, "num_beams": r.num_beams,
-                   "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype}
+                   "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype,
+                   "health": self.cfg.health.model_dump()}
         relabel.update({k: v for k, v in (("cpus", r.cpus), ("gpus", r.gpus), ("concurrency", r.concurrency)) if v is not None})
         filters = [(stage_class(spec.stage), dict(spec.params)) for spec in self._filter_specs()]
         return [(RefineRelabeler, relabel), *filters, (MergeStage, self.cfg.merge.model_dump())]
@@ -179,7 +206,22 @@ class FlorenceRounds:
             if len(records) >= GROUND_TRUTH_SAMPLE:
                 break
         made = (counters.get(RefineRelabeler.name) or {}).get("metrics") or {}
-        return {"agreement": reduce_agreement([sums]),
+        summary = store.read_json(f"models/round{round_}/train_summary.json") or {}
+        health = dict(summary.get("health") or {})
+        health.pop("generations", None)
+        failed = verdict(health, self.cfg.health)
+        # fewer validation images than `min_images`: figures reported, no verdict
+        health["checked"] = bool(health.get("checked")) and health.get("images", 0) >= self.cfg.health.min_images
+        health.update(ok=not failed, failed=failed, validation=summary.get("validation"),
+                      best_step=summary.get("best_step"), val_loss=summary.get("best_val_loss") or summary.get("val_loss"))
+        if failed:
+            health["message"] = (f"round {round_}: model failed its health check ({failed[0]}"
+                                 f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}): its relabels are kept "
+                                 "as dropped, reason round:unhealthy_model; the round keeps the previous labels")
+        elif not health.get("checked"):
+            health["message"] = (f"round {round_}: model not health-checked ({health.get('images', 0)} validation "
+                                 "images): its relabels were merged unchecked")
+        return {"health": health, "agreement": reduce_agreement([sums]),
                 "ground_truth": coco_map(records[:GROUND_TRUTH_SAMPLE], round_),
                 "relabel": {"images": int(made.get("images", 0)),
                             "images_with_output": int(made.get("images_with_output", 0)),

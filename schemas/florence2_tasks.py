@@ -6,7 +6,7 @@ codec of stage 3 and the Florence export (which tasks get training targets, whic
 which caption task) all read the same facts, so they live here once.
 
 `prompt` is the encoder prompt transformers' Florence2Processor substitutes for the token, with
-`{input}` where a task's text input goes (FLORENCE2.md section 2); tests/test_task_codec.py checks
+`{input}` where a task's text input goes (docs/florence2.md section 2); tests/test_task_codec.py checks
 the table against a real processor. Row order matters: it is the run order of the `florence2` stage
 (captions before grounding, which grounds the brief caption of the same batch) and the order of the
 codec's examples; both order lists are defaults of configuration hashes, so reordering the table

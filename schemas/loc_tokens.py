@@ -1,6 +1,6 @@
 """Florence-2 location tokens: geometry in pixels -> `<loc_k>` sequences (training targets, prompts).
 
-Quantization is the one of the original and the native transformers code (FLORENCE2.md §2):
+Quantization is the one of the original and the native transformers code (docs/florence2.md §2):
 `k = clamp(floor(x * 1000 / W), 0, 999)` (y with H). Only the encoder lives here: sequences are
 read back by transformers' own `Florence2Processor.post_process_generation` (the stages parse
 generations with it, and the tests check every encoder against it), never by a copy of it.

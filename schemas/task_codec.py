@@ -1,6 +1,6 @@
 """Kept annotations of an image record -> Florence-2 training examples (task, text input, target).
 
-Which annotations feed which task (FLORENCE2.md §2):
+Which annotations feed which task (docs/florence2.md §2):
     texts brief / detailed / more_detailed -> <CAPTION> / <DETAILED_CAPTION> / <MORE_DETAILED_CAPTION>
     object regions with a label             -> <OD>                      `label<loc>x4 ...`
     object regions with a brief             -> <DENSE_REGION_CAPTION>    `brief<loc>x4 ...`

@@ -1,8 +1,8 @@
-"""Shared fixtures: real photos (scikit-image, Debian darknet) and image-record batches."""
+"""Shared fixtures: real photos (scikit-image, Debian darknet) and image-record batches; the hooks of the unit
+layer (`python3 -m pytest -m unit`, tests/unit_layer.py)."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import os
 
@@ -16,8 +16,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from engine.stage import IMAGE_BYTES_COLUMN, records_to_table
-from schemas.records import empty_record
+from helpers import make_batch, rendered_sign
+from helpers import ocr_pipelines as write_ocr_pipelines
+from unit_layer import (  # noqa: F401  (the unit layer's hooks: pytest finds them here)
+    pytest_collection_modifyitems,
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 DARKNET_DIR = "/usr/share/darknet/data"
@@ -58,21 +64,6 @@ def photos() -> dict[str, bytes]:
     return out
 
 
-def make_batch(images: dict[str, bytes]) -> pa.Table:
-    """Image records (no annotations yet) plus the transient image-bytes column."""
-    records = []
-    for name, data in images.items():
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-        records.append(
-            empty_record(
-                {"image_id": hashlib.sha256(data).hexdigest(), "uri": name, "width": w, "height": h, "source": "test"}
-            )
-        )
-    table = records_to_table(records)
-    return table.append_column(IMAGE_BYTES_COLUMN, pa.array(list(images.values()), pa.binary()))
-
-
 @pytest.fixture(scope="session")
 def photo_batch(photos) -> pa.Table:
     """Four real photos as a stage input batch."""
@@ -83,8 +74,6 @@ def photo_batch(photos) -> pa.Table:
 @pytest.fixture(scope="session")
 def ocr_inputs(tmp_path_factory, photos):
     """Five inputs: a rendered sign (OCR finds its words), three photos, one non-image (quarantined)."""
-    from test_ocr import rendered_sign
-
     d = tmp_path_factory.mktemp("ocr_inputs")
     (d / "sign.jpg").write_bytes(rendered_sign())
     for name in ("astronaut", "coffee", "chelsea"):
@@ -96,9 +85,20 @@ def ocr_inputs(tmp_path_factory, photos):
 @pytest.fixture(scope="session")
 def ocr_pipelines(tmp_path_factory):
     """test_cli's `ocr` pipeline: one RapidOCR step, shards of 2 inputs."""
-    from test_cli import _yaml
+    return write_ocr_pipelines(tmp_path_factory.mktemp("ocr_pipelines"))
 
-    return _yaml(tmp_path_factory.mktemp("ocr_pipelines"))
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, photos):
+    """The CLI tests' folder: a rendered sign and an exact copy of it, three photos, an empty file, a non-image."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "sign.jpg").write_bytes(rendered_sign())
+    (d / "copy_of_sign.jpg").write_bytes(rendered_sign())  # exact duplicate
+    for name in ("astronaut", "coffee", "chelsea"):
+        (d / f"{name}.png").write_bytes(photos[name])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("not an image at all")
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -1,52 +1,15 @@
 """End to end through the `fld` CLI: run (resume, --from, stale config), query, stats."""
 import json
 import shutil
-import textwrap
 
 import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from test_ocr import WORDS, rendered_sign
+from helpers import WORDS, rendered_sign
+from helpers import ocr_pipelines as _yaml
 
 runner = CliRunner()
-
-PIPELINES = """
-pipelines:
-  ocr:
-    ingest: {shard_size: 2}
-    steps:
-      - name: stage1
-        stages:
-          - {stage: ocr, params: {batch_size: 2, min_score: MIN}}
-  ocr_filtered:  # the same stage1 (its shards are reused), then a filter that drops every OCR line
-    ingest: {shard_size: 2}
-    steps:
-      - name: stage1
-        stages:
-          - {stage: ocr, params: {batch_size: 2, min_score: MIN}}
-      - name: stage2
-        stages:
-          - {stage: region_filter, params: {min_score: {text: 1.01}}}
-"""
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, photos):
-    d = tmp_path_factory.mktemp("inputs")
-    (d / "sign.jpg").write_bytes(rendered_sign())
-    (d / "copy_of_sign.jpg").write_bytes(rendered_sign())  # exact duplicate
-    for name in ("astronaut", "coffee", "chelsea"):
-        (d / f"{name}.png").write_bytes(photos[name])
-    (d / "empty.jpg").write_bytes(b"")
-    (d / "notes.jpg").write_text("not an image at all")
-    return d
-
-
-def _yaml(tmp_path, min_score=0.5):
-    p = tmp_path / "pipelines.yaml"
-    p.write_text(textwrap.dedent(PIPELINES).replace("MIN", str(min_score)))
-    return p
 
 
 def _run(*args):
@@ -164,7 +127,7 @@ def test_pipelines_lists_the_installed_file():
     for name, p in cfg.pipelines.items():
         row = next(line for line in lines if line.strip("│ ").startswith(name + " "))
         assert p.description[:30] in row and f"│ {p.rounds} " in row
-    assert "stage1: ocr, florence2, detect" in res.output and "offline" in res.output
+    assert "stage1: ocr, detect, masks, compose_caption" in res.output and "offline" in res.output
     assert _run("pipelines", "/no/such.yaml").exit_code == 2
 
 

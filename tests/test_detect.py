@@ -59,7 +59,7 @@ def test_detr_family_on_photos(photo_batch):
 
 
 def test_owlv2_zero_shot_on_photos(photos):
-    from conftest import make_batch
+    from helpers import make_batch
 
     batch = make_batch({n: photos[n] for n in list(photos)[:6]})
     stage = ObjectDetector(
@@ -172,7 +172,7 @@ def test_detr_boxes_land_in_the_photo_pixels(photos, monkeypatch):
     label; a (w, h) / (h, w) swap of the post-processing's target sizes would move it."""
     from transformers.models.conditional_detr.modeling_conditional_detr import ConditionalDetrObjectDetectionOutput
 
-    from conftest import make_batch
+    from helpers import make_batch
 
     stage = ObjectDetector({"model": "random:tiny", "family": "detr", "threshold": 0.5, "max_detections": 5})
     stage.ensure_setup()

@@ -118,7 +118,7 @@ def test_vocabulary_and_local_folder(photos, tmp_path):
     assert local.detector.revision.startswith("local-")
     dets = local.detect([_pil(photos["chelsea"])])[0]
     assert dets and dets[0][1] == "cat"
-    from conftest import make_batch
+    from helpers import make_batch
 
     out = local(make_batch({"chelsea": photos["chelsea"], "coffee": photos["coffee"]}))
     labels = {r["label"] for rec in out.to_pylist() for r in rec["regions"]}

@@ -1,33 +1,17 @@
 """fld export: only kept annotations leave; COCO loads in pycocotools; Florence targets parse back."""
-import hashlib
 import json
 import tarfile
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.stage import records_to_table
-from engine.store import ShardStore
+from helpers import export_cli as _export
+from helpers import store_one_image
 from schemas.geometry import mask_to_rle
-from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
-
-
-def store_one_image(root, data: bytes, uri: str, width: int, height: int, annotate) -> str:
-    """A store with one image and its step-1 record, `annotate(record, source)` filling the annotations."""
-    iid = hashlib.sha256(data).hexdigest()
-    store = ShardStore(root)
-    store.write_shard("images", "part-00000", pa.Table.from_pylist(
-        [{"image_id": iid, "uri": uri, "source": "t", "width": width, "height": height, "format": "PNG",
-          "mode": "RGB", "bytes": data, "human": None}], schema=IMAGES_SCHEMA))
-    rec = empty_record({"image_id": iid, "uri": uri, "width": width, "height": height, "source": "t"})
-    annotate(rec, source_of("unit"))
-    store.write_shard("annotations/stage1", "part-00000", records_to_table([rec]))
-    store.update_manifest(folder_order=["annotations/stage1"])
-    return root
+from schemas.records import new_annotation
 
 
 def _coffee_annotations(rec: dict, src: dict) -> None:
@@ -48,11 +32,6 @@ def _coffee_annotations(rec: dict, src: dict) -> None:
 @pytest.fixture()
 def out(tmp_path, photos):
     return store_one_image(tmp_path / "out", photos["coffee"], "coffee.png", 600, 400, _coffee_annotations)
-
-
-def _export(out, fmt, dest):
-    res = CliRunner().invoke(app, ["export", str(out), "--format", fmt, "--dest", str(dest)])
-    assert res.exit_code == 0, res.output
 
 
 def test_coco_export_loads_in_pycocotools_with_kept_only(out, tmp_path):

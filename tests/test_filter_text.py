@@ -121,3 +121,20 @@ def test_params_merge_per_tier_and_reject_unknown_keys():
         TextFilterParams(tiers={"breif": {}})
     with pytest.raises(ValueError, match="max_object"):
         TextFilterParams(tiers={"brief": {"max_object": 3}})
+
+
+def test_malformed_texts_are_dropped(photo_batch):
+    from filters.text import malformed
+
+    bad = ["\ufffd\ufffd looking looking lookingnop", "<loc_200><loc_832> a cat", "a dog dog dog on a sofa",
+           "A cat\x07 on a mat."]
+    good = ["A man riding a horse on a beach.", "The text \"STOP STOP\" is written at the top.", "A bus, a bus stop."]
+    assert all(malformed(t) for t in bad) and not any(malformed(t) for t in good)
+    records = table_to_records(photo_batch.drop_columns(["image_bytes"]))[:1]
+    _texts_record(records[0], [("brief", "A man riding a horse on a beach."),
+                               ("brief", "A man riding riding riding a horse on a beach.")])
+    texts = table_to_records(TextFilter({})(records_to_table(records)))[0]["texts"]
+    assert [t["reason"] for t in texts] == [None, "text_filter:malformed"]
+    assert [t["checks"]["text_filter.malformed"] for t in texts] == [0.0, 1.0]
+    off = table_to_records(TextFilter({"drop_malformed": False})(records_to_table(records)))[0]["texts"]
+    assert [t["reason"] for t in off] == [None, None]

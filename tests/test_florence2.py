@@ -157,7 +157,8 @@ def test_every_task_on_real_photos(annotated, photo_batch):
         for a in anns:
             assert a["source"]["annotator"] == "florence2"
             assert a["source"]["model"] == "random:tiny" and a["source"]["revision"] == revision
-            assert a["status"] == "kept" and a["score"] is None and a["round"] == 0
+            assert a["status"] == "kept" and a["round"] == 0
+            assert 0 < a["score"] < 1  # the model's own confidence (annotators.florence2_scores), never 1.0
         for r in rec["regions"]:
             x0, y0, x1, y1 = r["box"]
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and r["label"]
@@ -217,13 +218,13 @@ def test_grounding_uses_an_existing_kept_brief_caption(stage, photos, monkeypatc
     st = Florence2Annotator({**FAST, "tasks": ["phrase_grounding"], "max_new_tokens": 16})
     st.ensure_setup()
     seen = []
-    real_generate = st.florence.generate
+    real_generate = st.florence.generate_scored
 
     def spy(images, task, text_inputs=None, **kw):
         seen.append((task, text_inputs))
         return real_generate(images, task, text_inputs, **kw)
 
-    monkeypatch.setattr(st.florence, "generate", spy)
+    monkeypatch.setattr(st.florence, "generate_scored", spy)
     out = table_to_records(st(table))[0]
     assert seen == [("<CAPTION_TO_PHRASE_GROUNDING>", ["A cat lying on a red blanket"])]
     assert out["errors"] == [] and all(g["text_ann_id"] == "t-kept" for g in out["groundings"])
@@ -265,7 +266,7 @@ LOC = lambda *ks: "".join(f"<loc_{k}>" for k in ks)  # noqa: E731
 
 
 def px(k: int, size: int) -> int:
-    """Where the official decoder puts location bin k (FLORENCE2.md §2): the bin centre, cast to int."""
+    """Where the official decoder puts location bin k (docs/florence2.md §2): the bin centre, cast to int."""
     return int((k + 0.5) * size / 1000)
 
 

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from annotators.grounding import GroundingAnnotator
 from engine.models import parse_model_ref
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
+from helpers import count_forwards, make_batch
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
 
-from conftest import make_batch
 
 TWO_PHRASES = {"brief": "A cat sits on a table."}
 TWELVE_PHRASES = {
@@ -52,16 +52,6 @@ def stage() -> GroundingAnnotator:
                            models={"dino": "random:tiny"})
     s.ensure_setup()
     return s
-
-
-def count_forwards(stage: GroundingAnnotator, table: pa.Table) -> tuple[pa.Table, int]:
-    calls = []
-    handle = stage.model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        out = stage(table)
-    finally:
-        handle.remove()
-    return out, len(calls)
 
 
 def test_groundings_valid_linked_and_spans_right(stage, photo_batch):
@@ -198,7 +188,7 @@ def test_each_phrase_gets_the_boxes_its_tokens_score(stage, photos, monkeypatch)
     every box, so a wrong token-to-phrase mapping, threshold or (w, h) order would go unseen there."""
     from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoObjectDetectionOutput
 
-    from conftest import make_batch
+    from helpers import make_batch
 
     st = GroundingAnnotator({"model": "random:tiny", "box_threshold": 0.35, "text_threshold": 0.25})
     st.model, st.processor, st.nlp = stage.model, stage.processor, stage.nlp
@@ -240,3 +230,32 @@ def test_each_phrase_gets_the_boxes_its_tokens_score(stage, photos, monkeypatch)
         assert box == pytest.approx(want_box, abs=1e-3)
         assert (score, text_score) == pytest.approx((want_score, want_text), abs=1e-5)
     assert all(g["text_ann_id"] == rec["texts"][0]["ann_id"] for g in rec["groundings"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", ["long", "two_long"])
+def test_a_caption_spacy_refuses_is_that_records_error_not_the_runs(photo_batch, bad):
+    """Issue 21: a 1.1 MB caption made spaCy raise E088 inside the batched stage and the whole run
+    exit 2. The batch is redone record by record: the caption's image gets the error, the others of
+    its batch their groundings, identical to a batch without it."""
+    s = GroundingAnnotator({"model": "dino", "box_threshold": 0.0, "text_threshold": 0.0, "batch_size": 4},
+                           models={"dino": "random:tiny"})
+    s.ensure_setup()
+    table = photo_batch.slice(0, 3)
+    huge = "a dog on a bike. " * 66_000  # 1.1 MB, over spaCy's max_length of 1,000,000 characters
+    good = {"brief": "A cup of coffee on a saucer."}
+    caps = [good, {"brief": huge}, good] if bad == "long" else [{"brief": huge}, good, {"detailed": huge + "x"}]
+    out = table_to_records(s(with_captions(table, caps)))
+    # each image alone (what the record-by-record retry does): a padded batch gives other float noise
+    reference = [table_to_records(s(with_captions(table.slice(i, 1), [good])))[0] for i in range(3)]
+    for i, (rec, ref) in enumerate(zip(out, reference)):
+        if "brief" in caps[i] and caps[i]["brief"] == good["brief"]:
+            assert rec["errors"] == [] and rec["groundings"]
+            # redone alone, not in a padded batch: the same phrases and boxes up to float noise
+            assert [g["phrase"] for g in rec["groundings"]] == [g["phrase"] for g in ref["groundings"]]
+            for g, r in zip(rec["groundings"], ref["groundings"]):
+                assert g["box"] == pytest.approx(r["box"], abs=1e-3)
+        else:
+            assert len(rec["errors"]) == 1 and rec["errors"][0]["stage"] == "grounding"
+            assert "E088" in rec["errors"][0]["error"] and rec["groundings"] == []
+    assert s.take_metrics().get("records_isolated") == 3

@@ -9,7 +9,7 @@ from engine.query import run_query
 from engine.stage import records_to_table
 from engine.store import ShardStore
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
-from test_export import _export
+from helpers import export_cli as _export
 
 datasets = pytest.importorskip("datasets")
 

@@ -17,8 +17,7 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from schemas.records import new_annotation
-from test_export import store_one_image
-from test_ocr import WORDS, rendered_sign
+from helpers import WORDS, rendered_sign, store_one_image
 
 ORIENTATION = ExifTags.Base.Orientation
 # Stored pixels = the upright picture turned the other way; the tag tells viewers to turn it back.
@@ -209,3 +208,90 @@ def test_what_coco_cannot_hold_is_counted_and_printed(tmp_path, photos):
     assert res.exit_code == 0, res.output
     assert "left out: 1 object regions without a label" in res.output
     assert "left out: 1 groundings" in res.output
+
+
+# ---- issue 21 item 6: DEST cannot damage OUT or mix two datasets; a killed export is marked ----
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+from bounded import fld_bounded  # noqa: E402
+from engine.export import MARKER  # noqa: E402
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def own_out(tmp_path, ocr_run):
+    out = tmp_path / "out"
+    shutil.copytree(ocr_run, out)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dest,says", [
+    ("{out}", "inside OUT"), ("{out}/images", "inside OUT"), ("{out}/annotations/stage1", "inside OUT"),
+    ("{out}/new/deeper", "inside OUT"), ("{link}", "inside OUT"), ("{out}/..", "contains OUT"),
+    ("{out}/images/part-00000.parquet", "inside OUT"),
+])
+def test_export_into_out_is_refused(own_out, tmp_path, dest, says):
+    os.symlink(own_out / "images", tmp_path / "link")
+    before = _snapshot(own_out)
+    for fmt in ("florence", "hf", "webdataset", "coco"):
+        res = fld_bounded("export", own_out, "--format", fmt, "--dest",
+                          dest.format(out=own_out, link=tmp_path / "link")).check(2, seconds=60)
+        assert says in res.stderr
+    assert _snapshot(own_out) == before
+    fld_bounded("verify", own_out).check(0)
+
+
+@pytest.mark.timeout(300)
+def test_a_non_empty_dest_is_refused_unless_it_holds_the_same_export(own_out, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("keep me")
+    res = fld_bounded("export", own_out, "--format", "hf", "--dest", dest).check(2)
+    assert "not empty" in res.stderr and (dest / "mine.txt").read_text() == "keep me" and len(list(dest.iterdir())) == 1
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in fld_bounded("export", own_out, "--dest", tmp_path / "file").check(2).stderr
+
+    fresh = tmp_path / "fresh"
+    fld_bounded("export", own_out, "--format", "hf", "--dest", fresh).check(0)
+    first = _snapshot(fresh)
+    assert json.loads(first[MARKER])["complete"] is True
+    fld_bounded("export", own_out, "--format", "hf", "--dest", fresh).check(0)  # the same export: redone
+    assert _snapshot(fresh) == first
+    for other in (("--format", "webdataset"), ("--format", "florence", "--task", "<OCR>"), ("--step", "stage1", "--format", "coco")):
+        res = fld_bounded("export", own_out, *other, "--dest", fresh).check(2)
+        assert "not empty" in res.stderr and "an export of" in res.stderr, res.stderr
+    other_out = tmp_path / "other_out"
+    shutil.copytree(own_out, other_out)
+    assert "not empty" in fld_bounded("export", other_out, "--format", "hf", "--dest", fresh).check(2).stderr
+    assert _snapshot(fresh) == first
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_export_leaves_its_marker_and_the_rerun_finishes_it(own_out, tmp_path, monkeypatch):
+    import engine.export as ex
+
+    dest = tmp_path / "dest"
+    calls = {"n": 0}
+    real = ex._write_parquet
+
+    def dies_on_the_second_shard(table, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as a kill between two shards
+        real(table, path)
+
+    monkeypatch.setattr(ex, "_write_parquet", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(own_out, dest, "hf")
+    marker = json.loads((dest / MARKER).read_text())
+    assert marker["complete"] is False and marker["format"] == "hf"
+    monkeypatch.setattr(ex, "_write_parquet", real)
+    fld_bounded("export", own_out, "--format", "hf", "--dest", dest).check(0)
+    reference = tmp_path / "reference"
+    fld_bounded("export", own_out, "--format", "hf", "--dest", reference).check(0)
+    assert _snapshot(dest) == _snapshot(reference)

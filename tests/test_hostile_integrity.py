@@ -69,7 +69,20 @@ def _garble_record(path):
     record.write_text("{not json")
 
 
+def _copy_with_record(source):
+    """A committed shard and its (valid, unedited) commit record copied over `path` and its record."""
+    def damage(path):
+        shutil.copy(source(path), path)
+        shutil.copy(source(path).parent / "_committed" / (source(path).stem + ".json"),
+                    path.parent / "_committed" / (path.stem + ".json"))
+    return damage
+
+
 DAMAGE = {
+    "shard and record copied from another shard": (
+        _copy_with_record(lambda p: sorted(x for x in p.parent.glob("*.parquet") if x != p)[0]), "copied over"),
+    "shard and record copied from another folder": (
+        _copy_with_record(lambda p: p.parents[2] / "images" / p.name), "copied over"),
     "truncated": (_truncate, "size"),
     "deleted": (lambda p: p.unlink(), "deleted"),
     "replaced by another shard": (_replace_with_other_shard, "committed"),
@@ -235,3 +248,130 @@ def test_table_shapes_are_what_the_damage_helpers_expect(ocr_run):
     assert store.shards("images") == ["part-00000", "part-00001", "part-00002"]
     assert isinstance(store.read_shard("images", "part-00001"), pa.Table)
     assert json.loads((ocr_run / "manifest.json").read_text())["shards"]["images"]["rows"] == 4
+
+
+# ---- issue 21 item 6: a damaged manifest.json, read-only places, OUT inside its input ----
+from bounded import fld_bounded  # noqa: E402
+
+BAD_MANIFESTS = {
+    "not JSON": b"{not json",
+    "empty": b"",
+    "a list": b"[]",
+    "order as a string": json.dumps({"order": "annotations/stage1"}).encode(),
+    "order of numbers": json.dumps({"order": [1, 2]}).encode(),
+    "pipeline as a string": json.dumps({"pipeline": "x", "order": []}).encode(),
+    "binary": bytes(range(256)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", BAD_MANIFESTS)
+def test_a_damaged_manifest_is_named_checked_past_and_rewritten(tmp_path, ocr_run, ocr_pipelines, kind):
+    out = tmp_path / "out"
+    shutil.copytree(ocr_run, out)
+    reference = fld_bounded("verify", out).check(0)
+    checked = int(reference.stderr.split()[0])
+    (out / "manifest.json").write_bytes(BAD_MANIFESTS[kind])
+    for args in (("query", out, "SELECT count(*) AS n FROM regions", "--format", "json"), ("stats", out, "-f", "json")):
+        res = fld_bounded(*args).check(0)
+        assert "manifest.json is damaged" in res.stderr, res.stderr
+    res = fld_bounded("verify", out).check(1)  # every folder checked all the same, the manifest named
+    assert f"of {checked} shards" in res.stdout and "manifest.json" in res.stdout, res.stdout
+    fld_bounded("run", ocr_pipelines, "--pipeline", "ocr", "--out", out, timeout=240).check(0, seconds=200, rss_mib=3000)
+    fld_bounded("verify", out).check(0)
+    assert isinstance(json.loads((out / "manifest.json").read_text())["order"], list)
+
+
+def _unwritable_root():
+    """A folder even root cannot write to (a container's read-only /sys), or None."""
+    try:
+        os.mkdir("/sys/fld-probe")
+    except OSError:
+        return "/sys"
+    os.rmdir("/sys/fld-probe")
+    return None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["run OUT", "run OUT under a file", "export DEST", "show into cwd", "samples into cwd"])
+def test_unwritable_out_dest_or_cwd_is_one_line(tmp_path, ocr_run, ocr_pipelines, ocr_inputs, case):
+    ro = _unwritable_root()
+    if ro is None and "under a file" not in case:
+        pytest.skip("no read-only folder here (root can write everywhere)")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cwd = None
+    if case == "run OUT":
+        args = ("run", ocr_pipelines, "-p", "ocr", "-i", ocr_inputs, "-o", f"{ro}/fld-out")
+    elif case == "run OUT under a file":
+        args = ("run", ocr_pipelines, "-p", "ocr", "-i", ocr_inputs, "-o", blocker / "out")
+    elif case == "export DEST":
+        args = ("export", ocr_run, "--dest", f"{ro}/fld-export")
+    else:
+        cwd = __import__("pathlib").Path(ro)
+        args = ("show", ocr_run) if case.startswith("show") else ("samples",)
+    res = fld_bounded(*args, cwd=cwd).check(2, seconds=120, rss_mib=3000, clean=cwd is None)
+    assert any(word in res.stderr for word in ("not permitted", "Permission denied", "Read-only", "Not a directory"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", ["the input folder itself", "a sub-folder", "through a link to the input"])
+def test_out_inside_its_input_folder_is_refused(tmp_path, ocr_inputs, ocr_pipelines, where):
+    src = tmp_path / "photos"
+    shutil.copytree(ocr_inputs, src)
+    given = src
+    if where == "the input folder itself":
+        out = src
+    elif where == "a sub-folder":
+        out = src / "runs" / "out"
+    else:
+        given = tmp_path / "link"
+        os.symlink(src, given)
+        out = src / "out"
+    before = sorted(p.name for p in src.rglob("*"))
+    res = fld_bounded("run", ocr_pipelines, "-p", "ocr", "-i", given, "-o", out).check(2, seconds=60)
+    assert "inside the input folder" in res.stderr
+    assert sorted(p.name for p in src.rglob("*")) == before  # nothing written
+
+
+def _endpoint_lost():
+    import botocore.exceptions
+
+    return botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/\nsecond line")
+
+
+def _server_gone():
+    import aiohttp
+
+    return aiohttp.ServerDisconnectedError("Server disconnected\n" + "frame\n" * 50)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("error", [_endpoint_lost, _server_gone, lambda: ConnectionResetError(104, "Connection reset by peer")])
+def test_an_object_store_lost_mid_run_is_one_line_and_the_rerun_resumes(tmp_path, ocr_run, ocr_inputs, ocr_pipelines,
+                                                                        monkeypatch, error):
+    """The client's exception escapes a shard write after the first commit (as when the S3
+    endpoint goes away): one line, exit 2; the rerun then finishes with the same rows."""
+    from engine.store import ShardStore as Store
+
+    out = tmp_path / "out"
+    real, calls = Store.write_shard, {"n": 0}
+
+    def lost_after_one(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise error()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "write_shard", lost_after_one)
+    res = _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and len([line for line in lines if line.startswith("error:")]) == 1, res.output
+    assert "rerun" in lines[-1] or "reset" in lines[-1]
+    monkeypatch.setattr(Store, "write_shard", real)
+    assert _cli("run", ocr_pipelines, "--pipeline", "ocr", "--input", ocr_inputs, "--out", out).exit_code == 0
+    assert {f: _rows(out, f) for f in ("images", "annotations/stage1")} == \
+        {f: _rows(ocr_run, f) for f in ("images", "annotations/stage1")}

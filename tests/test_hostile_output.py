@@ -127,3 +127,70 @@ def test_shown_escapes_only_what_hides_or_moves_text():
     assert shown("\ud800") == "\\ud800"  # a lone surrogate cannot even be encoded for the terminal
     assert shown("क्\u200dष 👨\u200d👩") == "क्\u200dष 👨\u200d👩"  # joiners that scripts and emoji need stay
     assert shown(None) == "None" and shown(3.5) == "3.5"
+
+
+# ---- issue 21 item 7: one formatter for every line fld prints (logs, warnings, usage errors) ----
+from bounded import fld_bounded  # noqa: E402
+
+# C0 (ESC, BEL, CR), OSC hyperlink / title, CSI as C1 (U+009B), bidi overrides and isolates, NEL (U+0085)
+CONTROL_NAMES = {
+    "csi": "a\x1b[2J\x1b[31mred",
+    "osc": "b\x1b]8;;http:evil.example\x07link\x1b]8;;\x07",
+    "title": "c\x1b]0;pwned\x1b\\",
+    "c1": "d\u009b31m\u0085nel",
+    "bidi": "e\u202egpj.exe\u2066iso\u2069",
+    "cr": "f\rhidden",
+}
+RAW_ALL = RAW + ["\u009b", "\u0085", "\u2066", "\u2069"]
+
+
+def _no_raw_anywhere(text: str) -> None:
+    for ch in RAW_ALL:
+        assert ch not in text, f"{ch!r} reached the terminal: {text[-500:]!r}"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", CONTROL_NAMES)
+def test_warning_lines_escape_file_names(tmp_path, photos, kind):
+    """engine.ingest.coco warns about entries naming no image, quoting the COCO file's name."""
+    folder = tmp_path / ("coco" + CONTROL_NAMES[kind])
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photos["jpeg_0"])
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 768, "height": 576}],
+            "annotations": [{"id": 1, "image_id": 99, "bbox": [1, 1, 5, 5], "category_id": 1},
+                            {"id": 2, "image_id": "x" + CONTROL_NAMES[kind], "bbox": [1, 1, 5, 5], "category_id": 1}],
+            "categories": [{"id": 1, "name": "thing" + CONTROL_NAMES[kind]}]}
+    path = folder / f"ann{CONTROL_NAMES[kind]}.json"
+    path.write_text(json.dumps(coco))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent(PIPELINES))
+    res = fld_bounded("run", tmp_path / "p.yaml", "-p", "filter_only", "-i", path, "-o", tmp_path / "out").check(
+        0, seconds=120, rss_mib=2500)
+    assert "WARNING engine.ingest.coco" in res.stderr, res.stderr
+    assert shown(str(path)) in res.stderr
+    _no_raw_anywhere(res.stdout + res.stderr)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("args", [
+    ("no-such-command\x1b[2J",),
+    ("query", "--bogus\x1b]0;x\x07", "o", "s"),
+    ("query", "o", "SELECT 1", "--threads", "2\u202e"),
+    ("stats", "o\u009b31m", "--format", "table\x1b[5m"),
+    ("run", "-p", "p\x1b[8m", "-o", "o", "--runner", "r\u2066"),
+])
+def test_usage_errors_escape_what_was_typed(args):
+    res = fld_bounded(*args).check(2, seconds=60, lines=20, first=("Usage:", "error:"))  # click usage block or ours
+    _no_raw_anywhere(res.stdout + res.stderr)
+
+
+@pytest.mark.timeout(180)
+def test_store_warnings_escape_the_out_name(tmp_path, ocr_run):
+    """A damaged manifest.json is warned about with OUT's name: escaped."""
+    import shutil
+
+    out = tmp_path / ("out" + CONTROL_NAMES["osc"] + CONTROL_NAMES["c1"])
+    shutil.copytree(ocr_run, out)
+    (out / "manifest.json").write_text("{")
+    res = fld_bounded("query", out, "SELECT count(*) FROM images").check(0)
+    assert "manifest.json is damaged" in res.stderr
+    _no_raw_anywhere(res.stdout + res.stderr)

@@ -194,3 +194,127 @@ def test_ctrl_c_inside_a_long_lived_process_stops_only_the_query(target):
     timer.join()
     assert execute_query(target, "SELECT count(*) FROM images").rows == [(4,)]
 
+
+
+# ---- issue 21 item 4: bounded all the way (temp folder, streaming, cell / output caps, options, JSON) ----
+from bounded import fld_bounded  # noqa: E402
+
+
+def _planted_temp(cwd):
+    """Secrets where DuckDB spills by default (<cwd>/.tmp) and in another query's private folder."""
+    (cwd / ".tmp").mkdir(parents=True)
+    (cwd / ".tmp" / "spill.txt").write_text(SECRET)
+    other = cwd.parent / "tmp" / "fld-query-other"
+    other.mkdir(parents=True)
+    (other / "duckdb_temp_storage-0.tmp").write_text(SECRET)
+    return other
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_text('.tmp/spill.txt')",
+    "SELECT * FROM read_text('{cwd}/.tmp/spill.txt')",
+    "SELECT * FROM glob('{cwd}/.tmp/*')",
+    "SELECT * FROM read_text('{other}/duckdb_temp_storage-0.tmp')",
+    "SELECT * FROM glob('{tmp}/*/*')",
+    "SELECT * FROM read_text(current_setting('temp_directory') || '/../fld-query-other/duckdb_temp_storage-0.tmp')",
+])
+def test_no_spill_folder_but_the_querys_own_is_readable(target, tmp_path, sql):
+    cwd = tmp_path / "cwd"
+    other = _planted_temp(cwd)
+    res = fld_bounded("query", target, sql.format(cwd=cwd, other=other, tmp=other.parent), cwd=cwd,
+                      env={"TMPDIR": str(other.parent)}).check(2, clean=False)
+    assert SECRET not in res.stdout + res.stderr
+    assert sorted(p.name for p in other.parent.iterdir()) == ["fld-query-other"]  # the query's own folder is gone
+
+
+@pytest.mark.timeout(180)
+def test_a_query_that_spills_leaves_nothing_behind(target):
+    """30MB of memory for a 3M-row sort: it spills into its private folder, which goes with it."""
+    res = fld_bounded("query", target, "SELECT count(*) AS n FROM (SELECT hash(i)::VARCHAR s FROM range(3000000) t(i) "
+                      "ORDER BY s)", "--memory-limit", "60MB", "--threads", "1", "--format", "json").check(0)
+    assert json.loads(res.stdout) == [{"n": 3000000}]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_csv_and_json_rows_are_streamed_not_held(target, fmt):
+    """500k rows of 200 characters (100 MB of output) in a bounded process: held at once they
+    cost several times that (measured before streaming: over 500 MiB)."""
+    res = fld_bounded("query", target, "SELECT i, repeat('x', 200) AS s FROM range(500000) t(i)", "--format", fmt,
+                      address_space_gib=4).check(0, rss_mib=350)
+    if fmt == "json":
+        rows = json.loads(res.stdout)
+        assert len(rows) == 500000 and rows[-1] == {"i": 499999, "s": "x" * 200}
+    else:
+        assert res.stdout.count("\n") == 500001
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fmt,extra", [("csv", []), ("json", []), ("table", ["--max-rows", "10"])])
+def test_output_bounds_are_kept_and_said(target, fmt, extra):
+    res = fld_bounded("query", target, "SELECT i, repeat('y', 3000) AS s FROM range(1000000) t(i)", "--format", fmt,
+                      "--max-bytes", "200000", *extra).check(0, seconds=60, rss_mib=600)
+    if fmt == "table":
+        assert "999990 more rows not shown" in res.stderr and "cells cut to 2000" in res.stderr
+        assert len(res.stdout) < 100_000
+    else:
+        assert len(res.stdout.encode()) <= 200_000 + 10 and "output cut at" in res.stderr and "--max-bytes" in res.stderr
+        if fmt == "json":
+            assert 0 < len(json.loads(res.stdout)) < 100  # still a valid array
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sql,fmt", [
+    ("SELECT repeat('z', 60000000) AS big", "table"),
+    ("SELECT repeat('z', 60000000) AS big", "csv"),
+    ("SELECT repeat('z', 60000000) AS big", "json"),
+    ("SELECT range(3000000) AS big", "json"),
+    ("SELECT range(3000000) AS big", "table"),
+    ("SELECT {'a': repeat('q', 5000000)} AS big", "csv"),
+    ("SELECT repeat('z', 5000000)::BLOB AS big", "json"),
+])
+def test_huge_cells_are_cut_and_said(target, sql, fmt):
+    res = fld_bounded("query", target, sql, "--format", fmt, "--max-cell", "1000", "--timeout", "30").check(
+        0, seconds=40, rss_mib=1500)
+    assert "cells cut to" in res.stderr, res.stderr
+    assert len(res.stdout) < 10_000
+    if fmt == "json":
+        assert json.loads(res.stdout)[0]["big"].endswith("chars]")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_one_timeout_covers_fetching_and_printing(target, fmt):
+    """An endless stream of rows: each batch is fast, the whole command is not."""
+    t0 = time.monotonic()
+    res = fld_bounded("query", target, "SELECT i, repeat('w', 100) FROM range(1000000000000) t(i)", "--format", fmt,
+                      "--timeout", "3").check(2, seconds=40, rss_mib=800)
+    assert "stopped after 3 s" in res.stderr and time.monotonic() - t0 < 40
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("option,value,says", [
+    ("--threads", "100000", "--threads"), ("--threads", "0", "--threads"), ("--threads", "-3", "--threads"),
+    ("--max-rows", "-5", "--max-rows"), ("--memory-limit", "99999999TB", "--memory-limit"),
+    ("--memory-limit", "0B", "--memory-limit"), ("--memory-limit", "1e9", "--memory-limit"),
+    ("--memory-limit", "5MB", "--memory-limit"), ("--memory-limit", "1" * 40, "--memory-limit"),
+    ("--timeout", "-1", "--timeout"), ("--timeout", "nan", "--timeout"), ("--timeout", "inf", "--timeout"),
+    ("--timeout", "0", "--timeout"), ("--max-bytes", "0", "--max-bytes"), ("--max-cell", "-1", "--max-cell"),
+])
+def test_query_options_are_checked_in_one_line(target, option, value, says):
+    res = fld_bounded("query", target, "SELECT 1", option, value).check(2, seconds=30)
+    assert says in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_json_output_is_strict_and_keeps_same_named_columns(target):
+    sql = ("SELECT 'NaN'::DOUBLE AS a, 'Infinity'::DOUBLE AS a, '-inf'::FLOAT AS a_2, [1.5, 'nan'::DOUBLE] AS l, "
+           "{'x': 'inf'::DOUBLE, 'y': 2.0::DOUBLE} AS s, 1 AS n, 2 AS n")
+    res = fld_bounded("query", target, sql, "--format", "json").check(0)
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    assert json.loads(res.stdout, parse_constant=no_constants) == [
+        {"a": None, "a_2": None, "a_2_2": None, "l": [1.5, None], "s": {"x": None, "y": 2.0}, "n": 1, "n_2": 2}]

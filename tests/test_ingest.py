@@ -319,32 +319,34 @@ def test_webdataset_tar_groups_members_and_captions(tmp_path, photos):
         _add_member(tar, "000001.jpg", photos["jpeg_0"])
         _add_member(tar, "000001.txt", b"a dog next to a bicycle\n")
         _add_member(tar, "000003.cls", b"7")  # no image member: not a sample to ingest
-        _add_member(tar, "sub/000004.seg.jpg", photos["jpeg_2"])  # key "sub/000004", ext "seg.jpg"
+        _add_member(tar, "sub/000004.seg.jpg", photos["jpeg_2"])  # key "sub/000004", ext "seg.jpg": an image too
         _add_member(tar, "sub/000005.jpg", photos["jpeg_1"])
     with tarfile.open(shards / "shard-000001.tar", "w") as tar:
         _add_member(tar, "000009.jpeg", photos["jpeg_2"])
 
     items = list_inputs(str(shards / "shard-000000.tar"))
-    assert [it.uri.split("::")[1] for it in items] == ["000001.jpg", "000002.png", "sub/000005.jpg"]
+    assert [it.uri.split("::")[1] for it in items] == ["000001.jpg", "000002.png", "sub/000004.seg.jpg",
+                                                       "sub/000005.jpg"]
     assert items[0].uri == f"{shards / 'shard-000000.tar'}::000001.jpg"
     assert items[0].read() == photos["jpeg_0"] and items[1].read() == photos["coffee"]
     assert items[0].human["captions"] == [{"text": "a dog next to a bicycle"}]
     assert items[1].human["captions"] == [{"text": "a cup of coffee on a saucer"}]
-    assert items[2].human is None and items[0].source == "shard-000000"
+    assert items[2].human is None and items[3].human is None and items[0].source == "shard-000000"
     assert pickle.loads(pickle.dumps(items[1])).read() == photos["coffee"]  # items travel to workers
 
     both = list_inputs(str(shards / "*.tar"))
-    assert len(both) == 4 and both[-1].uri.endswith("::000009.jpeg") and {it.source for it in both} == {"shards"}
+    assert len(both) == 5 and both[-1].uri.endswith("::000009.jpeg") and {it.source for it in both} == {"shards"}
     assert [it.uri for it in list_inputs(str(shards))] == [it.uri for it in both]  # a folder of shards
 
     images, quarantine, counters = ingest_shard(items, MIN_SIDE, MAX_PIXELS, set())
-    assert counters["images"] == 3 and quarantine.num_rows == 0
+    assert counters["images"] == 4 and quarantine.num_rows == 0
     records = [human_annotations(empty_record(r), r["human"]) for r in images.to_pylist()]
     table = records_to_table(records)
     validate_table(table)
     assert [[t["text"] for t in r["texts"]] for r in records] == [
         ["a dog next to a bicycle"],
         ["a cup of coffee on a saucer"],
+        [],
         [],
     ]
     assert records[0]["texts"][0]["tier"] == "brief" and records[0]["texts"][0]["source"]["annotator"] == "human"

@@ -21,7 +21,7 @@ def parse(processor, task: str, sequence: str, w: int, h: int):
 
 
 def bin_centre(v: float, size: int) -> int:
-    """What the official decoder gives back for pixel v (FLORENCE2.md §2): the centre of v's bin,
+    """What the official decoder gives back for pixel v (docs/florence2.md §2): the centre of v's bin,
     int((floor(v * 1000 / size) + 0.5) * size / 1000), written out here, not taken from the encoder."""
     k = min(max(int(v * 1000 // size), 0), 999)
     return int((k + 0.5) * size / 1000)

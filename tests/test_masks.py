@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from annotators.masks import SamMaskAnnotator
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table, table_to_records
+from helpers import count_forwards as run_counting
 from schemas.geometry import box_iou, mask_to_rle, polygon_to_rle, rle_area, rle_to_mask
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
@@ -66,16 +67,6 @@ def annotated(table: pa.Table, counts: list[int]) -> pa.Table:
         human[:8, :8] = True
         rec["regions"].append(region(102, HUMAN_MASK_BOX, mask=mask_to_rle(human)))
     return records_to_table(records).append_column(IMAGE_BYTES_COLUMN, table.column(IMAGE_BYTES_COLUMN))
-
-
-def run_counting(stage: SamMaskAnnotator, table: pa.Table) -> tuple[pa.Table, int]:
-    calls = []
-    handle = stage.model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        out = stage(table)
-    finally:
-        handle.remove()
-    return out, len(calls)
 
 
 def test_masks_decode_to_image_size_one_call_per_image(stage, photo_batch):
@@ -164,7 +155,7 @@ def test_each_mask_lies_under_its_own_prompt_box(stage, photos, monkeypatch):
     a mixed-up order of boxes, a box in the wrong frame or a (w, h) swap all move or lose it."""
     from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 
-    from conftest import make_batch
+    from helpers import make_batch
 
     seen = []
 
@@ -209,3 +200,32 @@ def test_each_mask_lies_under_its_own_prompt_box(stage, photos, monkeypatch):
         tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert tight == pytest.approx(box, abs=tolerance), region["ann_id"]
         assert region["checks"]["masks.box_mask_iou"] > 0.85 and region["checks"]["masks.pred_iou"] == pytest.approx(0.9)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [40, 100])  # 80 and 200 target boxes: 2 and 4 decoder calls
+def test_many_boxes_are_prompted_in_bounded_chunks_with_the_same_masks(stage, photo_batch, monkeypatch, n):
+    """Issue 21: 20,000 boxes on one image made SAM's decoder ask for 657 MB at once. The encoder runs
+    once, the prompts go PROMPT_CHUNK at a time, and the masks equal those of one unchunked call."""
+    import annotators.masks as masks_mod
+
+    table = annotated(photo_batch.slice(0, 1), [n])
+    shapes = []
+    handle = stage.model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_boxes"].shape)), with_kwargs=True)
+    try:
+        chunked = table_to_records(stage(table))[0]
+        monkeypatch.setattr(masks_mod, "PROMPT_CHUNK", 10_000)
+        shapes_chunked, shapes[:] = list(shapes), []
+        whole = table_to_records(stage(table))[0]
+    finally:
+        handle.remove()
+    targets = 2 * n  # groundings + object regions (the human-masked region keeps its mask)
+    assert [s[1] for s in shapes_chunked] == [min(64, targets - lo)
+                                               for lo in range(0, targets, 64)]
+    assert shapes == [(1, targets, 4)]  # the unchunked reference: one call with every box
+    assert chunked["errors"] == [] == whole["errors"]
+    for a, b in zip(chunked["groundings"] + chunked["regions"], whole["groundings"] + whole["regions"]):
+        assert a["mask"] == b["mask"]
+        if "masks.pred_iou" in b["checks"]:
+            assert a["checks"]["masks.pred_iou"] == pytest.approx(b["checks"]["masks.pred_iou"], abs=1e-5)

@@ -1,26 +1,11 @@
 """RapidOCR (real PP-OCR models from the wheel) on rendered text and on real photos."""
-import io
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
 
 from annotators.ocr import RapidOCRAnnotator
-from conftest import make_batch
 from engine.stage import table_to_records
+from helpers import WORDS, make_batch, rendered_sign
 from schemas import validate_table
-
-WORDS = ["STOP HERE", "OPEN 24 HOURS", "EXIT 12"]
-
-
-def rendered_sign() -> bytes:
-    img = Image.new("RGB", (520, 320), (235, 230, 220))
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=44)
-    for i, w in enumerate(WORDS):
-        d.text((30, 30 + 95 * i), w, fill=(20, 20, 20), font=font)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

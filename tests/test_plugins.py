@@ -1,4 +1,4 @@
-"""Plug-in stages defined outside the package: the README's own example, by import path and by entry point."""
+"""Plug-in stages defined outside the package: the example of docs/stages.md, by import path and by entry point."""
 import json
 import re
 import sys
@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.registry import ENTRY_POINT_GROUP, UnknownStageError, stage_class
-from test_ocr import rendered_sign
+from helpers import rendered_sign
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "stages.md"  # its "Custom stages (plug-ins)"
 
 
 def readme_files() -> dict[str, str]:

@@ -94,6 +94,29 @@ def test_missing_hub_models_fail_with_one_line_each_naming_the_fix(tmp_path):
     assert any("models.clip = 'ViT-L-14/openai'" in line for line in lines)
 
 
+def test_refine_init_from_the_hub_fails_fast_offline_and_a_local_folder_resolves(tmp_path):
+    """refine.model names the pretrained start of the rounds: a hub id with real weights fails at
+    preflight in one line when it cannot be had offline; a folder save_pretrained wrote resolves."""
+    from annotators.florence2_model import Florence2Model
+
+    path = _yaml(tmp_path)
+    text = path.read_text().replace("refine: {model: florence2}", "refine: {model: microsoft/Florence-2-base}")
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(PreflightError) as err:
+        check_run(load_pipeline(path, "p", "offline"))
+    assert time.perf_counter() - t0 < 60
+    (line,) = str(err.value).splitlines()  # the offline profile swaps every other model
+    assert line.startswith("refine.refine (model: 'microsoft/Florence-2-base'): not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE is set; fix: point refine.model at a local directory" in line
+
+    folder = tmp_path / "florence2-pretrained"
+    Florence2Model.load("random:tiny", device="cpu").save(folder)
+    path.write_text(text.replace("microsoft/Florence-2-base", str(folder)))
+    refine = _by(check_run(load_pipeline(path, "p", "offline")), "refine")
+    assert refine.kind == "local" and refine.problem is None and refine.revision.startswith("local-")
+
+
 @pytest.mark.parametrize("models, stage, expected", [
     ({"FLORENCE": "random:tinyy"}, "florence2", "unknown Florence-2 preset 'tinyy'"),
     ({"FLORENCE": "random:/no/such/config.json"}, "florence2", "does not exist"),

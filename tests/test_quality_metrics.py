@@ -114,7 +114,11 @@ def test_captions_and_groundings():
     assert m["brief_object_precision"] == pytest.approx(2 / 3, abs=1e-3)  # "green ball" is not in the image
     assert m["brief_attribute_recall"] == pytest.approx(2 / 3, abs=1e-3)
     assert m["detailed_object_precision"] < 1.0 and m["detailed_attribute_recall"] == 1.0
-    assert m["detailed_relation_recall"] == 1.0 and 0.8 < m["detailed_f1"] < 1.0
+    assert m["detailed_relation_recall"] == 1.0
+    # token F1 worked by hand: the truth's detailed caption has 43 word tokens, the hallucinated one 50 (+ "two
+    # yellow stars stand at the bottom"), all 43 in common: precision 43/50, recall 1, F1 = 2 * 43 / (43 + 50);
+    # precision alone would be 0.86, recall alone 1.0. The swapped brief: 15 of 16 tokens on both sides.
+    assert m["detailed_f1"] == pytest.approx(86 / 93, abs=1e-3) and m["brief_f1"] == pytest.approx(15 / 16, abs=1e-3)
     assert m["grounding_accuracy"] == 0.25 and m["groundings_kept"] == 4  # right / wrong box / names nothing / no object
 
 

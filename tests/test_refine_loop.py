@@ -1,14 +1,12 @@
-"""Stage 3: merge policy, refine config validation, and one full round end to end on CPU."""
+"""Stage 3: agreement figures, refine config validation, and one full round end to end on CPU
+(the merge policy: test_merge_policy.py)."""
 from __future__ import annotations
 
-import io
-import json
 
 import pytest
 import torch
-from PIL import Image
 
-from refine.merge import MergePolicy, merge_record
+from helpers import coco_input as _coco_input
 from refine.metrics import agreement_sums, coco_map, reduce_agreement, token_f1
 from schemas.records import ANNOTATION_KINDS, new_annotation, source_of
 
@@ -36,41 +34,6 @@ def _flags(ann):
     return sorted(k for k, v in ann["checks"].items() if k in ("merge.new", "merge.kept", "merge.replaced") and v == 1.0)
 
 
-def test_merge_policy_replaces_unions_and_suppresses():
-    old = {"image_id": "img", "texts": [_text(OLD, 0, "a dog on grass"), _text(OLD, 1, "long text", tier="detailed")],
-           "regions": [_region(OLD, 0, [10, 10, 50, 50]), _region(OLD, 1, [60, 60, 90, 90], score=0.4),
-                       _region(HUMAN, 2, [100, 100, 140, 140], label="cat", score=None)],
-           "groundings": [new_annotation(OLD, 0.5, ann_id="g0", text_ann_id="florence2-t0", phrase="a dog",
-                                         char_start=0, char_end=5, box=[10, 10, 50, 50], mask=None)],
-           "errors": []}
-    new = {"image_id": "img",
-           "texts": [_text(NEW, 0, "a brown dog on the grass", round_=1),
-                     _text(NEW, 1, "garbage", tier="detailed", status="dropped", round_=1)],
-           "regions": [_region(NEW, 0, [11, 11, 50, 51], score=None, round_=1),  # agrees with old 0
-                       _region(NEW, 1, [61, 61, 89, 89], score=None, round_=1),  # duplicates old 1 (lower score)
-                       _region(NEW, 2, [101, 100, 140, 141], label="cat", score=None, round_=1),  # duplicates human
-                       _region(NEW, 3, [0, 100, 20, 120], label="ball", score=None, round_=1)],  # new object
-           "groundings": [], "errors": [{"stage": "refine", "error": "x"}]}
-    out = merge_record(old, new, MergePolicy(nms_iou=0.7, agreement_weight=0.5))
-    texts = {t["ann_id"]: t for t in out["texts"]}
-    assert texts["florence2-t0"]["status"] == "dropped" and texts["florence2-t0"]["reason"] == "merge:replaced"
-    assert texts["refine-t0"]["status"] == "kept"
-    assert texts["florence2-t1"]["status"] == "kept"  # the new detailed caption failed its filter: old one stays
-    assert out["groundings"][0]["reason"] == "merge:replaced"  # follows its caption
-    regions = {r["ann_id"]: r for r in out["regions"]}
-    assert regions["human-r2"]["status"] == "kept"  # ground truth is never dropped
-    assert regions["refine-r2"]["reason"] == "merge:nms"
-    assert regions["florence2-r0"]["checks"]["merge.agreement"] > 0.9
-    assert regions["refine-r3"]["status"] == "kept" and regions["refine-r3"]["checks"]["merge.agreement"] == 0.0
-    # old 1 (0.4 x 0.98) loses to new 1 (1.0 x 0.98): replaced by the round-k box
-    assert regions["florence2-r1"]["reason"] == "merge:replaced" and regions["refine-r1"]["status"] == "kept"
-    kept_objects = [r for r in out["regions"] if r["status"] == "kept"]
-    assert len(kept_objects) == 4  # one of each pair + human + the new ball
-    for ann in (a for kind in ANNOTATION_KINDS for a in out[kind]):
-        assert len(_flags(ann)) == 1, ann  # exactly one of new / kept / replaced
-    assert out["errors"] == [{"stage": "refine", "error": "x"}]
-
-
 def test_agreement_figures():
     old = [{"regions": [_region(OLD, 0, [0, 0, 10, 10]), _region(OLD, 1, [20, 20, 30, 30])],
             "texts": [_text(OLD, 0, "a dog on the grass")]}]
@@ -78,8 +41,13 @@ def test_agreement_figures():
     m = reduce_agreement([agreement_sums(old, new)])
     assert m["object_precision@0.5"] == 1.0 and m["object_recall@0.5"] == 0.5
     assert m["object_mean_iou"] == pytest.approx(10 / 11, abs=1e-3)
-    assert m["brief_token_f1"] == pytest.approx(token_f1("a dog on grass", "a dog on the grass"), abs=1e-4)
+    # worked by hand: 4 of the new caption's 4 tokens are in the old one's 5: precision 1, recall 4/5, F1 8/9
+    assert m["brief_token_f1"] == pytest.approx(8 / 9, abs=1e-4)
     assert token_f1("A dog.", "a DOG") == 1.0
+    # precision 2/2, recall 2/5: F1 = 2 * 1 * 0.4 / 1.4 = 4/7, either way round
+    assert token_f1("a dog", "a dog on the grass") == pytest.approx(4 / 7)
+    assert token_f1("a dog on the grass", "a dog") == pytest.approx(4 / 7)
+    assert token_f1("a dog dog", "a dog") == pytest.approx(0.8)  # common counts clip: 2 of 3 and 2 of 2
 
 
 def test_coco_map_scores_round_k_against_human_boxes():
@@ -93,24 +61,6 @@ def test_coco_map_scores_round_k_against_human_boxes():
 
 
 # ---------------------------------------------------------------------- end to end
-def _coco_input(photos, folder):
-    """Real photos + a COCO file with one box and one caption each (imported as `human`)."""
-    names = [n for n in photos if n.startswith("jpeg_")][:3] + ["coffee"]
-    images, anns = [], []
-    for i, name in enumerate(names, start=1):
-        data = photos[name]
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            ext = "jpg" if im.format == "JPEG" else "png"
-        (folder / f"{name}.{ext}").write_bytes(data)
-        images.append({"id": i, "file_name": f"{name}.{ext}", "width": w, "height": h})
-        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [w * 0.2, h * 0.2, w * 0.5, h * 0.5],
-                     "area": w * h * 0.25, "iscrowd": 0})
-    anns += [{"id": 100 + i, "image_id": i, "caption": "a dog sitting on a wooden bench"} for i in range(1, len(names) + 1)]
-    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
-    path = folder / "instances.json"
-    path.write_text(json.dumps(coco))
-    return path
 
 
 PIPELINE = """

@@ -6,7 +6,6 @@ trained for a few steps (what it says does not matter; that every runner says th
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -21,7 +20,8 @@ from engine.config import load_pipeline
 from engine.query import resolve_step, run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
-from test_refine_loop import _coco_input
+from helpers import assert_close as _close
+from helpers import coco_input as _coco_input
 
 pytestmark = pytest.mark.slow
 
@@ -50,21 +50,6 @@ def _pipeline_file(tmp_path, shard=2, steps=8, workers=1, rounds=2):
     text = PIPELINE.replace("SHARD", str(shard)).replace("STEPS", str(steps)).replace("WORKERS", str(workers))
     path.write_text(text.replace("rounds: 2", f"rounds: {rounds}"))
     return path
-
-
-def _close(a, b, path=""):
-    if isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), f"{path}: {a} != {b}"
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), f"{path}: {sorted(a)} != {sorted(b)}"
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        assert len(a) == len(b), f"{path}: {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def _round_view(out) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ from engine.query import run_query
 from engine.run import run_pipeline
 from engine.stage import Resources, Stage, StageParams
 from engine.store import ShardStore
+from helpers import assert_close as _close
 from schemas.records import make_ann_id, new_annotation, source_of
 from schemas.validate import validate_table
 
@@ -176,22 +176,6 @@ def runs(tmp_path_factory, input_dir, pipelines_file, ray_cluster):
     return out
 
 
-def _close(a, b, path="") -> None:
-    """Deep equality with a float tolerance (scores, geometry); names the first differing path."""
-    if isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), f"{path}: {a} != {b}"
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def _without_seconds(counters: dict) -> dict:
     return {stage: {k: v for k, v in c.items() if k != "seconds"} for stage, c in counters.items()}
 
@@ -284,9 +268,10 @@ def test_beam_dead_letter_keeps_the_record_with_its_error(tmp_path, input_dir, p
     assert "refusing" in bad[0]["errors"][0]["error"]
     assert all(not r["errors"] for r in rows if r is not bad[0])
     counters = summary.steps["measure"]["counters"]["text_contrast"]
-    assert counters["records_in"] == 6 and counters["errors"] == 1 and counters["dead_letter"] == 1
-    metrics = json.loads((out / "manifest.json").read_text())["engine_metrics"]["measure"]["text_contrast"]
-    assert metrics["dead_letter"] == 1 and metrics["batches_retried_per_element"] == 1
+    # the stage itself redoes a failing batch record by record (engine.stage.Stage._isolated, every
+    # runner): the record carries its error and Beam's own dead-letter path is not needed
+    assert counters["records_in"] == 6 and counters["errors"] == 1 and "dead_letter" not in counters
+    assert 1 <= counters["metrics"]["records_isolated"] <= 3  # the failing batch (batch_size 3) redone
 
 
 def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input_dir, pipelines_file):
@@ -308,9 +293,10 @@ def test_runner_resumes_committed_shards_of_another_runner(tmp_path, runs, input
 
 @pytest.mark.slow
 def test_quickstart_pipeline_gives_the_same_annotations_on_every_runner(tmp_path_factory, ray_cluster):
-    """The shipped quickstart pipeline (offline profile: real OCR, every other stage a random model with
-    near-tied scores) on real photos: detector scores, grounding boxes and masks equal on every runner,
-    because every runner cuts a shard into the same batches and limits threads to the stage's CPUs."""
+    """The shipped quickstart pipeline (offline profile: real OCR, SSD objects, GrabCut masks, composed
+    captions and groundings; its refinement round left out) on real photos: detector scores, grounding
+    boxes and masks equal on every runner, because every runner cuts a shard into the same batches and
+    limits threads to the stage's CPUs."""
     from engine.samples import write_samples
 
     src = tmp_path_factory.mktemp("qs_in")
@@ -321,6 +307,7 @@ def test_quickstart_pipeline_gives_the_same_annotations_on_every_runner(tmp_path
     for runner in ("local", "ray", "beam"):
         pipe = load_pipeline(pipe_file, "quickstart", "offline")
         pipe.config.ingest.shard_size = 2
+        pipe.config.rounds = 0  # stage 3 on every runner is test_rounds' subject
         outs[runner] = tmp_path_factory.mktemp(f"qs_{runner}")
         run_pipeline(pipe, str(src), str(outs[runner]), runner=runner)
     local = ShardStore(outs["local"])

@@ -3,98 +3,18 @@ models (warning on random ones), funnel and histograms with the pipeline's thres
 quarantine, captions without Florence-2 tokens, and every user string escaped."""
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.config import load_pipeline
 from engine.show import build_report, visible_text
 from engine.stage import records_to_table
-from engine.store import ShardStore
-from schemas.geometry import mask_to_rle
-from schemas.records import IMAGES_SCHEMA, QUARANTINE_SCHEMA, empty_record, new_annotation, source_of
+from helpers import make_report_store, rect_mask
 
 REPO = Path(__file__).resolve().parents[1]
-EVIL = "<script>window.__pwned=1</script>[/bold]"
-COFFEE_URI = f"coffee {EVIL}.png"
-CAPTION = "<loc_5>a cup of coffee<loc_9> on a table"  # a model leaked location tokens
-SRC = source_of("unit", "unit-model")
-
-
-def _ann(score=None, status="kept", reason=None, checks=None, **fields):
-    a = new_annotation(SRC, score, **fields)
-    a.update(status=status, reason=reason, checks=checks or {})
-    return a
-
-
-def _rect_mask(h, w, box):
-    m = np.zeros((h, w), bool)
-    m[box[1]:box[3], box[0]:box[2]] = True
-    return mask_to_rle(m)
-
-
-def make_report_store(root: Path, photos: dict, pipeline: str = "quickstart", profile: str | None = "offline") -> ShardStore:
-    """Two real photos with every kind of annotation (kept and dropped), hostile strings in a file
-    name, a caption, a label, a reason and the quarantine; manifest from a real pipeline config."""
-    store = ShardStore(root)
-    rows, ids = [], []
-    for uri, data in ((COFFEE_URI, photos["coffee"]), ("astronaut.png", photos["astronaut"])):
-        ids.append(hashlib.sha256(data).hexdigest())
-        rows.append({"image_id": ids[-1], "uri": uri, "source": "t", "width": 600 if "coffee" in uri else 512,
-                     "height": 400 if "coffee" in uri else 512, "format": "PNG", "mode": "RGB", "bytes": data, "human": None})
-    counters = {"inputs": 5, "images": 2, "quarantined": 3, "duplicates": 0}
-    store.write_shard("images", "part-00000", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), {"counters": counters})
-    quarantine = [{"uri": f"broken {EVIL}.jpg", "source": "t", "reason": "truncated", "detail": f"cut at byte 10 {EVIL}",
-                   "image_id": None, "duplicate_of": None},
-                  {"uri": "https://example.com/missing.jpg", "source": "t", "reason": "missing", "detail": "404",
-                   "image_id": None, "duplicate_of": None},
-                  {"uri": "empty.jpg", "source": "t", "reason": "empty", "detail": "0 bytes", "image_id": None,
-                   "duplicate_of": None}]
-    store.write_shard("quarantine", "part-00000", pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
-
-    coffee = empty_record({"image_id": ids[0], "uri": COFFEE_URI, "width": 600, "height": 400, "source": "t"})
-    start = CAPTION.index("a cup")
-    coffee["texts"] = [
-        _ann(ann_id="t1", tier="brief", text=CAPTION),
-        _ann(ann_id="t2", tier="brief", text=f"{EVIL} junk", status="dropped", reason="text_filter:too_few_objects"),
-        _ann(ann_id="t3", tier="detailed", text="a white cup on a saucer<loc_12><lo"),  # generation cut mid-token
-    ]
-    coffee["regions"] = [
-        _ann(0.9, ann_id="r1", kind="object", box=[150.0, 100.0, 450.0, 300.0], quad=None, polygon=None,
-             mask=_rect_mask(400, 600, (150, 100, 450, 300)), label="cup", brief="a white cup",
-             checks={"region_filter.nms_iou": 0.0}),
-        _ann(0.8, ann_id="r2", kind="text", box=[20.0, 330.0, 220.0, 370.0],
-             quad=[20.0, 330.0, 220.0, 335.0, 218.0, 370.0, 22.0, 366.0], polygon=None, mask=None,
-             label="COFFEE & <b>", brief=None),
-        _ann(0.2, ann_id="r3", kind="object", box=[0.0, 0.0, 50.0, 50.0], quad=None, polygon=None, mask=None,
-             label="spoon", brief=None, status="dropped", reason="region_filter:low_score",
-             checks={"region_filter.nms_iou": 0.1}),
-        _ann(0.7, ann_id="r4", kind="object", box=[480.0, 20.0, 580.0, 120.0], quad=None,
-             polygon=[[480.0, 120.0, 530.0, 20.0, 580.0, 120.0]], mask=None, label=f"{EVIL}", brief=None),
-    ]
-    coffee["groundings"] = [
-        _ann(0.6, ann_id="g1", text_ann_id="t1", phrase="a cup", char_start=start, char_end=start + 5,
-             box=[150.0, 100.0, 450.0, 300.0], mask=_rect_mask(400, 600, (160, 110, 440, 290))),
-        _ann(0.5, ann_id="g2", text_ann_id="t1", phrase="a table", char_start=CAPTION.index("a table"),
-             char_end=len(CAPTION), box=[0.0, 250.0, 600.0, 400.0], mask=None, status="dropped",
-             reason=f"grounding_filter:{EVIL}"),
-    ]
-    astronaut = empty_record({"image_id": ids[1], "uri": "astronaut.png", "width": 512, "height": 512, "source": "t"})
-    astronaut["regions"] = [_ann(0.95, ann_id="r5", kind="object", box=[100.0, 50.0, 400.0, 500.0], quad=None,
-                                 polygon=None, mask=None, label="person", brief="a woman in a space suit")]
-    astronaut["errors"] = [{"stage": "masks", "error": f"ValueError: {EVIL}"}]
-    store.write_shard("annotations/stage2", "part-00000", records_to_table([coffee, astronaut]))
-    pipe = load_pipeline(REPO / "pipelines.yaml", pipeline, profile)
-    store.update_manifest(folder_order=["annotations/stage2"], pipeline={
-        "name": pipe.name, "file": "pipelines.yaml", "profile": profile, "input": "samples",
-        "models": pipe.models, "config": pipe.config.model_dump(mode="json")})
-    return store
 
 
 @pytest.fixture()
@@ -134,6 +54,9 @@ def test_layers_are_drawn_over_the_embedded_photo(report):
     assert grounding, "the grounding box is drawn dashed"
     # the phrase has its box's colour, and the caption has no location token left
     assert f'<b class="phrase" style="color:{grounding.group(1)}">a cup</b> of coffee on a table' in page
+    assert masks.count("<title>mask:") == 3  # r1, r4 and g1, each drawn once, light fill with an outline
+    assert 'fill-opacity="0.18"' in masks and 'class="mask-outline"' in masks
+    assert 'id="layer-masks" class="toggle" checked>' in page  # few masks: shown at start
     dropped = _layer(page, "dropped")
     assert "<title>dropped by region_filter:low_score: spoon (0.20)</title>" in dropped
     assert 'id="layer-dropped" class="toggle">' in page and 'id="layer-objects" class="toggle" checked>' in page
@@ -143,7 +66,10 @@ def test_header_funnel_histograms_and_quarantine(report):
     page = report
     assert "pipeline <b>quickstart</b>" in page and "profile <b>offline</b>" in page
     warning = re.search(r"<div class='warning' id='random-models'>(.*?)</div>", page, re.S).group(1)
-    assert "florence2 = random:tiny (used by florence2, region_text)" in warning
+    # offline, the quickstart's only random model is stage 3's Florence-2; this step has none of its annotations
+    assert "florence2 = random:tiny (used by refine): none of this step&#x27;s annotations come from it" in warning
+    assert "grounding_dino" not in warning and "sam" not in warning  # not used: composed groundings, GrabCut
+    assert "CLIP score rule: off - no real CLIP model is available (clip = random:tiny)" in page
     assert "<td>ocr</td><td>rapidocr</td><td>ocr</td>" in page  # a real model is listed, not warned about
     assert '<svg class="funnel"' in page and "region_filter" in re.search(r'<svg class="funnel".*?</svg>', page, re.S).group(0)
     score = re.search(r"<figure class='hist'><svg.*?>score</text><text[^>]*>regions, n=5.*?</figure>", page, re.S).group(0)
@@ -169,6 +95,7 @@ def test_no_warning_when_every_model_is_real(tmp_path, photos):
     build_report(store.out, tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert "random-models" not in page and "<td>florence2</td><td>florence-community/Florence-2-large</td>" in page
+    assert "CLIP score rule" not in page  # a real CLIP: the rule applies
 
 
 def test_a_broken_record_does_not_block_the_report(tmp_path, photos):
@@ -189,3 +116,14 @@ def test_cli_show_with_markup_in_the_path(tmp_path, photos):
     assert "[/bold] report.html (1 images)" in res.output and dest.exists()
     res = CliRunner().invoke(app, ["show", str(store.out), "--step", "nope"])
     assert res.exit_code == 2 and "no committed step 'nope'" in res.output
+
+
+def test_many_masks_start_hidden_and_a_shared_mask_is_drawn_once():
+    from engine.show import MANY_MASKS, MaskLayer, _toggles
+
+    assert 'id="layer-masks" class="toggle">' in _toggles({"masks": MANY_MASKS + 1})
+    assert 'id="layer-masks" class="toggle" checked>' in _toggles({"masks": MANY_MASKS})
+    layer = MaskLayer(60, 40, 1024)
+    rle = rect_mask(40, 60, (10, 10, 30, 30))
+    assert layer.add({"mask": rle}, "#e6194b", "cup") and not layer.add({"mask": rle}, "#3cb44b", "a cup")
+    assert layer.svg().count("<path") == 1

@@ -1,24 +1,46 @@
 """fld show in a real browser (Debian's chromium, headless, driven by Playwright): layers toggle
 their SVG elements, a dropped box shows its reason on hover, nothing is fetched, no injected
-script runs; a screenshot is saved in the test's folder. CI installs chromium (.ci/run)."""
+script runs; a screenshot is saved in the test's folder. CI installs chromium (.ci/run); with CI=true a missing
+chromium fails the test instead of skipping it."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
 import pytest
 
 from engine.show import build_report
-from test_show import make_report_store
+from helpers import make_report_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No sandbox as root; no background traffic (this network refuses it, many connections at a time).
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: pip install -e '.[test]'")
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+
+
+def missing_browser() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (it is in the test extra: pip install -e '.[test]')"
+    if not os.path.exists(CHROMIUM):
+        return "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
+    return None
+
+
+@pytest.fixture()
+def sync_api():
+    """playwright's sync API; where chromium or playwright is missing the test is skipped, except under CI=true
+    (.ci/run installs chromium): there it fails, so a CI run never passes without the browser test."""
+    why = missing_browser()
+    if why is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and the browser test cannot run: {why}")
+        pytest.skip(why)
+    import playwright.sync_api
+
+    return playwright.sync_api
 
 
 def _displays(page, selector: str) -> set[str]:
@@ -26,7 +48,7 @@ def _displays(page, selector: str) -> set[str]:
 
 
 @pytest.mark.timeout(180)
-def test_layers_toggle_and_dropped_reasons_show_in_chromium(tmp_path, photos):
+def test_layers_toggle_and_dropped_reasons_show_in_chromium(tmp_path, photos, sync_api):
     store = make_report_store(tmp_path / "out", photos)
     report = tmp_path / "report.html"
     build_report(store.out, report)

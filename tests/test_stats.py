@@ -19,7 +19,7 @@ from engine.stats import collect_stats
 from engine.store import ShardStore
 from engine.tokens import florence_tokenizer, token_counter
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
-from test_cli import _yaml, inputs  # noqa: F401  (fixture: 4 real images + 2 broken files + 1 duplicate)
+from helpers import ocr_pipelines as _yaml  # `inputs` (conftest): 4 real images + 2 broken files + 1 duplicate
 
 SRC = source_of("unit")
 SECTIONS = ["ingest", "quarantine", "annotations", "per_image", "counters", "table2", "table3", "funnel", "checks"]

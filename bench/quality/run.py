@@ -61,8 +61,8 @@ SIZES: dict[str, Size] = {
                   relabel={"max_new_tokens": 12, "batch_size": 8}, florence2="florence2_cpu.json", shard_size=4),
     # The measured default: under 40 minutes on this 2-core CPU (BENCHMARKS.md says how long it took).
     "default": Size(WorldConfig(n_train=64, n_heldout=32), ClipConfig(), rounds=3,
-                    train={"steps": 300, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 30, "checkpoint_every": 300},
-                    relabel={"max_new_tokens": 96, "batch_size": 16}, florence2="florence2_cpu.json", shard_size=16),
+                    train={"steps": 300, "batch_size": 8, "lr": 3.0e-4, "warmup_steps": 30, "checkpoint_every": 300},
+                    relabel={"max_new_tokens": 256, "batch_size": 16}, florence2="florence2_cpu.json", shard_size=16),
     # A GPU machine: a 20x larger world, a larger CLIP, a 45M-parameter Florence-2 at 384 px, 20x the steps.
     "gpu": Size(WorldConfig(n_train=1200, n_heldout=300), ClipConfig(steps=3000, batch_size=256, width=384, layers=6, text_width=384, text_layers=6, embed_dim=256, image_size=96),
                 rounds=3, train={"steps": 3000, "batch_size": 32, "lr": 3.0e-4, "warmup_steps": 200, "checkpoint_every": 500},

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from engine.identity import digest
-from engine.ingest.decode import ingest_shard
+from engine.ingest.decode import MAX_JPEG_SCANS, ingest_shard
 from engine.ingest.locations import ListingProblem, LocationReader, escape_name, location_of
 from engine.ingest.sources import InputItem
 from engine.ingest.webdataset import MemberReader
@@ -131,7 +131,8 @@ def ingest_chunk(store, shard: str, settings: dict, ingest_hash: str, runner: st
     items = [row_item(r) for r in store.read_shard(INPUTS, shard).to_pylist()]
     images, quarantine, counters = ingest_shard(items, settings["min_side"], settings["max_pixels"], set(),
                                                 workers=settings["read_threads"], verify=settings["verify"],
-                                                max_bytes=settings["max_file_bytes"])
+                                                max_bytes=settings["max_file_bytes"],
+                                                max_scans=settings.get("max_jpeg_scans", MAX_JPEG_SCANS))
     meta = {"config_hash": ingest_hash, "input_sha256": inputs["sha256"], "runner": runner}
     store.write_shard(QUARANTINE, shard, quarantine, meta)
     store.write_shard(IMAGES, shard, images, {**meta, "counters": counters, "cross_duplicates": 0,

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.ingest.locations import Reader, escape_name, location_of, read_with_retries, too_large
+from engine.ingest.locations import (Reader, RetriesExhausted, escape_name, location_of, network_reason,
+                                     read_with_retries, too_large)
 from engine.ingest.pixels import IMAGE_FORMATS, to_rgb
 from engine.ingest.quarantine import QUARANTINE_REASONS, Quarantined
 from engine.ingest.sources import InputItem
@@ -57,6 +58,8 @@ def _read_bytes(item: InputItem, max_bytes: int | None = None) -> bytes:
         data = read_with_retries(read, max_bytes) if isinstance(read, Reader) else read_with_retries(read)
     except Quarantined:
         raise
+    except RetriesExhausted as exc:  # a network failure that outlived the retries: say which
+        raise Quarantined(network_reason(exc), f"cannot read the bytes ({exc})") from None
     except FileNotFoundError as exc:
         raise Quarantined("missing", f"file not found ({exc.strerror or exc})") from None
     except IsADirectoryError:
@@ -71,6 +74,19 @@ def _read_bytes(item: InputItem, max_bytes: int | None = None) -> bytes:
 
 
 VERIFY_MODES = ("header", "decode")
+MAX_JPEG_SCANS = 100  # default of ingest.max_jpeg_scans: baseline JPEGs have 1 scan, progressive ones ~10
+
+
+def _check_scans(fmt: str, data: bytes, max_scans: int) -> None:
+    """A JPEG's decode time grows with its scans (SOS markers; 0xFF inside entropy-coded data is always
+    stuffed, so counting them is exact): a file repeating its last scan 20,000 times costs minutes per
+    decode, in every step. Quarantined at ingest as slow_decode, before any pixel is decoded."""
+    if fmt not in ("JPEG", "MPO"):
+        return
+    scans = data.count(b"\xff\xda")
+    if scans > max_scans:
+        raise Quarantined("slow_decode", f"{fmt} with {scans} scans, over ingest.max_jpeg_scans={max_scans} "
+                                         "(decoding it would cost minutes); not decoded")
 
 
 def _complete(fmt: str, data: bytes) -> bool | None:
@@ -155,7 +171,8 @@ def _check_png_chunks_after_pixels(data: bytes) -> None:
         pass
 
 
-def _decode_checked(data: bytes, min_side: int, max_pixels: int, verify: str = "header") -> tuple[int, int, str, str]:
+def _decode_checked(data: bytes, min_side: int, max_pixels: int, verify: str = "header",
+                    max_scans: int = MAX_JPEG_SCANS) -> tuple[int, int, str, str]:
     """(width, height after EXIF orientation, format, original mode), or Quarantined.
 
     verify "header": every check from the header and the file's structure (cheap: ingest runs at
@@ -193,8 +210,9 @@ def _decode_checked(data: bytes, min_side: int, max_pixels: int, verify: str = "
             )
         if min(w, h) < min_side:
             raise Quarantined("too_small", f"{w}x{h} is smaller than min_side={min_side}")
+        _check_scans(fmt, data, max_scans)
         if verify == "header":
-            return _header_checked(data, im, fmt, mode, min_side, max_pixels)
+            return _header_checked(data, im, fmt, mode, min_side, max_pixels, max_scans)
         try:
             im.load()  # full decode: a truncated file fails here, not in a later stage
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -220,10 +238,10 @@ def _decode_checked(data: bytes, min_side: int, max_pixels: int, verify: str = "
 
 
 def _header_checked(data: bytes, im: Image.Image, fmt: str, mode: str, min_side: int,
-                    max_pixels: int) -> tuple[int, int, str, str]:
+                    max_pixels: int, max_scans: int = MAX_JPEG_SCANS) -> tuple[int, int, str, str]:
     complete = _complete(fmt, data)
     if complete is None:  # no cheap structural check for this format (TIFF, ...): decode it
-        return _decode_checked(data, min_side, max_pixels, verify="decode")
+        return _decode_checked(data, min_side, max_pixels, verify="decode", max_scans=max_scans)
     if not complete:
         raise Quarantined("truncated", f"{fmt} data ends early or is cut (no end marker after the image data)")
     if fmt == "PNG":
@@ -240,19 +258,19 @@ def _header_checked(data: bytes, im: Image.Image, fmt: str, mode: str, min_side:
 
 
 def decode_input(item: InputItem, min_side: int, max_pixels: int, verify: str = "header",
-                 max_bytes: int | None = None) -> tuple[dict | None, dict | None]:
+                 max_bytes: int | None = None, max_scans: int = MAX_JPEG_SCANS) -> tuple[dict | None, dict | None]:
     """(images row, None) for a usable image, else (None, quarantine row)."""
     try:
         data = _read_bytes(item, max_bytes)
     except Quarantined as q:
         return None, _quarantine_row(item, q.reason, q.detail)
-    return _decode_bytes(item, data, hashlib.sha256(data).hexdigest(), min_side, max_pixels, verify)
+    return _decode_bytes(item, data, hashlib.sha256(data).hexdigest(), min_side, max_pixels, verify, max_scans)
 
 
 def _decode_bytes(item: InputItem, data: bytes, image_id: str, min_side: int,
-                  max_pixels: int, verify: str = "header") -> tuple[dict | None, dict | None]:
+                  max_pixels: int, verify: str = "header", max_scans: int = MAX_JPEG_SCANS) -> tuple[dict | None, dict | None]:
     try:
-        width, height, fmt, mode = _decode_checked(data, min_side, max_pixels, verify)
+        width, height, fmt, mode = _decode_checked(data, min_side, max_pixels, verify, max_scans)
     except Quarantined as q:
         return None, _quarantine_row(item, q.reason, q.detail, image_id=image_id)
     row = {
@@ -270,7 +288,8 @@ def _decode_bytes(item: InputItem, data: bytes, image_id: str, min_side: int,
 
 
 def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_ids: set[str],
-                 workers: int = 1, verify: str = "header", max_bytes: int | None = None) -> tuple[pa.Table, pa.Table, dict]:
+                 workers: int = 1, verify: str = "header", max_bytes: int | None = None,
+                 max_scans: int = MAX_JPEG_SCANS) -> tuple[pa.Table, pa.Table, dict]:
     """Decode a shard's inputs; exact duplicates (same sha256 as an image already ingested,
     in this shard or in `seen_ids`) are quarantined as 'duplicate' without being decoded again.
     Adds the ids of the ingested images to `seen_ids`. `workers` > 1 reads and decodes in threads
@@ -287,7 +306,8 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
             if image_id is not None and image_id not in seen_ids and image_id not in first_copy:
                 first_copy[image_id] = i
         todo = sorted(first_copy.values())
-        verdicts = run(lambda i: _decode_bytes(items[i], reads[i][0], reads[i][1], min_side, max_pixels, verify), todo)
+        verdicts = run(lambda i: _decode_bytes(items[i], reads[i][0], reads[i][1], min_side, max_pixels, verify,
+                                               max_scans), todo)
         decoded = dict(zip(todo, verdicts))
     finally:
         if pool:
@@ -313,7 +333,8 @@ def ingest_shard(items: list[InputItem], min_side: int, max_pixels: int, seen_id
             )
         else:
             # A later copy of bytes whose first copy was quarantined gets its own (same) verdict.
-            row, bad = decoded.pop(i) if i in decoded else _decode_bytes(item, data, image_id, min_side, max_pixels, verify)
+            row, bad = decoded.pop(i) if i in decoded else _decode_bytes(item, data, image_id, min_side, max_pixels,
+                                                                         verify, max_scans)
             if row is not None:
                 images.append(row)
                 seen_ids.add(image_id)

@@ -11,12 +11,14 @@ removed from images/part-k; `inputs = images + quarantined + duplicates` holds a
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.ingest.chunks import IMAGES, QUARANTINE
+
+CROSS_CHUNK = "an earlier input chunk)"  # how a row this pass adds ends its detail
 
 FIND_SQL = """
 SELECT chunk, row, image_id, first_uri FROM (
@@ -63,13 +65,23 @@ def drop_cross_duplicates(store, shard: str, duplicates: dict[str, list[tuple[in
     copies = images.take(pa.array(sorted(rows), pa.int64())).select(["uri", "source", "image_id"]).to_pylist()
     first_of = {image_id: uri for _, image_id, uri in dups}
     quarantine = store.read_shard(QUARANTINE, shard)
-    already = {(u, i) for u, i, r in zip(quarantine.column("uri").to_pylist(), quarantine.column("image_id").to_pylist(),
-                                         quarantine.column("reason").to_pylist()) if r == "duplicate"}
-    added = [{"uri": c["uri"], "source": c["source"], "reason": "duplicate",
-              "detail": f"{c['uri']}: exact copy of {first_of[c['image_id']]} (image_id {c['image_id'][:12]}..., "
-                        "an earlier input chunk)",
-              "image_id": c["image_id"], "duplicate_of": c["image_id"]}
-             for c in copies if (c["uri"], c["image_id"]) not in already]
+    # Rows this pass added before (a killed rewrite is redone), counted: the same uri may be listed many
+    # times, and its copies within the chunk are quarantine rows of their own already.
+    already = Counter((u, i) for u, i, r, d in zip(quarantine.column("uri").to_pylist(),
+                                                   quarantine.column("image_id").to_pylist(),
+                                                   quarantine.column("reason").to_pylist(),
+                                                   quarantine.column("detail").to_pylist())
+                      if r == "duplicate" and d.endswith(CROSS_CHUNK))
+    added = []
+    for c in copies:
+        key = (c["uri"], c["image_id"])
+        if already[key] > 0:
+            already[key] -= 1
+            continue
+        added.append({"uri": c["uri"], "source": c["source"], "reason": "duplicate",
+                      "detail": f"{c['uri']}: exact copy of {first_of[c['image_id']]} (image_id "
+                                f"{c['image_id'][:12]}..., {CROSS_CHUNK}",
+                      "image_id": c["image_id"], "duplicate_of": c["image_id"]})
     q_rec = store.commit_record(QUARANTINE, shard)
     if added:
         quarantine = pa.concat_tables([quarantine, pa.Table.from_pylist(added, schema=quarantine.schema)])

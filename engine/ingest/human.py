@@ -63,6 +63,50 @@ def check_object(obj: Any, width: int | None, height: int | None) -> dict:
     return {**obj, "label": label, "box": box, "polygon": polygon, "rle": rle}
 
 
+def limit_annotations(human: dict | None, max_caption_chars: int, max_captions: int, max_objects: int) -> dict | None:
+    """The caption / annotation policy of ingest, applied to every source's `human` dict before it is
+    stored (list files, COCO, WebDataset): a caption that is not a string or is longer than
+    `max_caption_chars`, and captions / objects beyond the per-image caps, are moved to `rejected`
+    (each becomes an error on its image naming why), so no later stage meets unbounded text or an
+    unbounded number of prompts. Returns `human` unchanged when nothing is over a limit."""
+    if not isinstance(human, dict):
+        return human
+    origin = str(human.get("origin") or "")
+    captions, objects = human.get("captions"), human.get("objects")
+    rejected: list = []
+    kept_caps = captions
+    if isinstance(captions, list):
+        kept_caps = []
+        for i, cap in enumerate(captions):
+            text = cap.get("text") if isinstance(cap, dict) else None
+            if isinstance(cap, dict) and not isinstance(text, str):
+                rejected.append(f"{origin} captions[{i}]{_reference(cap)}: caption must be a string, got "
+                                f"{type(text).__name__}; not imported")
+            elif isinstance(text, str) and len(text) > max_caption_chars:
+                rejected.append(f"{origin} captions[{i}]{_reference(cap)}: caption of {len(text)} characters is over "
+                                f"ingest.max_caption_chars={max_caption_chars}; not imported")
+            else:
+                kept_caps.append(cap)
+        if len(kept_caps) > max_captions:
+            rejected.append(f"{origin}: {len(kept_caps)} captions, over ingest.max_captions_per_image={max_captions}; "
+                            f"the {len(kept_caps) - max_captions} after the first {max_captions} not imported")
+            kept_caps = kept_caps[:max_captions]
+    kept_objs = objects
+    if isinstance(objects, list) and len(objects) > max_objects:
+        rejected.append(f"{origin}: {len(objects)} boxes/masks, over ingest.max_objects_per_image={max_objects}; "
+                        f"the {len(objects) - max_objects} after the first {max_objects} not imported")
+        kept_objs = objects[:max_objects]
+    if not rejected:
+        return human
+    before = human.get("rejected") if isinstance(human.get("rejected"), list) else []
+    out = {**human, "rejected": before + rejected}
+    if captions is not None:
+        out["captions"] = kept_caps
+    if objects is not None:
+        out["objects"] = kept_objs
+    return out
+
+
 def _reference(entry: Any) -> str:
     """' (annotation id 17)' when the entry came with the id its file gave it."""
     coco_id = entry.get("coco_id") if isinstance(entry, dict) else None

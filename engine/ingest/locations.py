@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 16 << 20  # bytes per read() while enforcing a cap on a file whose size is unknown
 RETRY_DELAYS = (0.25, 1.0, 4.0)  # seconds before the 2nd, 3rd and 4th attempt at a transient error
 RETRY_BUDGET_S = 30.0  # no new attempt starts once one input has taken this long
+# http(s) inputs: a server that accepts and never answers costs at most this per request (fsspec asks HEAD,
+# then GET); with RETRY_BUDGET_S one input's deadline is RETRY_BUDGET_S + 2 * (connect + read) seconds.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 20.0
 
 
 class InputError(ValueError):
@@ -88,6 +92,27 @@ def location_of(path: str) -> str:
     return "file://" + escape_name(os.path.abspath(local_path(path)))
 
 
+MEMBER_SEPARATOR = "::"  # uri of a tar member: <tar uri>::<member name>
+
+
+def input_uri(path: str) -> str:
+    """The `uri` of a file input: location_of(path), except that a local name holding the member
+    separator '::' becomes a file:// URL with ':' (and '%', and bytes that are not UTF-8) escaped, so
+    a file named `shard.tar::evil.jpg` never shares its uri with the member `evil.jpg` of `shard.tar`."""
+    location = location_of(path)
+    if MEMBER_SEPARATOR not in location or is_url(location) or location.startswith("file://"):
+        return location
+    out = []
+    for ch in _name_bytes(os.path.abspath(path)).decode("utf-8", "surrogateescape"):
+        if ch in "%:":
+            out.append(f"%{ord(ch):02X}")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        else:
+            out.append(ch)
+    return "file://" + "".join(out)
+
+
 def local_path(s: str) -> str:
     """The path of a local location; a file:// URL is percent-decoded (RFC 8089) to the exact bytes."""
     if s.startswith("file://"):
@@ -128,11 +153,23 @@ def require_protocol(location: str, where: str) -> None:
             raise InputError(f"{where}: {problem}")
 
 
+def _storage_options(location: str) -> dict:
+    """Connect / read timeouts for the protocols whose defaults wait for minutes (aiohttp: 5 min)."""
+    protocol = location.split("://", 1)[0].lower()
+    if MEMBER_SEPARATOR in location or protocol not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S,
+                                    sock_read=READ_TIMEOUT_S)
+    return {"client_kwargs": {"timeout": timeout}}
+
+
 def _fs(location: str):
     import fsspec
 
     require_protocol(location, location)
-    return fsspec.core.url_to_fs(location)
+    return fsspec.core.url_to_fs(location, **_storage_options(location))
 
 
 # ---------------------------------------------------------------------------- reading
@@ -257,6 +294,8 @@ def is_transient(exc: BaseException | None) -> bool:
     """Worth another attempt: connection and timeout errors, 5xx / 429 / 408 statuses, the errnos s3fs
     and sockets use for them (EBUSY for SlowDown / 503, EREMOTEIO for 500), also when chained."""
     for _ in range(5):
+        if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None and is_transient(exc.__cause__):
+            return True  # fsspec's http info() says "not found" for a timeout or a refused connection
         if exc is None or isinstance(exc, (Quarantined, FileNotFoundError, PermissionError)):
             return False
         if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -275,6 +314,22 @@ def is_transient(exc: BaseException | None) -> bool:
 
 class RetriesExhausted(OSError):
     """A transient error that outlived every retry; the message says how many attempts were made."""
+
+
+def network_reason(exc: BaseException | None) -> str:
+    """The quarantine reason of a read that failed on the network: 'timeout', 'connection_refused', or
+    'unreadable' (anything else), from the exception and what it was raised from."""
+    for _ in range(8):
+        if exc is None:
+            break
+        name = type(exc).__name__.lower()
+        if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED \
+                or "refused" in str(exc).lower():
+            return "connection_refused"
+        if isinstance(exc, TimeoutError) or "timeout" in name or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+            return "timeout"
+        exc = exc.__cause__ or exc.__context__
+    return "unreadable"
 
 
 def read_with_retries(read: Callable[..., bytes], *args) -> bytes:

@@ -17,7 +17,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of `img`; 16-bit and 32-bit integer grey are scaled from 0..65535 to 0..255.
+    """RGB copy of `img`; 16-bit and 32-bit integer grey are scaled from 0..65535 to 0..255, float grey
+    ("F") from 0..1 (values above 1: taken as 0..255 and clipped).
 
     Raises ValueError for a mode Pillow cannot convert to RGB (ingest's 'unsupported_mode').
     """
@@ -28,5 +29,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # "I" holds 16-bit PNG data on some Pillow versions and plain 8-bit values on others.
         shift = 8 if img.mode != "I" or arr.max(initial=0) > 255 else 0
         grey = np.clip(arr >> shift, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if img.mode == "F":  # 32-bit float grey (TIFF): 0..1 data scaled to 0..255, else clipped; NaN is black
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if arr.size and arr.max() <= 1.0 and arr.min() >= 0.0:
+            arr = arr * 255.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
     return img.convert("RGB")

@@ -18,6 +18,12 @@ QUARANTINE_REASONS = (
     "unsupported_mode",
     "bad_caption",  # a WebDataset caption member that is not valid JSON
     "duplicate",
+    "outside_root",  # a COCO file_name outside the image root (absolute, '..', file:// or a URL not allowed)
+    "slow_decode",  # a JPEG with more scans than ingest.max_jpeg_scans: minutes per decode, in every step
+    "duplicate_name",  # a tar member whose name an earlier member of the same tar already has
+    "nested_archive",  # a tar inside a tar: its members are not expanded
+    "timeout",  # a URL whose server did not connect / answer within the timeouts, after retries
+    "connection_refused",  # a URL whose server refused the connection, after retries
     "unreadable",  # cannot be read (permissions, network after retries, a folder that cannot be listed, ...)
 )
 

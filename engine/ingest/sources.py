@@ -16,15 +16,19 @@ InputError here, in the driver, not one quarantined input per URL.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import itertools
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator
 
 from engine.ingest import locations as loc
 from engine.ingest.coco import parse_coco_json, read_coco
+from engine.ingest.human import limit_annotations
 from engine.ingest.locations import InputError, ListingProblem, escape_name, location_of
 from engine.ingest.quarantine import Quarantined
 from engine.ingest.webdataset import list_samples
@@ -33,6 +37,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 LIST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
 PATH_COLUMNS = ("path", "url", "uri", "image")  # the first present (case-insensitive) is the location
 CAPTION_COLUMNS = ("caption", "text")  # optional column of a list file: enters as a human caption
+# Largest cell of a CSV list file (Python's csv module stops at 128 KiB by default): a long caption is
+# read and then refused by the caption policy (engine.ingest.human.limit_annotations), not the run.
+MAX_CSV_CELL_BYTES = 16 << 20
+MAX_LINE_BYTES = 32 << 20  # a JSONL / CSV line longer than this is one error naming the file and line
+MAX_PARQUET_COLUMN_BYTES = 256 << 20  # uncompressed bytes of one column chunk of a Parquet list file
+MAX_COCO_JSON_BYTES = 2 << 30  # a COCO JSON is parsed whole (about 8x its size in memory): larger is an error
 
 
 @dataclass(frozen=True)
@@ -50,20 +60,30 @@ def has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def limited(item: InputItem, cfg) -> InputItem:
+    """`item` with the ingest caption / annotation policy applied to its imported annotations
+    (`cfg`: engine.config.IngestConfig)."""
+    if item.human is None:
+        return item
+    human = limit_annotations(item.human, cfg.max_caption_chars, cfg.max_captions_per_image, cfg.max_objects_per_image)
+    return item if human is item.human else dataclasses.replace(item, human=human)
+
+
 def list_inputs(src: str, source: str | None = None, image_root: str | None = None,
-                max_file_bytes: int | None = None) -> list[InputItem]:
+                max_file_bytes: int | None = None, allow_urls: bool = False) -> list[InputItem]:
     """Every input image of `src`, in a deterministic order (small sources; see iter_inputs)."""
-    return list(iter_inputs(src, source, image_root, max_file_bytes))
+    return list(iter_inputs(src, source, image_root, max_file_bytes, allow_urls))
 
 
 def iter_inputs(src: str, source: str | None = None, image_root: str | None = None,
-                max_file_bytes: int | None = None) -> Iterator[InputItem]:
+                max_file_bytes: int | None = None, allow_urls: bool = False) -> Iterator[InputItem]:
     """Every input image of `src`, streamed in a deterministic order.
 
     `source` overrides the origin name recorded on each image (default: the folder / file name).
     `image_root` (COCO only) is where `file_name`s are resolved; default the JSON's folder, and a
     relative image_root is taken from the JSON's folder (COCO's `annotations/` + `val2017/` layout:
     image_root="../val2017"). `max_file_bytes` bounds what the listing itself reads (tar captions).
+    A COCO `file_name` must stay inside the image root; `allow_urls` also lets it be a URL.
     """
     src = str(src)
     loc.require_protocol(src, "input")
@@ -73,7 +93,7 @@ def iter_inputs(src: str, source: str | None = None, image_root: str | None = No
             raise FileNotFoundError(f"input {src!r}: the glob matches no file")
         for path in paths:
             name = source or escape_name(loc.folder_name(loc.dirname(path)))
-            yield from iter_inputs(path, name, image_root, max_file_bytes)
+            yield from iter_inputs(path, name, image_root, max_file_bytes, allow_urls)
         return
     if not loc.exists(src):
         raise FileNotFoundError(f"input {src!r} does not exist")
@@ -86,9 +106,9 @@ def iter_inputs(src: str, source: str | None = None, image_root: str | None = No
     elif lower.endswith(".tar"):
         yield from _iter_tar(src, source or escape_name(loc.stem(src)), None, max_file_bytes)
     elif lower.endswith(".json"):
-        yield from _list_coco(src, source or escape_name(loc.stem(src)), image_root)
+        yield from _list_coco(src, source or escape_name(loc.stem(src)), image_root, allow_urls)
     elif has_image_extension(lower):
-        yield InputItem(uri=location_of(src), source=source or escape_name(loc.basename(loc.dirname(src))),
+        yield InputItem(uri=loc.input_uri(src), source=source or escape_name(loc.basename(loc.dirname(src))),
                         read=loc.reader(src), fingerprint=loc.local_fingerprint(src))
     else:
         raise InputError(
@@ -105,7 +125,7 @@ def _iter_folder(root: str, source: str, max_file_bytes: int | None) -> Iterator
         if problem is not None:
             yield InputItem(uri=location_of(path), source=source, read=ListingProblem(*problem))
         elif has_image_extension(path):
-            yield InputItem(uri=location_of(path), source=source, read=loc.reader(path), fingerprint=fingerprint)
+            yield InputItem(uri=loc.input_uri(path), source=source, read=loc.reader(path), fingerprint=fingerprint)
         elif path.lower().endswith(".tar"):
             yield from _iter_tar(path, source, fingerprint, max_file_bytes)
 
@@ -143,18 +163,26 @@ def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
 
             pf = pq.ParquetFile(f)
             columns = pf.schema_arrow.names
+            _check_parquet_sizes(pf, path)
             n = 0
-            for batch in pf.iter_batches(batch_size=4096):
+            for batch in pf.iter_batches(batch_size=256):
                 for row in batch.to_pylist():
                     n += 1
                     yield columns, row, n
             return
-        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        text = _bounded_lines(f, path)
         if lower.endswith(".csv"):
+            if csv.field_size_limit() < MAX_CSV_CELL_BYTES:
+                csv.field_size_limit(MAX_CSV_CELL_BYTES)
             reader = csv.DictReader(text)
-            columns = list(reader.fieldnames or [])
-            for i, row in enumerate(reader, start=2):  # row 1 is the header
-                yield columns, row, i
+            i = 1
+            try:
+                columns = list(reader.fieldnames or [])
+                for i, row in enumerate(reader, start=2):  # row 1 is the header
+                    yield columns, row, i
+            except csv.Error as exc:
+                raise InputError(f"{escape_name(path)} row {i + 1}: not a readable CSV row ({exc}; a cell may hold "
+                                 f"at most {MAX_CSV_CELL_BYTES} bytes)") from None
             return
         for lineno, line in enumerate(text, start=1):
             if not line.strip():
@@ -167,6 +195,50 @@ def _iter_rows(path: str) -> Iterator[tuple[list[str], dict[str, Any], int]]:
             if not isinstance(row, dict):
                 raise InputError(f"{escape_name(path)} line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield list(row), row, lineno
+
+
+def _bounded_lines(f: IO[bytes], path: str) -> Iterator[str]:
+    """The file's lines as text (UTF-8, a BOM dropped, undecodable bytes kept by surrogateescape), each
+    read with a cap: a 16 GB file without a newline is one error naming the file, never read whole.
+    (Read in blocks: fsspec files have no readline(limit).)"""
+    buf = bytearray()
+    lineno, eof = 0, False
+    while True:
+        nl = buf.find(b"\n")
+        while nl < 0 and not eof:
+            if len(buf) > MAX_LINE_BYTES:
+                break
+            block = f.read(1 << 20)
+            if not block:
+                eof = True
+                break
+            start = len(buf)
+            buf += block
+            nl = buf.find(b"\n", start)
+        lineno += 1
+        end = nl + 1 if nl >= 0 else len(buf)
+        if end > MAX_LINE_BYTES + 1 or (nl < 0 and len(buf) > MAX_LINE_BYTES):
+            raise InputError(f"{escape_name(path)} line {lineno}: longer than {MAX_LINE_BYTES} bytes; not read")
+        if end == 0:
+            return
+        raw = bytes(buf[:end])
+        del buf[:end]
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        yield raw.decode("utf-8", "surrogateescape")
+
+
+def _check_parquet_sizes(pf, path: str) -> None:
+    """A Parquet list file whose column chunks decompress to more than MAX_PARQUET_COLUMN_BYTES (a 13 KB
+    file can hold a 300 MB cell) is one error naming the file, before anything is decompressed."""
+    meta = pf.metadata
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            size = group.column(c).total_uncompressed_size
+            if size > MAX_PARQUET_COLUMN_BYTES:
+                raise InputError(f"{escape_name(path)}: column {group.column(c).path_in_schema!r} of row group {g} "
+                                 f"decompresses to {size} bytes, over {MAX_PARQUET_COLUMN_BYTES}; not read")
 
 
 def _iter_list_file(path: str, source: str) -> Iterator[InputItem]:
@@ -192,9 +264,14 @@ def _iter_list_file(path: str, source: str) -> Iterator[InputItem]:
         loc.require_protocol(location, f"{escape_name(path)} row {number}")
         caption = row.get(caption_col) if caption_col else None
         human = None
-        if caption is not None and str(caption).strip():
-            human = {"origin": origin, "captions": [{"text": _text(str(caption).strip())}]}
-        yield InputItem(uri=location_of(location), source=source, read=loc.reader(location), human=human,
+        if isinstance(caption, str):
+            if caption.strip():
+                human = {"origin": origin, "captions": [{"text": _text(caption.strip())}]}
+        elif caption is not None:  # a dict / list / number cell: refused with its type, never stored as a repr
+            human = {"origin": origin, "captions": [], "rejected": [
+                f"{origin} row {number}: column {caption_col!r} must hold a string caption, got "
+                f"{type(caption).__name__}; not imported"]}
+        yield InputItem(uri=loc.input_uri(location) if not loc.is_url(location) else location_of(location), source=source, read=loc.reader(location), human=human,
                         fingerprint=loc.local_fingerprint(location))
 
 
@@ -206,15 +283,58 @@ def _iter_tar(tar_path: str, source: str, fingerprint: str | None, max_file_byte
                         fingerprint=f"{fingerprint}:{member}" if fingerprint else None)
 
 
-def _list_coco(json_path: str, source: str, image_root: str | None) -> list[InputItem]:
+def _size_of(f: IO[bytes]) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return None
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def outside_root(file_name: str, allow_urls: bool = False) -> str | None:
+    """Why a COCO `file_name` does not name a file inside the image root (None: it does). Refused: an
+    absolute path, a path whose `..` leave the root, file:// and every other URL (a GET to any host,
+    internal ones included) unless `allow_urls` (ingest.allow_urls) lets non-local URLs through."""
+    name = file_name.strip()
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", name)
+    if scheme and ("://" in name or scheme.group(1).lower() == "file"):
+        kind = scheme.group(1).lower()
+        if allow_urls and kind != "file" and loc.is_url(name):
+            return None
+        why = "a local file:// URL" if kind == "file" else f"a {kind}:// URL; set ingest.allow_urls to read URLs"
+        return f"file_name {escape_name(name)!r:.120} is {why}; only paths inside the image root are read"
+    if name.startswith(("/", "\\", "~")) or _DRIVE.match(name):
+        return f"file_name {escape_name(name)!r:.120} is an absolute path; only paths inside the image root are read"
+    depth = 0
+    for part in re.split(r"[/\\]", name):
+        depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
+        if depth < 0:
+            return f"file_name {escape_name(name)!r:.120} leaves the image root ('..'); only paths inside it are read"
+    return None
+
+
+def _list_coco(json_path: str, source: str, image_root: str | None, allow_urls: bool = False) -> list[InputItem]:
     with _input_file(json_path) as f:
-        coco = parse_coco_json(f.read(), escape_name(json_path))
+        try:
+            data = loc.read_capped(f, MAX_COCO_JSON_BYTES, _size_of(f))
+        except Quarantined:
+            raise InputError(f"{escape_name(json_path)}: over {MAX_COCO_JSON_BYTES} bytes; a COCO JSON is parsed whole "
+                             "and this one would not fit in memory (split it)") from None
+        coco = parse_coco_json(data, escape_name(json_path))
     json_dir = loc.dirname(json_path)
     root = loc.join(json_dir, image_root) if image_root else json_dir
     items = []
     for human in read_coco(coco, escape_name(json_path)):
+        refused = outside_root(human["file_name"], allow_urls)
+        if refused is not None:
+            items.append(InputItem(uri=escape_name(human["file_name"].strip()), source=source,
+                                   read=ListingProblem("outside_root", f"{escape_name(json_path)}: {refused}")))
+            continue
         location = loc.join(root, human["file_name"])
         loc.require_protocol(location, f"{escape_name(json_path)} image {human['file_name']!r}")
-        items.append(InputItem(uri=location_of(location), source=source, read=loc.reader(location), human=human,
+        uri = location_of(location) if loc.is_url(location) else loc.input_uri(location)
+        items.append(InputItem(uri=uri, source=source, read=loc.reader(location), human=human,
                                fingerprint=loc.local_fingerprint(location)))
     return sorted(items, key=lambda it: it.uri)

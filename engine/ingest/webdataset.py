@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
-from engine.ingest.locations import ListingProblem, Reader, escape_name, location_of, open_regular, too_large
+from engine.ingest.locations import (MEMBER_SEPARATOR, ListingProblem, Reader, escape_name, input_uri, location_of,
+                                     open_regular, too_large)
 from engine.ingest.quarantine import Quarantined
 
 # in order of preference within a sample: every format ingest decodes
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTENSIONS = ("txt", "json")
-MEMBER_SEPARATOR = "::"  # uri of a member: <tar uri>::<member name>
 MAX_CAPTION_BYTES = 1 << 20  # a caption member is read in the driver: over this (or max_file_bytes), too_large
 _JSON_CAPTION_KEYS = ("caption", "captions", "text", "txt")
 
@@ -38,6 +38,39 @@ def key_and_extension(member_name: str) -> tuple[str, str]:
     stem, dot, ext = name.partition(".")
     key = f"{folder}/{stem}" if folder else stem
     return key, (ext.lower() if dot else "")
+
+
+MAX_TAR_MEMBERS = 200_000  # members listed per tar; beyond, one too_large row for the tar names the limit
+
+
+class _Member(NamedTuple):
+    """What the listing keeps of an image member (not tarfile's TarInfo: a tar of 1,000,000 members)."""
+
+    name: str
+    offset_data: int
+    size: int
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members one at a time, without tarfile keeping every TarInfo it read (its `members`
+    list held 1.9 GB for a tar of 1,000,000 empty members)."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
+def member_kind(member_name: str) -> str:
+    """"image" when the name's last extension is an image format ("photo.v2.JPG" too), "tar" for a
+    nested tar, else "" (captions, metadata: parts of a sample, not inputs)."""
+    last = member_name.rpartition("/")[2].rpartition(".")
+    ext = last[2].lower() if last[1] else ""
+    return "image" if ext in IMAGE_EXTENSIONS else "tar" if ext == "tar" else ""
+
+
+def _preference(ext: str) -> int:
+    """Order of the image members of one sample: the WebDataset extensions first, in IMAGE_EXTENSIONS
+    order (exact lower-case names before other spellings), then every other image-named member."""
+    return IMAGE_EXTENSIONS.index(ext) if ext in IMAGE_EXTENSIONS else len(IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -137,24 +170,49 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
     """
     location = location_of(tar_path)
     caption_limit = min(MAX_CAPTION_BYTES, max_bytes) if max_bytes is not None else MAX_CAPTION_BYTES
-    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    images: dict[str, list[_Member]] = {}  # key -> its image members, in tar order
     captions: dict[str, list[str]] = {}
-    problems: dict[str, tuple[str, str]] = {}  # key -> (reason, detail) of a sample that cannot be used
+    problems: dict[str, tuple[str, str]] = {}  # key -> (reason, detail) of a sample whose caption cannot be used
+    # (member name, byte offset of a repeated name, (reason, detail)): members that are not ingested
+    others: list[tuple[str, int | None, tuple[str, str]]] = []
+    seen: dict[str, int] = {}  # member name -> offset of its first occurrence
     tar_problem = None
     n, last = 0, None
     try:
         with open_regular(location) as (f, _):
             tar = tarfile.open(fileobj=_BoundedReads(f, tarfile.BLOCKSIZE + caption_limit), mode="r:")
             try:
-                for member in tar:
+                for member in _members(tar):
+                    if n >= MAX_TAR_MEMBERS:
+                        tar_problem = ("too_large", f"the tar has more than {MAX_TAR_MEMBERS} members; the members "
+                                                    f"after the first {MAX_TAR_MEMBERS} are not ingested")
+                        break
                     n, last = n + 1, member.name
+                    kind = member_kind(member.name)
+                    again = member.offset if member.name in seen else None  # a repeated name: its uri says where
                     if not member.isfile():
+                        if kind in ("image", "tar") and not member.isdir():
+                            others.append((member.name, again, ("not_a_file", f"tar member {escape_name(member.name)!r} is a "
+                                                                       "link or special file, not data; not read")))
+                        continue
+                    if kind in ("image", "tar") and member.name in seen:
+                        others.append((member.name, again, ("duplicate_name", f"tar member {escape_name(member.name)!r} at "
+                                                     f"byte {member.offset} has the name of an earlier member (byte "
+                                                     f"{seen[member.name]}); only the first is ingested")))
+                        continue
+                    seen.setdefault(member.name, member.offset)
+                    if kind == "tar":
+                        others.append((member.name, None, ("nested_archive", f"tar member {escape_name(member.name)!r} is "
+                                                     "a tar inside the tar; its members are not ingested (give it as "
+                                                     "an input of its own)")))
                         continue
                     key, ext = key_and_extension(member.name)
-                    members.setdefault(key, {})[ext] = member
-                    if ext in IMAGE_EXTENSIONS and member.issparse():
-                        problems.setdefault(key, ("unreadable", f"its image member {escape_name(member.name)!r} is a "
-                                                                "sparse tar member, which ingest does not read"))
+                    if kind == "image":
+                        images.setdefault(key, []).append(_Member(member.name, member.offset_data, member.size))
+                        if member.issparse():
+                            others.append((member.name, None, ("unreadable", f"its image member {escape_name(member.name)!r} "
+                                                         "is a sparse tar member, which ingest does not read")))
+                            images[key].pop()
                     if ext not in CAPTION_EXTENSIONS or key in problems:
                         continue
                     what = f"its caption member {escape_name(member.name)!r}"
@@ -169,7 +227,7 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
                         problems[key] = ("bad_caption", f"{what} is {exc}")
                     except tarfile.TarError as exc:
                         problems[key] = ("truncated", f"{what} cannot be read ({exc})")
-                tar_problem = _end_problem(f, tar, n, last)
+                tar_problem = tar_problem or _end_problem(f, tar, n, last)
             except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
                 tar_problem = _tar_problem(exc, n, last)
     except Quarantined as q:  # not a regular file
@@ -184,18 +242,23 @@ def list_samples(tar_path: str, max_bytes: int | None = None) -> list[Sample]:
 
     out: list[Sample] = []
     origin = escape_name(tar_path.rstrip("/").rsplit("/", 1)[-1])
-    for key in sorted(members):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members[key]), None)
-        if ext is None:
-            continue
-        member = members[key][ext]
-        uri = f"{location}{MEMBER_SEPARATOR}{escape_name(member.name)}"
-        if key in problems:
-            out.append((uri, ListingProblem(*problems[key]), None))
-            continue
-        caps = captions.get(key) or []
-        human = {"origin": origin, "captions": [{"text": c} for c in caps]} if caps else None
-        out.append((uri, MemberReader(location, member.offset_data, member.size), human))
+    prefix = input_uri(tar_path)  # a tar whose own name holds '::' is escaped: member uris stay unambiguous
+    for key in sorted(images):
+        # the sample's image (the preferred extension) carries its captions; every other image member of
+        # the key (b.jpg + b.png, c.JPG + c.jpg, photo.v2.jpg) is an input of its own, never dropped
+        members = sorted(images[key], key=lambda m: (_preference(key_and_extension(m.name)[1]),
+                                                     not m.name.endswith("." + key_and_extension(m.name)[1]), m.name))
+        for i, member in enumerate(members):
+            uri = f"{prefix}{MEMBER_SEPARATOR}{escape_name(member.name)}"
+            if i == 0 and key in problems:
+                out.append((uri, ListingProblem(*problems[key]), None))
+                continue
+            caps = (captions.get(key) or []) if i == 0 else []
+            human = {"origin": origin, "captions": [{"text": c} for c in caps]} if caps else None
+            out.append((uri, MemberReader(location, member.offset_data, member.size), human))
+    for name, again, problem in others:
+        where = "" if again is None else f"#byte={again}"
+        out.append((f"{prefix}{MEMBER_SEPARATOR}{escape_name(name)}{where}", ListingProblem(*problem), None))
     if tar_problem is not None:
         out.append((location, ListingProblem(*tar_problem), None))
     return out

@@ -29,7 +29,7 @@ BANNED_GROUNDING_TOKENS = (
 
 OCR_PATTERN = r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>"
 
-# post_process_generation raises "Unsupported parse task" for any type missing here (STACK.md).
+# post_process_generation raises "Unsupported parse task" for any type missing here (docs/florence2.md section 4).
 POST_PROCESSOR_CONFIG: dict[str, dict] = {
     "ocr": {"PATTERN": OCR_PATTERN, "AREA_THRESHOLD": 0.0},
     "phrase_grounding": {"banned_grounding_tokens": list(BANNED_GROUNDING_TOKENS)},
@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": None,  # None: the tokenizer's length
         "seed": 0,
     },
-    # Florence-2-base (FLORENCE2.md section 3): DaViT 128..1024 / 1,1,9,1, BART 6+6 x 768,
+    # Florence-2-base (docs/florence2.md section 3): DaViT 128..1024 / 1,1,9,1, BART 6+6 x 768,
     # 768 px (577 visual tokens), embedding padded to the hub's 51,289 rows so FLOPs and
     # parameter count (~232M) match the real checkpoint.
     "base": {
@@ -180,7 +180,7 @@ def build_random_florence2(config: dict | None = None):
     )
     with seeded(full["seed"] * 1_000_003 + config_seed(full)):
         model = Florence2ForConditionalGeneration(model_config)
-    # The hub checkpoints' decoding: </s><s> start, beam 3, no repeated trigrams (FLORENCE2.md).
+    # The hub checkpoints' decoding: </s><s> start, beam 3, no repeated trigrams (docs/florence2.md).
     gen = model.generation_config
     gen.forced_bos_token_id = tokenizer.bos_token_id
     gen.forced_eos_token_id = tokenizer.eos_token_id

@@ -2,7 +2,7 @@
 
 - Florence-2: a byte-level BPE trained on a fixed built-in English corpus (task prompts, COCO
   categories, caption-like sentences, digits), wrapped as transformers' BartTokenizer plus the
-  Florence-2 added tokens (<image>, <loc_0>..<loc_999>, <poly>, </poly>, <sep>), as STACK.md measured.
+  Florence-2 added tokens (<image>, <loc_0>..<loc_999>, <poly>, </poly>, <sep>), as docs/florence2.md section 4 says.
 - CLIP: the real CLIP BPE (same vocabulary and ids as openai/clip-*) from the merges file that ships
   inside open_clip, as transformers' CLIPTokenizer (what Owlv2Processor expects).
 - BERT: a WordPiece vocabulary with bert-base-uncased's special ids (Grounding DINO's text encoder

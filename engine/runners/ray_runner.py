@@ -10,8 +10,8 @@ soon as its rows are done while later shards still run, so a killed run resumes 
 
 Model stages (`uses_model`) run as `map_batches(StageActor, compute=ActorPoolStrategy)`; CPU-only
 stages as tasks. On small machines actor CPU requests are scaled down so the read and write tasks
-always get a core (STACK.md: a pool holding every CPU hangs silently). Task jobs (ingest) are plain
-`ray.remote` calls with a bounded number in flight.
+always get a core (docs/running.md, "Ray on a small machine": a pool holding every CPU hangs
+silently). Task jobs (ingest) are plain `ray.remote` calls with a bounded number in flight.
 """
 from __future__ import annotations
 

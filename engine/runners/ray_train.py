@@ -84,7 +84,7 @@ def _fit_torch_trainer(store, job: TrainJob, use_gpu: bool, cpus: float) -> None
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # fractional CPUs on small clusters, so a Ray Train controller and N workers fit (STACK.md)
+    # fractional CPUs on small clusters, so a Ray Train controller and N workers fit (docs/running.md, Ray notes)
     per_worker = {"GPU": job.gpus_per_worker} if use_gpu else {"CPU": min(1.0, max(0.25, (cpus - 0.5) / job.num_workers))}
     results = tempfile.mkdtemp(prefix="fld-train-")  # Ray Train's own run records; our checkpoints are in OUT
     try:
