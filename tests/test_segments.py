@@ -158,6 +158,7 @@ def test_check_pools_fit_names_the_pools_and_the_way_out():
         check_pools_fit([("florence2", 1.0, 2, 1.0), ("ocr", 0.5, 1, 0.0), ("sam", 1.0, 1, 1.0)], 2.0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_three_steps_run_as_one_execution_models_built_once_images_decoded_once(inputs, counts, tmp_path):
     import ray
