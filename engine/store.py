@@ -283,14 +283,14 @@ class ShardStore:
 
     def local_dir(self, rel: str) -> str:
         """A local folder holding OUT/<rel>: the folder itself on a local OUT; on an object store a
-        read-only copy in the local cache (FLD_CACHE_DIR, default ~/.cache/fld-engine), refreshed
-        on every call. Write back with upload_dir."""
+        copy in the node's cache (engine.local_cache: one download per node and version of the
+        folder, under a file lock; a copy in use is never deleted or changed). Treat it as read-only
+        (a copy written into is not handed out again); write back with upload_dir."""
         if self.local:
             return self._p(rel)
-        cache = Path(os.environ.get("FLD_CACHE_DIR") or Path.home() / ".cache" / "fld-engine")
-        dest = cache / hashlib.sha256(self.url().encode()).hexdigest()[:16] / rel
-        shutil.rmtree(dest, ignore_errors=True)
-        return str(self.download_dir(rel, dest))
+        from engine.local_cache import cached_copy
+
+        return str(cached_copy(self.fs, self.root, self.url(), rel))
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
         """Copy a local folder (e.g. a model checkpoint) to rel, replacing what is there."""
@@ -381,9 +381,11 @@ class ShardStore:
                 pq.write_table(table, buf, compression="zstd")
                 data = buf.getvalue()
                 digest, size, tail = hashlib.sha256(data).hexdigest(), len(data), data[-TAIL_BYTES:]
-                self.fs.pipe_file(path, data)
+                response = self.fs.pipe_file(path, data)
                 self.fs.invalidate_cache(path)
-                etag = self.fs.info(path).get("ETag")
+                # S3's PUT answers with the ETag: no HEAD per commit (other stores: ask for it)
+                etag = response.get("ETag") if isinstance(response, dict) else None
+                etag = etag or self.fs.info(path).get("ETag")
         except OSError as exc:
             raise write_error(target, exc) from None
         _, footer = parquet_footer(tail, size)
@@ -465,11 +467,13 @@ class ShardStore:
     def damaged(self, folder: str, report: bool = True) -> dict[str, str]:
         """{shard: what differs from its commit record} for committed shards that were deleted,
         truncated or replaced since: one listing of the folder plus, where the ETag cannot
-        vouch for the content, one ranged read of each Parquet footer (cached)."""
+        vouch for the content, one batched ranged read of the Parquet footers not checked before
+        (concurrent on object stores: O(1) round trips at any shard count)."""
         records = self.records(folder)
         if not records:
             return {}
         files = self._listing(folder)
+        self._read_footers(folder, [(shard, rec, files.get(f"{shard}.parquet")) for shard, rec in records.items()])
         problems = {}
         for shard, rec in records.items():
             problem = self._problem(folder, shard, rec, files.get(f"{shard}.parquet"))
@@ -480,35 +484,69 @@ class ShardStore:
                     log.warning("%s/%s is damaged: %s; a run redoes it", self.out, f"{folder}/{shard}", problem)
         return problems
 
-    def _problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> str | None:
+    def _quick_problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> tuple[str | None, bool]:
+        """(problem, whether the Parquet footer must be read to know) from the record and the listing."""
         if "unreadable" in rec:
-            return rec["unreadable"]
+            return rec["unreadable"], False
         if rec.get("folder") != folder or rec.get("shard") != shard:  # each record names its own shard
             return (f"its commit record is the one of {str(rec.get('folder'))[:80]}/{str(rec.get('shard'))[:40]} "
-                    "(a shard and its record copied over this one)")
+                    "(a shard and its record copied over this one)"), False
         if entry is None:
-            return "deleted: the shard file is missing"
+            return "deleted: the shard file is missing", False
         size = entry.get("size")
         if size != rec["bytes"]:
-            return f"size {size} bytes, committed {rec['bytes']} (truncated or replaced)"
+            return f"size {size} bytes, committed {rec['bytes']} (truncated or replaced)", False
         etag = entry.get("ETag") or entry.get("etag")
         if rec.get("etag") and etag:
-            return None if etag == rec["etag"] else f"replaced: ETag {etag} differs from the committed {rec['etag']}"
+            return (None if etag == rec["etag"] else f"replaced: ETag {etag} differs from the committed {rec['etag']}"), False
+        return None, True
+
+    def _footer_problem(self, rec: dict, tail: bytes | BaseException, size: int) -> str | None:
+        try:
+            if isinstance(tail, BaseException):
+                raise tail
+            rows, footer = parquet_footer(tail, size)
+        except (ValueError, OSError, pa.ArrowException) as exc:
+            return f"unreadable: {one_line(exc)}"
+        if rows != rec["rows"]:
+            return f"{rows} rows, committed {rec['rows']} (replaced)"
+        if rec.get("footer_sha256") and footer != rec["footer_sha256"]:
+            return "replaced: its Parquet footer differs from the committed one"
+        return None
+
+    def _read_footers(self, folder: str, items: list[tuple[str, dict, dict | None]]) -> None:
+        """Check the footers of every (shard, record, listing entry) that needs one and is not cached, in
+        one batched ranged read (fsspec cat_ranges: concurrent requests on object stores)."""
+        todo = []
+        for shard, rec, entry in items:
+            if entry is None or not self._quick_problem(folder, shard, rec, entry)[1]:
+                continue
+            cached = self._checks.get(entry["name"])
+            if cached is None or cached[0] != _listing_key(entry):
+                todo.append((rec, entry))
+        if len(todo) < 2 or self.local:
+            return  # _problem reads them one by one (local files: no round trip to save)
+        sizes = [int(e["size"]) for _, e in todo]
+        tails = self.fs.cat_ranges([e["name"] for _, e in todo], [max(0, n - TAIL_BYTES) for n in sizes], sizes,
+                                   on_error="return")
+        for (rec, entry), tail, size in zip(todo, tails, sizes):
+            self._checks[entry["name"]] = (_listing_key(entry), self._footer_problem(rec, tail, size))
+
+    def _problem(self, folder: str, shard: str, rec: dict, entry: dict | None) -> str | None:
+        problem, needs_footer = self._quick_problem(folder, shard, rec, entry)
+        if not needs_footer:
+            return problem
         path = entry["name"]
         key = _listing_key(entry)
         cached = self._checks.get(path)
         if cached is not None and cached[0] == key:
             return cached[1]
+        size = entry["size"]
         try:
-            rows, footer = parquet_footer(self._tail(path, size), size)
-            if rows != rec["rows"]:
-                problem = f"{rows} rows, committed {rec['rows']} (replaced)"
-            elif rec.get("footer_sha256") and footer != rec["footer_sha256"]:
-                problem = "replaced: its Parquet footer differs from the committed one"
-            else:
-                problem = None
-        except (ValueError, OSError, pa.ArrowException) as exc:
-            problem = f"unreadable: {one_line(exc)}"
+            tail: bytes | BaseException = self._tail(path, size)
+        except OSError as exc:
+            tail = exc
+        problem = self._footer_problem(rec, tail, size)
         self._checks[path] = (key, problem)
         return problem
 
@@ -565,10 +603,14 @@ class ShardStore:
         return [self.shard_path(folder, s) for s in self.shards(folder)]
 
     def read_shard(self, folder: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """One shard (or some of its columns). On object stores the whole object in ONE GET: a
+        Parquet reader over the network asks for its size, footer and each column chunk apart
+        (5-10 requests per shard), and the columns readers pick hold the bulk of it (image bytes)."""
         path = self._p(f"{folder}/{shard}.parquet")
         if self.local:
             return pq.read_table(path, columns=columns)
-        return pq.read_table(path, columns=columns, filesystem=self.fs)
+        # start=0: a ranged GET of the whole object (s3fs asks the size first, a HEAD, for a plain one)
+        return pq.read_table(pa.BufferReader(self.fs.cat_file(path, start=0)), columns=columns)
 
     def uncommit(self, folder: str, shards: list[str] | None = None) -> int:
         """Forget a folder's shards (all, or the ones named): commit records go first, then the files."""

@@ -244,9 +244,12 @@ def test_real_content_reaches_every_runner(runs):
 
 def test_observability(runs):
     ray_out, beam_out = runs["ray"][0], runs["beam"][0]
-    stats = (ray_out / "logs" / "annotate.ray-stats.txt").read_text()
-    assert "StageActor" in stats and "run_cpu_stage" not in stats
-    assert "run_cpu_stage" in (ray_out / "logs" / "measure.ray-stats.txt").read_text()
+    # both steps ran as ONE Ray Data execution: the pools named after their stages, each step committed in it
+    stats = (ray_out / "logs" / "annotate+measure.ray-stats.txt").read_text()
+    assert "OcrActor" in stats and "Florence2Actor" in stats and "run_cpu_stage" in stats, stats
+    assert stats.count("commit_segment_step") >= 2 and not (ray_out / "logs" / "measure.ray-stats.txt").exists()
+    manifest = json.loads((ray_out / "manifest.json").read_text())
+    assert sum(manifest["engine_metrics"]["annotate"]["nodes"]["ocr"].values()) == 6
     manifest = json.loads((beam_out / "manifest.json").read_text())
     metrics = manifest["engine_metrics"]["annotate"]
     assert metrics["runner"] == "beam" and metrics["ocr"]["records"] == 6 and metrics["florence2"]["records"] == 6
@@ -337,11 +340,13 @@ def test_ray_runs_gpu_stages_on_cpu_and_scales_actor_cpus(tmp_path, input_dir, p
 
     import ray.data
 
+    from engine.runners.ray_runner import StageActor
+
     asked = []
     real_map_batches = ray.data.Dataset.map_batches
 
     def recording_map_batches(self, fn, *args, **kwargs):
-        if getattr(fn, "__name__", "") == "StageActor":
+        if isinstance(fn, type) and issubclass(fn, StageActor):
             asked.append({k: kwargs.get(k) for k in ("num_cpus", "num_gpus")})
             # fail now, not after a silent hang: these actors could never be scheduled here
             assert not kwargs.get("num_gpus") and kwargs.get("num_cpus", 1) * 2 <= 1.5, asked

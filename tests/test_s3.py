@@ -275,3 +275,35 @@ def test_quickstart_pipeline_with_out_on_s3_then_query_stats_export(s3_server, t
         res = _cli("export", out, "--format", fmt, "--dest", tmp_path / fmt, *opts)
         assert res.exit_code == 0, res.output
     assert _cli("verify", out, *opts).exit_code == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_commit_is_two_puts_and_a_shard_read_one_get(s3_server, monkeypatch):
+    """The cost of object-store OUT is per request, not per byte: committing a shard is its PUT and
+    its record's PUT (the ETag comes with the PUT's answer, no HEAD), reading one back is one GET
+    (not a Parquet reader's size, footer and column-chunk requests); the driver's check of 1,000 such
+    shards is a handful of batched calls (tests/test_store.py)."""
+    import collections
+
+    import pyarrow as pa
+    import s3fs.core
+
+    store = ShardStore(_prefix("requests"), s3_server.storage_options)
+    calls = collections.Counter()
+    real = s3fs.core.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        calls[method] += 1
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", counted)
+    table = pa.table({"image_id": [f"i{k}" for k in range(50)], "bytes": [os.urandom(2000) for _ in range(50)]})
+    record = store.write_shard("images", "part-00000", table, {"config_hash": "h"})
+    assert dict(calls) == {"put_object": 2}, calls
+    assert record["etag"]  # from the PUT's answer; the listing's ETag vouches for the shard later
+    calls.clear()
+    assert store.read_shard("images", "part-00000", columns=["image_id", "bytes"]).equals(table)
+    assert dict(calls) == {"get_object": 1}, calls
+    calls.clear()
+    assert ShardStore(store.url(), s3_server.storage_options).damaged("images") == {}
+    assert calls["get_object"] == 1 and "head_object" not in calls, calls  # one record fetch, no footer read

@@ -324,3 +324,95 @@ def test_json_logs_trees_and_local_dir_on_an_object_store(mem_store, tmp_path, m
         mem_store.write_shard("images", f"part-{i:05d}", _table(1))
     assert mem_store.uncommit("images", ["part-00001"]) == 1
     assert mem_store.shards("images") == ["part-00000", "part-00002"]
+
+
+@pytest.mark.timeout(120)
+def test_runner_epilogue_reads_1000_shards_in_a_constant_number_of_requests(mem_store, monkeypatch):
+    """After a step the driver checks every shard the workers committed: at 200k shards a request
+    per shard is hours, so it is a fixed number of (batched) store calls whatever the shard count."""
+    from collections import Counter
+
+    from engine.runners.base import StepJob, finished_records
+    from engine.runners.tagged import PARTS, clear_parts
+
+    shards = [f"part-{i:05d}" for i in range(1000)]
+    job = StepJob("s1", [], "images", "annotations/s1", shards, "h", {s: {"rows": 1} for s in shards})
+    for shard in shards:  # what the workers write
+        mem_store.write_shard("annotations/s1", shard, _table(1), {"config_hash": "h"})
+    mem_store.write_shard(f"{PARTS}/annotations/s1/part-00007", "rows-000000000", _table(1))  # a killed run's part
+    driver = ShardStore(mem_store.url())  # the driver's own store: no record cached from the writes
+    calls, depth = Counter(), [0]
+
+    def counted(name, real):
+        def call(*a, **kw):  # the store's own calls only (memory://'s cat loops over cat_file inside)
+            if depth[0] == 0:
+                calls.update([name])
+            depth[0] += 1
+            try:
+                return real(*a, **kw)
+            finally:
+                depth[0] -= 1
+        return call
+
+    for name in ("ls", "cat", "cat_file", "cat_ranges", "info", "exists", "open", "rm", "find"):
+        monkeypatch.setattr(driver.fs, name, counted(name, getattr(driver.fs, name)))
+    clear_parts(driver, job)
+    assert driver.list(f"{PARTS}/annotations/s1/part-00007/_committed") == []
+    before = sum(calls.values())
+    assert before <= 15, calls  # one listing of the parts folder, then the one shard that has parts
+    records = finished_records(driver, job, "ray")
+    assert len(records) == 1000 and all(r["config_hash"] == "h" for r in records.values())
+    assert sum(calls.values()) - before == 4, calls  # ls x2, cat x1 (records), cat_ranges x1 (footers)
+    # a shard a worker never committed, or committed with other settings, is named
+    mem_store.delete("annotations/s1/_committed/part-00500.json")
+    with pytest.raises(RuntimeError, match=r"without committing annotations/s1/part-00500$"):
+        finished_records(ShardStore(mem_store.url()), job, "ray")
+
+
+def _local_dir_in_child(url, rel, log, results):
+    """A relabel actor / training worker of the same node: its own store, the node's cache."""
+    store = ShardStore(url)
+    real_get = store.fs.get
+
+    def slow_get(*a, **kw):  # a download that takes a while: the other process must wait, not fetch too
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        return real_get(*a, **kw)
+
+    store.fs.get = slow_get
+    path = store.local_dir(rel)
+    results.put((path, (Path(path) / "weights.bin").read_bytes()))
+
+
+@pytest.mark.timeout(60)
+def test_local_dir_downloads_once_per_node_and_never_deletes_a_copy_in_use(mem_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLD_CACHE_DIR", str(tmp_path / "cache"))
+    mem_store.write_bytes("models/round1/config.json", b"{}")
+    mem_store.write_bytes("models/round1/weights.bin", b"w1" * 100)
+    ctx = mp.get_context("fork")  # the children see this process's memory:// store
+    log, results = tmp_path / "downloads.log", ctx.Queue()
+    procs = [ctx.Process(target=_local_dir_in_child, args=(mem_store.url(), "models/round1", str(log), results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert len(log.read_text().split()) == 1, "two processes of a node downloaded the same folder"
+    assert got[0] == got[1] and got[0][1] == b"w1" * 100
+    first = Path(got[0][0])
+    # the folder changes in the store (a new model): a new copy, the one in use stays as it was
+    mem_store.write_bytes("models/round1/weights.bin", b"w2" * 100)
+    second = Path(mem_store.local_dir("models/round1"))
+    assert second != first and (second / "weights.bin").read_bytes() == b"w2" * 100
+    assert (first / "weights.bin").read_bytes() == b"w1" * 100 and (first / "config.json").exists()
+    assert Path(mem_store.local_dir("models/round1")) == second  # unchanged: reused, not fetched again
+    # a process wrote into its copy (a trainer's working folder): the next caller gets a clean one
+    (second / "checkpoint-4").mkdir()
+    (second / "checkpoint-4" / "state.bin").write_bytes(b"s")
+    third = Path(mem_store.local_dir("models/round1"))
+    assert third != second and not (third / "checkpoint-4").exists() and (second / "checkpoint-4" / "state.bin").exists()
+    # a folder not in the store yet (a first training): an empty working copy, nothing of the cache inside
+    empty = Path(mem_store.local_dir("models/round2"))
+    assert list(empty.iterdir()) == [] and Path(mem_store.local_dir("models/round2")) == empty

@@ -62,6 +62,7 @@ NOT_UNIT = {
     "test_store.py::test_lock_refuses_a_second_run_with_a_clear_message",
     "test_store.py::test_lock_is_released_when_the_holder_is_killed",
     "test_store.py::test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once",
+    "test_store.py::test_local_dir_downloads_once_per_node_and_never_deletes_a_copy_in_use",
     "test_hostile_output.py::test_warning_lines_escape_file_names",
     "test_hostile_output.py::test_usage_errors_escape_what_was_typed",
     "test_hostile_output.py::test_store_warnings_escape_the_out_name",

@@ -68,6 +68,20 @@ class StepJob:
         return int(self.inputs[shard]["rows"])
 
 
+def finished_records(store, job: StepJob, runner: str) -> dict[str, dict]:
+    """After a step job: the commit record of each of its shards, read in O(1) store round trips
+    (one listing of the output folder and of its _committed/, one batched fetch of the records,
+    one batched footer read where no ETag vouches: ShardStore.committed), never a request per
+    shard. A shard left uncommitted, or committed with another configuration, is an error."""
+    with store.snapshot():  # each listing once
+        committed = store.committed(job.output_folder)
+    left = [s for s in job.shards if committed.get(s, {}).get("config_hash") != job.config_hash]
+    if left:
+        raise RuntimeError(f"{runner}: step {job.name!r} finished without committing "
+                           f"{job.output_folder}/{left[0]}" + (f" and {len(left) - 1} more shard(s)" if len(left) > 1 else ""))
+    return {s: committed[s] for s in job.shards}
+
+
 @dataclass
 class TaskJob:
     """`fn(store, shard, *args) -> summary dict` once per shard; fn commits what it writes.

@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from engine.counters import ANNOTATION_COLUMNS, merge
 from engine.execute import apply_stage, commit_meta, finalize, image_needs, read_step_input, run_stage
-from engine.runners.base import StageRecipe, StepJob, TaskJob
+from engine.runners.base import StageRecipe, StepJob, TaskJob, finished_records
 from engine.training import TrainJob, train_in_process
 from engine.runners.tagged import worker_stage
 from engine.stage import TRANSIENT_COLUMNS, record_error, records_to_table, table_to_records
@@ -197,10 +197,7 @@ class BeamRunner:
             self.build(p, store, job)
         metrics = query_metrics(p.result) if getattr(p, "result", None) is not None else {}
         total: dict = {}
-        for shard in job.shards:
-            rec = store.commit_record(job.output_folder, shard)
-            if rec is None or rec.get("config_hash") != job.config_hash:
-                raise RuntimeError(f"beam: step {job.name!r} finished without committing {job.output_folder}/{shard}")
+        for shard, rec in finished_records(store, job, self.name).items():
             merge(total, rec.get("counters", {}))
             if progress is not None:
                 progress.shard(shard, rec["rows"])

@@ -24,7 +24,8 @@ import pyarrow as pa
 
 from engine.counters import merge
 from engine.execute import image_needs
-from engine.runners.base import StageRecipe, StepJob, TaskJob
+from engine.runners.base import StageRecipe, StepJob, TaskJob, finished_records
+from engine.runners.segment import SUMMARY_SCHEMA, Segment, commit_segment_step, segment_input
 from engine.runners.tagged import (
     NODES,
     assemble_parts,
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 
 READ_TASK_CPUS = 0.25  # reading / writing a Parquet shard is I/O: never let it wait behind actors
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running + one queued: the first actor up must not take every block
-SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("committed", pa.bool_()),
-                            ("counters", pa.string()), ("nodes", pa.string())])
 
 
 def node_id() -> str:
@@ -57,19 +56,27 @@ class RayUnavailableError(ValueError):
 
 
 class StageActor:
-    """A model stage on a Ray actor: setup() (model load) once in the constructor."""
+    """A model stage on a Ray actor: setup() (model load) once in the constructor. `active(shard)`:
+    whether this stage runs on a shard (a segment's shard skips the steps it already has)."""
 
-    def __init__(self, recipe: StageRecipe):
+    def __init__(self, recipe: StageRecipe, active=None):
         self.stage = worker_stage(recipe)
         self.node = node_id()
+        self.active = active
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return run_tagged_stage(self.stage, block, node=self.node)
+        return run_tagged_stage(self.stage, block, node=self.node, active=self.active)
 
 
-def run_cpu_stage(block: pa.Table, recipe: StageRecipe) -> pa.Table:
+def actor_class(stage_name: str) -> type:
+    """StageActor under the stage's name (Ray's stats, logs and dashboard then say which pool is which)."""
+    name = "".join(part.capitalize() for part in stage_name.replace("-", "_").split("_")) + "Actor"
+    return type(name, (StageActor,), {"__module__": __name__, "__qualname__": name})
+
+
+def run_cpu_stage(block: pa.Table, recipe: StageRecipe, active=None) -> pa.Table:
     """A CPU-only stage as a Ray task (cached per worker process)."""
-    return run_tagged_stage(worker_stage(recipe), block, node=node_id())
+    return run_tagged_stage(worker_stage(recipe), block, node=node_id(), active=active)
 
 
 def commit_block(block: pa.Table, store, job: StepJob, runner: str) -> pa.Table:
@@ -84,7 +91,8 @@ def run_task_on_node(fn, store, shard: str, *args) -> dict:
     return {**fn(store, shard, *args), "node": node_id()}
 
 
-def _shard_datasource(store, job: StepJob, needs: frozenset[str], shards: list[str]):
+def _shard_datasource(read_one, shards: list[str], rows, input_of):
+    """`read_one(shard)` -> the shard's tagged table; rows(shard) / input_of(shard): its size and folder."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -98,14 +106,32 @@ def _shard_datasource(store, job: StepJob, needs: frozenset[str], shards: list[s
             tasks = []
             for shard in shards:
                 def read(shard=shard):
-                    return [read_tagged_shard(store, job, needs, shard)]
+                    return [read_one(shard)]
 
-                meta = BlockMetadata(num_rows=job.rows(shard), size_bytes=None, exec_stats=None,
-                                     input_files=[f"{job.input_folder}/{shard}"])
+                meta = BlockMetadata(num_rows=rows(shard), size_bytes=None, exec_stats=None,
+                                     input_files=[f"{input_of(shard)}/{shard}"])
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
             return tasks
 
     return ShardDatasource()
+
+
+def task_cpus_left(actor_cpus: list[float], model_stages: list, cluster_cpus: float) -> float:
+    """CPUs a task operator may ask for beside the actor pools (so it can always be scheduled)."""
+    held = sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages))
+    return min(1.0, max(cluster_cpus - held, 0.25))
+
+
+def check_pools_fit(pools: list[tuple[str, float, int, float]], cluster_gpus: float) -> None:
+    """(stage, CPUs per actor, actors, GPUs per actor) of every pool that lives at once (a segment's):
+    refuse to start, with what to change, when their GPUs cannot all be placed (Ray would wait
+    forever; their CPUs are scaled to fit by fit_actor_cpus)."""
+    gpus = sum(g * n for _, _, n, g in pools)
+    if gpus > cluster_gpus + 1e-9:
+        asks = ", ".join(f"{name} {n}x{g:g}" for name, _, n, g in pools if g)
+        raise ValueError(f"ray: the actor pools running at once need {gpus:g} GPUs ({asks}) and the cluster has "
+                         f"{cluster_gpus:g}: lower their `concurrency`, or set `barrier: true` on a step so its "
+                         "pools run apart")
 
 
 def fit_actor_cpus(requests: list[tuple[float, int]], cluster_cpus: float) -> tuple[list[float], bool]:
@@ -174,15 +200,15 @@ class RayRunner:
         log.info("ray: connected to %s (%s CPUs)", self.address or "a local cluster", ray.cluster_resources().get("CPU"))
 
     # --------------------------------------------------------------------- step
-    def build_dataset(self, store, job: StepJob, shards: list[str]):
-        """The step as a lazy Ray Data dataset ending in the commit writer (summary rows only)."""
+    def _map_stages(self, ds, stages: list, recipes: list[StageRecipe], actives: list | None = None,
+                    after: dict | None = None, fused_cpus: float | None = None):
+        """Each stage as one operator: model stages as actor pools named after the stage (they live as
+        long as the execution), CPU-only stages as tasks (Ray fuses consecutive ones). Segments:
+        `actives[k]`, which shards stage k runs on; `after[k](ds)`, the operator after stage k (a commit);
+        `fused_cpus`: the CPUs of every task operator (Ray fuses consecutive tasks with equal resources)."""
         import ray
-        from ray.data import ActorPoolStrategy, DataContext
+        from ray.data import ActorPoolStrategy
 
-        ctx = DataContext.get_current()
-        ctx.target_max_block_size = None  # a shard stays one block: no splitting into cut pieces
-        stages = job.build_stages()
-        needs = image_needs(stages)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))  # an actor asking for none never starts
         model_stages = [s for s in stages if s.uses_model]
@@ -190,13 +216,12 @@ class RayRunner:
         if scaled:
             log.warning("ray: actor pools ask for more than the %s cluster CPUs; scaled to %s CPUs per actor "
                         "so read/write tasks can run", cluster_cpus, actor_cpus)
+        check_pools_fit([(s.name, c, s.resources.concurrency, s.resources.gpus if cluster_gpus else 0.0)
+                         for s, c in zip(model_stages, actor_cpus)], cluster_gpus)
         cpus_of = dict(zip([id(s) for s in model_stages], actor_cpus))
-        # one block per shard: exactly one read task each (Ray Data would otherwise split read outputs to
-        # reach its minimum block count, and a stage would see the shard in other batches than locally)
-        ds = ray.data.read_datasource(_shard_datasource(store, job, needs, shards), num_cpus=READ_TASK_CPUS,
-                                      override_num_blocks=len(shards))
-        task_cpus = min(1.0, max(cluster_cpus - sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages)), 0.25))
-        for stage, recipe in zip(stages, job.recipes):
+        task_cpus = task_cpus_left(actor_cpus, model_stages, cluster_cpus)
+        for k, (stage, recipe) in enumerate(zip(stages, recipes)):
+            active = actives[k] if actives else None
             res = stage.resources
             common = dict(batch_size=None, batch_format="pyarrow", udf_modifying_row_count=False)
             if res.gpus and cluster_gpus:
@@ -205,14 +230,64 @@ class RayRunner:
                 log.warning("ray: stage %s asks for %s GPU(s) but the cluster has none; running it on CPU",
                             stage.name, res.gpus)
             if stage.uses_model:
-                ds = ds.map_batches(StageActor, fn_constructor_args=(recipe,),
+                ds = ds.map_batches(actor_class(stage.name), fn_constructor_args=(recipe, active),
                                     compute=ActorPoolStrategy(size=res.concurrency,
                                                               max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
                                     num_cpus=cpus_of[id(stage)], **common)
             else:
-                ds = ds.map_batches(run_cpu_stage, fn_args=(recipe,), num_cpus=min(res.cpus, task_cpus), **common)
+                ds = ds.map_batches(run_cpu_stage, fn_args=(recipe, active),
+                                    num_cpus=fused_cpus or min(res.cpus, task_cpus), **common)
+            if after and k in after:
+                ds = after[k](ds)
+        return ds
+
+    def _read(self, read_one, shards: list[str], rows, input_of, cpus: float = READ_TASK_CPUS):
+        """One read task per shard emitting the shard as one tagged block. Ray Data would otherwise split
+        read outputs to reach its minimum block count, and a stage would see the shard in other batches
+        than locally."""
+        import ray
+        from ray.data import DataContext
+
+        DataContext.get_current().target_max_block_size = None  # a shard stays one block: no cut pieces
+        return ray.data.read_datasource(_shard_datasource(read_one, shards, rows, input_of), num_cpus=cpus,
+                                        override_num_blocks=len(shards))
+
+    def build_dataset(self, store, job: StepJob, shards: list[str]):
+        """The step as a lazy Ray Data dataset ending in the commit writer (summary rows only)."""
+        stages = job.build_stages()
+        needs = image_needs(stages)
+        ds = self._read(lambda shard: read_tagged_shard(store, job, needs, shard), shards, job.rows,
+                        lambda shard: job.input_folder)
+        ds = self._map_stages(ds, stages, job.recipes)
         return ds.map_batches(commit_block, fn_args=(store, job, self.name), batch_size=None, batch_format="pyarrow",
                               num_cpus=READ_TASK_CPUS)
+
+    def build_segment(self, store, segment: Segment):
+        """The segment as ONE lazy dataset: read (decoded once), then every job's stages followed by its
+        commit, the last commit emitting summary rows only. Every pool of the segment lives for the
+        whole execution, so they are fitted to the cluster together."""
+        import ray
+
+        job_stages = [job.build_stages() for job in segment.jobs]
+        segment.needs = [image_needs(st) for st in job_stages]
+        shards = sorted(segment.start, key=lambda s: (segment.start[s], s))
+        # read, CPU-only stages and commits: one CPU figure, so Ray fuses each run of them into one task
+        cpu_stages = [s.resources.cpus for st in job_stages for s in st if not s.uses_model]
+        model_stages = [s for st in job_stages for s in st if s.uses_model]
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        actor_cpus, _ = fit_actor_cpus([(s.resources.cpus, s.resources.concurrency) for s in model_stages], cluster_cpus)
+        fused = min(max(cpu_stages, default=READ_TASK_CPUS), task_cpus_left(actor_cpus, model_stages, cluster_cpus))
+        ds = self._read(lambda shard: segment_input(store, segment, shard), shards, segment.rows,
+                        segment.input_folder, fused)
+        stages, recipes, actives, commits = [], [], [], {}
+        for j, (job, st) in enumerate(zip(segment.jobs, job_stages)):
+            stages += st
+            recipes += job.recipes
+            actives += [segment.active(j)] * len(st)
+            commits[len(stages) - 1] = (lambda d, j=j: d.map_batches(
+                commit_segment_step, fn_args=(store, segment, j, self.name, j == len(job_stages) - 1),
+                batch_size=None, batch_format="pyarrow", num_cpus=fused))
+        return self._map_stages(ds, stages, recipes, actives, commits, fused)
 
     def run_step(self, store, job: StepJob, progress=None) -> dict:
         import ray
@@ -248,21 +323,43 @@ class RayRunner:
                 assembling.append(assemble.remote(store, job, self.name, row["shard"]))
         for summary in ray.get(assembling):
             done(summary)
-        left = [s for s in job.shards if not store.is_committed(job.output_folder, s, job.config_hash)]
-        if left:
-            raise RuntimeError(f"ray: step {job.name!r} finished without committing shards {left[:5]}")
-        self._log_stats(store, job, ds, time.perf_counter() - t0)
+        finished_records(store, job, self.name)
+        self._log_stats(store, job.name, ds, time.perf_counter() - t0)
         store.update_manifest(engine_metrics={job.name: {"runner": self.name, NODES: nodes}})
         return total
 
-    def _log_stats(self, store, job: StepJob, ds, seconds: float) -> None:
+    def run_segment(self, store, segment: Segment, progress=None) -> None:
+        """Every job of the segment in one streaming execution (engine.runners.segment); what it leaves
+        uncommitted (cut or empty shards) the driver's step-by-step pass does after it."""
+        self.connect()
+        if not segment.start:
+            return
+        t0 = time.perf_counter()
+        for job in segment.jobs:
+            clear_parts(store, job)
+        ds = self.build_segment(store, segment)
+        for row in ds.iter_rows():
+            if progress is not None and row["committed"]:
+                progress.shard(row["shard"], row["rows"])
+        self._log_stats(store, segment.name, ds, time.perf_counter() - t0)
+        metrics = {}
+        for j, job in enumerate(segment.jobs):  # where each step's stages ran, from its commit records
+            nodes: dict = {}
+            ran = {s for s, k in segment.start.items() if k <= j}
+            for shard, rec in store.committed(job.output_folder).items():
+                if shard in ran:
+                    merge(nodes, rec.get(NODES) or {})
+            metrics[job.name] = {"runner": self.name, NODES: nodes, "segment": segment.name}
+        store.update_manifest(engine_metrics=metrics)
+
+    def _log_stats(self, store, name: str, ds, seconds: float) -> None:
         """Ray Data's per-operator stats: logged and kept under OUT/logs/ for later reading."""
         try:
             stats = ds.stats()
         except Exception as exc:  # noqa: BLE001 - stats are diagnostics, never fail a finished step
             stats = f"(no stats: {exc})"
-        log.info("ray: step %s took %.1fs\n%s", job.name, seconds, stats)
-        store.write_log(f"{job.name}.ray-stats.txt", stats)
+        log.info("ray: %s took %.1fs\n%s", name, seconds, stats)
+        store.write_log(f"{name}.ray-stats.txt", stats)
 
     # -------------------------------------------------------------------- train
     def run_train(self, store, job, progress=None) -> dict:

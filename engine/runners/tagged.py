@@ -67,11 +67,15 @@ def pieces(block: pa.Table) -> list[tuple[str, pa.Table]]:
     return out
 
 
-def run_tagged_stage(stage: Stage, block: pa.Table, apply=None, node: str | None = None) -> pa.Table:
+def run_tagged_stage(stage: Stage, block: pa.Table, apply=None, node: str | None = None, active=None) -> pa.Table:
     """Apply a stage to every shard piece of a block in the shard's batches, counting per piece.
-    `node`: the cluster node this runs on; its rows are counted under counters[stage]["nodes"]."""
+    `node`: the cluster node this runs on; its rows are counted under counters[stage]["nodes"].
+    `active(shard)`: False passes the shard's rows on untouched (a segment step it already has)."""
     outs = []
-    for _, piece in pieces(block):
+    for shard, piece in pieces(block):
+        if active is not None and not active(shard):
+            outs.append(piece)
+            continue
         tags = piece.select(list(TAG_COLUMNS))
         cells = tags.column(COUNTERS_COLUMN).to_pylist()
         counters = json.loads(cells[0]) if cells[0] else {}
@@ -152,6 +156,9 @@ def empty_shard(store, job: StepJob, runner: str, shard: str) -> dict:
 
 
 def clear_parts(store, job: StepJob) -> None:
-    """Parts left by a killed run belong to no commit: forget them before the job starts."""
-    for shard in job.shards:
-        store.uncommit(f"{PARTS}/{job.output_folder}/{shard}")
+    """Parts left by a killed run belong to no commit: forget them before the job starts (one listing
+    of the step's parts folder, then only the shards that have parts: no request per shard)."""
+    pending = set(job.shards)
+    for shard in store.list(f"{PARTS}/{job.output_folder}"):
+        if shard in pending:
+            store.uncommit(f"{PARTS}/{job.output_folder}/{shard}")
