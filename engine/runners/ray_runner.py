@@ -277,6 +277,10 @@ class RayRunner:
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         actor_cpus, _ = fit_actor_cpus([(s.resources.cpus, s.resources.concurrency) for s in model_stages], cluster_cpus)
         fused = min(max(cpu_stages, default=READ_TASK_CPUS), task_cpus_left(actor_cpus, model_stages, cluster_cpus))
+        if model_stages and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+            # the CPUs left beside the pools are spread over the nodes (two 1-CPU nodes with a 0.75-CPU actor
+            # each leave 0.25 per node): a task asking for the cluster-wide leftover would never be placed
+            fused = min(fused, READ_TASK_CPUS)
         ds = self._read(lambda shard: segment_input(store, segment, shard), shards, segment.rows,
                         segment.input_folder, fused)
         stages, recipes, actives, commits = [], [], [], {}
