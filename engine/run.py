@@ -297,6 +297,11 @@ def run_pipeline(
         if from_index is not None:
             for step in pipeline.steps[from_index:]:
                 store.uncommit(f"annotations/{step.name}")
+            # the rounds come after every step: redoing a step redoes them (they trained on its output)
+            for folder in store.annotation_folders():
+                if folder.startswith("annotations/round") and folder[len("annotations/round"):].isdigit():
+                    store.uncommit(folder)
+            store.delete_tree("models")
         for segment in segments(pipeline, engine_runner):
             ran = run_segment(store, pipeline, segment, engine_runner, progress) if len(segment) > 1 else {}
             for i in segment:  # step by step: all of a step when not chained, else what the chain left

@@ -126,3 +126,19 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         seaweed.stop(server)
+
+
+@pytest.fixture()
+def sync_api():
+    """playwright's sync API; where chromium or playwright is missing the test is skipped, except under CI=true
+    (.ci/run installs chromium): there it fails, so a CI run never passes without the browser test."""
+    from helpers import missing_browser
+
+    why = missing_browser()
+    if why is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and the browser test cannot run: {why}")
+        pytest.skip(why)
+    import playwright.sync_api
+
+    return playwright.sync_api

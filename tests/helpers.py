@@ -3,6 +3,9 @@ sign, a COCO file over real photos, a report store), small pipelines, CLI calls 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
+import shutil
 import io
 import json
 import math
@@ -225,3 +228,20 @@ def count_forwards(stage, table: pa.Table) -> tuple[pa.Table, int]:
     finally:
         handle.remove()
     return out, len(calls)
+
+
+# --- a real browser (Debian chromium through Playwright) ---
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# No sandbox as root; no background traffic (this network refuses it, many connections at a time).
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+
+def missing_browser() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (it is in the test extra: pip install -e '.[test]')"
+    if not os.path.exists(CHROMIUM):
+        return "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
+    return None

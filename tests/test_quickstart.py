@@ -46,8 +46,8 @@ def _png(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.timeout(300)
-def test_quickstart_report_draws_captions_boxes_and_masks_in_chromium(quickstart):
-    from test_show_browser import CHROMIUM, FLAGS, sync_api  # skips when playwright / chromium are missing
+def test_quickstart_report_draws_captions_boxes_and_masks_in_chromium(quickstart, sync_api):
+    from helpers import CHROMIUM, FLAGS
 
     cwd, _ = quickstart
     report = cwd / "screenshot-report.html"

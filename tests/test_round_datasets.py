@@ -18,7 +18,7 @@ from engine.config import load_pipeline
 from engine.query import run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
-from test_refine_loop import _coco_input
+from helpers import coco_input as _coco_input
 
 PIPELINE = """
 models:
@@ -36,8 +36,11 @@ pipelines:
       model: florence2
       round_start: START
       train_tasks: ["<CAPTION>", "<OD>"]
-      train: {steps: 6, batch_size: 4, lr: 3.0e-4, warmup_steps: 1, checkpoint_every: 6, log_every: 2}
+      train: {steps: 30, batch_size: 4, lr: 3.0e-4, warmup_steps: 3, checkpoint_every: 30, log_every: 5}
       relabel: {tasks: [caption, od], batch_size: 4, max_new_tokens: 20, num_beams: 1}
+      # 30 steps from random weights: the health check (tests/test_learning.py) would refuse both rounds; this
+      # test is about what the merge makes of two different models, so it is off here
+      health: {min_distinct: null, max_same_across_tasks: null, min_parse_rate: null}
 """
 
 

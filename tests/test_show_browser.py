@@ -4,44 +4,10 @@ script runs; a screenshot is saved in the test's folder. CI installs chromium (.
 chromium fails the test instead of skipping it."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-
 import pytest
 
 from engine.show import build_report
-from helpers import make_report_store
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# No sandbox as root; no background traffic (this network refuses it, many connections at a time).
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-
-def missing_browser() -> str | None:
-    """Why the browser test cannot run here, or None."""
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed (it is in the test extra: pip install -e '.[test]')"
-    if not os.path.exists(CHROMIUM):
-        return "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
-    return None
-
-
-@pytest.fixture()
-def sync_api():
-    """playwright's sync API; where chromium or playwright is missing the test is skipped, except under CI=true
-    (.ci/run installs chromium): there it fails, so a CI run never passes without the browser test."""
-    why = missing_browser()
-    if why is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and the browser test cannot run: {why}")
-        pytest.skip(why)
-    import playwright.sync_api
-
-    return playwright.sync_api
-
+from helpers import CHROMIUM, FLAGS, make_report_store
 
 def _displays(page, selector: str) -> set[str]:
     return set(page.eval_on_selector_all(selector, "els => els.map(e => getComputedStyle(e).display)"))
