@@ -116,7 +116,9 @@ def _health_cells(h: dict) -> list[str]:
     if not h.get("checked"):
         verdict = "unchecked"
     else:
-        verdict = "passed" if h.get("ok") else "FAILED: " + "; ".join(h.get("failed") or [])
+        failed = h.get("failed") or []  # the first failed check; manifest.json rounds.<k>.health.failed lists all
+        verdict = "passed" if h.get("ok") else "FAILED: " + (failed[0] if failed else "?") + (
+            f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
     return [loss, figures, verdict]
 
 
