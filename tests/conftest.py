@@ -142,3 +142,14 @@ def sync_api():
     import playwright.sync_api
 
     return playwright.sync_api
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """1 intra-op torch thread for the test (2 shared cores: ~10x faster than two under contention)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

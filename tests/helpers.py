@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
 import io
 import json
 import math
+import os
+import shutil
+import signal
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.config import load_pipeline
+from engine.ingest.decode import QUARANTINE_REASONS
+from engine.query import run_query
+from engine.run import run_pipeline
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table
 from engine.store import ShardStore
 from schemas.geometry import mask_to_rle
@@ -245,3 +250,80 @@ def missing_browser() -> str | None:
     if not os.path.exists(CHROMIUM):
         return "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
     return None
+
+# --- a real `fld run` of ingest + one CPU step (the hostile-ingest tests) ---
+INGEST_PIPELINES = """
+pipelines:
+  p:
+    ingest: {INGEST}
+    steps:
+      - name: s1
+        stages:
+          - {stage: region_filter}
+"""
+
+
+def ingest_pipeline(tmp_path, **ingest):
+    settings = {"shard_size": 4, **ingest}
+    path = tmp_path / f"p-{hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:8]}.yaml"
+    path.write_text(INGEST_PIPELINES.replace("{INGEST}", json.dumps(settings)))
+    return load_pipeline(path, "p"), path
+
+
+def quarantine_rows(out) -> dict[str, tuple[str, str]]:
+    rows = run_query(out, "SELECT uri, reason, detail FROM quarantine ORDER BY uri")[1]
+    for uri, reason, detail in rows:
+        assert reason in QUARANTINE_REASONS, (uri, reason)
+        assert detail.startswith(f"{uri}: "), detail  # every detail names its file
+    return {uri: (reason, detail) for uri, reason, detail in rows}
+
+
+def image_uris(out) -> dict[str, str]:
+    return dict(run_query(out, "SELECT uri, image_id FROM images ORDER BY uri")[1])
+
+
+def ingest_run(tmp_path, src, out_name: str = "out", **ingest):
+    """A real `fld run` (in this process: monkeypatches reach it); (summary, quarantine, images)."""
+    pipe, _ = ingest_pipeline(tmp_path, **ingest)
+    out = tmp_path / out_name
+    summary = run_pipeline(pipe, str(src), str(out))
+    i = summary.ingest
+    assert i["inputs"] == i["images"] + i["quarantined"] + i["duplicates"], i
+    return summary, quarantine_rows(out), image_uris(out)
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# --- a training OUT (stage 3 tests) ---
+TRAIN_FOLDER = "annotations/train"
+
+
+def write_train_store(out, records: list[dict], images: dict[str, bytes], shard_size: int) -> ShardStore:
+    """A training OUT: images/part-k and annotations/train/part-k holding the same images, committed."""
+    store = ShardStore(out)
+    for k in range(0, len(records), shard_size):
+        chunk = records[k:k + shard_size]
+        shard = f"part-{k // shard_size:05d}"
+        rows = [{"image_id": r["image_id"], "uri": r["uri"], "source": "t", "width": r["width"], "height": r["height"],
+                 "format": "PNG", "mode": "RGB", "bytes": images[r["image_id"]], "human": None} for r in chunk]
+        store.write_shard("images", shard, pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
+        store.write_shard(TRAIN_FOLDER, shard, records_to_table(chunk))
+    return store
+
+
+def kill_run(proc) -> None:
+    """SIGKILL a run started with start_new_session=True, and its process group; then reap it."""
+    for kill in (lambda: os.kill(proc.pid, signal.SIGKILL), lambda: os.killpg(proc.pid, signal.SIGKILL)):
+        try:
+            kill()
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)

@@ -29,7 +29,8 @@ from engine.ingest.sources import InputItem, list_inputs, outside_root
 from engine.query import run_query
 from engine.stage import decode_image
 from engine.store import ShardStore
-from test_hostile_ingest import _run, _tar_bytes
+from helpers import ingest_run as _run
+from helpers import tar_bytes as _tar_bytes
 
 MIB = 1 << 20
 

@@ -40,19 +40,13 @@ from engine.ingest.sources import InputItem, list_inputs
 from engine.query import run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
+from helpers import image_uris as _images
+from helpers import ingest_pipeline as _pipeline
+from helpers import ingest_run as _run
+from helpers import quarantine_rows as _quarantine
+from helpers import tar_bytes as _tar_bytes
 
 GIB = 1 << 30
-PIPELINES = """
-pipelines:
-  p:
-    ingest: {INGEST}
-    steps:
-      - name: s1
-        stages:
-          - {stage: region_filter}
-"""
-
-
 # --------------------------------------------------------------------------- helpers
 def _jpeg(photos, name: str = "chelsea", size: int = 96) -> bytes:
     buf = io.BytesIO()
@@ -64,35 +58,6 @@ def _encode(photos, fmt: str, name: str = "coffee", size: int = 64, mode: str = 
     buf = io.BytesIO()
     Image.open(io.BytesIO(photos[name])).convert(mode).resize((size, size)).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def _pipeline(tmp_path, **ingest):
-    settings = {"shard_size": 4, **ingest}
-    path = tmp_path / f"p-{hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:8]}.yaml"
-    path.write_text(PIPELINES.replace("{INGEST}", json.dumps(settings)))
-    return load_pipeline(path, "p"), path
-
-
-def _quarantine(out) -> dict[str, tuple[str, str]]:
-    rows = run_query(out, "SELECT uri, reason, detail FROM quarantine ORDER BY uri")[1]
-    for uri, reason, detail in rows:
-        assert reason in QUARANTINE_REASONS, (uri, reason)
-        assert detail.startswith(f"{uri}: "), detail  # every detail names its file
-    return {uri: (reason, detail) for uri, reason, detail in rows}
-
-
-def _images(out) -> dict[str, str]:
-    return dict(run_query(out, "SELECT uri, image_id FROM images ORDER BY uri")[1])
-
-
-def _run(tmp_path, src, out_name: str = "out", **ingest):
-    """A real `fld run` (in this process: monkeypatches reach it); (summary, quarantine, images)."""
-    pipe, _ = _pipeline(tmp_path, **ingest)
-    out = tmp_path / out_name
-    summary = run_pipeline(pipe, str(src), str(out))
-    i = summary.ingest
-    assert i["inputs"] == i["images"] + i["quarantined"] + i["duplicates"], i
-    return summary, _quarantine(out), _images(out)
 
 
 def _shas(out) -> dict:
@@ -114,16 +79,6 @@ def _cli(*args):
 
 def _errors(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("error:")]
-
-
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _member_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:

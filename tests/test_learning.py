@@ -21,7 +21,10 @@ from refine.relabel import RefineRelabeler
 from refine.trainer import Florence2Trainer, generation_lengths
 from schemas.records import empty_record, make_ann_id, new_annotation, source_of
 from schemas.task_codec import TaskCodec
-from test_trainer import FOLDER, _one_thread, write_store  # noqa: F401 (_one_thread: autouse, 1 torch thread)
+from helpers import TRAIN_FOLDER as FOLDER
+from helpers import write_train_store as write_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HUMAN = source_of("human")
 MODEL = "random:bench/quality/florence2_cpu.json"  # the benchmark's 7.4M-parameter Florence-2, 128 px

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from engine.run import run_pipeline
 from engine.store import ShardStore
 from helpers import assert_close as _close
 from helpers import coco_input as _coco_input
+from helpers import kill_run as _kill
 
 pytestmark = pytest.mark.slow
 
@@ -125,15 +125,6 @@ def _fld(cfg, src, out, log, runner="local", extra=()):
     cmd = [sys.executable, "-m", "engine.cli", "run", str(cfg), "-p", "two_rounds", "-o", str(out), "--runner", runner,
            *(["-i", str(src)] if src else []), *extra]
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill(proc):
-    for kill in (lambda: os.kill(proc.pid, signal.SIGKILL), lambda: os.killpg(proc.pid, signal.SIGKILL)):
-        try:
-            kill()
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
 
 
 def _run_until(cfg, src, out, log_path, ready, what: str, timeout: float = 400) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from engine.config import load_pipeline
 from engine.run import run_pipeline, segments
 from engine.stage import Resources, Stage, StageParams
 from engine.store import ShardStore
+from helpers import kill_run
 from schemas.records import make_ann_id, new_annotation, source_of
 
 # where the stages count model builds and image decodes (child processes inherit it)
@@ -242,12 +242,7 @@ def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, t
                     assert time.monotonic() < deadline, "no s1 commit within 300 s"
                     time.sleep(0.02)
             finally:
-                for kill in (lambda: os.kill(proc.pid, signal.SIGKILL), lambda: os.killpg(proc.pid, signal.SIGKILL)):
-                    try:
-                        kill()
-                    except ProcessLookupError:
-                        pass
-                proc.wait(timeout=30)
+                kill_run(proc)
         store = ShardStore(out)
         s1 = store.committed("annotations/s1")
         assert 1 <= len(s1) <= 3

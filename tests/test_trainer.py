@@ -23,31 +23,13 @@ from refine.trainer import STATE_JSON, STATE_TENSORS, Florence2Trainer, checkpoi
 from schemas.geometry import box_iou
 from schemas.records import IMAGES_SCHEMA, empty_record, make_ann_id, new_annotation, source_of
 from schemas.task_codec import TaskCodec
+from helpers import TRAIN_FOLDER as FOLDER
+from helpers import write_train_store as write_store
 
 HUMAN = source_of("human")
-FOLDER = "annotations/train"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread is ~10x faster than two under contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_store(out, records: list[dict], images: dict[str, bytes], shard_size: int) -> ShardStore:
-    """A training OUT: images/part-k and annotations/train/part-k holding the same images, committed."""
-    store = ShardStore(out)
-    for k in range(0, len(records), shard_size):
-        chunk = records[k:k + shard_size]
-        shard = f"part-{k // shard_size:05d}"
-        rows = [{"image_id": r["image_id"], "uri": r["uri"], "source": "t", "width": r["width"], "height": r["height"],
-                 "format": "PNG", "mode": "RGB", "bytes": images[r["image_id"]], "human": None} for r in chunk]
-        store.write_shard("images", shard, pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
-        store.write_shard(FOLDER, shard, records_to_table(chunk))
-    return store
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def job(name="m", **train) -> TrainJob:
