@@ -116,10 +116,20 @@ def _shard_datasource(read_one, shards: list[str], rows, input_of):
     return ShardDatasource()
 
 
-def task_cpus_left(actor_cpus: list[float], model_stages: list, cluster_cpus: float) -> float:
-    """CPUs a task operator may ask for beside the actor pools (so it can always be scheduled)."""
+def task_cpus_left(actor_cpus: list[float], model_stages: list, cluster_cpus: float, nodes: int = 1) -> float:
+    """CPUs a task operator may ask for beside the actor pools (so it can always be scheduled). On several
+    nodes the CPUs left beside the pools are spread over them (two 1-CPU nodes with a 0.75-CPU actor each
+    leave 0.25 per node): a task asking for the cluster-wide leftover would never be placed."""
     held = sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages))
+    if held and nodes > 1:
+        return READ_TASK_CPUS
     return min(1.0, max(cluster_cpus - held, 0.25))
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def check_pools_fit(pools: list[tuple[str, float, int, float]], cluster_gpus: float) -> None:
@@ -219,7 +229,7 @@ class RayRunner:
         check_pools_fit([(s.name, c, s.resources.concurrency, s.resources.gpus if cluster_gpus else 0.0)
                          for s, c in zip(model_stages, actor_cpus)], cluster_gpus)
         cpus_of = dict(zip([id(s) for s in model_stages], actor_cpus))
-        task_cpus = task_cpus_left(actor_cpus, model_stages, cluster_cpus)
+        task_cpus = task_cpus_left(actor_cpus, model_stages, cluster_cpus, alive_nodes())
         for k, (stage, recipe) in enumerate(zip(stages, recipes)):
             active = actives[k] if actives else None
             res = stage.resources
@@ -276,11 +286,8 @@ class RayRunner:
         model_stages = [s for st in job_stages for s in st if s.uses_model]
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         actor_cpus, _ = fit_actor_cpus([(s.resources.cpus, s.resources.concurrency) for s in model_stages], cluster_cpus)
-        fused = min(max(cpu_stages, default=READ_TASK_CPUS), task_cpus_left(actor_cpus, model_stages, cluster_cpus))
-        if model_stages and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
-            # the CPUs left beside the pools are spread over the nodes (two 1-CPU nodes with a 0.75-CPU actor
-            # each leave 0.25 per node): a task asking for the cluster-wide leftover would never be placed
-            fused = min(fused, READ_TASK_CPUS)
+        fused = min(max(cpu_stages, default=READ_TASK_CPUS),
+                    task_cpus_left(actor_cpus, model_stages, cluster_cpus, alive_nodes()))
         ds = self._read(lambda shard: segment_input(store, segment, shard), shards, segment.rows,
                         segment.input_folder, fused)
         stages, recipes, actives, commits = [], [], [], {}
