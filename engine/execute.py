@@ -44,7 +44,7 @@ def transient_columns(needs: frozenset[str]) -> list[str]:
 
 # Raw RGB pixels a step holds for a whole shard (3 bytes each): a shard over this (four 13000 x 13000 PNGs
 # of 518 KB each were 7.2 GB) is not decoded whole; its stages decode batch by batch instead, so a step holds
-# at most max(this, batch_size x ingest.max_pixels) pixels at once.
+# at most max(this, BATCH_PIXEL_BUDGET, one image) pixels at once.
 SHARD_PIXEL_BUDGET = 256_000_000
 
 
@@ -119,16 +119,37 @@ def _importable(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------- batches
-def batch_bounds(rows: int, size: int, first_row: int = 0) -> list[tuple[int, int]]:
+# Decoded pixels one batch of a stage holds at once (3 bytes each in RGB): a batch of a stage that reads
+# images is cut before it passes this, so batch_size 64 of images near ingest.max_pixels never decodes
+# 64 x 179 MP; an image over it alone is a batch of its own (ingest's max_pixels already bounds it).
+BATCH_PIXEL_BUDGET = 64_000_000
+
+
+def batch_bounds(rows: int, size: int, first_row: int = 0, pixels: list[int] | None = None,
+                 budget: int | None = None) -> list[tuple[int, int]]:
     """[start, stop) slices of a piece of a shard that starts at shard row `first_row`, cut where the
-    whole shard is cut (multiples of `size`), so a piece anywhere gets the same batches as the shard."""
+    whole shard is cut (multiples of `size`), so a piece anywhere gets the same batches as the shard.
+    With `pixels` (each row's width x height), a batch is also cut before its pixels would pass `budget`
+    (BATCH_PIXEL_BUDGET); a row over the budget is a batch alone."""
     size = max(1, size)
+    budget = BATCH_PIXEL_BUDGET if budget is None else budget
     bounds, start = [], 0
     while start < rows:
         stop = min(rows, start + size - (first_row + start) % size)
+        if pixels is not None:
+            held, cut = pixels[start], start + 1
+            while cut < stop and held + pixels[cut] <= budget:
+                held += pixels[cut]
+                cut += 1
+            stop = cut
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def row_pixels(table: pa.Table) -> list[int]:
+    """width x height of each row of a table of image records (0 where unknown)."""
+    return [int(w or 0) * int(h or 0) for w, h in zip(table.column("width").to_pylist(), table.column("height").to_pylist())]
 
 
 def batches(table: pa.Table, size: int) -> Iterable[pa.Table]:
@@ -158,7 +179,8 @@ def run_stage(stage: Stage, table: pa.Table, counters: dict | None = None, first
     limit_threads(stage.resources.cpus)  # before setup: a model is built with the threads it will run with
     stage.ensure_setup()
     outs = []
-    for start, stop in batch_bounds(table.num_rows, stage.resources.batch_size, first_row):
+    pixels = row_pixels(table) if stage.needs_images and table.num_rows else None  # a batch decodes its images
+    for start, stop in batch_bounds(table.num_rows, stage.resources.batch_size, first_row, pixels):
         batch = table.slice(start, stop - start)
         t0 = time.perf_counter()
         out = apply(stage, batch) if apply else apply_stage(stage, batch)[0]

@@ -261,10 +261,11 @@ def decode_image(data: bytes):
     from engine.ingest.pixels import IMAGE_FORMATS, to_rgb  # 16-bit scaled, not clipped to white
 
     img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # never another Pillow plugin
-    return to_rgb(ImageOps.exif_transpose(img))
+    ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turn
+    return to_rgb(img)
 
 
-def decode_pixels(data: bytes | None, width: int, height: int) -> bytes:
+def decode_pixels(data: bytes | None, width: int, height: int) -> bytearray:
     """Encoded bytes -> the raw RGB buffer of PIXELS_COLUMN; the decoded size must be the record's
     (all geometry is in those pixels), else a ValueError that names both sizes."""
     if data is None:
@@ -273,7 +274,24 @@ def decode_pixels(data: bytes | None, width: int, height: int) -> bytes:
     if img.size != (width, height):
         raise ValueError(f"decoded size {img.width}x{img.height} differs from the record's {width}x{height}; "
                          "geometry would be in the wrong frame")
-    return img.tobytes()  # raw RGB, row-major: one copy of the pixels, not two
+    return rgb_bytes(img)
+
+
+# Rows of pixels copied at once by rgb_bytes (about this many bytes).
+STRIP_BYTES = 16 << 20
+
+
+def rgb_bytes(img) -> bytearray:
+    """The raw RGB buffer of an RGB image (row-major), copied strip by strip: the image plus one buffer
+    in memory, where Pillow's tobytes holds three copies at its peak (chunks, the joined bytes, the image)."""
+    width, height = img.size
+    row = width * 3
+    out = bytearray(row * height)
+    step = max(1, STRIP_BYTES // max(1, row))
+    for y in range(0, height, step):
+        strip = img.crop((0, y, width, min(height, y + step))).tobytes()
+        out[y * row:y * row + len(strip)] = strip
+    return out
 
 
 def pixels_image(buffer: bytes, width: int, height: int):

@@ -17,6 +17,7 @@ import tarfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -644,3 +645,99 @@ def test_a_shard_over_the_pixel_budget_is_decoded_batch_by_batch_with_the_same_r
     assert [r["texts"] for r in batched] == [r["texts"] for r in whole]
     assert [r["errors"] for r in batched] == [r["errors"] for r in whole]
     assert [len(r["errors"]) for r in batched] == [0, 0, 0, 1, 0] and batched[3]["errors"][0]["stage"] == "decode"
+
+
+def _pixel_batches(sizes: list[tuple[int, int]], batch_size: int, first_row: int = 0) -> list[list[int]]:
+    import pyarrow as pa
+
+    from engine.execute import batch_bounds, row_pixels
+
+    table = pa.table({"width": [w for w, _ in sizes], "height": [h for _, h in sizes]})
+    pixels = row_pixels(table)
+    return [pixels[a:b] for a, b in batch_bounds(len(sizes), batch_size, first_row, pixels)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sizes, batch_size, n_batches", [
+    ([(4000, 4000)] * 64, 64, 16),  # many medium images: 4 of 16 MP per batch
+    ([(13000, 13000)] + [(64, 64)] * 63, 64, 2),  # one huge (alone, over the budget) + many small (together)
+    ([(64, 64)] * 30 + [(9000, 9000)] * 3 + [(64, 64)] * 31, 64, 5),  # huge ones in the middle
+    ([(3000, 2000)] * 50, 8, 7),  # the size cut comes first
+    ([(0, 0)] * 5 + [(8001, 8000)] * 2, 64, 3),  # a row over the budget by one pixel next to empty ones
+])
+def test_a_batch_is_cut_before_its_decoded_pixels_pass_the_budget(sizes, batch_size, n_batches):
+    """batch_size x ingest.max_pixels could be decoded at once (64 x 179 MP): a stage that reads images
+    gets batches cut where their pixels would pass BATCH_PIXEL_BUDGET; an image over it is a batch alone;
+    every row in exactly one batch, in order; the size cuts (multiples of batch_size) stay."""
+    from engine.execute import BATCH_PIXEL_BUDGET
+
+    assert BATCH_PIXEL_BUDGET == 64_000_000  # the figure docs/security-ingest.md gives
+    got = _pixel_batches(sizes, batch_size)
+    assert len(got) == n_batches, [len(b) for b in got]
+    assert [p for b in got for p in b] == [w * h for w, h in sizes]
+    for b in got:
+        assert 1 <= len(b) <= batch_size
+        assert sum(b) <= BATCH_PIXEL_BUDGET or len(b) == 1, b
+    cuts = np.cumsum([len(b) for b in got])
+    assert set(range(batch_size, len(sizes), batch_size)) <= set(cuts.tolist())  # size cuts kept
+    assert max(sum(b) for b in got) <= max(BATCH_PIXEL_BUDGET, *(w * h for w, h in sizes))
+
+
+_PIXEL_STAGE = '''
+import numpy as np
+from engine.stage import Resources, Stage
+from schemas.records import make_ann_id, new_annotation, source_of
+
+
+class BatchPixels(Stage):
+    """Writes, on each image, how many pixels its batch held and how many images it had."""
+    name = "batch_pixels"
+    needs_images = True
+    default_resources = Resources(batch_size=64)
+
+    def process_batch(self, records, images):
+        held = sum(im.width * im.height for im in images if im is not None)
+        for rec, im in zip(records, images):
+            level = int(np.asarray(im.crop((0, 0, 8, 8))).mean())  # the pixels are there
+            rec["texts"].append(new_annotation(source_of(self.name), ann_id=make_ann_id(rec["image_id"], self.name,
+                                "text", 0), tier="brief", text=f"{held} {len(images)} {level}"))
+        return records
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_step_with_batch_size_64_of_large_images_holds_one_pixel_budget(tmp_path):
+    """A real `fld run` of one stage with batch_size 64 over one 12000 x 12000 image (144 MP, under
+    ingest.max_pixels), 10 of 16 MP and 40 small ones in one shard (over SHARD_PIXEL_BUDGET, so batches
+    are decoded by the stage): every image a record, no batch over BATCH_PIXEL_BUDGET but the huge
+    image alone, and the peak RSS under 1.9 GiB (measured 1.67 GiB; a batch of all 51 images: 2.4 GiB)."""
+    from bounded import fld_bounded
+
+    from engine.execute import BATCH_PIXEL_BUDGET
+
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = {"huge.png": 12000, **{f"m{i}.png": 4000 for i in range(10)}, **{f"s{i}.png": 64 for i in range(40)}}
+    for i, (name, side) in enumerate(sizes.items()):
+        Image.new("RGB", (side, side), (i, 100, 200)).save(src / name)
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "pixelstage.py").write_text(_PIXEL_STAGE)
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("pipelines:\n  b:\n    ingest: {shard_size: 64}\n    steps:\n"
+                    "      - {name: s1, stages: [{stage: 'pixelstage:BatchPixels'}]}\n")
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(tmp_path / "mods")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = fld_bounded("run", yaml, "-p", "b", "-i", src, "-o", out, timeout=300, address_space_gib=6, env=env)
+    res.check(rc=0, seconds=300, rss_mib=1900, clean=False)
+    print(f"fld run: {res.seconds:.1f} s, peak RSS {res.rss_mib:.0f} MiB")  # shown with pytest -s
+    images, quarantine, _ = _data(out)
+    assert len(images) == len(sizes) and not quarantine
+    recs = _records(out)
+    assert {r["uri"].rsplit("/", 1)[-1] for r in recs} == set(sizes)
+    for r in recs:
+        held, n, _ = map(int, r["texts"][0]["text"].split())
+        assert held <= BATCH_PIXEL_BUDGET or n == 1, (r["uri"], held, n)
+        if r["uri"].endswith("huge.png"):
+            assert n == 1 and held == 12000 * 12000
