@@ -28,8 +28,9 @@ import re
 from collections import defaultdict
 from typing import Iterable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from engine.values import BoundedModel
 from schemas.florence2_tasks import BY_TOKEN
 
 IOU = 0.5
@@ -42,7 +43,7 @@ STOPWORDS = frozenset(
 BOX_TASKS = ("<OD>", "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<OCR_WITH_REGION>", "<CAPTION_TO_PHRASE_GROUNDING>")
 
 
-class HealthThresholds(BaseModel):
+class HealthThresholds(BoundedModel):  # finite numbers, 64-bit integers ("nan" refused)
     """The `refine.health` block: a round whose model misses one of these does not merge (its relabels
     are kept in the round's shards as dropped, reason `round:unhealthy_model`). `null` turns a check off."""
 

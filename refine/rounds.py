@@ -28,10 +28,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from annotators.florence2 import TaskName
 from engine.registry import stage_class
+from engine.values import BoundedModel
 from refine.health import HealthThresholds, verdict
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
@@ -43,7 +44,7 @@ from schemas.task_codec import TaskCodec
 GROUND_TRUTH_SAMPLE = 2000  # images of a round read for the mAP against imported ground truth
 
 
-class _Strict(BaseModel):
+class _Strict(BoundedModel):  # finite numbers, 64-bit integers ("nan", "inf" refused)
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 

@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from engine.atomic import atomic_write, atomic_write_bytes
 from engine.training import Trainer, TrainerParams, World
+from engine.values import BoundedModel
 from refine.dataset import Collator, ShardStream, read_window, validation_split
 from schemas.florence2_tasks import TRAINED_TOKENS
 from schemas.task_codec import TaskCodec
@@ -50,7 +51,7 @@ LR_FROM_RANDOM = 3e-4  # measured: see TrainConfig.lr
 LR_PRETRAINED = 1e-5
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(BoundedModel):  # finite numbers, 64-bit integers ("nan" refused)
     """Training hyper-parameters. The defaults learn both from random weights (smoke tests, the
     benchmark) and when fine-tuning real Florence-2 weights; each field says why (docs/refine.md)."""
 
@@ -112,7 +113,7 @@ TRAIN_EXECUTION_SETTINGS = ("checkpoint_every", "keep_checkpoints", "log_every",
                             "precision")
 
 
-class CodecSettings(BaseModel):
+class CodecSettings(BoundedModel):  # finite numbers, 64-bit integers ("nan" refused)
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] = Field(default_factory=lambda: list(TRAINED_TOKENS), min_length=1)

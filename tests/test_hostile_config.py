@@ -84,6 +84,33 @@ def test_numbers_must_be_finite_and_fit_64_bits(tmp_path, old, new, says):
     _run(tmp_path, GOOD.replace(old, new), says=[says])
 
 
+REFINED = """pipelines:
+  p:
+    steps:
+      - name: s1
+        stages:
+          - {stage: florence2, params: {model: florence2, tasks: [caption]}}
+    rounds: 1
+    refine: {model: florence2, train: {steps: 5}}
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("refine,says", [
+    ('train: {steps: 5, weight_decay: "inf"}', "pipelines.p.refine.train.weight_decay"),
+    ('train: {steps: 5, max_grad_norm: "1e999"}', "pipelines.p.refine.train.max_grad_norm"),
+    ('train: {steps: 5}, relabel: {cpus: "nan"}', "pipelines.p.refine.relabel.cpus"),
+    ('train: {steps: 5}, relabel: {gpus: "-Infinity"}', "pipelines.p.refine.relabel.gpus"),
+    ('train: {steps: 5}, health: {min_distinct: "NaN"}', "pipelines.p.refine.health.min_distinct"),
+    ("train: {steps: 5}, merge: {nms_iou: .nan}", "pipelines.p.refine.merge.nms_iou"),
+    ('train: {steps: "99999999999999999999999"}', "pipelines.p.refine.train.steps"),
+])
+def test_the_refine_block_refuses_nan_and_inf_strings(tmp_path, refine, says):
+    """Stage 3's own schema (refine/rounds.py, trainer, health) coerced "nan" / "inf" strings into floats
+    that compare false with every threshold: one line naming the file and the key, nothing written."""
+    _run(tmp_path, REFINED.replace("train: {steps: 5}", refine), says=[says])
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("text,says", [
     (GOOD + "pipelines:\n  q: {}\n", ["duplicate key 'pipelines'", "line 8"]),
