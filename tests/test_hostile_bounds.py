@@ -480,23 +480,36 @@ def _closed_port() -> int:
     return port
 
 
-@pytest.mark.timeout(120)
-def test_urls_have_timeouts_one_deadline_and_reasons_that_say_what_happened(monkeypatch, caplog):
-    from engine.ingest import locations
+def _ingest_url(url: str) -> tuple[dict | None, dict | None, float]:
+    """(image row, quarantine row, seconds) of ingesting one URL."""
     from engine.ingest.decode import decode_input
+
+    t0 = time.monotonic()
+    row, bad = decode_input(InputItem(uri=url, source="t", read=LocationReader(url)), 16, 10**8)
+    return row, bad, time.monotonic() - t0
+
+
+def _short_timeouts(monkeypatch, budget_s: float) -> None:
+    """Network timeouts of 1 s and short retries, so a test of a hanging server takes seconds."""
+    from engine.ingest import locations
 
     monkeypatch.setattr(locations, "CONNECT_TIMEOUT_S", 1.0)
     monkeypatch.setattr(locations, "READ_TIMEOUT_S", 1.0)
     monkeypatch.setattr(locations, "RETRY_DELAYS", (0.1, 0.1, 0.1))
-    monkeypatch.setattr(locations, "RETRY_BUDGET_S", 3.0)
+    monkeypatch.setattr(locations, "RETRY_BUDGET_S", budget_s)
+
+
+@pytest.mark.timeout(120)
+def test_urls_have_timeouts_one_deadline_and_reasons_that_say_what_happened(monkeypatch, caplog):
+    from engine.ingest import locations
+
+    _short_timeouts(monkeypatch, 3.0)
     deadline = locations.RETRY_BUDGET_S + 2 * (locations.CONNECT_TIMEOUT_S + locations.READ_TIMEOUT_S) + 5
     server = _SilentServer()
     try:
         for path in ("/a.jpg", "/b/c.png?x=1"):
             url = f"http://127.0.0.1:{server.port}{path}"
-            t0 = time.monotonic()
-            row, bad = decode_input(InputItem(uri=url, source="t", read=LocationReader(url)), 16, 10**8)
-            took = time.monotonic() - t0
+            row, bad, took = _ingest_url(url)
             assert row is None and bad["reason"] == "timeout", bad
             assert took < deadline, took  # before: ~8 minutes, then called `missing`
             assert "attempts" in bad["detail"]
@@ -506,9 +519,101 @@ def test_urls_have_timeouts_one_deadline_and_reasons_that_say_what_happened(monk
     for path in ("/x.jpg", "/y.webp"):
         url = f"http://127.0.0.1:{_closed_port()}{path}"
         caplog.clear()
-        row, bad = decode_input(InputItem(uri=url, source="t", read=LocationReader(url)), 16, 10**8)
+        row, bad, _ = _ingest_url(url)
         assert row is None and bad["reason"] == "connection_refused", bad
         assert sum("transient read error" in r.message for r in caplog.records) >= 2  # retried as transient
+
+
+class _DripServer:
+    """An HTTP server on 127.0.0.1 that answers every request a byte every `every` seconds: its headers
+    ("headers") or, after prompt headers claiming 1 MB, its body ("body"); stops by itself."""
+
+    def __init__(self, mode: str, every: float = 0.05, lifetime_s: float = 60.0):
+        import socket
+
+        self.mode, self.every = mode, every
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.deadline = time.monotonic() + lifetime_s
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while time.monotonic() < self.deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        self.sock.close()
+
+    def _answer(self, conn):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n"
+        try:
+            conn.settimeout(5)
+            request = conn.recv(65536)
+            if self.mode == "body":
+                conn.sendall(head)
+                if request.startswith(b"HEAD"):
+                    return
+            for i in range(10**6):
+                if time.monotonic() > self.deadline:
+                    return
+                conn.sendall(head[i:i + 1] if self.mode == "headers" and i < len(head) else b"\xff")
+                time.sleep(self.every)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def close(self):
+        self.deadline = 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["body", "headers"])
+def test_a_url_that_drips_bytes_meets_one_deadline_per_input(monkeypatch, mode):
+    """A server that sends a byte every 50 ms never trips the read timeout (it is per socket read): one
+    deadline per input ends it, as a `timeout` that is not tried again (the attempt took past the
+    retry budget); its headers dripped or its body."""
+    from engine.ingest import locations
+
+    _short_timeouts(monkeypatch, 2.0)
+    monkeypatch.setattr(locations, "INPUT_DEADLINE_S", 3.0)
+    server = _DripServer(mode)
+    try:
+        url = f"http://127.0.0.1:{server.port}/slow.jpg"
+        row, bad, took = _ingest_url(url)
+    finally:
+        server.close()
+    assert row is None and bad["reason"] == "timeout", bad
+    assert "after 1 attempts" in bad["detail"], bad
+    assert took < locations.INPUT_DEADLINE_S + locations.READ_TIMEOUT_S + 3, took
+
+
+@pytest.mark.timeout(120)
+def test_an_s3_endpoint_that_never_answers_is_a_timeout_in_bounded_time(monkeypatch):
+    """S3 inputs had botocore's 60 s connect / read timeouts, retried by botocore inside s3fs's own
+    attempts (67 s per input even with 1 s timeouts): the input timeouts apply, one botocore request per
+    call, and the input is `timeout`."""
+    import fsspec.config
+
+    from engine.ingest import locations
+
+    _short_timeouts(monkeypatch, 3.0)
+    server = _SilentServer()
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.port}"},
+                                                   "key": "k", "secret": "s"})
+    try:
+        for key in ("bucket/a.jpg", "other/b/c.png"):
+            url = f"s3://{key}"
+            row, bad, took = _ingest_url(url)
+            assert row is None and bad["reason"] == "timeout", bad
+            assert took < 30, took  # measured 15.5 s (s3fs's own 5 attempts of 1 s + 1 s); before: 67 s
+    finally:
+        server.close()
 
 
 # --------------------------------------------------------------------------- 4. tar listings bounded

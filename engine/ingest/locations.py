@@ -36,6 +36,10 @@ RETRY_BUDGET_S = 30.0  # no new attempt starts once one input has taken this lon
 # then GET); with RETRY_BUDGET_S one input's deadline is RETRY_BUDGET_S + 2 * (connect + read) seconds.
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 20.0
+# One URL input's reading (every request of one attempt: HEAD, GETs of its blocks) ends after this many seconds:
+# a server that drips a byte now and then never trips READ_TIMEOUT_S. It is past RETRY_BUDGET_S, so a
+# timed-out attempt is not tried again: one URL input costs at most about INPUT_DEADLINE_S + READ_TIMEOUT_S.
+INPUT_DEADLINE_S = 120.0
 
 
 class InputError(ValueError):
@@ -156,11 +160,23 @@ def require_protocol(location: str, where: str) -> None:
 def _storage_options(location: str) -> dict:
     """Connect / read timeouts for the protocols whose defaults wait for minutes (aiohttp: 5 min)."""
     protocol = location.split("://", 1)[0].lower()
-    if MEMBER_SEPARATOR in location or protocol not in ("http", "https"):
+    if MEMBER_SEPARATOR in location:
+        return {}
+    if protocol in ("s3", "s3a"):
+        # botocore waits 60 s to connect and per read, and retries inside s3fs's own attempts (a silent endpoint
+        # took 67 s per input with 1 s timeouts): one botocore request per call, read_with_retries retries.
+        # FSSPEC_S3_* settings still win.
+        from fsspec.config import conf
+
+        configured = conf.get("s3") or {}
+        config = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S, "retries": {"max_attempts": 1},
+                  **(configured.get("config_kwargs") or {})}
+        return {"config_kwargs": config}
+    if protocol not in ("http", "https"):
         return {}
     import aiohttp
 
-    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S,
+    timeout = aiohttp.ClientTimeout(total=INPUT_DEADLINE_S, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S,
                                     sock_read=READ_TIMEOUT_S)
     return {"client_kwargs": {"timeout": timeout}}
 
@@ -229,9 +245,9 @@ def too_large(size: int, limit: int, how: str = "") -> Quarantined:
     return Quarantined("too_large", f"{size} bytes{how}, over ingest.max_file_bytes = {limit}; not read")
 
 
-def read_capped(f: IO[bytes], limit: int | None, size: int | None = None) -> bytes:
+def read_capped(f: IO[bytes], limit: int | None, size: int | None = None, deadline: float | None = None) -> bytes:
     """All of `f`, or Quarantined('too_large') when `size` or the bytes actually read exceed `limit`
-    (at most limit + 1 bytes are ever read)."""
+    (at most limit + 1 bytes are ever read); TimeoutError when still reading at `deadline` (monotonic)."""
     if limit is None:
         return f.read()
     if size is not None and size > limit:
@@ -240,6 +256,8 @@ def read_capped(f: IO[bytes], limit: int | None, size: int | None = None) -> byt
     parts = [f.read(min(want, size + 1 if size is not None else READ_CHUNK))]
     total = len(parts[0])
     while parts[-1] and total < want:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"still reading after {INPUT_DEADLINE_S:g} s ({total} bytes so far)")
         parts.append(f.read(min(want - total, READ_CHUNK)))
         total += len(parts[-1])
     if total > limit:
@@ -263,8 +281,9 @@ class LocationReader(Reader):
     location: str
 
     def __call__(self, max_bytes: int | None = None) -> bytes:
+        deadline = time.monotonic() + INPUT_DEADLINE_S if is_url(self.location) else None
         with open_regular(self.location) as (f, size):
-            return read_capped(f, max_bytes, size)
+            return read_capped(f, max_bytes, size, deadline)
 
 
 @dataclass(frozen=True)
