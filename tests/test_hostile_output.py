@@ -194,3 +194,48 @@ def test_store_warnings_escape_the_out_name(tmp_path, ocr_run):
     res = fld_bounded("query", out, "SELECT count(*) FROM images").check(0)
     assert "manifest.json is damaged" in res.stderr
     _no_raw_anywhere(res.stdout + res.stderr)
+
+
+_RAY_WARNING = """
+import logging, time
+import ray
+from engine.runners.ray_runner import RayRunner
+
+RayRunner(num_cpus=1, verbose=True).connect()  # -v: worker output is sent to the driver's stderr
+
+
+@ray.remote
+def warn(name):
+    logging.getLogger("engine.ingest.coco").warning("image %s has no annotations", name)
+
+
+ray.get([warn.remote(name) for name in NAMES])
+time.sleep(3)  # the driver prints worker lines as they arrive
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_warning_on_a_ray_worker_reaches_the_driver_escaped(tmp_path):
+    """Worker processes log through their own handlers, and Ray copies their lines to the driver's stderr
+    raw: the runner's worker setup hook installs fld's one formatter in every worker."""
+    import os
+    import subprocess
+    import sys
+
+    names = list(HOSTILE)
+    script = tmp_path / "ray_warning.py"
+    script.write_text(f"NAMES = {names!r}\n" + _RAY_WARNING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if "has no annotations" in line]
+    assert len(lines) == len(names), res.stderr[-3000:]
+    for name in names:
+        assert any(shown(name) in line for line in lines), (name, lines)
+    for line in lines:
+        tail = line.split("WARNING", 1)[-1]  # Ray's own coloured "(warn pid=...)" prefix comes first
+        assert "WARNING" in line and not any(ch in tail for ch in RAW), line

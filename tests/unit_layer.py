@@ -66,6 +66,7 @@ NOT_UNIT = {
     "test_hostile_output.py::test_warning_lines_escape_file_names",
     "test_hostile_output.py::test_usage_errors_escape_what_was_typed",
     "test_hostile_output.py::test_store_warnings_escape_the_out_name",
+    "test_hostile_output.py::test_a_warning_on_a_ray_worker_reaches_the_driver_escaped",
 }
 # audit events (sys.addaudithook) that start another process
 PROCESS_EVENTS = {"subprocess.Popen": "a subprocess", "os.fork": "a forked process", "os.forkpty": "a forked process",

@@ -67,6 +67,9 @@ class StageDoFn(beam.DoFn):
         self.batch_ms = Metrics.distribution(stage_name, "batch_ms")
 
     def setup(self) -> None:
+        from engine.cli import install_logging
+
+        install_logging()  # a worker process's log lines through fld's one formatter (control characters escaped)
         self.stage = worker_stage(self.recipe)  # the model loads here, once per worker
 
     def _apply(self, stage, batch: pa.Table) -> pa.Table:

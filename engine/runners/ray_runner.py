@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 READ_TASK_CPUS = 0.25  # reading / writing a Parquet shard is I/O: never let it wait behind actors
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running + one queued: the first actor up must not take every block
+WORKER_SETUP_HOOK = "engine.cli.install_logging"  # runs in every Ray worker process (tasks and actors)
 
 
 def node_id() -> str:
@@ -184,8 +185,9 @@ class RayRunner:
         # fld's own progress lines say what runs
         kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": self.verbose,
                         "logging_level": logging.INFO if self.verbose else logging.WARNING}
-        if self.runtime_env:
-            kwargs["runtime_env"] = self.runtime_env
+        # every worker's log lines through fld's one formatter (control characters escaped: they reach the
+        # driver's terminal with -v), unless the runtime_env brings its own setup hook
+        kwargs["runtime_env"] = {"worker_process_setup_hook": WORKER_SETUP_HOOK, **(self.runtime_env or {})}
         # without --address: RAY_ADDRESS if set, else always a new local instance ("local"). Ray's own
         # default (None) would join whatever Ray it finds running on this machine (another user's
         # `ray start`, a second fld run): a silent change of cluster and resources.
