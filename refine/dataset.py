@@ -102,7 +102,8 @@ class ShardStream:
 
     def __init__(self, store, folder: str, shards: Sequence[str], codec: TaskCodec, *, seed: int = 0, rank: int = 0,
                  weights: dict[str, float] | None = None, window_shards: int = 1,
-                 exclude: frozenset[str] = frozenset(), keep: Callable[[str], bool] | None = None):
+                 exclude: frozenset[str] = frozenset(), keep: Callable[[str], bool] | None = None,
+                 on_window: Callable[[Window], None] | None = None):
         if not shards:
             raise NoExamplesError(f"{folder}: no shard to train on for worker {rank}")
         self.store, self.folder, self.shards, self.codec = store, folder, list(shards), codec
@@ -110,6 +111,7 @@ class ShardStream:
         self.window_shards = max(1, window_shards)
         self.exclude = frozenset(exclude)  # image ids never drawn (the round's validation images)
         self.keep = keep  # which images may be drawn at all (a fold model: the other folds' images)
+        self.on_window = on_window  # told of every window loaded (the trainer measures its targets)
         self.position = {"epoch": 0, "window": 0, "draws": 0}
         self.window: Window | None = None
         self.seen: dict[str, int] = {}  # draws per task in this run (the summary's "examples")
@@ -132,6 +134,8 @@ class ShardStream:
             self.window = read_window(self.store, self.folder, order[start:start + self.window_shards], self.codec,
                                       self._drawable if self.exclude or self.keep else None)
             if self.window.size:
+                if self.on_window is not None:
+                    self.on_window(self.window)
                 unknown = sorted(set(self.weights) - set(self.codec.tasks))
                 if unknown:
                     raise ValueError(f"task_weights name task(s) the codec does not train: {unknown}")

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from annotators.florence2 import TaskName
 from engine.registry import stage_class
+from engine.stage import EXECUTION_PARAMS
 from engine.training import TrainJob
 from refine.crossfit import CrossFitSettings, fold_folder
 from refine.health import HealthThresholds, verdict
@@ -151,7 +152,7 @@ class FlorenceRounds:
         d = self.cfg.model_dump(mode="json", exclude={"model", "round_start"})
         for key in TRAIN_EXECUTION_SETTINGS:
             d["train"].pop(key, None)
-        for key in ("batch_size", "cpus", "gpus", "concurrency"):
+        for key in EXECUTION_PARAMS:
             d["relabel"].pop(key, None)
         d["filters"] = [(spec.stage, spec.params) for spec in self._filter_specs()]
         return d
@@ -186,9 +187,11 @@ class FlorenceRounds:
                             "max_region_examples": c.max_region_examples}}
         runs = [(f"round{round_}-fold{i}-train", fold_folder(model_folder, i), {"fold": i, "folds": folds})
                 for i in range(folds)] + [(f"round{round_}-train", model_folder, None)]
-        return [TrainJob(name, Florence2Trainer, {**params, "fold": fold}, dict(self.pipeline.models), input_folder, folder,
-                         config_hash, c.train.num_workers, gpus_per_worker=c.train.gpus_per_worker,
-                         cpus_per_worker=c.train.cpus_per_worker, meta={"data_hash": data_hash})
+        return [TrainJob(name=name, trainer_cls=Florence2Trainer, params={**params, "fold": fold},
+                         models=dict(self.pipeline.models), input_folder=input_folder, model_folder=folder,
+                         config_hash=config_hash, num_workers=c.train.num_workers,
+                         gpus_per_worker=c.train.gpus_per_worker, cpus_per_worker=c.train.cpus_per_worker,
+                         meta={"data_hash": data_hash})
                 for name, folder, fold in runs]
 
     def _filter_specs(self) -> list:

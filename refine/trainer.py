@@ -340,13 +340,22 @@ class Florence2Trainer(Trainer):
                                               cfg.val_max_images, keep=keep)
         val_ids = frozenset(i for ids in held_out.values() for i in ids)
         shards = world.shards(store.shards(job.input_folder))
+        # longest target (tokens, <s> and </s> included, truncated as in training) per task among the examples
+        # of every window the stream loads: what the round trains on sizes its generation (generation_lengths)
+        target_tokens: dict[str, int] = {}
+
+        def measure(window) -> None:
+            for task, examples in window.by_task.items():
+                ids = processor.tokenizer([ex.target for ex in examples], truncation=True, max_length=max_target).input_ids
+                target_tokens[task] = max(target_tokens.get(task, 0), *map(len, ids))
+
         stream = ShardStream(store, job.input_folder, shards, codec, seed=cfg.seed, rank=world.rank,
-                             weights=cfg.task_weights, window_shards=cfg.window_shards, exclude=val_ids, keep=keep)
+                             weights=cfg.task_weights, window_shards=cfg.window_shards, exclude=val_ids, keep=keep,
+                             on_window=measure)
         validation = (Validation.read(store, job.input_folder, held_out, codec=codec, processor=processor,
                                       max_target=max_target) if world.main else None)
         start, history = 0, []
         best = {"step": None, "val_loss": None}
-        target_tokens: dict[str, int] = {}  # longest target (tokens, <s> and </s> included) trained on, per task
         if ckpt is not None:
             tensors, plain = _load_state(ckpt)
             if plain["config"].get("steps") != cfg.steps:
@@ -359,7 +368,8 @@ class Florence2Trainer(Trainer):
             stream.restore(plain["workers"][rank]["data"])
             start, history = plain["step"], plain["history"]
             best = plain.get("best") or best
-            target_tokens = dict(plain.get("target_tokens") or {})
+            for task, n in (plain.get("target_tokens") or {}).items():
+                target_tokens[task] = max(target_tokens.get(task, 0), n)
         net = world.wrap(model) if world.wrap else model
         collate = Collator(processor, stream.image, max_target)
         pad, dstart = text_cfg.pad_token_id, text_cfg.decoder_start_token_id
@@ -395,7 +405,6 @@ class Florence2Trainer(Trainer):
                     acc = window.setdefault(task, [0.0, 0])
                     acc[0] += s
                     acc[1] += c
-                    target_tokens[task] = max(target_tokens.get(task, 0), int(c))
                 window_samples += len(examples)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
