@@ -261,8 +261,10 @@ class FlorenceRounds:
                                  f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}): its relabels are kept "
                                  "as dropped, reason round:unhealthy_model; the round keeps the previous labels")
         elif not health.get("checked"):
-            health["message"] = (f"round {round_}: {'a fold ' if folds else ''}model not health-checked ({health.get('images', 0)} validation "
-                                 "images): its relabels were merged unchecked")
+            images = (f"validation images per fold: {', '.join(str(f['images']) for f in health['folds'])}" if folds
+                      else f"{health.get('images', 0)} validation images")
+            health["message"] = (f"round {round_}: {'a fold ' if folds else ''}model not health-checked ({images}, "
+                                 f"health.min_images {self.cfg.health.min_images}): its relabels were merged unchecked")
         return {"health": health, "agreement": reduce_agreement([sums]),
                 "ground_truth": coco_map(records[:GROUND_TRUTH_SAMPLE], round_),
                 "relabel": {"images": int(made.get("images", 0)),
