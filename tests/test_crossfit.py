@@ -277,3 +277,24 @@ def test_a_seeded_model_relabels_every_image_itself(tmp_path, coco, two_rounds):
     assert summary.rounds[0]["cross_fit"] == {"folds": 0, "fold_models": []}
     assert not (out / "models/round1-folds").exists() and not (out / "models/round1/checkpoints").exists()
     assert {r[2] for r in _refine_rows(out, "round1")} == {"models/round1"}
+
+
+def test_the_rounds_health_is_its_fold_models(tmp_path):
+    """With folds, the fold models made the labels: their checks decide the round's verdict and message."""
+    from engine.registry import rounds_plan
+
+    plan = rounds_plan(_pipeline(tmp_path, rounds=1))
+    store = ShardStore(tmp_path / "out")
+    figures = {"checked": True, "images": 3, "tasks": {"<OD>": {"distinct": 1.0, "parse_rate": 0.2}}}
+    store.write_json("models/round1/train_summary.json", {"health": {**figures, "tasks": {"<OD>": {"distinct": 1.0}}}})
+    store.write_json("models/round1-folds/fold0/train_summary.json", {"health": {**figures, "tasks": {"<OD>": {"distinct": 1.0}}}})
+    store.write_json("models/round1-folds/fold1/train_summary.json", {"health": figures})
+    plan.cfg.health.min_parse_rate = 0.5
+    health = plan.metrics(store, "annotations/round1", 1, {}, folds=2)["health"]
+    assert not health["ok"] and health["failed"] == ["fold 1: <OD> parse rate 0.20 < 0.5"]
+    assert [(f["fold"], f["ok"]) for f in health["folds"]] == [(0, True), (1, False)]
+    assert health["message"].startswith("round 1: a fold model failed its health check (fold 1: <OD> parse rate")
+    assert plan.metrics(store, "annotations/round1", 1, {}, folds=0)["health"]["ok"]  # the published model alone passes
+    store.write_json("models/round1-folds/fold1/train_summary.json", {"health": {**figures, "images": 1}})
+    health = plan.metrics(store, "annotations/round1", 1, {}, folds=2)["health"]
+    assert health["ok"] and not health["checked"] and "validation images per fold: 3, 1" in health["message"]
