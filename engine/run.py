@@ -205,8 +205,8 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
         h = identity.round_hash(input_hash, plan.identity(), start, k)
         data_hash = identity.digest({s: r["sha256"] for s, r in store.committed(input_folder).items()})
         trainings = plan.train_jobs(k, start_ref=start_ref, start_store=store if start_in_store else None,
-                               input_folder=input_folder, model_folder=model_folder, config_hash=h, data_hash=data_hash,
-                               folds=plan.folds(store, input_folder))
+                                    input_folder=input_folder, model_folder=model_folder, config_hash=h,
+                                    data_hash=data_hash, folds=plan.folds(store, input_folder))
         marker = store.read_json(f"{model_folder}/round.json")
         if marker and (marker.get("config_hash"), marker.get("data_hash")) != (h, data_hash):
             if marker.get("config_hash") != h and store.shards(folder):
