@@ -11,7 +11,7 @@ cross-fitting costs k extra trainings. The fold models live next to it in
 `models/round<k>-folds/fold<i>/`.
 
 `folds: auto` (the default) cross-fits with 2 folds once the round's input has at least
-`min_images` images, and not below (e.g. the 8-image quickstart): with fewer images each fold
+`min_images` images, and not below (e.g. the quickstart's 11 sample images): with fewer images each fold
 model would train on a handful of images and hold out too few validation images for a health check.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CrossFitSettings(BaseModel):
         "fold model trains on a handful of images and holds out too few to be health-checked. Each fold costs one "
         "more training of train.steps steps (the round's model is still trained on every image)")
     min_images: int = Field(32, ge=2, description="folds: auto cross-fits from this many images of the round's input "
-                            "(rows of its committed shards); the 8-image quickstart stays off")
+                            "(rows of its committed shards); the quickstart (11 sample images) stays off")
 
     @field_validator("folds")
     @classmethod
