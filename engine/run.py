@@ -192,7 +192,6 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
     business (engine.registry.rounds_plan); the driver only runs it."""
     from engine import identity
     from engine.registry import rounds_plan
-    from engine.training import TrainJob
 
     plan = rounds_plan(pipeline)
     input_folder = f"annotations/{plan.source_step}"
@@ -205,24 +204,33 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
         folder, model_folder = f"annotations/round{k}", f"models/round{k}"
         h = identity.round_hash(input_hash, plan.identity(), start, k)
         data_hash = identity.digest({s: r["sha256"] for s, r in store.committed(input_folder).items()})
-        cls, params, workers, gpus, cpus = plan.trainer(k, start_ref, store if start_in_store else None)
-        train = TrainJob(f"round{k}-train", cls, params, dict(pipeline.models), input_folder, model_folder, h,
-                         workers, gpus, {"data_hash": data_hash}, cpus)
+        trainings = plan.train_jobs(k, start_ref=start_ref, start_store=store if start_in_store else None,
+                                    input_folder=input_folder, model_folder=model_folder, config_hash=h,
+                                    data_hash=data_hash, folds=plan.folds(store, input_folder))
         marker = store.read_json(f"{model_folder}/round.json")
         if marker and (marker.get("config_hash"), marker.get("data_hash")) != (h, data_hash):
             if marker.get("config_hash") != h and store.shards(folder):
                 raise StaleOutputError(f"round {k} in {store.out} was made with another configuration; "
                                        "rerun with --force to redo the rounds")
             log.warning("round %d: its training data changed since the model was trained; training again", k)
-            store.delete_tree(model_folder)
+            for train in trainings:
+                store.delete_tree(train.model_folder)
+            marker = None
         t0 = time.perf_counter()
-        summary = train.build().finished(store, train)
-        if summary is None:
+        done = {train.model_folder: train.build().finished(store, train) for train in trainings}
+        if marker is None and done[model_folder] is not None:
+            # a finished model this OUT did not train (seeded from another OUT, e.g. the benchmark's held-out
+            # images): its images were not in its training, so it relabels every one of them, no folds
+            trainings = trainings[-1:]
+        if any(done[train.model_folder] is None for train in trainings):
             store.write_json(f"{model_folder}/round.json", {"round": k, "config_hash": h, "data_hash": data_hash})
-            summary = runner.run_train(store, train, _progress(progress, train.name, 0, 0))
+        for train in trainings:  # fold models first, the round's model last; a finished one is not trained again
+            if done[train.model_folder] is None:
+                done[train.model_folder] = runner.run_train(store, train, _progress(progress, train.name, 0, 0))
+        summary, folds = done[model_folder], len(trainings) - 1
         model_ref = store.url(model_folder)
         # the stages name the model by its OUT-relative folder (portable provenance); workers copy it from the store
-        recipes = [StageRecipe(c, p, dict(pipeline.models)) for c, p in plan.stages(k, model_folder, store)]
+        recipes = [StageRecipe(c, p, dict(pipeline.models)) for c, p in plan.stages(k, model_folder, store, folds)]
         job, _ = plan_step(store, f"round{k}", recipes, input_folder, folder, h,
                            "rerun with --force to redo the rounds", {"round": k, "data_hash": data_hash})
         if job.shards:
@@ -231,7 +239,8 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
         metrics = {"round": k, "round_hash": h, "model_dir": model_ref,
                    "train": {key: summary.get(key) for key in ("steps", "first_loss", "last_loss", "loss_by_task",
                                                                "samples_per_s", "examples")},
-                   **plan.metrics(store, folder, k, counters), "seconds": round(time.perf_counter() - t0, 2)}
+                   "cross_fit": {"folds": folds, "fold_models": [t.model_folder for t in trainings[:-1]]},
+                   **plan.metrics(store, folder, k, counters, folds), "seconds": round(time.perf_counter() - t0, 2)}
         if (metrics.get("health") or {}).get("message"):  # stage 3's one line on a model that did not prove itself
             log.warning("%s", metrics["health"]["message"])
         if not any((metrics.get("relabel") or {}).get("added", {}).values()):

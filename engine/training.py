@@ -10,7 +10,7 @@ its own checkpoints and must be exactly resumable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable, ClassVar
 
 from pydantic import ConfigDict
@@ -76,6 +76,7 @@ class TrainJob:
     model_folder: str  # OUT-relative, e.g. models/round1
     config_hash: str
     num_workers: int = 1
+    _: KW_ONLY  # the rest by name (refine.rounds.FlorenceRounds.train_jobs builds every job by name)
     gpus_per_worker: float = 0.0
     meta: dict = field(default_factory=dict)
     cpus_per_worker: float = 1.0  # torch threads of each worker: the same on every runner, so the same weights

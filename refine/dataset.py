@@ -44,16 +44,18 @@ class Window:
 
 
 def validation_split(store, folder: str, fraction: float, min_images: int,
-                     max_images: int) -> tuple[dict[str, list[str]], int]:
+                     max_images: int, *, keep: Callable[[str], bool] | None = None) -> tuple[dict[str, list[str]], int]:
     """The round's validation images (shard -> image ids) and the folder's image count: the ceil(fraction x n) images (at least
     `min_images`, at most `max_images`, never more than half) with the lowest sha256 of
     "validation:<image_id>". A function of the image ids alone, so every worker, a resumed run and
     a rerun on another shard layout hold out the same images (read: the image_id column only), except
-    that a shard never becomes validation only (its last image stays a training image)."""
+    that a shard never becomes validation only (its last image stays a training image). `keep`: the
+    images that take part (a fold model's: those of the other folds, refine.crossfit); n counts them."""
     ids: dict[str, str] = {}
     for shard in store.shards(folder):
         for image_id in store.read_shard(folder, shard, columns=["image_id"]).column("image_id").to_pylist():
-            ids[image_id] = shard
+            if keep is None or keep(image_id):
+                ids[image_id] = shard
     n = len(ids)
     count = 0 if fraction <= 0 else min(max(math.ceil(round(fraction * n, 6)), min_images), max_images, n // 2)
     rank = {i: hashlib.sha256(f"validation:{i}".encode()).hexdigest() for i in ids}
@@ -98,15 +100,18 @@ def read_window(store, folder: str, shards: Sequence[str], codec: TaskCodec,
 class ShardStream:
     """Task-balanced draws from a window over this worker's shards; position is checkpointable."""
 
-    def __init__(self, store, folder: str, shards: Sequence[str], codec: TaskCodec, seed: int = 0, rank: int = 0,
+    def __init__(self, store, folder: str, shards: Sequence[str], codec: TaskCodec, *, seed: int = 0, rank: int = 0,
                  weights: dict[str, float] | None = None, window_shards: int = 1,
-                 exclude: frozenset[str] = frozenset()):
+                 exclude: frozenset[str] = frozenset(), keep: Callable[[str], bool] | None = None,
+                 on_window: Callable[[Window], None] | None = None):
         if not shards:
             raise NoExamplesError(f"{folder}: no shard to train on for worker {rank}")
         self.store, self.folder, self.shards, self.codec = store, folder, list(shards), codec
         self.seed, self.rank, self.weights = seed, rank, dict(weights or {})
         self.window_shards = max(1, window_shards)
         self.exclude = frozenset(exclude)  # image ids never drawn (the round's validation images)
+        self.keep = keep  # which images may be drawn at all (a fold model: the other folds' images)
+        self.on_window = on_window  # told of every window loaded (the trainer measures its targets)
         self.position = {"epoch": 0, "window": 0, "draws": 0}
         self.window: Window | None = None
         self.seen: dict[str, int] = {}  # draws per task in this run (the summary's "examples")
@@ -127,8 +132,10 @@ class ShardStream:
             order = self._order(p["epoch"])
             start = p["window"] * self.window_shards
             self.window = read_window(self.store, self.folder, order[start:start + self.window_shards], self.codec,
-                                      (lambda i: i not in self.exclude) if self.exclude else None)
+                                      self._drawable if self.exclude or self.keep else None)
             if self.window.size:
+                if self.on_window is not None:
+                    self.on_window(self.window)
                 unknown = sorted(set(self.weights) - set(self.codec.tasks))
                 if unknown:
                     raise ValueError(f"task_weights name task(s) the codec does not train: {unknown}")
@@ -136,6 +143,9 @@ class ShardStream:
             self._advance()
         raise NoExamplesError(f"{self.folder}: none of worker {self.rank}'s {len(self.shards)} shards holds a "
                               "kept annotation to train on")
+
+    def _drawable(self, image_id: str) -> bool:
+        return image_id not in self.exclude and (self.keep is None or self.keep(image_id))
 
     def _advance(self) -> None:
         p = self.position

@@ -17,19 +17,27 @@ dropped, reason `round:unhealthy_model`, so the merge keeps the previous labels.
 of the round carries the round's headline figures as checks `round.<figure>` (re-threshold in SQL).
 It also sizes generation per task from the longest target the round trained on (+25%, +8 tokens;
 `max_new_tokens` stays the cap), so long captions are not cut and short outputs stop early.
+
+Cross-fitted (`folds` = k > 0, refine.crossfit): the stage loads the round's k fold models instead of
+its model and relabels each image with the model of its fold (which never trained on it); each
+annotation names that model in its provenance (`source.model`: models/round<k>-folds/fold<i>) and
+carries the check `round.fold`; a fold model that failed its health check drops its fold's relabels.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from annotators.florence2 import Florence2Annotator, Florence2Params
+from annotators.florence2_model import Florence2Model
 from engine.stage import STASH_PREFIX
 from filters.decision import drop, reset_own, set_check
+from refine.crossfit import fold_folder, fold_of
 from refine.health import HealthThresholds, headline, verdict
 from schemas.records import ANNOTATION_KINDS, make_ann_id
 
@@ -49,6 +57,19 @@ class RelabelParams(Florence2Params):
     no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram ban by default (refine.rounds.RelabelSettings says why)")
     health: HealthThresholds = Field(default_factory=HealthThresholds,
                                      description="the round's model health thresholds (refine.health)")
+    folds: int = Field(0, ge=0, description="cross-fitted relabelling (refine.crossfit): each image relabelled by the "
+                       "model of its fold, <model>-folds/fold<i>; 0: every image by `model`")
+
+
+@dataclass
+class RoundModel:
+    """One model that relabels (the round's, or a fold model) with what the round knows of it."""
+
+    florence: Any
+    source: dict
+    figures: dict
+    failed: list
+    fold: int | None = None
 
 
 def model_summary(folder: str | Path) -> dict:
@@ -68,6 +89,14 @@ def mark_health(records: list[dict], figures: dict[str, float], failed: list[str
                 set_check(ann, CHECK, "healthy", not failed)
                 if failed:
                     drop(ann, CHECK, UNHEALTHY)
+
+
+def mark_fold(records: list[dict], fold: int) -> None:
+    """checks["round.fold"]: the fold whose model made the annotation (cross-fitted relabelling)."""
+    for rec in records:
+        for key in ANNOTATION_KINDS:
+            for ann in rec.get(key) or []:
+                set_check(ann, CHECK, "fold", fold)
 
 
 def stamp_round(records: list[dict], round_: int) -> list[dict]:
@@ -95,33 +124,58 @@ class RefineRelabeler(Florence2Annotator):
     params: RelabelParams
 
     def setup(self) -> None:
+        if self.params.folds:
+            self.members = [self._load(fold_folder(self.params.model, i), i) for i in range(self.params.folds)]
+        else:
+            self.members = [self._load(self.params.model, None)]
+        self._use(self.members[0])
+
+    def _load(self, folder: str, fold: int | None) -> RoundModel:
+        """A model folder of the round (OUT-relative, copied from the store by each worker) with its health."""
         if self.params.model_store is not None:
             from engine.store import ShardStore
 
             store = ShardStore.from_spec(self.params.model_store)
-            self.models = {**self.models, self.params.model: store.local_dir(self.params.model)}
-        super().setup()
+            self.models = {**self.models, folder: store.local_dir(folder)}
+        self.model_ref = self.resolve_model(folder)
+        florence = Florence2Model.load(self.model_ref, dtype=self.params.dtype)
         summary = model_summary(self.model_ref)
-        self.health = summary.get("health")
-        self.failed = verdict(self.health, self.params.health)
-        self.figures = headline(self.health)
-        if self.failed:
-            log.info("round %d: model unhealthy (%s): its annotations are dropped as %s:%s", self.params.round,
-                     "; ".join(self.failed), CHECK, UNHEALTHY)
+        failed = verdict(summary.get("health"), self.params.health)
+        if failed:
+            log.info("round %d: model %s unhealthy (%s): its annotations are dropped as %s:%s", self.params.round, folder,
+                     "; ".join(failed), CHECK, UNHEALTHY)
         # generation per task sized from the targets the round trained on (the configured value is the cap)
-        self.florence.token_limits = {task: min(n, self.params.max_new_tokens)
-                                      for task, n in (summary.get("generation_tokens") or {}).items()}
+        florence.token_limits = {task: min(n, self.params.max_new_tokens)
+                                 for task, n in (summary.get("generation_tokens") or {}).items()}
         # provenance names the model as the pipeline does (OUT-relative models/round<k>), not where this
         # worker found it, so the same round on two machines writes the same annotations
-        self._source = self.source(self.params.model, self.florence.revision)
+        return RoundModel(florence, self.source(folder, florence.revision), headline(summary.get("health")), failed, fold)
+
+    def _use(self, member: RoundModel) -> None:
+        self.florence, self._source = member.florence, member.source
+        self.figures, self.failed = member.figures, member.failed
 
     def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         for rec in records:
             rec[PREVIOUS] = json.dumps({key: rec.get(key) or [] for key in (*ANNOTATION_KINDS, "errors")})
             for key in (*ANNOTATION_KINDS, "errors"):
                 rec[key] = []
-        records = stamp_round(super().process_batch(records, images), self.params.round)
-        mark_health(records, self.figures, self.failed)
+        if self.params.folds:  # each image by the model of its fold: the one that did not train on it
+            groups: dict[int, list[int]] = {}
+            for i, rec in enumerate(records):
+                groups.setdefault(fold_of(rec["image_id"], self.params.folds), []).append(i)
+        else:
+            groups = {0: list(range(len(records)))}
+        for g, idx in sorted(groups.items()):
+            member = self.members[g]
+            self._use(member)
+            part = super().process_batch([records[i] for i in idx], [images[i] for i in idx] if images is not None else None)
+            part = stamp_round(part, self.params.round)
+            mark_health(part, self.figures, self.failed)
+            if member.fold is not None:
+                mark_fold(part, member.fold)
+            for i, rec in zip(idx, part):
+                records[i] = rec
         # counted here: the runners' before/after counts cannot see what this stage made, since it also
         # sets the previous annotations aside
         self.report("images", len(records))

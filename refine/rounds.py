@@ -19,10 +19,15 @@ pipelines.yaml:
       relabel: {tasks: [caption, od, ...], batch_size: 4, max_new_tokens: 1024, num_beams: 3}
       merge: {nms_iou: 0.7}
       health: {min_distinct: 0.3, min_parse_rate: 0.5, ...}   # refine.health.HealthThresholds
+      cross_fit: {folds: auto, min_images: 32}   # refine.crossfit (shorthand: cross_fit: auto | 0 | k)
 
 A round proves its model before its labels enter the dataset (docs/refine.md): the trainer holds
 out validation images and measures the model on them (refine.health); the relabel stage drops the
 round's annotations (`round:unhealthy_model`) when a threshold is missed.
+
+Cross-fitted relabelling (refine.crossfit): with k folds the round also trains k fold models
+(models/round<k>-folds/fold<i>, each on the other folds' images) and image x is relabelled by the
+model of its fold, which never saw it; each fold model's health decides over its own fold's relabels.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from annotators.florence2 import TaskName
 from engine.registry import stage_class
 from engine.values import BoundedModel
+from engine.stage import EXECUTION_PARAMS
+from engine.training import TrainJob
+from refine.crossfit import CrossFitSettings, fold_folder
 from refine.health import HealthThresholds, verdict
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
@@ -86,6 +94,12 @@ class RefineConfig(_Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     health: HealthThresholds = Field(default_factory=HealthThresholds)
     filters: list[str] | None = Field(None, description="filter stages to rerun (default: every filters.* stage of the steps)")
+    cross_fit: CrossFitSettings = Field(default_factory=CrossFitSettings, description=CrossFitSettings.model_fields["folds"].description)
+
+    @field_validator("cross_fit", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"folds": v} if isinstance(v, (int, str)) else v
 
     @field_validator("train_tasks")
     @classmethod
@@ -139,7 +153,7 @@ class FlorenceRounds:
         d = self.cfg.model_dump(mode="json", exclude={"model", "round_start"})
         for key in TRAIN_EXECUTION_SETTINGS:
             d["train"].pop(key, None)
-        for key in ("batch_size", "cpus", "gpus", "concurrency"):
+        for key in EXECUTION_PARAMS:
             d["relabel"].pop(key, None)
         d["filters"] = [(spec.stage, spec.params) for spec in self._filter_specs()]
         return d
@@ -155,18 +169,31 @@ class FlorenceRounds:
         return start_ref, start, False
 
     # ---------------------------------------------------------------- the jobs
-    def trainer(self, round_: int, start_ref: str, store=None) -> tuple[type, dict, int, float, float]:
-        """(trainer class, its params, workers, GPUs per worker, CPUs per worker) of round k's training.
-        Round 1 starts from a model reference; a later round from the previous round's folder in
-        `store` (start_ref is then OUT-relative)."""
+    def folds(self, store, input_folder: str) -> int:
+        """The folds of round k's cross-fitting over `input_folder` (0: none), from refine.cross_fit and
+        the folder's image count (its commit records' rows: nothing read)."""
+        return self.cfg.cross_fit.resolve(sum(int(r.get("rows", 0)) for r in store.committed(input_folder).values()))
+
+    def train_jobs(self, round_: int, *, start_ref: str, start_store=None, input_folder: str, model_folder: str,
+                   config_hash: str, data_hash: str, folds: int = 0) -> list[TrainJob]:
+        """Round k's trainings: one per fold (cross-fitting, refine.crossfit), then the round's published
+        model on every image (the last job). Round 1 starts from a model reference; a later round from
+        the previous round's folder in `start_store` (start_ref is then OUT-relative)."""
         c = self.cfg
         from engine.models import parse_model_ref
 
-        params = {"start": start_ref, "start_store": store.spec() if store is not None else None, "train": c.train.model_dump(),
-                  "from_random": parse_model_ref(self.start_model()).kind == "random",
+        params = {"start": start_ref, "start_store": start_store.spec() if start_store is not None else None,
+                  "train": c.train.model_dump(), "from_random": parse_model_ref(self.start_model()).kind == "random",
                   "codec": {"tasks": c.train_tasks, "max_target_tokens": c.max_target_tokens,
                             "max_region_examples": c.max_region_examples}}
-        return Florence2Trainer, params, c.train.num_workers, c.train.gpus_per_worker, c.train.cpus_per_worker
+        runs = [(f"round{round_}-fold{i}-train", fold_folder(model_folder, i), {"fold": i, "folds": folds})
+                for i in range(folds)] + [(f"round{round_}-train", model_folder, None)]
+        return [TrainJob(name=name, trainer_cls=Florence2Trainer, params={**params, "fold": fold},
+                         models=dict(self.pipeline.models), input_folder=input_folder, model_folder=folder,
+                         config_hash=config_hash, num_workers=c.train.num_workers,
+                         gpus_per_worker=c.train.gpus_per_worker, cpus_per_worker=c.train.cpus_per_worker,
+                         meta={"data_hash": data_hash})
+                for name, folder, fold in runs]
 
     def _filter_specs(self) -> list:
         """The pipeline's stage-2 stages (module filters.*, or refine.filters), in step order, each once."""
@@ -181,11 +208,12 @@ class FlorenceRounds:
                     out.append(spec)
         return out
 
-    def stages(self, round_: int, model_folder: str, store) -> list[tuple[type, dict]]:
-        """Round k's step: relabel with its model (OUT/<model_folder>, read from `store` by each worker)
-        -> the filters -> merge."""
+    def stages(self, round_: int, model_folder: str, store, folds: int = 0) -> list[tuple[type, dict]]:
+        """Round k's step: relabel with its model (OUT/<model_folder>, read from `store` by each worker;
+        with `folds`, each image with its fold's model) -> the filters -> merge."""
         r = self.cfg.relabel
-        relabel = {"model": model_folder, "model_store": store.spec(), "round": round_, "tasks": r.tasks, "batch_size": r.batch_size,
+        relabel = {"model": model_folder, "model_store": store.spec(), "round": round_, "folds": folds,
+                   "tasks": r.tasks, "batch_size": r.batch_size,
                    "max_new_tokens": r.max_new_tokens, "num_beams": r.num_beams,
                    "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype,
                    "health": self.cfg.health.model_dump()}
@@ -194,9 +222,11 @@ class FlorenceRounds:
         return [(RefineRelabeler, relabel), *filters, (MergeStage, self.cfg.merge.model_dump())]
 
     # ------------------------------------------------------------------ metrics
-    def metrics(self, store, folder: str, round_: int, counters: dict) -> dict:
+    def metrics(self, store, folder: str, round_: int, counters: dict, folds: int = 0) -> dict:
         """Agreement with round k-1 (summed by the merge stage on every shard) and COCO mAP against
-        imported `human` boxes on the first GROUND_TRUTH_SAMPLE images of the round."""
+        imported `human` boxes on the first GROUND_TRUTH_SAMPLE images of the round. With cross-fitting
+        the fold models made the labels: their health checks decide (`health.folds`), the round's
+        published model's figures are reported as they are."""
         from refine.metrics import coco_map, reduce_agreement
         from engine.stage import table_to_records
 
@@ -211,17 +241,31 @@ class FlorenceRounds:
         health = dict(summary.get("health") or {})
         health.pop("generations", None)
         failed = verdict(health, self.cfg.health)
+        if folds:
+            health["folds"] = []
+            failed = []
+            for i in range(folds):
+                fold_health = (store.read_json(f"{fold_folder(f'models/round{round_}', i)}/train_summary.json") or {}).get("health")
+                fold_failed = verdict(fold_health, self.cfg.health)
+                health["folds"].append({"fold": i, "checked": bool((fold_health or {}).get("checked")),
+                                        "images": (fold_health or {}).get("images", 0), "ok": not fold_failed,
+                                        "failed": fold_failed})
+                failed += [f"fold {i}: {f}" for f in fold_failed]
         # fewer validation images than `min_images`: figures reported, no verdict
-        health["checked"] = bool(health.get("checked")) and health.get("images", 0) >= self.cfg.health.min_images
+        health["checked"] = (all(f["checked"] and f["images"] >= self.cfg.health.min_images for f in health["folds"])
+                             if folds else bool(health.get("checked")) and health.get("images", 0) >= self.cfg.health.min_images)
         health.update(ok=not failed, failed=failed, validation=summary.get("validation"),
                       best_step=summary.get("best_step"), val_loss=summary.get("best_val_loss") or summary.get("val_loss"))
         if failed:
-            health["message"] = (f"round {round_}: model failed its health check ({failed[0]}"
+            whose = "a fold model" if folds else "model"
+            health["message"] = (f"round {round_}: {whose} failed its health check ({failed[0]}"
                                  f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}): its relabels are kept "
                                  "as dropped, reason round:unhealthy_model; the round keeps the previous labels")
         elif not health.get("checked"):
-            health["message"] = (f"round {round_}: model not health-checked ({health.get('images', 0)} validation "
-                                 "images): its relabels were merged unchecked")
+            images = (f"validation images per fold: {', '.join(str(f['images']) for f in health['folds'])}" if folds
+                      else f"{health.get('images', 0)} validation images")
+            health["message"] = (f"round {round_}: {'a fold ' if folds else ''}model not health-checked ({images}, "
+                                 f"health.min_images {self.cfg.health.min_images}): its relabels were merged unchecked")
         return {"health": health, "agreement": reduce_agreement([sums]),
                 "ground_truth": coco_map(records[:GROUND_TRUTH_SAMPLE], round_),
                 "relabel": {"images": int(made.get("images", 0)),

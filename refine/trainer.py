@@ -34,6 +34,7 @@ from pydantic import ConfigDict, Field
 from engine.atomic import atomic_write, atomic_write_bytes
 from engine.training import Trainer, TrainerParams, World
 from engine.values import BoundedModel
+from refine.crossfit import OutsideFold
 from refine.dataset import Collator, ShardStream, read_window, validation_split
 from schemas.florence2_tasks import TRAINED_TOKENS
 from schemas.task_codec import TaskCodec
@@ -124,6 +125,13 @@ class CodecSettings(BoundedModel):  # finite numbers, 64-bit integers ("nan" ref
         return TaskCodec(self.tasks, self.max_target_tokens, self.max_region_examples)
 
 
+class FoldSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fold: int = Field(..., ge=0)
+    folds: int = Field(..., ge=2)
+
+
 class Florence2TrainerParams(TrainerParams):
     start: str = Field(..., description="model reference training starts from (hub id, folder, random:...)")
     # when set, `start` is an OUT-relative folder (the previous round's model) read from this store
@@ -133,6 +141,10 @@ class Florence2TrainerParams(TrainerParams):
     codec: CodecSettings = Field(default_factory=CodecSettings)
     # whether the weights this run's chain started from are random (the LR default); None: `start` says
     from_random: bool | None = None
+    fold: FoldSpec | None = Field(None, description="a fold model of cross-fitted relabelling (refine.crossfit): train "
+                                  "(and validate) only on the images outside this fold")
+
+
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -177,7 +189,7 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
         torch.cuda.set_rng_state_all(list(tensors["cuda"]))
 
 
-def _save_checkpoint(model_dir: Path, step: int, model, processor, tensors: dict, plain: dict, keep: int) -> Path:
+def _save_checkpoint(model_dir: Path, step: int, *, model, processor, tensors: dict, plain: dict, keep: int) -> Path:
     """Written atomically (engine.atomic): a kill mid-save leaves the previous checkpoints intact."""
     import torch
 
@@ -323,15 +335,28 @@ class Florence2Trainer(Trainer):
         amp_dtype = _autocast_dtype(cfg.precision, world.device)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         codec = self.params.codec.codec()
-        held_out, n_images = validation_split(store, job.input_folder, cfg.val_fraction, cfg.val_min_images, cfg.val_max_images)
+        fold = self.params.fold
+        keep = OutsideFold(fold.fold, fold.folds) if fold is not None else None  # a fold model never sees its fold
+        held_out, n_images = validation_split(store, job.input_folder, cfg.val_fraction, cfg.val_min_images,
+                                              cfg.val_max_images, keep=keep)
         val_ids = frozenset(i for ids in held_out.values() for i in ids)
         shards = world.shards(store.shards(job.input_folder))
-        stream = ShardStream(store, job.input_folder, shards, codec, cfg.seed, world.rank,
-                             cfg.task_weights, cfg.window_shards, exclude=val_ids)
-        validation = Validation.read(store, job.input_folder, held_out, codec, processor, max_target) if world.main else None
+        # longest target (tokens, <s> and </s> included, truncated as in training) per task among the examples
+        # of every window the stream loads: what the round trains on sizes its generation (generation_lengths)
+        target_tokens: dict[str, int] = {}
+
+        def measure(window) -> None:
+            for task, examples in window.by_task.items():
+                ids = processor.tokenizer([ex.target for ex in examples], truncation=True, max_length=max_target).input_ids
+                target_tokens[task] = max(target_tokens.get(task, 0), *map(len, ids))
+
+        stream = ShardStream(store, job.input_folder, shards, codec, seed=cfg.seed, rank=world.rank,
+                             weights=cfg.task_weights, window_shards=cfg.window_shards, exclude=val_ids, keep=keep,
+                             on_window=measure)
+        validation = (Validation.read(store, job.input_folder, held_out, codec=codec, processor=processor,
+                                      max_target=max_target) if world.main else None)
         start, history = 0, []
         best = {"step": None, "val_loss": None}
-        target_tokens: dict[str, int] = {}  # longest target (tokens, <s> and </s> included) trained on, per task
         if ckpt is not None:
             tensors, plain = _load_state(ckpt)
             if plain["config"].get("steps") != cfg.steps:
@@ -344,7 +369,8 @@ class Florence2Trainer(Trainer):
             stream.restore(plain["workers"][rank]["data"])
             start, history = plain["step"], plain["history"]
             best = plain.get("best") or best
-            target_tokens = dict(plain.get("target_tokens") or {})
+            for task, n in (plain.get("target_tokens") or {}).items():
+                target_tokens[task] = max(target_tokens.get(task, 0), n)
         net = world.wrap(model) if world.wrap else model
         collate = Collator(processor, stream.image, max_target)
         pad, dstart = text_cfg.pad_token_id, text_cfg.decoder_start_token_id
@@ -380,7 +406,6 @@ class Florence2Trainer(Trainer):
                     acc = window.setdefault(task, [0.0, 0])
                     acc[0] += s
                     acc[1] += c
-                    target_tokens[task] = max(target_tokens.get(task, 0), int(c))
                 window_samples += len(examples)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -427,19 +452,21 @@ class Florence2Trainer(Trainer):
                     for task, n in w["target_tokens"].items():
                         target_tokens[task] = max(target_tokens.get(task, 0), n)
                 if world.main:
-                    _save_checkpoint(model_dir, step, model, processor,
-                                     {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                      "rng": [w["rng_tensors"] for w in workers]},
-                                     {"step": step, "scheduler": scheduler.state_dict(), "history": history,
-                                      "config": cfg.model_dump(), "best": best, "target_tokens": target_tokens,
-                                      "workers": [{"rng": w["rng"], "data": w["data"]} for w in workers]},
-                                     cfg.keep_checkpoints)
+                    _save_checkpoint(model_dir, step, model=model, processor=processor,
+                                     tensors={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                              "rng": [w["rng_tensors"] for w in workers]},
+                                     plain={"step": step, "scheduler": scheduler.state_dict(), "history": history,
+                                            "config": cfg.model_dump(), "best": best, "target_tokens": target_tokens,
+                                            "workers": [{"rng": w["rng"], "data": w["data"]} for w in workers]},
+                                     keep=cfg.keep_checkpoints)
                     _publish(store, job, model_dir)
         summary = summary_of(history, step, int(ckpt.name.split("-")[1]) if ckpt else None, stream.seen)
         summary.update(lr=lr, validation={"images": len(val_ids), "train_images": n_images - len(val_ids),
                                           "fraction": cfg.val_fraction},
                        best_step=best["step"], best_val_loss=best["val_loss"], target_tokens=dict(sorted(target_tokens.items())),
                        generation_tokens=generation_lengths(dict(sorted(target_tokens.items()))))
+        if fold is not None:
+            summary["cross_fit"] = fold.model_dump()
         if world.main and step >= cfg.steps:
             if cfg.select_best and best["step"] is not None and best["step"] != step and (model_dir / BEST).is_dir():
                 _load_weights(model, model_dir / BEST)  # the round's model: the lowest validation loss
@@ -470,7 +497,7 @@ class Validation:
         self.collate = Collator(processor, image_bytes.__getitem__, max_target)
 
     @classmethod
-    def read(cls, store, folder: str, held_out: dict[str, list[str]], codec, processor, max_target: int) -> "Validation":
+    def read(cls, store, folder: str, held_out: dict[str, list[str]], *, codec, processor, max_target: int) -> "Validation":
         ids = {i for v in held_out.values() for i in v}
         window = read_window(store, folder, sorted(held_out), codec, keep=ids.__contains__)
         examples = [ex for task in sorted(window.by_task) for ex in window.by_task[task][:VAL_EXAMPLES_PER_TASK]]

@@ -297,3 +297,32 @@ def test_the_round_keeps_the_weights_of_the_lowest_validation_loss(tmp_path):
 
     saved, best = load_file(f"{folder}/model.safetensors"), load_file(f"{folder}/best/model.safetensors")
     assert all(torch.equal(saved[k], best[k]) for k in best)
+
+
+def test_generation_length_per_task_is_sized_from_the_targets_the_round_trained_on(tmp_path):
+    """train_summary.json records the longest target (tokens) of each task among the examples the round trains
+    on (every example of the windows it read, not only those its batches drew: 3 batches of 4 here miss some)
+    and the generation length it gives (+25%, +8); the relabel stage generates at most that, capped by
+    relabel.max_new_tokens."""
+    from annotators.florence2_model import Florence2Model
+
+    records, images, _ = world_images(4)
+    store = write_store(tmp_path, records, images, 4)
+    params = {"start": "random:tiny", "codec": {"tasks": ["<CAPTION>", "<OD>"], "max_target_tokens": 256},
+              "train": {"steps": 3, "batch_size": 4, "val_fraction": 0.0, "checkpoint_every": 3, "log_every": 3}}
+    job = TrainJob("sized", Florence2Trainer, params, {}, FOLDER, "models/sized", "h")
+    summary = Florence2Trainer(params).fit(store, job, World())
+    tok = Florence2Model.load("random:tiny").processor.tokenizer
+    longest = {}
+    for ex in TaskCodec(["<CAPTION>", "<OD>"], 256).encode_all(records):
+        longest[ex.task] = max(longest.get(ex.task, 0), min(len(tok(ex.target).input_ids), 256))
+    assert summary["target_tokens"] == longest and longest["<OD>"] > longest["<CAPTION>"]
+    assert summary["generation_tokens"] == {t: int(n * 1.25) + 8 for t, n in longest.items()}
+    saved = json.loads((tmp_path / "models/sized/train_summary.json").read_text())
+    assert saved["generation_tokens"] == summary["generation_tokens"]
+    cap = longest["<CAPTION>"] + 9  # between the caption's length and the boxes'
+    stage = RefineRelabeler({"model": str(store.local_dir("models/sized")), "round": 1, "tasks": ["caption", "od"],
+                             "max_new_tokens": cap})
+    stage.setup()
+    caption = int(longest["<CAPTION>"] * 1.25) + 8
+    assert stage.florence.token_limits == {"<CAPTION>": min(caption, cap), "<OD>": cap}

@@ -59,8 +59,11 @@ def test_rounds_start_where_round_start_says(tmp_path):
         plan = rounds_plan(load_pipeline(path, "two_rounds"))
         assert plan.next_start("models/round1", "h1", plan.start_model(), {"ref": "random:tiny"}) == expected
         ref, _, in_store = expected
-        params = plan.trainer(2, ref, ShardStore(tmp_path / "out") if in_store else None)[1]
-        assert params["start"] == ref and (params["start_store"] is not None) == in_store
+        (job,) = plan.train_jobs(2, start_ref=ref, start_store=ShardStore(tmp_path / "out") if in_store else None,
+                                 input_folder="annotations/round1", model_folder="models/round2", config_hash="h2",
+                                 data_hash="d")
+        assert job.params["start"] == ref and (job.params["start_store"] is not None) == in_store
+        assert (job.model_folder, job.config_hash, job.meta) == ("models/round2", "h2", {"data_hash": "d"})
 
 
 @pytest.mark.slow

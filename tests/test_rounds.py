@@ -42,12 +42,14 @@ pipelines:
       train_tasks: ["<CAPTION>", "<OD>"]
       train: {steps: STEPS, batch_size: 4, lr: 1.0e-3, warmup_steps: 2, checkpoint_every: 4, log_every: 2, num_workers: WORKERS}
       relabel: {tasks: [caption, od], batch_size: 2, max_new_tokens: 16, num_beams: 1}
+      cross_fit: FOLDS
 """
 
 
-def _pipeline_file(tmp_path, shard=2, steps=8, workers=1, rounds=2):
-    path = tmp_path / f"p_{shard}_{steps}_{workers}_{rounds}.yaml"
-    text = PIPELINE.replace("SHARD", str(shard)).replace("STEPS", str(steps)).replace("WORKERS", str(workers))
+def _pipeline_file(tmp_path, shard=2, steps=8, workers=1, rounds=2, folds="auto"):
+    path = tmp_path / f"p_{shard}_{steps}_{workers}_{rounds}_{folds}.yaml"
+    text = (PIPELINE.replace("SHARD", str(shard)).replace("STEPS", str(steps)).replace("WORKERS", str(workers))
+            .replace("FOLDS", str(folds)))
     path.write_text(text.replace("rounds: 2", f"rounds: {rounds}"))
     return path
 
@@ -73,8 +75,10 @@ def coco(tmp_path_factory, photos):
 def test_two_rounds_write_the_same_shards_and_metrics_on_every_runner(tmp_path, coco):
     """local and Beam in this process; Ray through the CLI, which is also the bar: `fld run --runner ray`
     with rounds: 2 on a COCO input with human boxes finishes, and `fld query OUT "SELECT count(*) FROM
-    regions"` without --step reads round 2. (Two Ray Train workers: tests/test_trainer.py.)"""
-    cfg = _pipeline_file(tmp_path)
+    regions"` without --step reads round 2. (Two Ray Train workers: tests/test_trainer.py.) Cross-fitted
+    (2 folds: each round trains two fold models and its own on every runner, relabels each image with its
+    fold's model)."""
+    cfg = _pipeline_file(tmp_path, folds=2)
     outs = {runner: tmp_path / f"out_{runner}" for runner in ("local", "ray", "beam")}
     for runner in ("local", "beam"):
         summary = run_pipeline(load_pipeline(cfg, "two_rounds"), str(coco), str(outs[runner]), runner=runner)
@@ -89,6 +93,13 @@ def test_two_rounds_write_the_same_shards_and_metrics_on_every_runner(tmp_path, 
         _close(_metrics(outs[runner]), _metrics(outs["local"]), f"{runner} metrics")
         store = ShardStore(outs[runner])
         assert {r["runner"] for r in store.committed("annotations/round2").values()} == {runner}
+        for k in (1, 2):
+            fold_models = [f"models/round{k}-folds/fold{i}" for i in (0, 1)]
+            assert all(store.read_json(f"{m}/train_summary.json")["steps"] == 8 for m in fold_models)
+            _, made_by = run_query(outs[runner], "SELECT DISTINCT model FROM regions WHERE annotator = 'refine' "
+                                   f"AND round = {k} UNION SELECT DISTINCT model FROM texts WHERE annotator = 'refine' "
+                                   f"AND round = {k}", f"round{k}")
+            assert {m for (m,) in made_by} <= set(fold_models), made_by
     # every reader defaults to the dataset the engine produced: the last complete round
     assert resolve_step(ShardStore(outs["local"]), None) == "annotations/round2"
     out = outs["ray"]

@@ -18,6 +18,7 @@ import pytest
 UNIT_MODULES = {
     "test_clip_model.py",
     "test_config.py",
+    "test_crossfit.py",
     "test_detect.py",
     "test_detect_ssd.py",
     "test_export.py",
