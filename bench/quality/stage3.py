@@ -109,11 +109,11 @@ SIZES: dict[str, Stage3Size] = {
                         rounds=2, train={"steps": 3, "batch_size": 4, "lr": 1.0e-4, "warmup_steps": 1,
                                          "checkpoint_every": 3, "log_every": 1},
                         relabel={"max_new_tokens": 12, "batch_size": 8}, bootstrap=50),
-    # ~45 CPU-minutes on one core (BENCHMARKS.md says what it measured): the pretraining is the bulk
-    "default": Stage3Size(256, {"steps": 1000, "batch_size": 8, "lr": 3.0e-4, "warmup_steps": 100, "eval_every": 100,
-                                "checkpoint_every": 250, "log_every": 25},
-                          rounds=2, train={"steps": 150, "batch_size": 8, "lr": 1.0e-4, "warmup_steps": 15,
-                                           "eval_every": 50, "checkpoint_every": 150, "log_every": 25},
+    # ~40 CPU-minutes on one core (BENCHMARKS.md says what it measured): the pretraining is the bulk
+    "default": Stage3Size(256, {"steps": 800, "batch_size": 8, "lr": 3.0e-4, "warmup_steps": 80, "eval_every": 100,
+                                "checkpoint_every": 200, "log_every": 25},
+                          rounds=2, train={"steps": 100, "batch_size": 8, "lr": 1.0e-4, "warmup_steps": 10,
+                                           "eval_every": 50, "checkpoint_every": 100, "log_every": 25},
                           relabel={"max_new_tokens": 256, "batch_size": 16}, bootstrap=500),
 }
 
