@@ -315,8 +315,8 @@ def groups_of(objects: list[dict]) -> list[Group]:
 
 
 def describe(objects: list[dict], background: tuple[str, str], width: int, height: int, style: int) -> dict:
-    """Brief + detailed captions (text and phrase links) of a list of objects: the ground truth when
-    given the true objects, a simulated captioner's output when given corrupted ones."""
+    """Brief + detailed captions (text and phrase links) of a list of objects in the truth's wording
+    (the simulated captioner has its own: captioner.py)."""
     groups = groups_of(objects)
     brief = brief_caption(groups, background)
     detailed = detailed_caption(groups, background, width, height, style=style)
