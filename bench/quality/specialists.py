@@ -353,8 +353,8 @@ class SimSegmenterParams(MaskParams):
 class SimSegmenter(SamMaskAnnotator):
     """SAM's role in stage 1: the engine's own `masks` stage with model grabcut, under the benchmark's
     stage name. It sees the image's pixels and the prompt box, never the world's truth: GrabCut's
-    foreground inside the box, clipped to it (checks sim_segmenter.fg_fraction / .edge_agreement /
-    .box_mask_iou). Deterministic (GrabCut's k-means is seeded)."""
+    foreground inside the box, clipped to it (checks masks.fg_fraction / .edge_agreement /
+    .box_mask_iou, the masks stage's own names). Deterministic (GrabCut's k-means is seeded)."""
 
     name: ClassVar[str] = "sim_segmenter"
     Params: ClassVar[type[StageParams]] = SimSegmenterParams
