@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.quality.metrics import category_of, evaluate
+from bench.quality.metrics import category_of, evaluate, objects_all_wrong
 from schemas.geometry import box_to_quad, mask_to_rle
 from schemas.records import new_annotation, source_of
 
@@ -100,6 +100,7 @@ def test_errors_are_counted_where_they_belong():
     assert m["category_accuracy"] == 0.5 and m["brief_accuracy"] == 0.0
     assert m["mask_iou"] == pytest.approx(0.5)
     assert m["ocr_cer"] == pytest.approx((1 + 4) / 4)  # 1 substitution + 4 inserted characters, over 4 true ones
+    assert m["ocr_cer_matched"] == pytest.approx(1 / 4)  # recognition only: the matched line's 1 substitution
     assert m["ocr_precision"] == 0.5 and m["ocr_recall"] == 1.0
     assert 0 < m["box_map"] < 1
 
@@ -125,3 +126,25 @@ def test_captions_and_groundings():
 def test_category_of_region_labels():
     assert category_of("ball") == "ball" and category_of("Balls") == "ball" and category_of("large red box") == "box"
     assert category_of("loc_12>") is None and category_of("") is None and category_of(None) is None
+
+
+def test_token_f1_floor_is_the_wording_with_every_object_wrong():
+    t = TRUTH["t.png"]
+    present = {(o["category"], o["colour"]) for o in t["objects"]}
+    wrong = objects_all_wrong(t["captions"]["brief"], present)
+    # objects not in the image, words no object of the image has first; article, size, count and wording kept
+    assert wrong == "A green cone, a large orange star and a black ring on a plain grey background."
+    assert objects_all_wrong("Two red balls sit.", {("ball", "red")}) == "Two green boxes sit."
+    m = evaluate([perfect()], TRUTH)
+    # by hand: 16 tokens each side, in common a x4, large, and, on, plain, grey, background: F1 = 2 * 10 / 32
+    assert m["brief_f1"] == 1.0 and m["brief_f1_floor"] == pytest.approx(20 / 32)
+    assert m["detailed_f1_floor"] < m["detailed_f1"] == 1.0
+
+
+def test_labels_outside_the_world_count_against_precision_not_map():
+    t = TRUTH["t.png"]
+    regions = [region(o["box"], o["category"], o["brief"]) for o in t["objects"]]
+    with_person = regions + [region([150, 0, 199, 10], "person")]
+    a, b = evaluate([record(regions)], TRUTH), evaluate([record(with_person)], TRUTH)
+    assert a["obj_precision"] == 1.0 and b["obj_precision"] == pytest.approx(3 / 4)
+    assert a["box_map"] == b["box_map"] == pytest.approx(1.0)

@@ -1,12 +1,13 @@
-"""The benchmark world's language: its vocabulary, the caption grammar, and the parser that
-reads object mentions and spatial relations back out of any caption.
+"""The benchmark world's language: its vocabulary, the truth's caption grammar, and the parser
+that reads object mentions and spatial relations back out of any caption.
 
 Why one module for both directions: the ground-truth captions, the simulated captioner's
-corrupted captions and the metrics must agree on what "a large red ball" means. Captions are
-rendered from a list of object groups with one template choice per image (`style`), so a
-captioner that sees the truth reproduces the ground truth character for character, and every
-difference a metric sees is a content error (a swapped colour, an omitted or hallucinated
-object), not a different wording.
+captions and the metrics must agree on what "a large red ball" means. The truth's captions are
+rendered here from a list of object groups with one template choice per image (`style`); the
+simulated captioner words its captions with its own templates (captioner.py) and shares only the
+object noun phrase (`mention_text`) and the relation clause with this grammar, so the parser
+reads its mentions back while its sentences differ from the truth's (metrics.py reports the
+token-F1 floor that wording alone scores).
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
     # Seconds on 2 CPU cores: every stage and both arms, 2 rounds, a few training steps.
-    "small": Size(WorldConfig(n_train=6, n_heldout=3, sign_prob=0.9), ClipConfig(steps=12, batch_size=16, layers=2, text_layers=2, width=64, text_width=64, embed_dim=32, variants=1),
+    "small": Size(WorldConfig(n_train=6, n_heldout=3, sign_prob=0.9), ClipConfig(steps=12, batch_size=16, layers=2, text_layers=2, width=64, text_width=64, embed_dim=32, variants=1, images=16, calib_images=8),
                   rounds=2, train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 1},
                   relabel={"max_new_tokens": 12, "batch_size": 8}, florence2="florence2_cpu.json", shard_size=4),
     # The measured default: under 40 minutes on this 2-core CPU (BENCHMARKS.md says how long it took).

@@ -1,41 +1,50 @@
-"""Benchmark specialists with known error rates: ordinary stages that read the world's truth
-(by the record's file name) and corrupt it at the rates their parameters give.
+"""Benchmark specialists with known error rates, and no oracle in what the filters can see.
 
 They stand in for the paper's specialists whose output we cannot get offline (a DINO detector,
-captioners, Grounding DINO, SAM), so the benchmark knows exactly how wrong stage 1 is and can
-measure how much stage 2 and stage 3 recover. They sign their annotations with their own stage
-name (provenance annotator = sim_detector, ...), never see pixels, and draw every random choice
-from (seed, stage, file name): the same output on every runner, batch size and rerun.
+captioners, Grounding DINO, SAM), so the benchmark knows how wrong stage 1 is and can measure how
+much stage 2 and stage 3 recover. bench/quality/DESIGN.md states every design choice; in short:
 
-    stage 1:  sim_detector   object regions: misses, false positives, duplicates, box jitter,
-                             mislocalised boxes, category confusion, colour errors in the brief,
-                             scores drawn from a higher Beta for right boxes than for wrong ones
-              sim_captioner  brief + detailed captions: colour / category / count swaps,
-                             omitted and hallucinated objects, generic captions
+    stage 1:  sim_detector   object regions from the world's truth through an ERROR MODEL: misses,
+                             false positives, duplicates, box jitter, mislocalised boxes, category
+                             confusion, colour errors in the brief; miss / confusion / mislocalise /
+                             colour rates rise with the object's occlusion and small size
+                             (`difficulty`); scores carry only a set ranking power (`score_auc`)
+              sim_captioner  brief + detailed captions of a corrupted scene in the captioner's OWN
+                             templates, background words and verbs (not the truth's sentence
+                             template), with colour / category / count / text swaps, omissions,
+                             hallucinations, wrong positions and relations, verb-agreement errors
               sim_grounder   phrases of the kept captions (spaCy noun chunks, the engine's own
                              phrase code) -> boxes: misses, wrong objects, jitter, boxes for
-                             phrases that name nothing in the image; box and phrase scores
-              sim_segmenter  SAM's role: each box -> the visible mask of the object whose box fits it
-                             best (a mislocalised box still snaps to an object), boundary noise
+                             phrases that name nothing; box and phrase scores at `score_auc`
+              sim_segmenter  SAM's role: OpenCV GrabCut on the image PIXELS from each prompt box
+                             (the engine's masks stage, model grabcut); it never reads the truth,
+                             and its mask never leaves its prompt box
+
+The truth is read (by the record's file name) only to decide the errors; nothing a filter reads
+(box, label, score, checks, mask) carries a correctness flag. Every random choice comes from
+(seed, stage, file name): the same output on every runner, batch size and rerun.
 """
 from __future__ import annotations
 
+import math
 import zlib
+from statistics import NormalDist
 from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
+from annotators.masks import MaskParams, SamMaskAnnotator
+from bench.quality.captioner import Slips, render_caption
 from bench.quality.language import CATEGORIES, COLOURS, parse_mentions
-from bench.quality.world import SIGN_WORDS, describe, load_truth, truth_of
+from bench.quality.world import SIGN_WORDS, groups_of, load_truth, truth_of
 from engine.stage import Resources, Stage, StageParams
-from schemas.geometry import clamp_box, mask_to_rle, rle_to_mask
+from schemas.geometry import clamp_box
 from schemas.records import make_ann_id, new_annotation
 
 MODEL = "simulated"
 REVISION = "bench.quality/1"
 GENERIC_CAPTIONS = {"brief": "Some shapes.", "detailed": "There are some things in this picture."}
-Beta = tuple[float, float]
 
 
 class WorldParams(StageParams):
@@ -103,9 +112,38 @@ def other(value: str, choices, rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def draw_score(rng: np.random.Generator, right: bool, correct: Beta, wrong: Beta) -> float:
-    a, b = correct if right else wrong
-    return float(rng.beta(a, b))
+# ------------------------------------------------------------------- error model
+def score_separation(auc: float) -> float:
+    """d' of two unit-variance Gaussians whose ROC AUC is `auc`: AUC = Phi(d' / sqrt 2)."""
+    return math.sqrt(2) * NormalDist().inv_cdf(auc)
+
+
+def draw_score(rng: np.random.Generator, right: bool, auc: float) -> float:
+    """A confidence whose ranking power against correctness is `auc`: sigmoid of N(+-d'/2, 1)
+    (right: +, wrong: -). The sigmoid is monotone, so the AUC of the scores is the AUC of the
+    Gaussians; 0.5 is a score that knows nothing, 1.0 one that separates perfectly."""
+    d = score_separation(auc)
+    z = rng.normal(d / 2 if right else -d / 2, 1.0)
+    return float(1.0 / (1.0 + math.exp(-z)))
+
+
+def difficulty(obj: dict, width: int, height: int) -> float:
+    """How hard an object is to see, in [0, 1]: the mean of its occlusion (hidden share / 0.5, the
+    world's most) and its smallness (relative side sqrt(visible area / image area): 0.3 or more
+    -> 0, 0.1 or less -> 1). Read from the truth by the error model only."""
+    occlusion = min(1.0, max(0.0, (1.0 - float(obj.get("visible_fraction", 1.0))) / 0.5))
+    side = math.sqrt(max(0.0, float(obj["area"])) / float(width * height))
+    smallness = min(1.0, max(0.0, (0.3 - side) / 0.2))
+    return 0.5 * occlusion + 0.5 * smallness
+
+
+def error_rate(base: float, hardness: float, gain: float) -> float:
+    """`base` at medium difficulty (0.5), its log-odds moved by `gain` x (hardness - 0.5): with
+    gain 2 a 10 % rate is 6 % on the easiest object and 16 % on the hardest."""
+    if base <= 0.0 or base >= 1.0:
+        return base
+    z = math.log(base / (1 - base)) + gain * (hardness - 0.5)
+    return 1.0 / (1.0 + math.exp(-z))
 
 
 # --------------------------------------------------------------------------- detector
@@ -117,8 +155,8 @@ class SimDetectorParams(WorldParams):
     mislocalised_rate: float = Field(0.08, ge=0, le=1, description="the box misses its object (IoU < 0.5)")
     confusion_rate: float = Field(0.1, ge=0, le=1, description="the category is another one")
     colour_error_rate: float = Field(0.1, ge=0, le=1, description="the brief names another colour")
-    score_correct: Beta = Field((5.0, 2.0), description="Beta(a, b) of the score of a right box")
-    score_wrong: Beta = Field((2.0, 4.0), description="Beta(a, b) of the score of a wrong box")
+    difficulty: float = Field(2.0, ge=0, description="log-odds the four rates above move from the easiest to the hardest object (occluded, small); 0: the same rate for all")
+    score_auc: float = Field(0.8, gt=0, lt=1, description="ROC AUC of the box scores against the box being right")
 
 
 class SimDetector(WorldStage):
@@ -132,27 +170,35 @@ class SimDetector(WorldStage):
         w, h = truth["width"], truth["height"]
         found: list[tuple[list[float], str, str, bool]] = []  # box, label, brief, right
         for obj in truth["objects"]:
+            hard = difficulty(obj, w, h)
+            rate = lambda base: error_rate(base, hard, p.difficulty)  # noqa: E731
             miss, misplace, confuse, recolour = rng.random(4)
-            if miss < p.miss_rate:
+            if miss < rate(p.miss_rate):
                 continue
-            box = jitter_box(obj["box"], p.box_jitter, rng, w, h)
             right = True
-            if misplace < p.mislocalised_rate:
-                box, right = mislocalise(box, rng, w, h), False
             category = obj["category"]
-            if confuse < p.confusion_rate:
+            if confuse < rate(p.confusion_rate):
                 category, right = other(category, CATEGORIES, rng), False
-            colour = obj["colour"] if recolour >= p.colour_error_rate else other(obj["colour"], COLOURS, rng)
+            mislocalised = misplace < rate(p.mislocalised_rate)
+            right = right and not mislocalised
+            colour = obj["colour"] if recolour >= rate(p.colour_error_rate) else other(obj["colour"], COLOURS, rng)
             brief = " ".join(x for x in (obj["size"], colour, category) if x)
-            found.append((box, category, brief, right))
-            if rng.random() < p.duplicate_rate:
-                found.append((jitter_box(box, 2 * p.box_jitter, rng, w, h), category, brief, False))
+            copies = 2 if rng.random() < p.duplicate_rate else 1
+            # A duplicate is a second box drawn exactly like the first (same jitter, same score
+            # distribution, random order): which copy NMS keeps says nothing about which is better.
+            for _ in range(copies):
+                box = jitter_box(obj["box"], p.box_jitter, rng, w, h)
+                if mislocalised:
+                    box = mislocalise(box, rng, w, h)
+                found.append((box, category, brief, right))
         for _ in range(int(rng.poisson(p.false_positives))):
             category, colour = CATEGORIES[int(rng.integers(len(CATEGORIES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
             found.append((random_box(rng, w, h), category, f"{colour} {category}", False))
-        for k, (box, label, brief, right) in enumerate(found):
+        order = rng.permutation(len(found))  # no position in the list tells a duplicate from its original
+        for k, i in enumerate(order):
+            box, label, brief, right = found[int(i)]
             record["regions"].append(new_annotation(
-                self._source, score=draw_score(rng, right, p.score_correct, p.score_wrong),
+                self._source, score=draw_score(rng, right, p.score_auc),
                 ann_id=make_ann_id(record["image_id"], self.name, "object", k),
                 kind="object", box=box, quad=None, polygon=None, mask=None, label=label, brief=brief))
 
@@ -164,10 +210,15 @@ class SimCaptionerParams(WorldParams):
     omission_rate: float = Field(0.15, ge=0, le=1, description="per object group: left out")
     hallucinations: float = Field(0.3, ge=0, description="mean objects per caption that are not in the image (Poisson)")
     generic_rate: float = Field(0.05, ge=0, le=1, description="the caption is a generic sentence with no content")
+    difficulty: float = Field(2.0, ge=0, description="log-odds the omission rate moves from the easiest to the hardest group (occluded, small)")
+    background_error_rate: float = Field(0.1, ge=0, le=1, description="the background is named with another colour")
+    position_error_rate: float = Field(0.1, ge=0, le=1, description="a group's position phrase names another third of the image")
+    relation_error_rate: float = Field(0.1, ge=0, le=1, description="a stated spatial relation is the opposite one")
+    verb_error_rate: float = Field(0.1, ge=0, le=1, description="a verb does not agree with its subject")
 
 
 class SimCaptioner(WorldStage):
-    """Brief and detailed captions rendered by the world's grammar from a corrupted scene."""
+    """Brief and detailed captions of a corrupted scene in the captioner's own wording (captioner.py)."""
 
     name: ClassVar[str] = "sim_captioner"
     Params: ClassVar[type[StageParams]] = SimCaptionerParams
@@ -182,7 +233,8 @@ class SimCaptioner(WorldStage):
         out: list[dict] = []
         next_id = 1000
         for (category, colour), members in groups.items():
-            if rng.random() < p.omission_rate:
+            hard = min(difficulty(m, w, h) for m in members)  # the group is as easy as its easiest member
+            if rng.random() < error_rate(p.omission_rate, hard, p.difficulty):
                 continue
             swap_colour, swap_category, swap_count, swap_text = rng.random(4) < p.swap_rate
             if swap_colour:
@@ -213,10 +265,11 @@ class SimCaptioner(WorldStage):
         p: SimCaptionerParams = self.params  # type: ignore[assignment]
         for k, tier in enumerate(p.tiers):  # each tier is its own specialist: independent errors
             believed = self.corrupt(truth, rng)
+            slips = Slips(p.background_error_rate, p.position_error_rate, p.relation_error_rate, p.verb_error_rate)
             if rng.random() < p.generic_rate:
                 text = GENERIC_CAPTIONS[tier]
             else:
-                text = describe(believed, tuple(truth["background"]), truth["width"], truth["height"], truth["style"])[tier].text
+                text = render_caption(tier, groups_of(believed), tuple(truth["background"]), truth["width"], truth["height"], slips, rng)
             record["texts"].append(new_annotation(
                 self._source, ann_id=make_ann_id(record["image_id"], self.name, "texts", k), tier=tier, text=text))
 
@@ -228,8 +281,8 @@ class SimGrounderParams(WorldParams):
     wrong_object_rate: float = Field(0.1, ge=0, le=1, description="the box is another object's")
     box_jitter: float = Field(0.05, ge=0)
     phantom_rate: float = Field(0.5, ge=0, le=1, description="a phrase naming nothing in the image still gets a box")
-    score_correct: Beta = (5.0, 2.0)
-    score_wrong: Beta = (2.0, 4.0)
+    difficulty: float = Field(2.0, ge=0, description="log-odds the miss and wrong-object rates move from the easiest to the hardest object")
+    score_auc: float = Field(0.8, gt=0, lt=1, description="ROC AUC of the box score and of the phrase score against the box being right")
     max_boxes: int = Field(3, ge=1, description="boxes per plural phrase")
 
 
@@ -273,68 +326,35 @@ class SimGrounder(WorldStage):
                     if objects and rng.random() < p.phantom_rate:
                         boxes.append((objects[int(rng.integers(len(objects)))]["box"], False))
                 for o in targets:
-                    if rng.random() < p.miss_rate:
+                    hard = difficulty(o, w, h)
+                    if rng.random() < error_rate(p.miss_rate, hard, p.difficulty):
                         continue
-                    if len(objects) > 1 and rng.random() < p.wrong_object_rate:
+                    if len(objects) > 1 and rng.random() < error_rate(p.wrong_object_rate, hard, p.difficulty):
                         wrong = [x for x in objects if x["id"] != o["id"]]
                         boxes.append((wrong[int(rng.integers(len(wrong)))]["box"], False))
                     else:
                         boxes.append((o["box"], True))
                 for box, right in boxes:
                     ann = new_annotation(
-                        self._source, score=draw_score(rng, right, p.score_correct, p.score_wrong),
+                        self._source, score=draw_score(rng, right, p.score_auc),
                         ann_id=make_ann_id(record["image_id"], self.name, "groundings", k, caption["ann_id"]),
                         text_ann_id=caption["ann_id"], phrase=chunk.text, char_start=chunk.start, char_end=chunk.end,
                         box=jitter_box(box, p.box_jitter, rng, w, h), mask=None)
-                    ann["checks"] = {self.PHRASE_SCORE: draw_score(rng, right, p.score_correct, p.score_wrong)}
+                    ann["checks"] = {self.PHRASE_SCORE: draw_score(rng, right, p.score_auc)}
                     record["groundings"].append(ann)
                     k += 1
 
 
 # -------------------------------------------------------------------------- segmenter
-class SimSegmenterParams(WorldParams):
-    targets: list[Literal["regions", "groundings"]] = Field(default_factory=lambda: ["regions", "groundings"])
-    boundary_noise: float = Field(1.0, ge=0, description="sigma in pixels of the mask's boundary shift (dilate / erode)")
-    min_box_iou: float = Field(0.1, ge=0, le=1, description="below this IoU with every object's box, the box gets an ellipse (a background blob)")
+class SimSegmenterParams(MaskParams):
+    model: str = "grabcut"  # the masks stage's reference that selects OpenCV GrabCut (annotators/grabcut.py)
 
 
-class SimSegmenter(WorldStage):
-    """SAM's role: a mask for every kept object box and grounding box."""
+class SimSegmenter(SamMaskAnnotator):
+    """SAM's role in stage 1: the engine's own `masks` stage with model grabcut, under the benchmark's
+    stage name. It sees the image's pixels and the prompt box, never the world's truth: GrabCut's
+    foreground inside the box, clipped to it (checks masks.fg_fraction / .edge_agreement /
+    .box_mask_iou, the masks stage's own names). Deterministic (GrabCut's k-means is seeded)."""
 
     name: ClassVar[str] = "sim_segmenter"
     Params: ClassVar[type[StageParams]] = SimSegmenterParams
-
-    def mask_for(self, box: list[float], truth: dict, masks: list[np.ndarray], rng: np.random.Generator) -> dict:
-        """The visible mask of the object whose box fits the prompt box best (box prompts snap to
-        an object), its boundary moved by a few pixels; an ellipse when the box fits no object."""
-        from PIL import Image, ImageDraw
-        from scipy import ndimage
-
-        from schemas.geometry import box_iou
-
-        p: SimSegmenterParams = self.params  # type: ignore[assignment]
-        ious = [box_iou(box, o["box"]) for o in truth["objects"]]
-        best = int(np.argmax(ious)) if ious else -1
-        if best >= 0 and ious[best] >= p.min_box_iou:
-            mask = masks[best]
-            shift = int(round(rng.normal(0, p.boundary_noise)))
-            if shift > 0:
-                mask = ndimage.binary_dilation(mask, iterations=shift)
-            elif shift < 0:
-                eroded = ndimage.binary_erosion(mask, iterations=-shift)
-                mask = eroded if eroded.any() else mask
-        else:
-            img = Image.new("L", (truth["width"], truth["height"]), 0)
-            ImageDraw.Draw(img).ellipse([box[0], box[1], box[2] - 1, box[3] - 1], fill=255)
-            mask = np.asarray(img) > 127
-        return mask_to_rle(mask)
-
-    def simulate(self, record: dict, truth: dict, rng: np.random.Generator) -> None:
-        p: SimSegmenterParams = self.params  # type: ignore[assignment]
-        masks = [rle_to_mask(o["mask"]) for o in truth["objects"]]
-        for key in p.targets:
-            for ann in record[key]:
-                if ann["status"] != "kept" or (key == "regions" and ann["kind"] != "object"):
-                    continue
-                ann["mask"] = self.mask_for(ann["box"], truth, masks, rng)
-

@@ -35,7 +35,11 @@ from bench.quality.language import (
 )
 from schemas.geometry import mask_to_rle
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout")  # the benchmark's splits
+# Every split name a world can hold; its position keys the split's random stream, so a split's
+# images differ from every other split's at any seed. clip_train / clip_calib are the CLIP
+# scorer's own world (clip_train.py): neither the specialists' nor the held-out images.
+ALL_SPLITS = SPLITS + ("clip_train", "clip_calib")
 SHAPES = tuple(c for c in CATEGORIES if c != "sign")
 SIGN_COLOURS = ("white", "yellow", "blue", "red", "black", "green")
 SIGN_WORDS = (
@@ -311,8 +315,8 @@ def groups_of(objects: list[dict]) -> list[Group]:
 
 
 def describe(objects: list[dict], background: tuple[str, str], width: int, height: int, style: int) -> dict:
-    """Brief + detailed captions (text and phrase links) of a list of objects: the ground truth when
-    given the true objects, a simulated captioner's output when given corrupted ones."""
+    """Brief + detailed captions (text and phrase links) of a list of objects in the truth's wording
+    (the simulated captioner has its own: captioner.py)."""
     groups = groups_of(objects)
     brief = brief_caption(groups, background)
     detailed = detailed_caption(groups, background, width, height, style=style)
@@ -321,7 +325,9 @@ def describe(objects: list[dict], background: tuple[str, str], width: int, heigh
 
 def make_image(cfg: WorldConfig, split: str, index: int, fonts: list[str]) -> tuple[Image.Image, dict]:
     """One image and its truth, a pure function of (cfg.seed, split, index)."""
-    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
+    if split not in ALL_SPLITS:
+        raise ValueError(f"unknown split {split!r}: one of {ALL_SPLITS}")
+    rng = np.random.default_rng([cfg.seed, ALL_SPLITS.index(split), index])
     width = int(rng.integers(cfg.min_side // 8, cfg.max_side // 8 + 1)) * 8
     height = int(rng.integers(cfg.min_side // 8, cfg.max_side // 8 + 1)) * 8
     canvas, background = _background(rng, width, height)
@@ -372,17 +378,21 @@ def truth_path(root: str | Path, split: str) -> Path:
     return Path(root) / "truth" / f"{split}.jsonl"
 
 
-def write_world(root: str | Path, cfg: WorldConfig = WorldConfig()) -> dict:
+def write_world(root: str | Path, cfg: WorldConfig = WorldConfig(), splits: dict[str, int] | None = None) -> dict:
     """images/<split>/<split>_NNNNN.png + truth/<split>.jsonl + world.json; reused when world.json
-    says the same config and generator version were used."""
+    says the same config and generator version were used. `splits`: split name -> images
+    (default: the benchmark's train and held-out splits, cfg.n_train and cfg.n_heldout)."""
     root = Path(root)
     fonts = available_fonts()
-    meta = json.loads(json.dumps({"config": asdict(cfg), "generator_version": GENERATOR_VERSION,
-                                  "fonts": [os.path.basename(f) for f in fonts]}))  # tuples as JSON reads them back
+    splits = splits if splits is not None else {"train": cfg.n_train, "heldout": cfg.n_heldout}
+    meta = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION, "fonts": [os.path.basename(f) for f in fonts]}
+    if set(splits) != set(SPLITS):
+        meta["splits"] = splits
+    meta = json.loads(json.dumps(meta))  # tuples as JSON reads them back
     meta_path = root / "world.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         return meta
-    for split, n in (("train", cfg.n_train), ("heldout", cfg.n_heldout)):
+    for split, n in splits.items():
         folder = image_dir(root, split)
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("*.png"):
