@@ -125,7 +125,7 @@ class CodecSettings(BoundedModel):  # finite numbers, 64-bit integers ("nan" ref
         return TaskCodec(self.tasks, self.max_target_tokens, self.max_region_examples)
 
 
-class FoldSpec(BaseModel):
+class FoldSpec(BoundedModel):
     model_config = ConfigDict(extra="forbid")
 
     fold: int = Field(..., ge=0)
