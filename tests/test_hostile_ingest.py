@@ -37,7 +37,7 @@ from engine.ingest.locations import LocationReader, local_path, open_regular
 from engine.ingest.pixels import IMAGE_FORMATS
 from engine.ingest.quarantine import Quarantined
 from engine.ingest.sources import InputItem, list_inputs
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
 from helpers import image_uris as _images

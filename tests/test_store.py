@@ -283,7 +283,7 @@ def test_readers_list_each_folder_once_and_fetch_no_record_twice(mem_store, monk
     (and its _committed/) once, and a record already read is not fetched again."""
     from collections import Counter
 
-    from engine.query import open_views
+    from engine.views.query import open_views
     from engine.stage import records_to_table
     from schemas.records import empty_record
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from engine.query import open_views
-from engine.tokens import token_counter
+from engine.views.query import open_views
+from engine.views.tokens import token_counter
 from schemas.records import TIERS
 
 DEFAULT_SAMPLE = 2000

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_write, atomic_write_bytes
-from engine.hf_export import HF_SCHEMA, IMAGE_TYPE, hf_image, map_values_as_pairs, with_features
-from engine.query import resolve_step
+from engine.views.hf_export import HF_SCHEMA, IMAGE_TYPE, hf_image, map_values_as_pairs, with_features
+from engine.views.query import resolve_step
 from engine.stage import table_to_records
 from engine.store import ShardStore
 from schemas.geometry import box_area, box_to_quad, polygon_area, rle_area
