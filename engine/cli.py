@@ -331,7 +331,7 @@ def stats(
     out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     step: Optional[str] = typer.Option(None, "--step", help="one step or round (default: latest; Tables 2/3: every step)"),
     format: str = typer.Option("table", "--format", "-f", help="table | json (an object keyed by section)"),
-    sample: Annotated[int, typer.Option("--sample", min=1, help="Table 3: at most N captions per tier go through spaCy")] = 2000,  # engine.fld5b.DEFAULT_SAMPLE
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Table 3: at most N captions per tier go through spaCy")] = 2000,  # engine.views.fld5b.DEFAULT_SAMPLE
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """What OUT holds so far: ingest, quarantine, statuses, counters, FLD-5B Tables 2 and 3, funnel."""

@@ -1,5 +1,5 @@
 """fld calibrate on hand-made data: labels from human annotations, AUC with its interval, fitted thresholds,
-and the profile overlay it writes (engine/calibrate.py)."""
+and the profile overlay it writes (engine/views/calibrate.py)."""
 from __future__ import annotations
 
 import re

@@ -1,5 +1,5 @@
 """`fld export`: kept annotations of one step -> training shards (Florence-2), COCO, WebDataset,
-Hugging Face `datasets` Parquet (engine/hf_export.py).
+Hugging Face `datasets` Parquet (engine/views/hf_export.py).
 
 Only `status = kept` annotations leave the store; dropped ones stay behind for audit. Output
 shards follow the input shards (part-k of the step -> part-k of the export), so an export is

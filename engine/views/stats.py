@@ -7,7 +7,7 @@ committed so far (the same data `fld query` sees).
 Returns {section key: titled table}; the CLI renders the tables in this order and
 `--format json` prints the dict as is. Section keys are stable (README "fld stats"):
 ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds, notes; with human
-annotations also calibration, calibration_checks, calibration_rules, calibration_drops (engine/calibrate.py).
+annotations also calibration, calibration_checks, calibration_rules, calibration_drops (engine/views/calibrate.py).
 A section without data for this OUT (no annotation step yet, no rounds) is left out.
 """
 from __future__ import annotations
