@@ -27,7 +27,7 @@ _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", 
 
 def unexpected_error_line(exc: BaseException) -> str | None:
     """One line for an OSError or an object-store client error, else None (a bug: let it show)."""
-    from engine.store_errors import one_line
+    from engine.store.errors import one_line
 
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""

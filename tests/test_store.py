@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from engine.lease import LEASE, Lease
+from engine.store.lease import LEASE, Lease
 from engine.store import RunLockedError, ShardStore, StoreError, StoreSpec
 
 
@@ -194,7 +194,7 @@ def test_lease_of_another_host_is_taken_over_only_after_expiry(mem_store):
 
 @pytest.mark.timeout(60)
 def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(mem_store):
-    from engine.lease import host_key
+    from engine.store.lease import host_key
 
     dead = mp.get_context("fork").Process(target=lambda: None)
     dead.start()

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.atomic import TEMPORARY, atomic_write, atomic_write_bytes
-from engine.store_errors import (  # noqa: F401 - the store's errors, raised and caught as engine.store.*
+from engine.store.errors import (  # noqa: F401 - the store's errors, raised and caught as engine.store.*
     DamagedShardError,
     RunLockedError,
     StoreError,
@@ -669,7 +669,7 @@ class ShardStore:
         """One writer per OUT: flock locally (released by the kernel even after SIGKILL), a lease
         object on object stores (engine.lease). Temporaries of a killed run are removed once held."""
         if not self.local:
-            from engine.lease import Lease
+            from engine.store.lease import Lease
 
             lease = Lease(self, what, lease_seconds)
             lease.acquire()

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from engine.store_errors import RunLockedError, StoreError, one_line
+from engine.store.errors import RunLockedError, StoreError, one_line
 
 log = logging.getLogger(__name__)
 
