@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from annotators.florence2 import TaskName
 from engine.registry import stage_class
+from engine.stage import EXECUTION_PARAMS
 from refine.health import HealthThresholds, verdict
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
@@ -93,20 +94,13 @@ class RefineConfig(_Strict):
         return v
 
 
-def _yaml_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 class FlorenceRounds:
     """What the engine needs to know of a pipeline's refinement rounds."""
 
     Config = RefineConfig
 
     def __init__(self, pipeline):
-        from engine.config import ConfigError
+        from engine.config_files import ConfigError, config_error
 
         self.pipeline = pipeline
         where = f"{pipeline.origin}: pipelines.{pipeline.name}.refine"
@@ -117,8 +111,7 @@ class FlorenceRounds:
         try:
             self.cfg = RefineConfig(**raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"{where}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+            raise config_error(where, exc, nested=True) from None
         steps = [s.name for s in pipeline.steps]
         if not steps:
             raise ConfigError(f"{where}: refinement rounds need at least one step to start from")
@@ -138,7 +131,7 @@ class FlorenceRounds:
         d = self.cfg.model_dump(mode="json", exclude={"model", "round_start"})
         for key in TRAIN_EXECUTION_SETTINGS:
             d["train"].pop(key, None)
-        for key in ("batch_size", "cpus", "gpus", "concurrency"):
+        for key in EXECUTION_PARAMS:
             d["relabel"].pop(key, None)
         d["filters"] = [(spec.stage, spec.params) for spec in self._filter_specs()]
         return d
