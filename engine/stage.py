@@ -258,7 +258,7 @@ def decode_image(data: bytes):
     """Bytes from images/ -> RGB PIL image with EXIF orientation applied (as ingest measured)."""
     from PIL import Image, ImageOps
 
-    from engine.ingest.pixels import IMAGE_FORMATS, to_rgb  # 16-bit scaled, not clipped to white
+    from engine.images import IMAGE_FORMATS, to_rgb  # 16-bit scaled, not clipped to white
 
     img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # never another Pillow plugin
     return to_rgb(ImageOps.exif_transpose(img))

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.ingest.locations import (Reader, RetriesExhausted, escape_name, location_of, network_reason,
                                      read_with_retries, too_large)
-from engine.ingest.pixels import IMAGE_FORMATS, to_rgb
+from engine.images import IMAGE_FORMATS, to_rgb
 from engine.ingest.quarantine import QUARANTINE_REASONS, Quarantined
 from engine.ingest.sources import InputItem
 from schemas.records import IMAGES_SCHEMA, QUARANTINE_SCHEMA
