@@ -109,6 +109,14 @@ def test_a_kernel_import_of_the_read_side_is_found():
     assert kernel_reads(graph) == [("engine.run", "engine.views.query")]
 
 
+def test_the_stage_contract_and_ingest_share_helpers_without_importing_each_other():
+    graph, _ = import_graph()
+    ingest = [m for m in graph if m == "engine.ingest" or m.startswith("engine.ingest.")]
+    leans = sorted((a, b) for a in ingest for b in graph[a] if b == "engine.stage")
+    leans += sorted(("engine.stage", b) for b in graph["engine.stage"] if b in ingest)
+    assert leans == [] and {"engine.images"} <= graph["engine.stage"] & set().union(*(graph[m] for m in ingest))
+
+
 def test_only_the_runners_import_ray_and_beam():
     _, third = import_graph()
     users = third.get("ray", set()) | third.get("apache_beam", set())

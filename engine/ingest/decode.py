@@ -2,7 +2,7 @@
 
 An input becomes either a row of images/ (original bytes untouched, size after EXIF
 orientation) or a row of quarantine/ with a short reason code and a sentence naming the file.
-Every check the downstream decoder (engine.stage.decode_image) relies on happens here: the
+Every check the downstream decoder (engine.images.decode_image) relies on happens here: the
 full pixel load (truncation), EXIF transpose and conversion to RGB. Sizes are checked from
 the header before any pixel is decoded, so a decompression bomb never allocates its pixels.
 Only the formats the engine supports are offered to Pillow (engine.ingest.pixels.IMAGE_FORMATS):
