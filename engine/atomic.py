@@ -1,7 +1,7 @@
 """Atomic replacement of a local file or folder: a reader (or a resumed run) sees the old one or the
 new one, never a half-written one, even after a kill or a power cut.
 
-Why one helper: the store commits shards and records this way on local paths (engine/store.py; on
+Why one helper: the store commits shards and records this way on local paths (engine/store/; on
 object stores a whole-object PUT is atomic instead), the exports write their files this way, and the
 trainer its checkpoint folders. The new content is written under a hidden temporary name in the same
 folder (`.<name>.tmp-<pid>`, which the store's cleanup of killed writers recognises by TEMPORARY),

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from engine.query_output import DEFAULT_MAX_BYTES, DEFAULT_MAX_CELL
+from engine.views.query_output import DEFAULT_MAX_BYTES, DEFAULT_MAX_CELL
 
 # Errors from the operating system or an object store's client that no command expected (a
 # read-only OUT or cwd, a full disk, an S3 endpoint lost mid-run) end as one line, never a traceback.
@@ -27,7 +27,7 @@ _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", 
 
 def unexpected_error_line(exc: BaseException) -> str | None:
     """One line for an OSError or an object-store client error, else None (a bug: let it show)."""
-    from engine.store_errors import one_line
+    from engine.store.errors import one_line
 
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
@@ -298,8 +298,8 @@ def query(
     """Read-only SQL over OUT (DuckDB), sandboxed: SELECT only, no files outside OUT, limits.
 
     Rows are streamed; one --timeout covers the whole command, printing included."""
-    from engine.query import QueryError, QueryInterrupted, check_limits, execute_query
-    from engine.query_output import CsvSink, JsonSink, TableSink
+    from engine.views.query import QueryError, QueryInterrupted, check_limits, execute_query
+    from engine.views.query_output import CsvSink, JsonSink, TableSink
     from engine.store import StoreError
 
     if format not in ("table", "csv", "json"):
@@ -331,12 +331,12 @@ def stats(
     out: str = typer.Argument(..., help="output folder (or URL) of fld run"),
     step: Optional[str] = typer.Option(None, "--step", help="one step or round (default: latest; Tables 2/3: every step)"),
     format: str = typer.Option("table", "--format", "-f", help="table | json (an object keyed by section)"),
-    sample: Annotated[int, typer.Option("--sample", min=1, help="Table 3: at most N captions per tier go through spaCy")] = 2000,  # engine.fld5b.DEFAULT_SAMPLE
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Table 3: at most N captions per tier go through spaCy")] = 2000,  # engine.views.fld5b.DEFAULT_SAMPLE
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """What OUT holds so far: ingest, quarantine, statuses, counters, FLD-5B Tables 2 and 3, funnel."""
-    from engine.query import QueryError
-    from engine.stats import collect_stats
+    from engine.views.query import QueryError
+    from engine.views.stats import collect_stats
     from engine.store import StoreError
 
     if format not in ("table", "json"):
@@ -365,9 +365,9 @@ def calibrate(
 ) -> None:
     """Measure every filter check and rule against OUT's human annotations; write a profile with fitted thresholds."""
     from engine.atomic import atomic_write_bytes
-    from engine.calibrate import as_json, calibrate as do_calibrate, overlay_yaml, tables
+    from engine.views.calibrate import as_json, calibrate as do_calibrate, overlay_yaml, tables
     from engine.config import is_profile_file, load_profile_file
-    from engine.query import QueryError
+    from engine.views.query import QueryError
     from engine.store import StoreError
 
     if format not in ("table", "json"):
@@ -400,8 +400,8 @@ def export(
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Export kept annotations: Florence-2 training shards, COCO JSON, WebDataset tars, or a Hugging Face dataset."""
-    from engine.export import ExportError, export as do_export
-    from engine.query import QueryError
+    from engine.views.export import ExportError, export as do_export
+    from engine.views.query import QueryError
     from engine.store import StoreError
 
     try:
@@ -423,8 +423,8 @@ def show(
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """One self-contained HTML page: annotations drawn as toggleable layers, models, funnel, checks, quarantine."""
-    from engine.query import QueryError
-    from engine.show import build_report
+    from engine.views.query import QueryError
+    from engine.views.show import build_report
     from engine.store import StoreError
 
     try:
@@ -483,7 +483,7 @@ def quickstart(
     samples(samples_dir, False)
     run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], False, [])
     stats(out, None, "table", 2000, [])
-    from engine.stats import round_summaries
+    from engine.views.stats import round_summaries
 
     for line in round_summaries(out):
         _say(f"stage 3 {line}")

@@ -28,18 +28,10 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from engine.registry import UnknownStageError, stage_class
 from engine.stage import Stage
-from engine.config_files import ConfigError, parse_yaml, read_config_text
-from engine.config_files import yaml_path as _yaml_path
+from engine.config_files import ConfigError, config_error, parse_yaml, read_config_text
 from engine.values import BoundedModel
 
 __all__ = ["ConfigError", "parse_yaml", "read_config_text", "load_config", "load_pipeline"]
-
-
-def config_error(where: str, exc: ValidationError, prefix: str = "") -> ConfigError:
-    """The first pydantic error as one ConfigError: `where: prefix.yaml.path: message`."""
-    err = exc.errors()[0]
-    path = ".".join(p for p in (prefix, _yaml_path(err["loc"])) if p)
-    return ConfigError(f"{where}: {path}: {err['msg']}" if path else f"{where}: {err['msg']}")
 
 
 class _Strict(BoundedModel):
@@ -296,9 +288,8 @@ def apply_profile_params(config: PipelineConfig, overrides: dict[str, dict], whe
                 try:
                     cls.Params(**merged)
                 except ValidationError as exc:
-                    err = exc.errors()[0]
-                    if _set_by(values, err["loc"][:1]):
-                        raise ConfigError(f"{where}.{key}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+                    if _set_by(values, exc.errors()[0]["loc"][:1]):
+                        raise config_error(f"{where}.{key}", exc, nested=True) from None
                 spec.params = merged
     refine = overrides.get(REFINE_KEY)
     if refine:  # validated even when this pipeline has no rounds: a typo is an error everywhere
@@ -308,9 +299,8 @@ def apply_profile_params(config: PipelineConfig, overrides: dict[str, dict], whe
         try:
             rounds_class().Config(**merged)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            if _set_by(refine, err["loc"]):
-                raise ConfigError(f"{where}.{REFINE_KEY}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+            if _set_by(refine, exc.errors()[0]["loc"]):
+                raise config_error(f"{where}.{REFINE_KEY}", exc, nested=True) from None
         if config.rounds or config.refine:
             config.refine = merged
     return config

@@ -31,6 +31,17 @@ def yaml_path(loc: tuple) -> str:
     return out
 
 
+def config_error(where: str, exc, prefix: str = "", nested: bool = False) -> ConfigError:
+    """The first error of a pydantic ValidationError `exc` as one ConfigError naming its YAML path:
+    `where: prefix.path: message`, or, nested (`where` already ends in a YAML path), `where.prefix.path: message`.
+    Every configuration error of a pydantic model is reported through here."""
+    err = exc.errors()[0]
+    path = ".".join(p for p in (prefix, yaml_path(err["loc"])) if p)
+    if not path:
+        return ConfigError(f"{where}: {err['msg']}")
+    return ConfigError(f"{where}.{path}: {err['msg']}" if nested else f"{where}: {path}: {err['msg']}")
+
+
 def read_config_text(path: str | Path, what: str = "configuration file") -> str:
     """The text of a regular file of at most MAX_CONFIG_BYTES, else one ConfigError naming it."""
     from engine.ingest.locations import open_regular, read_capped

@@ -14,7 +14,11 @@ decides the output, and nothing else:
 - a refinement round: what it trains on (the hash of its input step or round), the training and
   relabel settings, the model it starts from (reference + revision) and the round number.
 
-Every hash in the engine is computed here with `digest`, so there is one recipe.
+Every hash in the engine is computed here with `digest`, so there is one recipe. Checksums of bytes
+are not identities and stay where the bytes are: ingest's sha256 of each image (dedup, provenance),
+the store's shard and footer sha256 (engine/store/integrity.py); so do the local cache's folder
+names (engine/local_cache.py), the seeds of the random test models (engine/random_models/seeding.py,
+frozen as first released) and the label colours of `fld show`.
 """
 from __future__ import annotations
 

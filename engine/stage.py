@@ -8,14 +8,13 @@ the rest of the batch goes on (Beam RunInference's per-element error contract).
 """
 from __future__ import annotations
 
-import io
-import traceback
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 import pyarrow as pa
 from pydantic import ConfigDict
 
+from engine.images import decode_image, record_error  # noqa: F401 - part of the stage contract
 from engine.values import BoundedModel
 from schemas.records import ANNOTATION_KINDS, IMAGE_RECORD_SCHEMA, params_hash, source_of
 
@@ -218,16 +217,6 @@ class Stage:
             return None
 
 
-def record_error(record: dict, stage: str, exc: BaseException | str) -> None:
-    if isinstance(exc, BaseException):
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
-        msg = f"{type(exc).__name__}: {exc}{where}"
-    else:
-        msg = str(exc)
-    record.setdefault("errors", []).append({"stage": stage, "error": msg})
-
-
 def _checks_to_dict(value: Any) -> dict:
     if value is None:
         return {}
@@ -252,17 +241,6 @@ def table_to_records(table: pa.Table) -> list[dict]:
 
 def records_to_table(records: Iterable[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(records), schema=IMAGE_RECORD_SCHEMA)
-
-
-def decode_image(data: bytes):
-    """Bytes from images/ -> RGB PIL image with EXIF orientation applied (as ingest measured)."""
-    from PIL import Image, ImageOps
-
-    from engine.ingest.pixels import IMAGE_FORMATS, to_rgb  # 16-bit scaled, not clipped to white
-
-    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # never another Pillow plugin
-    ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turn
-    return to_rgb(img)
 
 
 def decode_pixels(data: bytes | None, width: int, height: int) -> bytearray:

@@ -25,7 +25,7 @@ class Threshold(NamedTuple):
     value_of: str
     rule: str  # the parameter, e.g. "brief min_object_complexity"
     value: float
-    # what `fld calibrate` needs to measure the rule and write it back (engine/calibrate.py):
+    # what `fld calibrate` needs to measure the rule and write it back (engine/views/calibrate.py):
     upper: bool = False  # the rule keeps value <= threshold (max_*, nms_iou); else value >= threshold
     where: tuple[str, str] | None = None  # only annotations with this field value, e.g. ("kind", "object")
     param: tuple[str, ...] = ()  # the stage parameter's path, e.g. ("min_score", "object")

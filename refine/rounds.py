@@ -108,20 +108,13 @@ class RefineConfig(_Strict):
         return v
 
 
-def _yaml_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 class FlorenceRounds:
     """What the engine needs to know of a pipeline's refinement rounds."""
 
     Config = RefineConfig
 
     def __init__(self, pipeline):
-        from engine.config import ConfigError
+        from engine.config_files import ConfigError, config_error
 
         self.pipeline = pipeline
         where = f"{pipeline.origin}: pipelines.{pipeline.name}.refine"
@@ -132,8 +125,7 @@ class FlorenceRounds:
         try:
             self.cfg = RefineConfig(**raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"{where}.{_yaml_path(err['loc'])}: {err['msg']}") from None
+            raise config_error(where, exc, nested=True) from None
         steps = [s.name for s in pipeline.steps]
         if not steps:
             raise ConfigError(f"{where}: refinement rounds need at least one step to start from")

@@ -1,7 +1,7 @@
 """What a caption's dependency parse counts: objects, attributes, actions and their complexity.
 
 One home for these definitions (filters/text.py documents them): the text filter (stage 2) decides on
-them and `fld stats` (engine/fld5b.py) reports FLD-5B Table 3 with them, so neither imports the other.
+them and `fld stats` (engine/views/fld5b.py) reports FLD-5B Table 3 with them, so neither imports the other.
 Works on any spaCy Doc; imports nothing of ours.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.config import load_pipeline
 from engine.ingest.decode import QUARANTINE_REASONS
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.stage import IMAGE_BYTES_COLUMN, records_to_table
 from engine.store import ShardStore

@@ -1,5 +1,5 @@
 """fld calibrate on hand-made data: labels from human annotations, AUC with its interval, fitted thresholds,
-and the profile overlay it writes (engine/calibrate.py)."""
+and the profile overlay it writes (engine/views/calibrate.py)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.calibrate import auc, auc_interval, calibrate, fit_threshold, label_record, measure_rule, overlay_yaml
+from engine.views.calibrate import auc, auc_interval, calibrate, fit_threshold, label_record, measure_rule, overlay_yaml
 from engine.config import load_pipeline
 from schemas.records import new_annotation, source_of
 

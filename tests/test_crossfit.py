@@ -15,7 +15,7 @@ import pytest
 
 from engine import identity
 from engine.config import ConfigError, load_pipeline
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.stage import decode_image
 from engine.store import ShardStore

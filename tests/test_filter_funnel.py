@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.funnel import check_quantiles, funnel, funnel_tables
-from engine.query import open_views
+from engine.views.funnel import check_quantiles, funnel, funnel_tables
+from engine.views.query import open_views
 from engine.stage import records_to_table, table_to_records
 from engine.store import ShardStore, shard_name
 from filters.grounding import GroundingFilter

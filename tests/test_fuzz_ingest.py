@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.ingest.decode import QUARANTINE_REASONS
 from engine.ingest.locations import location_of
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.store import ShardStore
 
 SEED = 20261130

@@ -5,7 +5,7 @@ import io
 import pyarrow as pa
 import pytest
 from PIL import Image
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.stage import records_to_table
 from engine.store import ShardStore
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of

@@ -27,7 +27,7 @@ from engine.ingest.decode import QUARANTINE_REASONS, ingest_shard
 from engine.ingest.human import limit_annotations
 from engine.ingest.locations import LocationReader, local_path
 from engine.ingest.sources import InputItem, list_inputs, outside_root
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.stage import decode_image
 from engine.store import ShardStore
 from helpers import ingest_run as _run

@@ -215,7 +215,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 
 from bounded import fld_bounded  # noqa: E402
-from engine.export import MARKER  # noqa: E402
+from engine.views.export import MARKER  # noqa: E402
 
 
 def _snapshot(folder):
@@ -273,7 +273,7 @@ def test_a_non_empty_dest_is_refused_unless_it_holds_the_same_export(own_out, tm
 
 @pytest.mark.timeout(300)
 def test_a_killed_export_leaves_its_marker_and_the_rerun_finishes_it(own_out, tmp_path, monkeypatch):
-    import engine.export as ex
+    import engine.views.export as ex
 
     dest = tmp_path / "dest"
     calls = {"n": 0}

@@ -34,10 +34,10 @@ from engine.config import load_pipeline
 from engine.ingest import locations
 from engine.ingest.decode import QUARANTINE_REASONS, ingest_shard
 from engine.ingest.locations import LocationReader, local_path, open_regular
-from engine.ingest.pixels import IMAGE_FORMATS
+from engine.images import IMAGE_FORMATS
 from engine.ingest.quarantine import Quarantined
 from engine.ingest.sources import InputItem, list_inputs
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
 from helpers import image_uris as _images

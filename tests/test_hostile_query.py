@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.query import check_read_only, QueryError
+from engine.views.query import check_read_only, QueryError
 from engine.store import ShardStore
 
 runner = CliRunner()
@@ -185,7 +185,7 @@ def test_ctrl_c_inside_a_long_lived_process_stops_only_the_query(target):
     """A service calling execute_query keeps running: SIGINT interrupts the query, not the process."""
     import threading
 
-    from engine.query import QueryInterrupted, execute_query
+    from engine.views.query import QueryInterrupted, execute_query
 
     timer = threading.Timer(3, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from engine.ingest import InputError, InputItem, decode_input, human_annotations, ingest_shard, list_inputs
-from engine.ingest.pixels import to_rgb
+from engine.images import to_rgb
 from engine.stage import decode_image, records_to_table
 from schemas.geometry import rle_area, rle_to_mask
 from schemas.records import IMAGE_RECORD_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, empty_record

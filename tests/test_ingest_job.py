@@ -5,7 +5,7 @@ import pytest
 
 from engine.config import load_pipeline
 from engine.ingest.chunks import EmptyInputError
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
 

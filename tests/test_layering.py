@@ -1,5 +1,6 @@
 """The import graph of fld-engine's own packages, read from the code (function-level imports included):
-no cycles, the engine never imports a stage package, only engine/runners/* import ray or apache_beam."""
+no cycles, the engine never imports a stage package, the kernel never imports the read side
+(engine/views/), only engine/runners/* import ray or apache_beam."""
 from __future__ import annotations
 
 import ast
@@ -88,6 +89,32 @@ def test_the_engine_imports_no_stage_package():
     wrong = sorted((m, t) for m, ts in graph.items() if m.split(".")[0] == "engine" for t in ts
                    if t.split(".")[0] in ("annotators", "filters", "refine"))
     assert wrong == []
+
+
+def kernel_reads(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(kernel module, read-side module it imports): the kernel is engine/ minus engine/views/ and the CLI."""
+    kernel = [m for m in graph if m.split(".")[0] == "engine" and not m.startswith("engine.views")
+              and m not in ("engine.cli", "engine.views")]
+    return sorted((m, t) for m in kernel for t in graph[m] if t == "engine.views" or t.startswith("engine.views."))
+
+
+def test_the_kernel_never_imports_the_read_side():
+    graph, _ = import_graph()
+    assert any(m.startswith("engine.views.") for m in graph) and kernel_reads(graph) == []
+
+
+def test_a_kernel_import_of_the_read_side_is_found():
+    graph = {"engine.run": {"engine.views.query"}, "engine.cli": {"engine.views.show"},
+             "engine.views.show": {"engine.views.query", "engine.store"}}
+    assert kernel_reads(graph) == [("engine.run", "engine.views.query")]
+
+
+def test_the_stage_contract_and_ingest_share_helpers_without_importing_each_other():
+    graph, _ = import_graph()
+    ingest = [m for m in graph if m == "engine.ingest" or m.startswith("engine.ingest.")]
+    leans = sorted((a, b) for a in ingest for b in graph[a] if b == "engine.stage")
+    leans += sorted(("engine.stage", b) for b in graph["engine.stage"] if b in ingest)
+    assert leans == [] and {"engine.images"} <= graph["engine.stage"] & set().union(*(graph[m] for m in ingest))
 
 
 def test_only_the_runners_import_ray_and_beam():

@@ -162,10 +162,10 @@ def test_a_collapsed_model_merges_nothing(tmp_path, zero_vision, caplog):
     keeps its relabels only as dropped `round:unhealthy_model`; the kept labels stay those of the step;
     the run says so in one line naming the failed check; `fld stats` and the report show the figures."""
     from engine.config import load_pipeline
-    from engine.query import run_query
+    from engine.views.query import run_query
     from engine.run import run_pipeline
-    from engine.show import build_report
-    from engine.stats import round_metrics_table
+    from engine.views.show import build_report
+    from engine.views.stats import round_metrics_table
     from engine.store import ShardStore
 
     src = tmp_path / "src"

@@ -52,8 +52,8 @@ def test_small_benchmark_end_to_end(tmp_path):
     assert "| box mAP |" in text and "quality_by_round.svg" in text
 
     # every OUT is a normal engine output: fld stats and queries work on its rounds
-    from engine.query import run_query
-    from engine.stats import collect_stats
+    from engine.views.query import run_query
+    from engine.views.stats import collect_stats
 
     train, heldout = out_dir(work, "harsh", "full", "train"), out_dir(work, "harsh", "full", "heldout")
     assert collect_stats(heldout, step="round2")  # what `fld stats OUT --step round2` prints

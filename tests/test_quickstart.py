@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.show import build_report
+from engine.views.show import build_report
 
 pytestmark = pytest.mark.slow  # the whole quickstart: ~30 s of CPU, a minute or two on a loaded machine
 

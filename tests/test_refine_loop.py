@@ -98,9 +98,9 @@ def test_refine_config_errors_name_the_yaml_path(tmp_path):
 @pytest.mark.slow
 def test_one_full_round_end_to_end(photos, tmp_path):
     from engine.config import load_pipeline
-    from engine.query import run_query
+    from engine.views.query import run_query
     from engine.run import run_pipeline
-    from engine.stats import round_metrics, round_metrics_table
+    from engine.views.stats import round_metrics, round_metrics_table
     from engine.store import ShardStore
     from schemas.validate import validate_table
 

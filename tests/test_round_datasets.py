@@ -15,7 +15,7 @@ import torch
 
 from engine import identity
 from engine.config import load_pipeline
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
 from helpers import coco_input as _coco_input

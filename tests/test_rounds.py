@@ -16,7 +16,7 @@ import time
 import pytest
 
 from engine.config import load_pipeline
-from engine.query import resolve_step, run_query
+from engine.views.query import resolve_step, run_query
 from engine.run import run_pipeline
 from engine.store import ShardStore
 from helpers import assert_close as _close

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from engine import registry
 from engine.config import load_pipeline
-from engine.query import run_query
+from engine.views.query import run_query
 from engine.run import run_pipeline
 from engine.stage import Resources, Stage, StageParams
 from engine.store import ShardStore

@@ -89,7 +89,7 @@ ATTACKS_ON_S3 = [
 @pytest.mark.timeout(180)
 def test_the_sandbox_holds_on_an_object_store(s3_server, s3_ocr_run, ocr_run):
     """With external access off, DuckDB applies allowed_directories to the registered fsspec filesystem too."""
-    from engine.query import QueryError, execute_query
+    from engine.views.query import QueryError, execute_query
 
     fs = s3_server.filesystem()
     other = f"other-{uuid.uuid4().hex[:6]}"

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.show import build_report, visible_text
+from engine.views.show import build_report, visible_text
 from engine.stage import records_to_table
 from helpers import make_report_store, rect_mask
 
@@ -119,7 +119,7 @@ def test_cli_show_with_markup_in_the_path(tmp_path, photos):
 
 
 def test_many_masks_start_hidden_and_a_shared_mask_is_drawn_once():
-    from engine.show import MANY_MASKS, MaskLayer, _toggles
+    from engine.views.show import MANY_MASKS, MaskLayer, _toggles
 
     assert 'id="layer-masks" class="toggle">' in _toggles({"masks": MANY_MASKS + 1})
     assert 'id="layer-masks" class="toggle" checked>' in _toggles({"masks": MANY_MASKS})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.show import build_report
+from engine.views.show import build_report
 from helpers import CHROMIUM, FLAGS, make_report_store
 
 def _displays(page, selector: str) -> set[str]:

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.config import load_pipeline
-from engine.fld5b import PAPER_TABLE2, PAPER_TABLE3
+from engine.views.fld5b import PAPER_TABLE2, PAPER_TABLE3
 from engine.run import run_pipeline
 from engine.stage import records_to_table
-from engine.stats import collect_stats
+from engine.views.stats import collect_stats
 from engine.store import ShardStore
-from engine.tokens import florence_tokenizer, token_counter
+from engine.views.tokens import florence_tokenizer, token_counter
 from schemas.records import IMAGES_SCHEMA, empty_record, new_annotation, source_of
 from helpers import ocr_pipelines as _yaml  # `inputs` (conftest): 4 real images + 2 broken files + 1 duplicate
 
@@ -95,7 +95,7 @@ def test_florence_tokenizer_is_gpt2_bpe_with_location_tokens():
 
 
 def test_spacy_fallback_is_named(monkeypatch):
-    import engine.tokens as tokens
+    import engine.views.tokens as tokens
 
     monkeypatch.setattr(tokens, "_bpe_files", lambda: None)
     tokens.token_counter.cache_clear()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from engine.lease import LEASE, Lease
+from engine.store.lease import LEASE, Lease
 from engine.store import RunLockedError, ShardStore, StoreError, StoreSpec
 
 
@@ -194,7 +194,7 @@ def test_lease_of_another_host_is_taken_over_only_after_expiry(mem_store):
 
 @pytest.mark.timeout(60)
 def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(mem_store):
-    from engine.lease import host_key
+    from engine.store.lease import host_key
 
     dead = mp.get_context("fork").Process(target=lambda: None)
     dead.start()
@@ -283,7 +283,7 @@ def test_readers_list_each_folder_once_and_fetch_no_record_twice(mem_store, monk
     (and its _committed/) once, and a record already read is not fetched again."""
     from collections import Counter
 
-    from engine.query import open_views
+    from engine.views.query import open_views
     from engine.stage import records_to_table
     from schemas.records import empty_record
 

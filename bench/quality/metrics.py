@@ -277,7 +277,7 @@ def evaluate(records: Iterable[dict], truth: dict[str, dict]) -> dict[str, float
 def read_version(out, step: str) -> list[dict]:
     """The image records of one dataset version of OUT (a step or `round<k>`), through the
     engine's DuckDB views (what `fld query --step` reads)."""
-    from engine.query import open_views
+    from engine.views.query import open_views
 
     con = open_views(out, step)
     try:

@@ -2,10 +2,10 @@
 
 An input becomes either a row of images/ (original bytes untouched, size after EXIF
 orientation) or a row of quarantine/ with a short reason code and a sentence naming the file.
-Every check the downstream decoder (engine.stage.decode_image) relies on happens here: the
+Every check the downstream decoder (engine.images.decode_image) relies on happens here: the
 full pixel load (truncation), EXIF transpose and conversion to RGB. Sizes are checked from
 the header before any pixel is decoded, so a decompression bomb never allocates its pixels.
-Only the formats the engine supports are offered to Pillow (engine.ingest.pixels.IMAGE_FORMATS):
+Only the formats the engine supports are offered to Pillow (engine.images.IMAGE_FORMATS):
 an EPS, PSD, PDF or ICO renamed .jpg never reaches its plugin (nor Ghostscript).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.ingest.locations import (Reader, RetriesExhausted, escape_name, location_of, network_reason,
                                      read_with_retries, too_large)
-from engine.ingest.pixels import IMAGE_FORMATS, to_rgb
+from engine.images import IMAGE_FORMATS, to_rgb
 from engine.ingest.quarantine import QUARANTINE_REASONS, Quarantined
 from engine.ingest.sources import InputItem
 from schemas.records import IMAGES_SCHEMA, QUARANTINE_SCHEMA

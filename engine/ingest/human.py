@@ -23,7 +23,7 @@ import json
 import math
 from typing import Any
 
-from engine.stage import record_error
+from engine.images import record_error
 from schemas.geometry import box_to_quad, check_polygon, check_rle, clamp_box, finite_numbers, polygon_to_rle
 from schemas.records import TIERS, make_ann_id, new_annotation, source_of
 

@@ -13,12 +13,11 @@ Rows never travel back to the driver: a runner reports per-shard summaries (rows
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from engine.identity import digest
 from engine.stage import Stage
 
 
@@ -35,8 +34,8 @@ class StageRecipe:
 
     @property
     def key(self) -> str:
-        payload = json.dumps([self.cls.__module__, self.cls.__qualname__, self.params, self.models], sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """Which built stage a worker may reuse (engine.identity.digest, like every hash of the engine)."""
+        return digest([self.cls.__module__, self.cls.__qualname__, self.params, self.models])
 
     def build(self) -> Stage:
         return self.cls(dict(self.params), models=dict(self.models))

@@ -167,7 +167,7 @@ def spacy_mentions():
 
 def human_records(store, step: str | None = None) -> list[dict]:
     """Records of the step (default: the latest) whose images carry human regions or captions."""
-    from engine.query import open_views
+    from engine.views.query import open_views
 
     con = open_views(store, step)
     try:
@@ -560,7 +560,7 @@ def calibration_html(store, step: str | None = None) -> str:
     the fitted one (green) marked; empty when OUT has no human annotations."""
     from html import escape
 
-    from engine.svg_plots import THRESHOLD_COLOR, pr_curve_svg
+    from engine.views.svg_plots import THRESHOLD_COLOR, pr_curve_svg
 
     records = human_records(store, step)
     if not records:

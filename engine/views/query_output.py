@@ -1,6 +1,6 @@
 """How `fld query` writes streamed rows: csv / json / table sinks with bounded output.
 
-Rows arrive FETCH_BATCH at a time from engine.query (on its worker thread, inside its
+Rows arrive FETCH_BATCH at a time from engine.views.query (on its worker thread, inside its
 timeout). Nothing is held beyond one batch for csv / json; the table holds --max-rows rows.
 Bounds, each cut said once on stderr:
 - a cell longer than `max_cell` characters (text, bytes, or a nested value's JSON) is cut and

@@ -7,7 +7,7 @@ What is counted: KEPT annotations (what an export would ship; FLD-5B is the filt
   region's `label` (object category or OCR string), "brief" text = its `brief`; regions per image
   over all images of the folder; text-phrase-region triplets per caption tier (the tier of the
   grounding's caption), per kept caption of that tier, and the mean tokens of their phrases.
-  Tokens are Florence-2's BPE tokens (engine.tokens), over every annotation.
+  Tokens are Florence-2's BPE tokens (engine.views.tokens), over every annotation.
 - Table 3: per tier, mean objects / attributes / actions / proper nouns per caption and mean
   object / action complexity, from schemas.text_stats (the text filter's own definitions).
   spaCy is the expensive part, so at most `sample` captions per tier are parsed: the first by
@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from engine.query import open_views
-from engine.tokens import token_counter
+from engine.views.query import open_views
+from engine.views.tokens import token_counter
 from schemas.records import TIERS
 
 DEFAULT_SAMPLE = 2000
@@ -80,7 +80,7 @@ def _avg(total: float, n: int) -> float | None:
 
 
 def table2_values(con) -> dict[str, Any]:
-    """Table 2 measures of the step whose views `con` holds (engine.query.open_views)."""
+    """Table 2 measures of the step whose views `con` holds (engine.views.query.open_views)."""
     images = con.execute("SELECT count(*) FROM records").fetchall()[0][0]
     v: dict[str, Any] = {"images": images}
     texts = _grouped_token_sums(con, "SELECT tier, text FROM texts WHERE status = 'kept'")

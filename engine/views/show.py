@@ -25,12 +25,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.calibrate import calibration_html
-from engine.funnel import funnel, pipeline_thresholds, value_histograms
-from engine.query import open_views, resolve_step
+from engine.views.calibrate import calibration_html
+from engine.views.funnel import funnel, pipeline_thresholds, value_histograms
+from engine.views.query import open_views, resolve_step
 from engine.stage import decode_image, table_to_records
 from engine.store import ShardStore
-from engine.svg_plots import funnel_svg, histogram_svg
+from engine.views.svg_plots import funnel_svg, histogram_svg
 from schemas.geometry import mask_to_polygon, rle_to_mask
 from schemas.records import ANNOTATION_KINDS
 

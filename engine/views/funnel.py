@@ -2,7 +2,7 @@
 dropped and why; plus quantiles of every check, so thresholds can be chosen from the data
 (and re-applied in SQL) instead of guessed.
 
-Works on the DuckDB views of engine.query.open_views (texts, regions, groundings: one row
+Works on the DuckDB views of engine.views.query.open_views (texts, regions, groundings: one row
 per annotation with status, reason, checks). Only the first reason of a drop is stored, so the
 funnel is sequential: a filter's "in" is what no earlier filter dropped. The order is the
 pipeline's stage order when given, else the usual stage-2 order below, then any other reason

@@ -1,5 +1,5 @@
 """`fld export`: kept annotations of one step -> training shards (Florence-2), COCO, WebDataset,
-Hugging Face `datasets` Parquet (engine/hf_export.py).
+Hugging Face `datasets` Parquet (engine/views/hf_export.py).
 
 Only `status = kept` annotations leave the store; dropped ones stay behind for audit. Output
 shards follow the input shards (part-k of the step -> part-k of the export), so an export is
@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_write, atomic_write_bytes
-from engine.hf_export import HF_SCHEMA, IMAGE_TYPE, hf_image, map_values_as_pairs, with_features
-from engine.query import resolve_step
+from engine.views.hf_export import HF_SCHEMA, IMAGE_TYPE, hf_image, map_values_as_pairs, with_features
+from engine.views.query import resolve_step
 from engine.stage import table_to_records
 from engine.store import ShardStore
 from schemas.geometry import box_area, box_to_quad, polygon_area, rle_area

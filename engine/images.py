@@ -1,13 +1,16 @@
-"""Decoded image -> 8-bit RGB, keeping the picture for high-bit-depth files; the formats the engine opens.
+"""Image helpers that the stage contract (engine/stage.py) and ingest (engine/ingest/) share, so neither
+imports the other: the formats the engine opens, decoding to 8-bit RGB, a failure recorded on an image record.
+
+Decoded image -> 8-bit RGB, keeping the picture for high-bit-depth files.
 
 Pillow's plain convert("RGB") clips 16-bit samples ("I;16", "I") at 255, so a 16-bit PNG
 becomes an almost white image; every model would then see garbage. Scaling the 16-bit range
-to 8 bits first keeps the content. No fld-engine imports: engine.stage.decode_image may use it.
+to 8 bits first keeps the content. No fld-engine imports; Pillow and numpy are imported on first use.
 """
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+import io
+import traceback
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # The only Pillow formats the engine opens (Image.open(..., formats=IMAGE_FORMATS)): every other
@@ -16,7 +19,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img):
     """RGB copy of `img`; 16-bit and 32-bit integer grey are scaled from 0..65535 to 0..255, float grey
     ("F") from 0..1 (values above 1: taken as 0..255 and clipped).
 
@@ -24,6 +27,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode == "RGB":
         return img
+    import numpy as np
+    from PIL import Image
+
     if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
         arr = np.asarray(img).astype(np.int64)
         # "I" holds 16-bit PNG data on some Pillow versions and plain 8-bit values on others.
@@ -37,3 +43,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
     return img.convert("RGB")
+
+
+def decode_image(data: bytes):
+    """Bytes from images/ -> RGB PIL image with EXIF orientation applied (as ingest measured)."""
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # never another Pillow plugin
+    ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turn
+    return to_rgb(img)  # 16-bit scaled, not clipped to white
+
+
+def record_error(record: dict, stage: str, exc: BaseException | str) -> None:
+    """Append {stage, error} to the record's `errors`: an exception's type, message and where it was raised."""
+    if isinstance(exc, BaseException):
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+        msg = f"{type(exc).__name__}: {exc}{where}"
+    else:
+        msg = str(exc)
+    record.setdefault("errors", []).append({"stage": stage, "error": msg})

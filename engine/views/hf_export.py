@@ -1,4 +1,4 @@
-"""The Arrow types of `fld export --format hf` (written by engine/export.py): Parquet that Hugging Face
+"""The Arrow types of `fld export --format hf` (written by engine/views/export.py): Parquet that Hugging Face
 `datasets` loads unchanged.
 
 `datasets.load_dataset("parquet", data_files="DEST/*.parquet")` fails on the annotation shards

@@ -76,7 +76,7 @@ def histogram_svg(title: str, subtitle: str, lo: float, hi: float, kept: Sequenc
 
 
 def funnel_svg(rows: list[dict[str, Any]], width: int = 640) -> str:
-    """engine.funnel.funnel rows as bars: per annotation type, one bar per filter, its length the
+    """engine.views.funnel.funnel rows as bars: per annotation type, one bar per filter, its length the
     annotations that reached it, the dropped part in red (hover: the reasons)."""
     line, label_w, right = 20, 150, 150
     types = list(dict.fromkeys(r["type"] for r in rows))

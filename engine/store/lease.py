@@ -18,6 +18,7 @@ writers never both believe they hold OUT.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,8 +27,11 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
-from engine.store_errors import RunLockedError, StoreError, one_line
+from engine.store.errors import RunLockedError, StoreError, one_line
+from engine.store.manifest import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +246,43 @@ class Lease:
             except FileNotFoundError:
                 pass
             self.fs.invalidate_cache(self.path)
+
+
+class Locking:
+    """One writer per OUT: a flock on local paths, a Lease on object stores (a mixin of ShardStore)."""
+
+    @contextmanager
+    def lock(self, what: str = "run", lease_seconds: float | None = None) -> Iterator[None]:
+        """One writer per OUT: flock locally (released by the kernel even after SIGKILL), a lease
+        object on object stores (Lease above). Temporaries of a killed run are removed once held."""
+        if not self.local:
+            lease = Lease(self, what, lease_seconds)
+            lease.acquire()
+            self._lease = lease
+            try:
+                self.remove_temporaries()
+                yield
+            finally:
+                self._lease = None
+                lease.release()
+            return
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self._p(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                raise RunLockedError(
+                    f"{self.out} is being written by another run ({holder}); wait for it to finish or stop it"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {what} since {utc_now()}".encode(), 0)
+            self.remove_temporaries()
+            yield
+        finally:
+            os.close(fd)
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.check()

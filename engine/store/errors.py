@@ -1,4 +1,4 @@
-"""The errors of the store (engine/store.py) and its lease (engine/lease.py), one line each.
+"""The errors of the store (engine/store/) and its lease (engine/store/lease.py), one line each.
 
 Their own module so that the lease, which the store takes on object stores, needs nothing of the store.
 """

@@ -7,7 +7,7 @@ committed so far (the same data `fld query` sees).
 Returns {section key: titled table}; the CLI renders the tables in this order and
 `--format json` prints the dict as is. Section keys are stable (README "fld stats"):
 ingest, quarantine, annotations, per_image, counters, table2, table3, funnel, checks, rounds, notes; with human
-annotations also calibration, calibration_checks, calibration_rules, calibration_drops (engine/calibrate.py).
+annotations also calibration, calibration_checks, calibration_rules, calibration_drops (engine/views/calibrate.py).
 A section without data for this OUT (no annotation step yet, no rounds) is left out.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.counters import summary_cells
-from engine.fld5b import DEFAULT_SAMPLE, fld5b_tables
-from engine.funnel import funnel_tables
-from engine.query import open_views, resolve_step
+from engine.views.fld5b import DEFAULT_SAMPLE, fld5b_tables
+from engine.views.funnel import funnel_tables
+from engine.views.query import open_views, resolve_step
 from engine.run import aggregate_counters
 from engine.store import ShardStore
 from schemas.records import ANNOTATION_KINDS
@@ -78,14 +78,14 @@ def collect_stats(out: "str | Path | ShardStore", step: str | None = None, sampl
         sections["funnel"], sections["checks"] = funnel_tables(con, order)
     con.close()
     if folder is not None:  # filter quality against the human annotations, where OUT has some (fld calibrate)
-        from engine.calibrate import calibration_sections
+        from engine.views.calibrate import calibration_sections
 
         sections.update(calibration_sections(store, step))
     t = round_metrics_table(store)
     if t["rows"]:
         sections["rounds"] = t
     pipe = store.read_manifest().get("pipeline") or {}
-    from engine.show import clip_note  # the report says the same
+    from engine.views.show import clip_note  # the report says the same
 
     note = clip_note(pipe.get("config"), pipe.get("models") or {})
     if note:
@@ -156,7 +156,7 @@ def round_summaries(out) -> list[str]:
     """One plain line per completed round: what it trained, what it relabelled, what of its new
     annotations (round == k) the filters and the merge kept or refused and why, and any other verdict
     the round recorded in its metrics (e.g. a model health check)."""
-    from engine.query import open_views
+    from engine.views.query import open_views
 
     store = ShardStore.of(out)
     lines = []
