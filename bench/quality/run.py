@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> SeedsResult:
     size_group.add_argument("--gpu", action="store_const", dest="size", const="gpu", help="the size for a GPU machine")
     ap.add_argument("--work", default=None, help="work folder; default out/quality[-small|-gpu]")
     ap.add_argument("--world-seeds", default=None, help="comma-separated world seeds (default 0,1,2; --small 0)")
+    ap.add_argument("--seed", type=int, default=None, help="one world seed (the same as --world-seeds N)")
     ap.add_argument("--specialist-seeds", default=None, help="comma-separated specialist seeds (default 1,2; --small 1)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="world seeds run in parallel")
     ap.add_argument("--auc-min", type=float, default=AUC_MIN, help="clip_score rules whose held-out AUC is below this are off")
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> SeedsResult:
     size_name = args.size or "default"
     size = SIZES[size_name]
     small = size_name == "small"
-    world_seeds = _ints(args.world_seeds or ("0" if small else "0,1,2"))
+    world_seeds = _ints(args.world_seeds or (str(args.seed) if args.seed is not None else ("0" if small else "0,1,2")))
     spec_seeds = _ints(args.specialist_seeds or ("1" if small else "1,2"))
     work = Path(args.work or REPO / "out" / ("quality" if size_name == "default" else f"quality-{size_name}")).resolve()
     results_dir = Path(args.results) if args.results else (HERE / "results" if size_name == "default" else work)
