@@ -42,6 +42,7 @@ UNIT_MODULES = {
     "test_phrases.py",
     "test_preflight.py",
     "test_quality_clip.py",
+    "test_quality_controls.py",
     "test_quality_metrics.py",
     "test_quality_specialists.py",
     "test_readme.py",
