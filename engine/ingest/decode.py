@@ -97,8 +97,11 @@ def _complete(fmt: str, data: bytes) -> bool | None:
     there) has no EOI after it, a PNG without IEND after its last IDAT, a GIF without its trailer,
     a WebP / BMP shorter than the size in its own header."""
     if fmt in ("JPEG", "MPO"):
-        sos = data.rfind(b"\xff\xda")
-        return sos != -1 and data.find(b"\xff\xd9", sos) != -1
+        # the same test as "an EOI after the last SOS", searched from the end: the last EOI is near
+        # the end of a complete file (a baseline JPEG's one SOS is near its start: rfind(SOS) and a
+        # find(EOI) after it would each read the whole file)
+        eoi = data.rfind(b"\xff\xd9")
+        return eoi != -1 and data.find(b"\xff\xda", 0, eoi) != -1 and data.find(b"\xff\xda", eoi) == -1
     if fmt == "PNG":
         return data.rfind(b"IEND") > data.rfind(b"IDAT") > 0
     if fmt == "GIF":
