@@ -148,6 +148,10 @@ def test_segments_split_at_barriers(inputs):
     assert segments(load_pipeline(cfg, "three"), RayRunner()) == [[0, 1, 2]]
     assert segments(load_pipeline(cfg, "apart"), RayRunner()) == [[0], [1], [2]]
     assert segments(load_pipeline(cfg, "three"), LocalRunner()) == [[0], [1], [2]]  # no chain: step by step
+    from engine.runners.beam_runner import BeamRunner
+
+    assert segments(load_pipeline(cfg, "three"), BeamRunner()) == [[0, 1, 2]]  # one pipeline
+    assert segments(load_pipeline(cfg, "apart"), BeamRunner()) == [[0], [1], [2]]
 
 
 def test_check_pools_fit_names_the_pools_and_the_way_out():
