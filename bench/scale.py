@@ -1,6 +1,6 @@
 """Scale figures, measured side by side in one run: ingest throughput, driver memory, runner speed-up.
 
-    python bench/scale.py [--images 2000] [--ocr-images 64] [--s3-images 2000] [--sections ingest,rss,runners,s3,quickstart] [--repeat 2]
+    python bench/scale.py [--images 2000] [--photo-images 500] [--ocr-images 64] [--s3-images 2000] [--sections ingest,rss,runners,s3,quickstart] [--repeat 2]
 
 - ingest: images/s of a bare loop (read bytes + decode the header + sha256 + Parquet write, no
   engine) vs `fld run` of an ingest-only pipeline with 1 and 2 workers (local runner: processes),
@@ -89,6 +89,28 @@ def generated_images(dest: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def photo_images(dest: Path, n: int, seed: int = 0) -> list[Path]:
+    """n photo-sized JPEGs (about 200-500 KB, 900-1400 px wide): gradients plus coarse and fine noise,
+    so JPEG cannot squeeze them much more than a camera photo, deterministic from the seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng, nr = random.Random(seed), np.random.default_rng(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        w, h = rng.randint(900, 1400), rng.randint(700, 1050)
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, rng.randint(0, 255))], -1)
+        coarse = nr.normal(128, rng.uniform(6, 14), (h // 4, w // 4, 3)).clip(0, 255).astype("uint8")
+        coarse = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), np.float32) - 128
+        fine = nr.normal(0, rng.uniform(2, 5), (h, w, 1)).astype(np.float32)
+        path = dest / f"photo_{i:05d}.jpg"
+        Image.fromarray(np.clip(base + 3 * coarse + fine, 0, 255).astype("uint8")).save(path, quality=85)
+        paths.append(path)
+    return paths
+
+
 def ocr_inputs(dest: Path, n: int) -> None:
     """Real photos at a few sizes alternating with rendered text panels (what RapidOCR reads)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -166,22 +188,28 @@ def fld_ingest(src: Path, out: Path, work: Path, workers: int) -> float:
 
 
 def section_ingest(args, work: Path) -> dict:
-    src = work / "ingest_src"
-    paths = generated_images(src, args.images)
-    mb = sum(p.stat().st_size for p in paths) / 1e6
-    print(f"\n== ingest: {len(paths)} generated images, {mb:.0f} MB (JPEG/PNG/WebP, 96-1280 px), shards of 256", flush=True)
-    configs = [("bare loop", lambda: bare_ingest(paths, work / "bare_ingest", 256)),
-               ("fld ingest, 1 worker", lambda: fld_ingest(src, work / "ingest_1", work, 1)),
-               ("fld ingest, 2 workers", lambda: fld_ingest(src, work / "ingest_2", work, 2))]
-    best = best_of(args.repeat, configs)
-    n = len(paths)
-    bare = best["bare loop"]
-    print(f"{'':<24}{'seconds':>9}{'images/s':>10}{'x bare':>8}")
-    for name, s in best.items():
-        print(f"{name:<24}{s:>9.2f}{n / s:>10.1f}{bare / s:>8.2f}")
-    one, two = best["fld ingest, 1 worker"], best["fld ingest, 2 workers"]
-    print(f"1 worker / bare loop: {bare / one:.2f}x (target >= 0.9); 2 workers / 1 worker: {one / two:.2f}x (target >= 1.7)")
-    return {"images": n, "seconds": best, "one_vs_bare": bare / one, "two_vs_one": one / two}
+    """Small generated files (--images) and photo-sized JPEGs (--photo-images), each side by side."""
+    out = {}
+    cases = [("small", generated_images(work / "ingest_src", args.images), "JPEG/PNG/WebP, 96-1280 px")]
+    if args.photo_images:
+        cases.append(("photo", photo_images(work / "photo_src", args.photo_images), "photo-sized JPEGs"))
+    for case, paths, what in cases:
+        src = paths[0].parent
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"\n== ingest ({case}): {len(paths)} images, {mb:.0f} MB ({what}), shards of 256", flush=True)
+        configs = [("bare loop", lambda: bare_ingest(paths, work / "bare_ingest", 256)),
+                   ("fld ingest, 1 worker", lambda: fld_ingest(src, work / "ingest_1", work, 1)),
+                   ("fld ingest, 2 workers", lambda: fld_ingest(src, work / "ingest_2", work, 2))]
+        best = best_of(args.repeat, configs)
+        n = len(paths)
+        bare = best["bare loop"]
+        print(f"{'':<24}{'seconds':>9}{'images/s':>10}{'x bare':>8}")
+        for name, sec in best.items():
+            print(f"{name:<24}{sec:>9.2f}{n / sec:>10.1f}{bare / sec:>8.2f}")
+        one, two = best["fld ingest, 1 worker"], best["fld ingest, 2 workers"]
+        print(f"1 worker / bare loop: {bare / one:.2f}x (target >= 0.9); 2 workers / 1 worker: {one / two:.2f}x (target >= 1.7)")
+        out[case] = {"images": n, "mb": mb, "seconds": best, "one_vs_bare": bare / one, "two_vs_one": one / two}
+    return out
 
 
 # ------------------------------------------------------------------------- driver RSS
@@ -383,6 +411,7 @@ def section_quickstart(args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000, help="ingest section; rss uses half and twice this")
+    ap.add_argument("--photo-images", type=int, default=500, help="ingest section: photo-sized JPEGs (0: none)")
     ap.add_argument("--ocr-images", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=4, help="runners section: images per shard")
     ap.add_argument("--s3-images", type=int, default=2000, help="s3 section (32 images per shard)")

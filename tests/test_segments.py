@@ -148,6 +148,10 @@ def test_segments_split_at_barriers(inputs):
     assert segments(load_pipeline(cfg, "three"), RayRunner()) == [[0, 1, 2]]
     assert segments(load_pipeline(cfg, "apart"), RayRunner()) == [[0], [1], [2]]
     assert segments(load_pipeline(cfg, "three"), LocalRunner()) == [[0], [1], [2]]  # no chain: step by step
+    from engine.runners.beam_runner import BeamRunner
+
+    assert segments(load_pipeline(cfg, "three"), BeamRunner()) == [[0, 1, 2]]  # one pipeline
+    assert segments(load_pipeline(cfg, "apart"), BeamRunner()) == [[0], [1], [2]]
 
 
 def test_check_pools_fit_names_the_pools_and_the_way_out():
@@ -207,8 +211,8 @@ def test_three_steps_run_as_one_execution_models_built_once_images_decoded_once(
     assert stats.count("MeanModelActor") >= 2 and stats.count("commit_segment_step") >= 3, stats
 
 
-def _fld(cfg, src, out, log, temp):
-    """`fld run --runner ray` in a child process that registers this module's stages first."""
+def _fld(cfg, src, out, log, temp, runner):
+    """`fld run --runner RUNNER` in a child process that registers this module's stages first."""
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; import test_segments as t; from engine import registry; "
             "import ray.cloudpickle; ray.cloudpickle.register_pickle_by_value(t); "
             "registry.STAGES.update(mean_model='test_segments:MeanModel', count_texts='test_segments:CountTexts'); "
@@ -216,13 +220,14 @@ def _fld(cfg, src, out, log, temp):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", FLD_RAY_TEMP_DIR=temp,
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), "run", str(cfg), "-p", "three",
-           "-i", str(src), "-o", str(out), "--runner", "ray"]
+           "-i", str(src), "-o", str(out), "--runner", runner]
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, tmp_path):
+@pytest.mark.parametrize("runner", ["ray", "beam"])
+def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, tmp_path, runner):
     """SIGKILL once step s1 committed a shard, then also the state of a kill right after a shard's s1
     commit (its s2 and s3 not yet written); the rerun gives the shards of an uninterrupted run and
     leaves what was committed before the kill as it was."""
@@ -234,7 +239,7 @@ def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, t
     temp = tempfile.mkdtemp(prefix="fldseg", dir="/tmp")
     try:
         with open(tmp_path / "1.log", "w") as log:
-            proc = _fld(cfg, src, out, log, temp)
+            proc = _fld(cfg, src, out, log, temp, runner)
             deadline = time.monotonic() + 300
             try:
                 while not (committed.is_dir() and any(committed.glob("*.json"))):
@@ -252,7 +257,7 @@ def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, t
         store.uncommit("annotations/s3", [first])
         before = {f: store.committed(f) for f in ("annotations/s1", "annotations/s2", "annotations/s3")}
         with open(tmp_path / "2.log", "w") as log:
-            proc = _fld(cfg, src, out, log, temp)
+            proc = _fld(cfg, src, out, log, temp, runner)
             assert proc.wait(timeout=600) == 0, (tmp_path / "2.log").read_text()[-3000:]
     finally:
         shutil.rmtree(temp, ignore_errors=True)
@@ -265,3 +270,49 @@ def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, t
     assert store.committed("annotations/s2")[first]["input_sha256"] == store.committed("annotations/s1")[first]["sha256"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counters"]["s3"]["mean_model"]["records_in"] == 6
+
+
+@pytest.mark.timeout(600)
+def test_beam_runs_a_segment_as_one_pipeline_with_the_step_by_step_records(inputs, counts, tmp_path, monkeypatch):
+    """Beam: the three steps in ONE pipeline (not one per step); each step's shards and commit records
+    are the local runner's, each record names the input the previous step just committed; images
+    decoded once for the segment (the undecodable one again where s3 needs it)."""
+    import engine.stage
+    from engine.runners.beam_runner import BeamRunner
+
+    src, cfg = inputs
+    local = tmp_path / "local"
+    run_pipeline(load_pipeline(cfg, "three"), str(src), str(local))
+    pipelines, decodes, real_pipeline, real_decode = [], [], BeamRunner._pipeline, engine.stage.decode_pixels
+    monkeypatch.setattr(BeamRunner, "_pipeline", lambda self: pipelines.append(1) or real_pipeline(self))
+    monkeypatch.setattr(engine.stage, "decode_pixels", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
+    out = tmp_path / "beam"
+    summary = run_pipeline(load_pipeline(cfg, "three"), str(src), str(out), runner="beam")
+    assert len(pipelines) == 1 + 1  # the ingest tasks, then one pipeline for s1+s2+s3
+    assert len(decodes) == 6 + 1, len(decodes)
+    metrics = json.loads((out / "manifest.json").read_text())["engine_metrics"]  # Beam's, per step of the segment
+    assert {step: (m["segment"], m["write"]) for step, m in metrics.items()} == {
+        s: ("s1+s2+s3", {"shards": 3, "records": 6}) for s in ("s1", "s2", "s3")}
+    assert metrics["s1"]["mean_model"]["records"] == 6 and "count_texts" not in metrics["s1"]
+    store = ShardStore(out)
+    for folder in ("annotations/s1", "annotations/s2", "annotations/s3"):
+        assert _rows(out, folder) == _rows(local, folder), folder
+        assert {r["runner"] for r in store.committed(folder).values()} == {"beam"}
+    for prev, folder in (("annotations/s1", "annotations/s2"), ("annotations/s2", "annotations/s3")):
+        made_from = {s: r["input_sha256"] for s, r in store.committed(folder).items()}
+        assert made_from == {s: r["sha256"] for s, r in store.committed(prev).items()}
+    assert summary.steps["s3"]["shards_run"] == 3 and summary.steps["s3"]["counters"]["mean_model"]["records_in"] == 6
+    # resumed from the middle of the segment: s2 and s3 of one shard lost -> only those redone
+    first = sorted(store.committed("annotations/s1"))[0]
+    before = {f: store.committed(f) for f in ("annotations/s1", "annotations/s2", "annotations/s3")}
+    store.uncommit("annotations/s2", [first])
+    store.uncommit("annotations/s3", [first])
+    run_pipeline(load_pipeline(cfg, "three"), str(src), str(out), runner="beam")
+    for folder in ("annotations/s1", "annotations/s2", "annotations/s3"):
+        assert _rows(out, folder) == _rows(local, folder), folder
+        after = store.committed(folder)
+        for shard, rec in before[folder].items():
+            if shard != first or folder == "annotations/s1":
+                assert after[shard]["committed_at"] == rec["committed_at"], (folder, shard)
+            else:
+                assert after[shard]["input_sha256"] == store.committed("annotations/s1" if folder.endswith("s2") else "annotations/s2")[shard]["sha256"]

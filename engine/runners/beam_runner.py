@@ -31,7 +31,9 @@ from engine.counters import ANNOTATION_COLUMNS, merge
 from engine.execute import apply_stage, commit_meta, finalize, image_needs, read_step_input, run_stage
 from engine.runners.base import StageRecipe, StepJob, TaskJob, finished_records
 from engine.training import TrainJob, train_in_process
-from engine.runners.tagged import worker_stage
+from engine.runners.segment import Segment, commit_segment_step
+from engine.runners.tagged import COUNTERS_COLUMN, TAG_COLUMNS, empty_shard, tag, worker_stage
+from schemas.records import IMAGE_RECORD_SCHEMA
 from engine.stage import TRANSIENT_COLUMNS, record_error, records_to_table, table_to_records
 
 log = logging.getLogger(__name__)
@@ -55,16 +57,18 @@ class ReadShardFn(beam.DoFn):
 class StageDoFn(beam.DoFn):
     """One stage over a shard's table, in its batches; per-element retry and dead letters on failure."""
 
-    def __init__(self, recipe: StageRecipe, stage_name: str):
+    def __init__(self, recipe: StageRecipe, stage_name: str, active=None, step: str | None = None):
         self.recipe = recipe
         self.stage_name = stage_name
-        self.records = Metrics.counter(stage_name, "records")
-        self.batches = Metrics.counter(stage_name, "batches")
-        self.errors = Metrics.counter(stage_name, "errors")
-        self.dead = Metrics.counter(stage_name, "dead_letter")
-        self.retried = Metrics.counter(stage_name, "batches_retried_per_element")
-        self.added = {k: Metrics.counter(stage_name, f"added_{k}") for k in ANNOTATION_COLUMNS}
-        self.batch_ms = Metrics.distribution(stage_name, "batch_ms")
+        self.active = active  # a segment's: False for a shard that already has this step (passed on as is)
+        ns = f"{step}/{stage_name}" if step else stage_name  # a segment's metrics say their step
+        self.records = Metrics.counter(ns, "records")
+        self.batches = Metrics.counter(ns, "batches")
+        self.errors = Metrics.counter(ns, "errors")
+        self.dead = Metrics.counter(ns, "dead_letter")
+        self.retried = Metrics.counter(ns, "batches_retried_per_element")
+        self.added = {k: Metrics.counter(ns, f"added_{k}") for k in ANNOTATION_COLUMNS}
+        self.batch_ms = Metrics.distribution(ns, "batch_ms")
 
     def setup(self) -> None:
         from engine.cli import install_logging
@@ -102,6 +106,9 @@ class StageDoFn(beam.DoFn):
 
     def process(self, element: Element) -> Iterable[Element]:
         shard, table, counters = element
+        if self.active is not None and not self.active(shard):
+            yield element
+            return
         counters = json.loads(json.dumps(counters))  # elements are immutable in Beam: work on a copy
         self._dead_letters = 0
         out = run_stage(self.stage, table, counters, apply=self._apply)
@@ -138,6 +145,39 @@ class WriteShardFn(beam.DoFn):
         self.shards.inc()
         self.written.inc(table.num_rows)
         yield shard
+
+
+class CommitSegmentStepFn(beam.DoFn):
+    """In a segment, after job j's stages: commit the shard as the Ray chain does
+    (engine.runners.segment.commit_segment_step, same records); the next job's input goes on, or
+    after the last job the shard's name."""
+
+    def __init__(self, store, segment: Segment, j: int, runner: str):
+        self.store, self.segment, self.j, self.runner = store, segment, j, runner
+        self.last = j == len(segment.jobs) - 1
+        self.shards = Metrics.counter(f"{segment.jobs[j].name}/write", "shards")
+        self.written = Metrics.counter(f"{segment.jobs[j].name}/write", "records")
+
+    def process(self, element: Element) -> Iterable:
+        shard, table, counters = element
+        job = self.segment.jobs[self.j]
+        if not self.segment.active(self.j)(shard):
+            if shard in job.shards and job.rows(shard) == 0:  # an empty input shard still gets its output shard
+                empty_shard(self.store, job, self.runner, shard)
+                self.shards.inc()
+            yield shard if self.last else element
+            return
+        block = tag(table, shard)
+        cells = [json.dumps(counters)] + [None] * (table.num_rows - 1)
+        block = block.set_column(block.column_names.index(COUNTERS_COLUMN), COUNTERS_COLUMN, pa.array(cells, pa.string()))
+        out = commit_segment_step(block, self.store, self.segment, self.j, self.runner, self.last)
+        if table.num_rows == self.segment.rows(shard):  # committed (else left to the step-by-step pass)
+            self.shards.inc()
+            self.written.inc(table.num_rows)
+        if self.last:
+            yield shard
+        else:  # the committed records + image columns carried on, fresh counters
+            yield shard, out.drop_columns(list(TAG_COLUMNS)), {}
 
 
 class TaskFn(beam.DoFn):
@@ -194,6 +234,43 @@ class BeamRunner:
         for i, (stage, recipe) in enumerate(zip(stages, job.recipes)):
             elements = elements | f"{i}-{stage.name}" >> beam.ParDo(StageDoFn(recipe, stage.name))
         return elements | "write" >> beam.ParDo(WriteShardFn(store, job, self.name))
+
+    def build_segment(self, p: beam.Pipeline, store, segment: Segment):
+        """The segment as one pipeline: read once (the input of the shard's first pending job), then
+        every job's stage DoFns followed by its commit; a shard skips the jobs it already has."""
+        job_stages = [job.build_stages() for job in segment.jobs]
+        segment.needs = [image_needs(st) for st in job_stages]
+
+        empty = {s for job in segment.jobs for s in job.shards if job.rows(s) == 0}
+
+        def read(shard: str) -> Element:
+            if shard not in segment.start:  # empty: each pending job writes its empty shard
+                return shard, IMAGE_RECORD_SCHEMA.empty_table(), {}
+            return shard, read_step_input(store, segment.input_folder(shard), shard, segment.needs[segment.start[shard]]), {}
+
+        elements = (p | "shards" >> beam.Create(sorted(set(segment.start) | empty)) | "spread" >> beam.Reshuffle()
+                    | "read" >> beam.Map(read))
+        for j, (job, stages) in enumerate(zip(segment.jobs, job_stages)):
+            for i, (stage, recipe) in enumerate(zip(stages, job.recipes)):
+                elements = elements | f"{job.name}-{i}-{stage.name}" >> beam.ParDo(StageDoFn(recipe, stage.name, segment.active(j), job.name))
+            elements = elements | f"{job.name}-commit" >> beam.ParDo(CommitSegmentStepFn(store, segment, j, self.name))
+        return elements
+
+    def run_segment(self, store, segment: Segment, progress=None) -> None:
+        """Every job of the segment in ONE pipeline (one job on a remote runner); what it leaves
+        uncommitted the driver's step-by-step pass does after it."""
+        if not segment.start:  # (nothing but empty shards: the step-by-step pass writes them)
+            return
+        with self._pipeline() as p:
+            self.build_segment(p, store, segment)
+        metrics = query_metrics(p.result) if getattr(p, "result", None) is not None else {}
+        if progress is not None:
+            for shard in segment.start:
+                progress.shard(shard, segment.rows(shard))
+        log.info("beam: segment %s metrics %s", segment.name, json.dumps(metrics, default=str))
+        store.update_manifest(engine_metrics={job.name: {  # namespaces "<step>/<stage>": the step's own metrics
+            "runner": "beam", "segment": segment.name,
+            **{ns.split("/", 1)[1]: v for ns, v in metrics.items() if ns.startswith(f"{job.name}/")}} for job in segment.jobs})
 
     def run_step(self, store, job: StepJob, progress=None) -> dict:
         with self._pipeline() as p:
