@@ -136,7 +136,9 @@ def ensure_base(work: Path, noise: str, small: bool, log) -> dict:
         log("stage 1/2: world and CLIP scorer (python -m bench.quality's own steps)")
         write_world(work / "world", size.world)
         clip = train_clip(work / "world", work / "models" / "clip", size.clip, log=log)
-        cfg = run.effective_config(work, size, clip["thresholds"], size.rounds)
+        # the clip_score rules the stage-1/2 benchmark switches off (held-out AUC below run.AUC_MIN) are off here too
+        off = tuple(r for r, sw in run.clip_switch(dict(clip["auc"]["heldout"])).items() if not sw["on"])
+        cfg = run.effective_config(work, size, clip["thresholds"], size.rounds, clip_off=off)
         yaml_path.write_text("# written by python -m bench.quality.stage3 (bench.quality.run.effective_config)\n"
                              + yaml.safe_dump(cfg, sort_keys=False))
     cfg = yaml.safe_load(yaml_path.read_text())
