@@ -28,8 +28,8 @@ minutes (issue 17), so the rounds start, as real users do, from a pretrained mod
    engine outputs) and `model` (only the round's own relabels, whatever the filters and merge made of
    them: what the model itself can do). Every figure has a 95% bootstrap interval over held-out images.
 
-`--refine-set KEY=VALUE` changes the rounds' `refine:` block (e.g. `--refine-set cross_fit.folds=3`
-once the engine has it); the pipelines actually run are in <work>/stage3/stage3.yaml.
+`--refine-set KEY=VALUE` changes the rounds' `refine:` block (e.g. `--refine-set cross_fit.folds=3`;
+`cross_fit.folds=0` turns cross-fitted relabelling off); the pipelines actually run are in <work>/stage3/stage3.yaml.
 """
 from __future__ import annotations
 
