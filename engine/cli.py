@@ -231,6 +231,8 @@ def run(
     force: bool = typer.Option(False, "--force", help="redo everything, ignoring committed shards"),
     from_step: Optional[str] = typer.Option(None, "--from", help="redo this step and the ones after it"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:port)"),
+    ray_fuse: Optional[str] = typer.Option(None, "--ray-fuse", help="Ray: auto | always | never: the model stages of a "
+                                           "segment in one actor (auto: when their pools do not fit side by side)"),
     beam_runner: Optional[str] = typer.Option(None, "--beam-runner", help="Beam runner (DirectRunner, FlinkRunner, ...)"),
     beam_option: list[str] = typer.Option([], "--beam-option", help="extra Beam pipeline option, repeatable (--beam-option=--project=x)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="engine INFO logs, Ray's own logs and progress bars"),
@@ -247,6 +249,8 @@ def run(
     options: dict = {"verbose": verbose}
     if address:
         options["address"] = address
+    if ray_fuse:
+        options["fuse"] = ray_fuse
     if beam_runner:
         options["beam_runner"] = beam_runner
     if beam_option:

@@ -244,10 +244,11 @@ def test_real_content_reaches_every_runner(runs):
 
 def test_observability(runs):
     ray_out, beam_out = runs["ray"][0], runs["beam"][0]
-    # both steps ran as ONE Ray Data execution: the pools named after their stages, each step committed in it
+    # both steps ran as ONE Ray Data execution; two 1-CPU model pools do not fit beside the read on 2 CPUs,
+    # so (fuse: auto) every stage of the segment, and each step's commit, ran in one fused task
     stats = (ray_out / "logs" / "annotate+measure.ray-stats.txt").read_text()
-    assert "OcrActor" in stats and "Florence2Actor" in stats and "run_cpu_stage" in stats, stats
-    assert stats.count("commit_segment_step") >= 2 and not (ray_out / "logs" / "measure.ray-stats.txt").exists()
+    assert "MapBatches(FusedOcrFlorence2TextContrast)" in stats, stats
+    assert "Actor" not in stats and not (ray_out / "logs" / "measure.ray-stats.txt").exists()
     manifest = json.loads((ray_out / "manifest.json").read_text())
     assert sum(manifest["engine_metrics"]["annotate"]["nodes"]["ocr"].values()) == 6
     manifest = json.loads((beam_out / "manifest.json").read_text())
@@ -332,6 +333,34 @@ def test_fit_actor_cpus_leaves_room_for_read_and_write_tasks():
 
 
 @pytest.mark.timeout(600)
+class _Model(Stage):
+    uses_model = True
+
+
+def _stages(*resources: Resources) -> list[Stage]:
+    return [type(f"S{k}", (_Model,), {"name": f"s{k}", "default_resources": r})() for k, r in enumerate(resources)]
+
+
+def test_fuse_plan_fuses_model_stages_only_where_their_pools_do_not_fit():
+    from engine.runners.ray_runner import fuse_plan
+
+    one, half, gpu = Resources(cpus=1.0), Resources(cpus=0.5), Resources(cpus=1.0, gpus=1.0)
+    cpu_only = type("C", (Stage,), {"name": "c"})()
+    two = _stages(one, one) + [cpu_only]
+    assert fuse_plan(two, "auto", 2.0) == [([0, 1, 2], True)]  # 2 CPUs asked, 1.5 beside the read: one process
+    assert fuse_plan(two, "auto", 8.0) == [([0], False), ([1], False), ([2], False)]  # room: a pool per stage
+    assert fuse_plan(_stages(half, half), "auto", 2.0) == [([0], False), ([1], False)]  # 1 CPU fits
+    assert fuse_plan(_stages(Resources(cpus=2.0, concurrency=2)), "auto", 2.0) == [([0], False)]  # nothing to fuse
+    assert fuse_plan(_stages(half, half), "always", 64.0) == [([0, 1], True)]
+    assert fuse_plan(two, "never", 2.0) == [([0], False), ([1], False), ([2], False)]
+    # a GPU stage keeps its own pool on a GPU cluster and cuts the fused runs; on a CPU-only cluster it fuses
+    mixed = _stages(one, gpu, one, one)
+    assert fuse_plan(mixed, "always", 2.0, cluster_gpus=1.0) == [([0], True), ([1], False), ([2, 3], True)]
+    assert fuse_plan(mixed, "always", 2.0) == [([0, 1, 2, 3], True)]
+    with pytest.raises(ValueError, match="ray fuse: 'sometimes' is not one of auto, always, never"):
+        fuse_plan(two, "sometimes", 2.0)
+
+
 def test_ray_runs_gpu_stages_on_cpu_and_scales_actor_cpus(tmp_path, input_dir, pipelines_file, ray_cluster,
                                                           caplog, monkeypatch):
     """On the GPU-less 2-CPU cluster, 2 actors asking for a GPU and 2 CPUs each would never start (the job

@@ -211,6 +211,41 @@ def test_three_steps_run_as_one_execution_models_built_once_images_decoded_once(
     assert stats.count("MeanModelActor") >= 2 and stats.count("commit_segment_step") >= 3, stats
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fused_segment_runs_every_step_in_one_task_models_built_once_per_process(inputs, counts, tmp_path):
+    """fuse: always (what auto picks where the pools do not fit side by side): the segment's stages and
+    commits run in one task per shard; each model loads once per worker process, images decode once,
+    and the shards and records are the step-by-step ones."""
+    import ray
+
+    src, cfg = inputs
+    local = tmp_path / "local"
+    run_pipeline(load_pipeline(cfg, "three"), str(src), str(local))
+    for name in ("builds-a", "builds-b"):
+        os.unlink(os.path.join(COUNT_DIR, name))
+    temp = tempfile.mkdtemp(prefix="fldfuse", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": _count_decodes})
+    try:
+        out = tmp_path / "ray"
+        run_pipeline(load_pipeline(cfg, "three"), str(src), str(out), runner="ray", runner_options={"fuse": "always"})
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    pids = {tag: open(os.path.join(COUNT_DIR, f"builds-{tag}")).read().split() for tag in "ab"}
+    assert all(pids[tag] and len(set(pids[tag])) == len(pids[tag]) for tag in "ab"), pids  # once per process
+    assert counts("decodes") == 6 + 1  # once per image, the undecodable one again in s3 (as step by step)
+    for folder in ("annotations/s1", "annotations/s2", "annotations/s3"):
+        assert _rows(out, folder) == _rows(local, folder), folder
+    store = ShardStore(out)
+    for prev, folder in (("annotations/s1", "annotations/s2"), ("annotations/s2", "annotations/s3")):
+        made_from = {s: r["input_sha256"] for s, r in store.committed(folder).items()}
+        assert made_from == {s: r["sha256"] for s, r in store.committed(prev).items()}
+    stats = (out / "logs" / "s1+s2+s3.ray-stats.txt").read_text()
+    assert "MapBatches(FusedMeanModelCountTextsMeanModel)" in stats and "Actor" not in stats, stats
+
+
 def _fld(cfg, src, out, log, temp, runner):
     """`fld run --runner RUNNER` in a child process that registers this module's stages first."""
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; import test_segments as t; from engine import registry; "

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import uuid
 
 import pyarrow as pa
 
@@ -34,6 +35,7 @@ from engine.runners.tagged import (
     empty_shard,
     pieces,
     read_tagged_shard,
+    keep_stages,
     run_tagged_stage,
     worker_stage,
 )
@@ -69,10 +71,74 @@ class StageActor:
         return run_tagged_stage(self.stage, block, node=self.node, active=self.active)
 
 
+def run_fused(block: pa.Table, ops: list[tuple], execution: str) -> pa.Table:
+    """Several stages of one execution, and the commits between them, as ONE Ray task: a block handed
+    from stage to stage in memory. Each model loads once per worker process (worker_stage); Ray keeps
+    its task workers for the whole run, so a later execution (the next segment, a round's relabel
+    step, the training task before it) finds its imports, and a stage it shares, already loaded,
+    where an actor pool's processes end with their execution. `ops`: ("stage", recipe, active) or
+    ("call", fn, args) for `fn(block, *args)`, in order; `execution`: which run segment / step this is
+    (the worker then forgets the stages of earlier ones it does not use again)."""
+    keep_stages({op[1].key for op in ops if op[0] == "stage"}, execution)
+    node = node_id()
+    for op in ops:
+        block = run_tagged_stage(worker_stage(op[1]), block, node=node, active=op[2]) if op[0] == "stage" else op[1](block, *op[2])
+    return block
+
+
+def fused_task(stage_names: list[str]):
+    """run_fused under its stages' names (FusedOcrFlorence2TextContrast in Ray's stats and dashboard)."""
+    def fused(block: pa.Table, ops: list[tuple], execution: str) -> pa.Table:
+        return run_fused(block, ops, execution)
+
+    fused.__name__ = fused.__qualname__ = "Fused" + _camel(stage_names)
+    return fused
+
+
+def _camel(stage_names: list[str]) -> str:
+    return "".join(part.capitalize() for stage in stage_names for part in stage.replace("-", "_").split("_"))
+
+
 def actor_class(stage_name: str) -> type:
     """StageActor under the stage's name (Ray's stats, logs and dashboard then say which pool is which)."""
-    name = "".join(part.capitalize() for part in stage_name.replace("-", "_").split("_")) + "Actor"
+    name = _camel([stage_name]) + "Actor"
     return type(name, (StageActor,), {"__module__": __name__, "__qualname__": name})
+
+
+FUSE_MODES = ("auto", "always", "never")
+
+
+def fuse_plan(stages: list, mode: str, cluster_cpus: float, cluster_gpus: float = 0.0) -> list[tuple[list[int], bool]]:
+    """Which stages of an execution share a process: (stage indices, fused) groups, in order.
+
+    never: every stage on its own (an actor pool per model stage, CPU-only stages as tasks). always:
+    each run of consecutive stages that ask for no GPU (on a cluster with GPUs) is one fused group,
+    run as one task (run_fused) that holds every model of it; a GPU stage keeps its own actor pool.
+    auto: `always` when 2+ model stages' pools do not fit the cluster side by side at the CPUs they
+    ask for (fit_actor_cpus would scale them down: on a 2-CPU machine any 2 model stages at 1 CPU),
+    else `never`: with room, a pool per stage overlaps the stages; without, their processes only
+    start and load their models at the same time on the same cores."""
+    if mode not in FUSE_MODES:
+        raise ValueError(f"ray fuse: {mode!r} is not one of {', '.join(FUSE_MODES)}")
+    model = [s for s in stages if s.uses_model]
+    if mode == "auto":
+        crowded = fit_actor_cpus([(s.resources.cpus, s.resources.concurrency) for s in model], cluster_cpus)[1]
+        mode = "always" if crowded and len(model) > 1 else "never"
+    if mode == "never" or not model:
+        return [([k], False) for k in range(len(stages))]
+
+    def apart(stage) -> bool:  # a GPU model stage keeps its own pool
+        return bool(stage.uses_model and stage.resources.gpus and cluster_gpus)
+
+    groups: list[tuple[list[int], bool]] = []
+    for k, stage in enumerate(stages):
+        if apart(stage):
+            groups.append(([k], False))
+        elif groups and groups[-1][1]:
+            groups[-1][0].append(k)
+        else:
+            groups.append(([k], True))
+    return groups
 
 
 def run_cpu_stage(block: pa.Table, recipe: StageRecipe, active=None) -> pa.Table:
@@ -117,11 +183,11 @@ def _shard_datasource(read_one, shards: list[str], rows, input_of):
     return ShardDatasource()
 
 
-def task_cpus_left(actor_cpus: list[float], model_stages: list, cluster_cpus: float, nodes: int = 1) -> float:
-    """CPUs a task operator may ask for beside the actor pools (so it can always be scheduled). On several
-    nodes the CPUs left beside the pools are spread over them (two 1-CPU nodes with a 0.75-CPU actor each
-    leave 0.25 per node): a task asking for the cluster-wide leftover would never be placed."""
-    held = sum(c * s.resources.concurrency for c, s in zip(actor_cpus, model_stages))
+def task_cpus_left(held: float, cluster_cpus: float, nodes: int = 1) -> float:
+    """CPUs a task operator may ask for beside actor pools holding `held` CPUs (so it can always be
+    scheduled). On several nodes the CPUs left beside the pools are spread over them (two 1-CPU nodes
+    with a 0.75-CPU actor each leave 0.25 per node): a task asking for the cluster-wide leftover would
+    never be placed."""
     if held and nodes > 1:
         return READ_TASK_CPUS
     return min(1.0, max(cluster_cpus - held, 0.25))
@@ -161,11 +227,12 @@ class RayRunner:
 
     def __init__(self, address: str | None = None, num_cpus: float | None = None, temp_dir: str | None = None,
                  include_dashboard: bool | None = None, runtime_env: dict | None = None, verbose: bool = False,
-                 **_: object):
+                 fuse: str | None = None, **_: object):
         """address None: a local cluster in this process; "auto" / "ray://host:port": an existing cluster.
 
         `runtime_env` (or the JSON in FLD_RAY_RUNTIME_ENV) is passed to ray.init, e.g. to install
-        fld-engine on a remote cluster's workers.
+        fld-engine on a remote cluster's workers. `fuse` (or FLD_RAY_FUSE): auto | always | never, whether
+        the stages of an execution share one actor (fuse_plan).
         """
         self.address = address
         self.num_cpus = num_cpus
@@ -174,6 +241,9 @@ class RayRunner:
         env = os.environ.get("FLD_RAY_RUNTIME_ENV")
         self.runtime_env = runtime_env if runtime_env is not None else (json.loads(env) if env else None)
         self.verbose = verbose
+        self.fuse = fuse or os.environ.get("FLD_RAY_FUSE") or "auto"
+        if self.fuse not in FUSE_MODES:
+            raise ValueError(f"ray fuse: {self.fuse!r} is not one of {', '.join(FUSE_MODES)} (--ray-fuse / FLD_RAY_FUSE)")
 
     # ------------------------------------------------------------------ cluster
     def connect(self) -> None:
@@ -216,42 +286,89 @@ class RayRunner:
                     after: dict | None = None, fused_cpus: float | None = None):
         """Each stage as one operator: model stages as actor pools named after the stage (they live as
         long as the execution), CPU-only stages as tasks (Ray fuses consecutive ones). Segments:
-        `actives[k]`, which shards stage k runs on; `after[k](ds)`, the operator after stage k (a commit);
-        `fused_cpus`: the CPUs of every task operator (Ray fuses consecutive tasks with equal resources)."""
+        `actives[k]`, which shards stage k runs on; `after[k] = (fn, args)`, the operator after stage k (a
+        commit, `fn(block, *args)`); `fused_cpus`: the CPUs of every task operator (Ray fuses consecutive
+        tasks with equal resources). Where the pools do not fit side by side (`fuse`), consecutive stages
+        run as one fused task instead (fuse_plan, run_fused)."""
         import ray
-        from ray.data import ActorPoolStrategy
+
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+        after = after or {}
+        plan, pools, actor_cpus, task_cpus = self._layout(stages)
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        for stage in stages:
+            if stage.resources.gpus and not cluster_gpus:
+                log.warning("ray: stage %s asks for %s GPU(s) but the cluster has none; running it on CPU",
+                            stage.name, stage.resources.gpus)
+        if actor_cpus != [c for _, c, _, _ in pools]:
+            log.warning("ray: actor pools ask for more than the %s cluster CPUs; scaled to %s CPUs per actor "
+                        "so read/write tasks can run", ray.cluster_resources().get("CPU"), actor_cpus)
+        check_pools_fit([(name, c, n, g) for (name, _, n, g), c in zip(pools, actor_cpus)], cluster_gpus)
+        if any(fused for _, fused in plan):
+            log.info("ray: stages fused into %s (fuse=%s)", [p for p, _, _, _ in pools], self.fuse)
+        pool = iter(zip(pools, actor_cpus))
+        common = dict(batch_size=None, batch_format="pyarrow", udf_modifying_row_count=False)
+        active = (lambda k: actives[k]) if actives else (lambda k: None)
+        execution = uuid.uuid4().hex
+
+        def then(ds, k):  # the operator after stage k, if any (a commit)
+            if k not in after:
+                return ds
+            return ds.map_batches(after[k][0], fn_args=after[k][1], batch_size=None, batch_format="pyarrow",
+                                  num_cpus=fused_cpus or READ_TASK_CPUS)
+
+        for group, fused in plan:
+            if not any(stages[k].uses_model for k in group):  # CPU-only stages: tasks
+                for k in group:
+                    ds = then(ds.map_batches(run_cpu_stage, fn_args=(recipes[k], active(k)),
+                                             num_cpus=fused_cpus or min(stages[k].resources.cpus, task_cpus), **common), k)
+                continue
+            (_, _, size, gpus), cpus = next(pool)
+            strategy = ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR)
+            resources = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
+            if not fused:  # one model stage: its own pool, named after it
+                k = group[0]
+                ds = then(ds.map_batches(actor_class(stages[k].name), fn_constructor_args=(recipes[k], active(k)),
+                                         compute=strategy, **resources, **common), k)
+                continue
+            # a fused group: its stages and the commits between them in one task, in order
+            ops = []
+            for k in group:
+                ops.append(("stage", recipes[k], active(k)))
+                if k in after:
+                    ops.append(("call", *after[k]))
+            ds = ds.map_batches(fused_task([stages[k].name for k in group]), fn_args=(ops, execution), compute=TaskPoolStrategy(size=size),
+                                **resources, batch_size=None, batch_format="pyarrow",
+                                udf_modifying_row_count=not any(op[0] == "call" for op in ops))
+        return ds
+
+    def _layout(self, stages: list):
+        """How an execution's stages run: the fuse plan (groups of stage indices), one pool per model stage
+        or fused group (name, CPUs asked per actor, actors, GPUs per actor), the CPUs each pool's actors
+        get (scaled so read / write tasks always get some), and the CPUs left for a task operator."""
+        import ray
 
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))  # an actor asking for none never starts
-        model_stages = [s for s in stages if s.uses_model]
-        actor_cpus, scaled = fit_actor_cpus([(s.resources.cpus, s.resources.concurrency) for s in model_stages], cluster_cpus)
-        if scaled:
-            log.warning("ray: actor pools ask for more than the %s cluster CPUs; scaled to %s CPUs per actor "
-                        "so read/write tasks can run", cluster_cpus, actor_cpus)
-        check_pools_fit([(s.name, c, s.resources.concurrency, s.resources.gpus if cluster_gpus else 0.0)
-                         for s, c in zip(model_stages, actor_cpus)], cluster_gpus)
-        cpus_of = dict(zip([id(s) for s in model_stages], actor_cpus))
-        task_cpus = task_cpus_left(actor_cpus, model_stages, cluster_cpus, alive_nodes())
-        for k, (stage, recipe) in enumerate(zip(stages, recipes)):
-            active = actives[k] if actives else None
-            res = stage.resources
-            common = dict(batch_size=None, batch_format="pyarrow", udf_modifying_row_count=False)
-            if res.gpus and cluster_gpus:
-                common["num_gpus"] = res.gpus
-            elif res.gpus:
-                log.warning("ray: stage %s asks for %s GPU(s) but the cluster has none; running it on CPU",
-                            stage.name, res.gpus)
-            if stage.uses_model:
-                ds = ds.map_batches(actor_class(stage.name), fn_constructor_args=(recipe, active),
-                                    compute=ActorPoolStrategy(size=res.concurrency,
-                                                              max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
-                                    num_cpus=cpus_of[id(stage)], **common)
-            else:
-                ds = ds.map_batches(run_cpu_stage, fn_args=(recipe, active),
-                                    num_cpus=fused_cpus or min(res.cpus, task_cpus), **common)
-            if after and k in after:
-                ds = after[k](ds)
-        return ds
+        plan = fuse_plan(stages, self.fuse, cluster_cpus, cluster_gpus)
+        pools = []
+        for group, _ in plan:
+            model = [stages[k] for k in group if stages[k].uses_model]
+            if model:
+                pools.append(("+".join(s.name for s in model), max(s.resources.cpus for s in model),
+                              max(s.resources.concurrency for s in model),
+                              max(s.resources.gpus for s in model) if cluster_gpus else 0.0))
+        actor_cpus, _ = fit_actor_cpus([(c, n) for _, c, n, _ in pools], cluster_cpus)
+        held = sum(c * n for (_, _, n, _), c in zip(pools, actor_cpus))
+        return plan, pools, actor_cpus, task_cpus_left(held, cluster_cpus, alive_nodes() if held else 1)
+
+    def _read_cpus(self, stages: list, cpus: float) -> float:
+        """The read task's CPUs: those of a fused first group when there is one, so that Ray runs the
+        read in the same task (a shard read, run through the stages and committed by one process)."""
+        plan, _, actor_cpus, _ = self._layout(stages)
+        group, fused = plan[0]
+        return actor_cpus[0] if fused and any(stages[k].uses_model for k in group) else cpus
 
     def _read(self, read_one, shards: list[str], rows, input_of, cpus: float = READ_TASK_CPUS):
         """One read task per shard emitting the shard as one tagged block. Ray Data would otherwise split
@@ -269,37 +386,29 @@ class RayRunner:
         stages = job.build_stages()
         needs = image_needs(stages)
         ds = self._read(lambda shard: read_tagged_shard(store, job, needs, shard), shards, job.rows,
-                        lambda shard: job.input_folder)
-        ds = self._map_stages(ds, stages, job.recipes)
-        return ds.map_batches(commit_block, fn_args=(store, job, self.name), batch_size=None, batch_format="pyarrow",
-                              num_cpus=READ_TASK_CPUS)
+                        lambda shard: job.input_folder, self._read_cpus(stages, READ_TASK_CPUS))
+        return self._map_stages(ds, stages, job.recipes, after={len(stages) - 1: (commit_block, (store, job, self.name))})
 
     def build_segment(self, store, segment: Segment):
         """The segment as ONE lazy dataset: read (decoded once), then every job's stages followed by its
         commit, the last commit emitting summary rows only. Every pool of the segment lives for the
-        whole execution, so they are fitted to the cluster together."""
-        import ray
-
+        whole execution, so they are fitted to the cluster together. Jobs before the first one any
+        shard enters at start no pool (nothing of theirs is pending)."""
         job_stages = [job.build_stages() for job in segment.jobs]
         segment.needs = [image_needs(st) for st in job_stages]
         shards = sorted(segment.start, key=lambda s: (segment.start[s], s))
-        # read, CPU-only stages and commits: one CPU figure, so Ray fuses each run of them into one task
-        cpu_stages = [s.resources.cpus for st in job_stages for s in st if not s.uses_model]
-        model_stages = [s for st in job_stages for s in st if s.uses_model]
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        actor_cpus, _ = fit_actor_cpus([(s.resources.cpus, s.resources.concurrency) for s in model_stages], cluster_cpus)
-        fused = min(max(cpu_stages, default=READ_TASK_CPUS),
-                    task_cpus_left(actor_cpus, model_stages, cluster_cpus, alive_nodes()))
-        ds = self._read(lambda shard: segment_input(store, segment, shard), shards, segment.rows,
-                        segment.input_folder, fused)
+        first = min(segment.start.values())
         stages, recipes, actives, commits = [], [], [], {}
-        for j, (job, st) in enumerate(zip(segment.jobs, job_stages)):
-            stages += st
-            recipes += job.recipes
-            actives += [segment.active(j)] * len(st)
-            commits[len(stages) - 1] = (lambda d, j=j: d.map_batches(
-                commit_segment_step, fn_args=(store, segment, j, self.name, j == len(job_stages) - 1),
-                batch_size=None, batch_format="pyarrow", num_cpus=fused))
+        for j in range(first, len(segment.jobs)):
+            stages += job_stages[j]
+            recipes += segment.jobs[j].recipes
+            actives += [segment.active(j)] * len(job_stages[j])
+            commits[len(stages) - 1] = (commit_segment_step, (store, segment, j, self.name, j == len(job_stages) - 1))
+        # read, CPU-only stages and commits: one CPU figure, so Ray fuses each run of them into one task
+        _, _, _, task_cpus = self._layout(stages)
+        fused = min(max((s.resources.cpus for s in stages if not s.uses_model), default=READ_TASK_CPUS), task_cpus)
+        ds = self._read(lambda shard: segment_input(store, segment, shard), shards, segment.rows,
+                        segment.input_folder, self._read_cpus(stages, fused))
         return self._map_stages(ds, stages, recipes, actives, commits, fused)
 
     def run_step(self, store, job: StepJob, progress=None) -> dict:

@@ -44,6 +44,20 @@ def worker_stage(recipe: StageRecipe) -> Stage:
     return stage
 
 
+_EXECUTION: dict[str, str] = {}  # recipe key -> the execution (segment / step run) that last used it
+
+
+def keep_stages(keys: set[str], execution: str) -> None:
+    """A fused task of `execution` starts on this worker: the stages of earlier executions that it
+    does not use are dropped (a task worker lives for the whole run: without this it would hold every
+    model of every segment and round)."""
+    for key in list(_EXECUTION):
+        if key not in keys and _EXECUTION[key] != execution:
+            _WORKER_STAGES.pop(key, None)
+            _EXECUTION.pop(key)
+    _EXECUTION.update(dict.fromkeys(keys, execution))
+
+
 def tag(table: pa.Table, shard: str, first_row: int = 0) -> pa.Table:
     n = table.num_rows
     return (
