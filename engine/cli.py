@@ -231,8 +231,8 @@ def run(
     force: bool = typer.Option(False, "--force", help="redo everything, ignoring committed shards"),
     from_step: Optional[str] = typer.Option(None, "--from", help="redo this step and the ones after it"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:port)"),
-    ray_fuse: Optional[str] = typer.Option(None, "--ray-fuse", help="Ray: auto | always | never: the model stages of a "
-                                           "segment in one actor (auto: when their pools do not fit side by side)"),
+    ray_fuse: Optional[str] = typer.Option(None, "--ray-fuse", help="Ray: auto | always | never: every stage of a "
+                                           "segment in one task per shard (auto: where the model pools do not fit side by side)"),
     beam_runner: Optional[str] = typer.Option(None, "--beam-runner", help="Beam runner (DirectRunner, FlinkRunner, ...)"),
     beam_option: list[str] = typer.Option([], "--beam-option", help="extra Beam pipeline option, repeatable (--beam-option=--project=x)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="engine INFO logs, Ray's own logs and progress bars"),

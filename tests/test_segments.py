@@ -247,7 +247,9 @@ def test_fused_segment_runs_every_step_in_one_task_models_built_once_per_process
 
 
 def _fld(cfg, src, out, log, temp, runner):
-    """`fld run --runner RUNNER` in a child process that registers this module's stages first."""
+    """`fld run --runner RUNNER` in a child process that registers this module's stages first
+    ("ray-fused": Ray with --ray-fuse always)."""
+    runner, _, fused = runner.partition("-")
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; import test_segments as t; from engine import registry; "
             "import ray.cloudpickle; ray.cloudpickle.register_pickle_by_value(t); "
             "registry.STAGES.update(mean_model='test_segments:MeanModel', count_texts='test_segments:CountTexts'); "
@@ -255,13 +257,13 @@ def _fld(cfg, src, out, log, temp, runner):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", FLD_RAY_TEMP_DIR=temp,
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), "run", str(cfg), "-p", "three",
-           "-i", str(src), "-o", str(out), "--runner", runner]
+           "-i", str(src), "-o", str(out), "--runner", runner] + (["--ray-fuse", "always"] if fused else [])
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("runner", ["ray", "beam"])
+@pytest.mark.parametrize("runner", ["ray", "ray-fused", "beam"])
 def test_killed_between_two_steps_of_a_segment_resumes_exactly(inputs, counts, tmp_path, runner):
     """SIGKILL once step s1 committed a shard, then also the state of a kill right after a shard's s1
     commit (its s2 and s3 not yet written); the rerun gives the shards of an uninterrupted run and

@@ -9,7 +9,8 @@ per shard (rows, counters): its memory does not grow with the dataset, and shard
 soon as its rows are done while later shards still run, so a killed run resumes shard by shard.
 
 Model stages (`uses_model`) run as `map_batches(StageActor, compute=ActorPoolStrategy)`; CPU-only
-stages as tasks. On small machines actor CPU requests are scaled down so the read and write tasks
+stages as tasks. Where 2+ model pools do not fit the cluster side by side, the stages (and commits) of
+an execution run fused, as one task per shard that holds every model (fuse_plan, run_fused). On small machines actor CPU requests are scaled down so the read and write tasks
 always get a core (docs/running.md, "Ray on a small machine": a pool holding every CPU hangs
 silently). Task jobs (ingest) are plain `ray.remote` calls with a bounded number in flight.
 """
@@ -33,9 +34,9 @@ from engine.runners.tagged import (
     clear_parts,
     commit_piece,
     empty_shard,
+    keep_stages,
     pieces,
     read_tagged_shard,
-    keep_stages,
     run_tagged_stage,
     worker_stage,
 )
@@ -82,7 +83,10 @@ def run_fused(block: pa.Table, ops: list[tuple], execution: str) -> pa.Table:
     keep_stages({op[1].key for op in ops if op[0] == "stage"}, execution)
     node = node_id()
     for op in ops:
-        block = run_tagged_stage(worker_stage(op[1]), block, node=node, active=op[2]) if op[0] == "stage" else op[1](block, *op[2])
+        if op[0] == "stage":
+            block = run_tagged_stage(worker_stage(op[1]), block, node=node, active=op[2])
+        else:
+            block = op[1](block, *op[2])
     return block
 
 
@@ -232,7 +236,7 @@ class RayRunner:
 
         `runtime_env` (or the JSON in FLD_RAY_RUNTIME_ENV) is passed to ray.init, e.g. to install
         fld-engine on a remote cluster's workers. `fuse` (or FLD_RAY_FUSE): auto | always | never, whether
-        the stages of an execution share one actor (fuse_plan).
+        the stages of an execution run in one process (fuse_plan).
         """
         self.address = address
         self.num_cpus = num_cpus
@@ -338,8 +342,8 @@ class RayRunner:
                 ops.append(("stage", recipes[k], active(k)))
                 if k in after:
                     ops.append(("call", *after[k]))
-            ds = ds.map_batches(fused_task([stages[k].name for k in group]), fn_args=(ops, execution), compute=TaskPoolStrategy(size=size),
-                                **resources, batch_size=None, batch_format="pyarrow",
+            ds = ds.map_batches(fused_task([stages[k].name for k in group]), fn_args=(ops, execution),
+                                compute=TaskPoolStrategy(size=size), **resources, batch_size=None, batch_format="pyarrow",
                                 udf_modifying_row_count=not any(op[0] == "call" for op in ops))
         return ds
 
@@ -363,13 +367,6 @@ class RayRunner:
         held = sum(c * n for (_, _, n, _), c in zip(pools, actor_cpus))
         return plan, pools, actor_cpus, task_cpus_left(held, cluster_cpus, alive_nodes() if held else 1)
 
-    def _read_cpus(self, stages: list, cpus: float) -> float:
-        """The read task's CPUs: those of a fused first group when there is one, so that Ray runs the
-        read in the same task (a shard read, run through the stages and committed by one process)."""
-        plan, _, actor_cpus, _ = self._layout(stages)
-        group, fused = plan[0]
-        return actor_cpus[0] if fused and any(stages[k].uses_model for k in group) else cpus
-
     def _read(self, read_one, shards: list[str], rows, input_of, cpus: float = READ_TASK_CPUS):
         """One read task per shard emitting the shard as one tagged block. Ray Data would otherwise split
         read outputs to reach its minimum block count, and a stage would see the shard in other batches
@@ -386,7 +383,7 @@ class RayRunner:
         stages = job.build_stages()
         needs = image_needs(stages)
         ds = self._read(lambda shard: read_tagged_shard(store, job, needs, shard), shards, job.rows,
-                        lambda shard: job.input_folder, self._read_cpus(stages, READ_TASK_CPUS))
+                        lambda shard: job.input_folder)
         return self._map_stages(ds, stages, job.recipes, after={len(stages) - 1: (commit_block, (store, job, self.name))})
 
     def build_segment(self, store, segment: Segment):
@@ -408,7 +405,7 @@ class RayRunner:
         _, _, _, task_cpus = self._layout(stages)
         fused = min(max((s.resources.cpus for s in stages if not s.uses_model), default=READ_TASK_CPUS), task_cpus)
         ds = self._read(lambda shard: segment_input(store, segment, shard), shards, segment.rows,
-                        segment.input_folder, self._read_cpus(stages, fused))
+                        segment.input_folder, fused)
         return self._map_stages(ds, stages, recipes, actives, commits, fused)
 
     def run_step(self, store, job: StepJob, progress=None) -> dict:
