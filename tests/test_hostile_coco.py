@@ -471,3 +471,23 @@ def test_a_50_mb_coco_file_is_read_in_bounded_memory(tmp_path):
     n_items, n_objects, rss_mib = map(int, res.stdout.split())
     assert (n_items, n_objects) == (20, 20 * 5000)
     assert rss_mib < 250, rss_mib
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value, why", [("NaN", "non-finite"), ("-Infinity", "non-finite"),
+                                        ('"\\udc80"', "not valid Unicode")], ids=["nan", "-inf", "surrogate"])
+def test_non_standard_json_is_parsed_whole_up_to_a_cap(tmp_path, monkeypatch, value, why):
+    """NaN / Infinity literals and lone surrogate escapes (Python's json writes them) stop ijson: such a
+    file is parsed whole, its entries refused one by one as before; over the cap, one error."""
+    import engine.ingest.sources as sources
+
+    field = '"caption"' if value.startswith('"') else '"category_id": 1, "bbox"'
+    text = ('{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "dog"}], "annotations": ['
+            '{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}, '
+            f'{{"id": 2, "image_id": 1, {field}: ' + (value if value.startswith('"') else f"[1, 2, {value}, 4]") + "}]}")
+    (tmp_path / "n.json").write_text(text)
+    (item,) = sources.list_inputs(str(tmp_path / "n.json"))
+    assert len(item.human["objects"]) == 1 and why in item.human["rejected"][0] and "(id 2)" in item.human["rejected"][0]
+    monkeypatch.setattr(sources, "MAX_COCO_WHOLE_BYTES", 100)
+    with pytest.raises(sources.InputError, match="n.json: has NaN / Infinity literals or lone surrogates"):
+        sources.list_inputs(str(tmp_path / "n.json"))

@@ -38,7 +38,8 @@ class CocoError(ValueError):
 
 
 class NonStandardJson(CocoError):
-    """NaN / Infinity literals (Python's json writes them), which the streaming parser refuses."""
+    """NaN / Infinity literals (Python's json writes them) or lone surrogate escapes, which the
+    streaming parser refuses: such a file is parsed whole (engine.ingest.sources)."""
 
 
 def parse_coco_json(data: bytes | str, path: str) -> Any:
@@ -405,12 +406,14 @@ def _elements(f: IO[bytes], path: str, wanted: set[str]) -> Iterator[tuple[str, 
     except ijson.JSONError as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         why = why[2:] if why.startswith(("b'", 'b"')) else why
-        if "invalid char" in why and (b"NaN" in counted.last or b"Infinity" in counted.last):
+        if "lexical error" in why and (b"NaN" in counted.last or b"Infinity" in counted.last):
             raise NonStandardJson(f"{path}: NaN / Infinity literals in {where}") from None
         raise CocoError(f"{path}: not valid JSON ({why.strip().rstrip('.')}) within bytes {counted.start}-"
                         f"{counted.end}, at or after {where}") from None
     except StopIteration:
         raise CocoError(f"{path}: not valid JSON (premature end) at or after {where}") from None
+    except UnicodeDecodeError:  # a lone surrogate escape ("\\udc80"): yajl writes it as bytes ijson cannot decode
+        raise NonStandardJson(f"{path}: a lone surrogate escape in {where}") from None
 
 
 def read_coco_file(open_file: Callable[[], ContextManager[IO[bytes]]], path: str, limits: Any = None) -> list[dict]:

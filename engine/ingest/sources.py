@@ -340,14 +340,14 @@ def _list_coco(json_path: str, source: str, image_root: str | None, allow_urls: 
 
 
 def _read_coco_whole(json_path: str, limits: Any) -> list[dict]:
-    """A COCO file that is not standard JSON (NaN / Infinity literals, as Python's json writes) is
-    parsed whole, up to MAX_COCO_WHOLE_BYTES (the streaming parser refuses those literals)."""
+    """A COCO file that is not standard JSON (NaN / Infinity literals, as Python's json writes, or
+    lone surrogate escapes) is parsed whole, up to MAX_COCO_WHOLE_BYTES (the streaming parser refuses them)."""
     with _input_file(json_path) as f:
         try:
             data = loc.read_capped(f, MAX_COCO_WHOLE_BYTES, _size_of(f))
         except Quarantined:
-            raise InputError(f"{escape_name(json_path)}: has NaN / Infinity literals (not standard JSON) and is over "
-                             f"{MAX_COCO_WHOLE_BYTES >> 20} MiB; such a file is parsed whole: write null for "
-                             "missing numbers, or split it") from None
+            raise InputError(f"{escape_name(json_path)}: has NaN / Infinity literals or lone surrogates (not "
+                             f"standard JSON) and is over {MAX_COCO_WHOLE_BYTES >> 20} MiB; such a file is parsed "
+                             "whole: write null for missing numbers, or split it") from None
         coco = parse_coco_json(data, escape_name(json_path))
     return read_coco(coco, escape_name(json_path), limits)
