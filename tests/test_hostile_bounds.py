@@ -614,6 +614,65 @@ def test_an_s3_endpoint_that_never_answers_is_a_timeout_in_bounded_time(monkeypa
         server.close()
 
 
+class _HeadOnlyS3:
+    """An HTTP server on 127.0.0.1 that answers HEAD like S3 (an object of 1,000 bytes) and never answers a GET."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stop = self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):  # noqa: N802
+                self.send_response(200)
+                for key, value in (("Content-Length", "1000"), ("Content-Type", "image/png"), ("ETag", '"e"'),
+                                   ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")):
+                    self.send_header(key, value)
+                self.end_headers()
+
+            def do_GET(self):  # noqa: N802
+                stop.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("silent", ["head", "get"])
+def test_an_s3_input_meets_one_deadline_whatever_the_timeouts_and_retries(monkeypatch, silent):
+    """One deadline per S3 input, like URL inputs: s3fs's own 5 attempts and botocore's timeouts
+    (here 30 s, the deadline 2 s) cannot stretch it, whether the endpoint is silent at the HEAD or
+    only at the GET; the reason is `timeout` and says which deadline."""
+    import fsspec.config
+
+    from engine.ingest import locations
+
+    monkeypatch.setattr(locations, "CONNECT_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(locations, "READ_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(locations, "RETRY_BUDGET_S", 1.0)  # below the deadline, as 30 s is below 120 s
+    monkeypatch.setattr(locations, "INPUT_DEADLINE_S", 2.0)
+    server = _SilentServer() if silent == "head" else _HeadOnlyS3()
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.port}"},
+                                                   "key": "k", "secret": "s"})
+    try:
+        row, bad, took = _ingest_url(f"s3://bucket-{silent}/b/c.png")
+        assert row is None and bad["reason"] == "timeout", bad
+        assert "input deadline of 2 s" in bad["detail"], bad
+        assert took < 2.0 + 2.5, took  # before: 30 s x s3fs's attempts
+    finally:
+        server.close()
+
+
 # --------------------------------------------------------------------------- 4. tar listings bounded
 @pytest.mark.timeout(120)
 def test_a_tar_of_many_members_is_listed_in_bounded_memory_with_a_member_cap(tmp_path, monkeypatch):
@@ -845,3 +904,4 @@ def test_a_step_with_batch_size_64_of_large_images_holds_one_pixel_budget(tmp_pa
         assert held <= BATCH_PIXEL_BUDGET or n == 1, (r["uri"], held, n)
         if r["uri"].endswith("huge.png"):
             assert n == 1 and held == 12000 * 12000
+
