@@ -905,3 +905,73 @@ def test_a_step_with_batch_size_64_of_large_images_holds_one_pixel_budget(tmp_pa
         if r["uri"].endswith("huge.png"):
             assert n == 1 and held == 12000 * 12000
 
+
+# --------------------------------------------------------------------------- 1. a MemoryError is one record's error
+_MEMORY_STAGE = '''
+from engine.stage import Resources, Stage
+from schemas.records import make_ann_id, new_annotation, source_of
+
+
+class SizeNote(Stage):
+    """Notes each image's size; a batch holding the 41-pixel-wide image cannot be allocated (as a
+    batched model that pads every image to the largest one would)."""
+    name = "size_note"
+    needs_images = True
+    default_resources = Resources(batch_size=4)
+
+    def process_batch(self, records, images):
+        if any(im.width == 41 for im in images):
+            raise MemoryError("cannot allocate 7.2 GiB for this batch")
+        for rec, im in zip(records, images):
+            rec["texts"].append(new_annotation(source_of(self.name), ann_id=make_ann_id(rec["image_id"], self.name,
+                                "text", 0), tier="brief", text=f"{im.width}x{im.height}"))
+        return records
+'''
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["stage", "decode"])
+def test_a_memory_error_on_one_record_is_that_records_error_and_the_run_goes_on(tmp_path, monkeypatch, where):
+    """A real local run of six images: a MemoryError raised by a stage's batch (redone record by record,
+    Stage._isolated) or by decoding one image (the step's pixel column, engine.stage.with_pixels) becomes
+    that record's error naming MemoryError; the other five are annotated and the run finishes."""
+    import engine.stage
+    from engine.config import load_pipeline
+    from engine.run import run_pipeline
+
+    src = tmp_path / "in"
+    src.mkdir()
+    widths = [40, 41, 42, 43, 44, 45]
+    for i, w in enumerate(widths):
+        Image.new("RGB", (w, 30), (i * 40, 100, 200)).save(src / f"w{w}.png")
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "memstage.py").write_text(_MEMORY_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    bad_width = 41  # the stage's batch fails on it; in the decode variant its decode fails first
+    if where == "decode":
+        real = engine.stage.decode_image
+
+        def decode(data):
+            img = real(data)
+            if img.width == bad_width:
+                raise MemoryError("cannot allocate the pixels of this image")
+            return img
+
+        monkeypatch.setattr(engine.stage, "decode_image", decode)
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("pipelines:\n  m:\n    ingest: {shard_size: 6}\n    steps:\n"
+                    "      - {name: s1, stages: [{stage: 'memstage:SizeNote'}]}\n")
+    out = tmp_path / "out"
+    summary = run_pipeline(load_pipeline(str(yaml), "m"), str(src), str(out))
+    recs = {r["width"]: r for r in _records(out)}
+    assert sorted(recs) == widths
+    bad = recs.pop(bad_width)
+    (error,) = bad["errors"]
+    assert error["stage"] == ("size_note" if where == "stage" else "decode") and "MemoryError" in error["error"], error
+    assert bad["texts"] == []
+    for w, rec in recs.items():
+        assert not rec["errors"] and [t["text"] for t in rec["texts"]] == [f"{w}x30"], rec
+    counters = summary.steps["s1"]["counters"]["size_note"]
+    assert counters["records_in"] == 6
+    if where == "stage":
+        assert counters["errors"] == 1 and counters["metrics"]["records_isolated"] == 4  # its batch of 4, redone
