@@ -383,7 +383,8 @@ def test_a_20_mb_string_refuses_its_entry_only(tmp_path, where, caplog):
     from engine.ingest.coco import MAX_CELL_CHARS
 
     huge = "x" * (20 << 20)
-    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": huge if where == "file_name" else "b.jpg"}],
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"},
+                       {"id": 2, "file_name": huge if where == "file_name" else "b.jpg"}],
             "categories": [{"id": 1, "name": huge if where == "category" else "dog"}, {"id": 2, "name": "cat"}],
             "annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [1, 2, 3, 4]},
                             {"id": 11, "image_id": 1, "caption": huge if where == "caption" else "ok"},
@@ -484,10 +485,12 @@ def test_non_standard_json_is_parsed_whole_up_to_a_cap(tmp_path, monkeypatch, va
     field = '"caption"' if value.startswith('"') else '"category_id": 1, "bbox"'
     text = ('{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "dog"}], "annotations": ['
             '{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}, '
-            f'{{"id": 2, "image_id": 1, {field}: ' + (value if value.startswith('"') else f"[1, 2, {value}, 4]") + "}]}")
+            f'{{"id": 2, "image_id": 1, {field}: '
+            + (value if value.startswith('"') else f"[1, 2, {value}, 4]") + "}]}")
     (tmp_path / "n.json").write_text(text)
     (item,) = sources.list_inputs(str(tmp_path / "n.json"))
-    assert len(item.human["objects"]) == 1 and why in item.human["rejected"][0] and "(id 2)" in item.human["rejected"][0]
+    (reason,) = item.human["rejected"]
+    assert len(item.human["objects"]) == 1 and why in reason and "(id 2)" in reason
     monkeypatch.setattr(sources, "MAX_COCO_WHOLE_BYTES", 100)
     with pytest.raises(sources.InputError, match="n.json: has NaN / Infinity literals or lone surrogates"):
         sources.list_inputs(str(tmp_path / "n.json"))

@@ -8,8 +8,12 @@ non-numeric / wrong-length bbox, a malformed segmentation, an RLE whose size is 
 or a missing or unknown category_id is left out, and the reason (naming the file, the entry and
 its annotation id) goes to that image's `rejected` list, which becomes the record's `errors`
 (engine.ingest.human). Entries that belong to no image (an image_id that names no image, an image
-entry without id or file_name) are logged as warnings naming the file. Only a file that is not
-COCO at all is an error.
+entry without id or file_name) are logged as warnings naming the file (the first 20, then one
+count). Only a file that is not COCO at all is an error.
+
+A file is streamed (read_coco_file, ijson): never held whole nor parsed whole, its keys in any
+order; per image, annotations past the ingest caps are counted, not held. read_coco takes a parsed
+dict (tests, and files with NaN literals, which ijson refuses) through the same code.
 """
 from __future__ import annotations
 
