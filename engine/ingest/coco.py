@@ -320,48 +320,61 @@ _TYPES = {"start_map": "dict", "string": "str", "integer": "int", "double": "flo
           "boolean": "bool", "start_array": "list", "null": "NoneType"}
 
 
+_STARTS = frozenset(("start_map", "start_array"))
+_ENDS = frozenset(("end_map", "end_array"))
+
+
 def _skip(events: Iterator, event: str) -> None:
-    depth = event in ("start_map", "start_array")
-    while depth:
-        event, _ = next(events)
-        depth += event in ("start_map", "start_array")
-        depth -= event in ("end_map", "end_array")
+    if event not in _STARTS:
+        return
+    depth = 1
+    for event, _ in events:  # the hot loop of a pass that skips a big array: keep it tight
+        if event in _STARTS:
+            depth += 1
+        elif event in _ENDS:
+            depth -= 1
+            if not depth:
+                return
 
 
 def _build(events: Iterator, event: str, value: Any, where: str, path: str) -> tuple[Any, str | None]:
     """One array element from its events: (value, why it is refused: a string over MAX_CELL_CHARS,
     kept as None). Nesting deeper than MAX_DEPTH is a CocoError naming the element."""
-    too_big = None
-    if event not in ("start_map", "start_array"):
+    if event not in _STARTS:
         if event == "string" and len(value) > MAX_CELL_CHARS:
             return None, f"a string of {len(value)} characters, over {MAX_CELL_CHARS}"
         return value, None
+    too_big = None
     root: Any = {} if event == "start_map" else []
-    stack: list[list] = [[root, None]]  # [container, pending key]
-    while stack:
-        event, value = next(events)
-        top = stack[-1]
+    container, is_list, key = root, event == "start_array", None
+    parents: list[tuple] = []  # (container, is_list, key) of each open container above `container`
+    for event, value in events:  # one event per number of a polygon: keep it tight
         if event == "map_key":
-            top[1] = value
+            key = value
             continue
-        if event in ("end_map", "end_array"):
-            stack.pop()
+        if event in _ENDS:
+            if not parents:
+                break
+            container, is_list, key = parents.pop()
             continue
-        if event in ("start_map", "start_array"):
-            if len(stack) + 2 > MAX_DEPTH:
+        if event in _STARTS:
+            if len(parents) + 3 > MAX_DEPTH:  # the root map and the top-level array are above the element
                 raise CocoError(f"{path}: not a COCO file (JSON nested deeper than {MAX_DEPTH} levels in {where})")
             child: Any = {} if event == "start_map" else []
+            if is_list:
+                container.append(child)
+            else:
+                container[key] = child
+            parents.append((container, is_list, key))
+            container, is_list = child, event == "start_array"
+            continue
+        if event == "string" and len(value) > MAX_CELL_CHARS:
+            at = "" if is_list else f" at {key!r:.40}"
+            too_big, value = too_big or f"a string of {len(value)} characters{at}, over {MAX_CELL_CHARS}", None
+        if is_list:
+            container.append(value)
         else:
-            child = value
-            if event == "string" and len(value) > MAX_CELL_CHARS:
-                key = f" at '{top[1]:.40}'" if isinstance(top[0], dict) else ""
-                too_big, child = too_big or f"a string of {len(value)} characters{key}, over {MAX_CELL_CHARS}", None
-        if isinstance(top[0], dict):
-            top[0][top[1]] = child
-        else:
-            top[0].append(child)
-        if event in ("start_map", "start_array"):
-            stack.append([child, None])
+            container[key] = value
     return root, too_big
 
 
