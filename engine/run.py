@@ -72,7 +72,7 @@ def ingest(store: ShardStore, pipeline: Pipeline, src: str | None, runner, progr
     if src is not None:
         items = (limited(item, cfg) for item in iter_inputs(src, cfg.source, image_root=cfg.image_root,
                                                               max_file_bytes=cfg.max_file_bytes,
-                                                              allow_urls=cfg.allow_urls))
+                                                              allow_urls=cfg.allow_urls, limits=cfg))
         shards, _ = plan_chunks(store, items, cfg.shard_size, ihash)
     else:
         shards = store.shards(INPUTS)

@@ -614,6 +614,65 @@ def test_an_s3_endpoint_that_never_answers_is_a_timeout_in_bounded_time(monkeypa
         server.close()
 
 
+class _HeadOnlyS3:
+    """An HTTP server on 127.0.0.1 that answers HEAD like S3 (an object of 1,000 bytes) and never answers a GET."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stop = self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):  # noqa: N802
+                self.send_response(200)
+                for key, value in (("Content-Length", "1000"), ("Content-Type", "image/png"), ("ETag", '"e"'),
+                                   ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")):
+                    self.send_header(key, value)
+                self.end_headers()
+
+            def do_GET(self):  # noqa: N802
+                stop.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("silent", ["head", "get"])
+def test_an_s3_input_meets_one_deadline_whatever_the_timeouts_and_retries(monkeypatch, silent):
+    """One deadline per S3 input, like URL inputs: s3fs's own 5 attempts and botocore's timeouts
+    (here 30 s, the deadline 2 s) cannot stretch it, whether the endpoint is silent at the HEAD or
+    only at the GET; the reason is `timeout` and says which deadline."""
+    import fsspec.config
+
+    from engine.ingest import locations
+
+    monkeypatch.setattr(locations, "CONNECT_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(locations, "READ_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(locations, "RETRY_BUDGET_S", 1.0)  # below the deadline, as 30 s is below 120 s
+    monkeypatch.setattr(locations, "INPUT_DEADLINE_S", 2.0)
+    server = _SilentServer() if silent == "head" else _HeadOnlyS3()
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.port}"},
+                                                   "key": "k", "secret": "s"})
+    try:
+        row, bad, took = _ingest_url(f"s3://bucket-{silent}/b/c.png")
+        assert row is None and bad["reason"] == "timeout", bad
+        assert "input deadline of 2 s" in bad["detail"], bad
+        assert took < 2.0 + 2.5, took  # before: 30 s x s3fs's attempts
+    finally:
+        server.close()
+
+
 # --------------------------------------------------------------------------- 4. tar listings bounded
 @pytest.mark.timeout(120)
 def test_a_tar_of_many_members_is_listed_in_bounded_memory_with_a_member_cap(tmp_path, monkeypatch):
@@ -655,9 +714,10 @@ def test_a_tar_of_many_members_is_listed_in_bounded_memory_with_a_member_cap(tmp
 @pytest.mark.parametrize("ext", [".jsonl", ".csv", ".json"])
 def test_a_sparse_16_gb_list_or_coco_file_is_one_error_naming_it(tmp_path, ext):
     """A sparse 16 GB list / COCO file (no newline anywhere) was read whole: 9 GB, then MemoryError.
-    Lines are read with a cap, a COCO JSON with a size cap: one error naming the file, at once."""
+    Lines are read with a cap, a COCO JSON is streamed: one error naming the file, at once."""
     import tracemalloc
 
+    from engine.ingest.coco import CocoError
     from engine.ingest.sources import InputError
 
     path = tmp_path / f"huge{ext}"
@@ -667,7 +727,7 @@ def test_a_sparse_16_gb_list_or_coco_file_is_one_error_naming_it(tmp_path, ext):
     tracemalloc.start()
     t0 = time.monotonic()
     try:
-        with pytest.raises(InputError) as err:
+        with pytest.raises((InputError, CocoError)) as err:  # a COCO JSON is streamed: its first byte is not JSON
             list_inputs(str(path))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -844,3 +904,74 @@ def test_a_step_with_batch_size_64_of_large_images_holds_one_pixel_budget(tmp_pa
         assert held <= BATCH_PIXEL_BUDGET or n == 1, (r["uri"], held, n)
         if r["uri"].endswith("huge.png"):
             assert n == 1 and held == 12000 * 12000
+
+
+# --------------------------------------------------------------------------- 1. a MemoryError is one record's error
+_MEMORY_STAGE = '''
+from engine.stage import Resources, Stage
+from schemas.records import make_ann_id, new_annotation, source_of
+
+
+class SizeNote(Stage):
+    """Notes each image's size; a batch holding the 41-pixel-wide image cannot be allocated (as a
+    batched model that pads every image to the largest one would)."""
+    name = "size_note"
+    needs_images = True
+    default_resources = Resources(batch_size=4)
+
+    def process_batch(self, records, images):
+        if any(im.width == 41 for im in images):
+            raise MemoryError("cannot allocate 7.2 GiB for this batch")
+        for rec, im in zip(records, images):
+            rec["texts"].append(new_annotation(source_of(self.name), ann_id=make_ann_id(rec["image_id"], self.name,
+                                "text", 0), tier="brief", text=f"{im.width}x{im.height}"))
+        return records
+'''
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["stage", "decode"])
+def test_a_memory_error_on_one_record_is_that_records_error_and_the_run_goes_on(tmp_path, monkeypatch, where):
+    """A real local run of six images: a MemoryError raised by a stage's batch (redone record by record,
+    Stage._isolated) or by decoding one image (the step's pixel column, engine.stage.with_pixels) becomes
+    that record's error naming MemoryError; the other five are annotated and the run finishes."""
+    import engine.stage
+    from engine.config import load_pipeline
+    from engine.run import run_pipeline
+
+    src = tmp_path / "in"
+    src.mkdir()
+    widths = [40, 41, 42, 43, 44, 45]
+    for i, w in enumerate(widths):
+        Image.new("RGB", (w, 30), (i * 40, 100, 200)).save(src / f"w{w}.png")
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "memstage.py").write_text(_MEMORY_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    bad_width = 41  # the stage's batch fails on it; in the decode variant its decode fails first
+    if where == "decode":
+        real = engine.stage.decode_image
+
+        def decode(data):
+            img = real(data)
+            if img.width == bad_width:
+                raise MemoryError("cannot allocate the pixels of this image")
+            return img
+
+        monkeypatch.setattr(engine.stage, "decode_image", decode)
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("pipelines:\n  m:\n    ingest: {shard_size: 6}\n    steps:\n"
+                    "      - {name: s1, stages: [{stage: 'memstage:SizeNote'}]}\n")
+    out = tmp_path / "out"
+    summary = run_pipeline(load_pipeline(str(yaml), "m"), str(src), str(out))
+    recs = {r["width"]: r for r in _records(out)}
+    assert sorted(recs) == widths
+    bad = recs.pop(bad_width)
+    (error,) = bad["errors"]
+    assert error["stage"] == ("size_note" if where == "stage" else "decode") and "MemoryError" in error["error"], error
+    assert bad["texts"] == []
+    for w, rec in recs.items():
+        assert not rec["errors"] and [t["text"] for t in rec["texts"]] == [f"{w}x30"], rec
+    counters = summary.steps["s1"]["counters"]["size_note"]
+    assert counters["records_in"] == 6
+    if where == "stage":
+        assert counters["errors"] == 1 and counters["metrics"]["records_isolated"] == 4  # its batch of 4, redone

@@ -300,3 +300,197 @@ def test_bad_image_entries_keep_their_files_listed(tmp_path):
     a, b, c = humans
     assert len(a["objects"]) == 1 and b["objects"] == [] and "appears twice" in b["rejected"][0]
     assert c["width"] is None and "not positive integers" in c["rejected"][0] and len(c["objects"]) == 1
+
+
+# ------------------------------------------------------------------ streaming (ijson): bounded, order-free
+def _stream(tmp_path, text: str | bytes, limits=None, name: str = "s.json"):
+    from engine.ingest.coco import read_coco_file
+
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return read_coco_file(lambda: open(path, "rb"), str(path), limits)
+
+
+def _standard(coco: dict) -> dict:
+    """_coco() without NaN / Infinity (not standard JSON: those files are parsed whole) and without
+    lone surrogates (\\ud800: ijson reads them as '?', json as an invalid str that is refused)."""
+    coco = json.loads(json.dumps(coco))
+    coco["annotations"] = [a for a in coco["annotations"]
+                           if not (isinstance(a, dict) and a.get("id") in (101, 102, 103, 128, 131))]
+    return coco
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("order", [("images", "categories", "annotations"), ("annotations", "categories", "images"),
+                                   ("categories", "annotations", "images"), ("annotations", "images", "categories")])
+def test_streamed_file_equals_the_parsed_one_whatever_the_key_order(tmp_path, order):
+    coco = _standard(_coco())
+    text = "{" + ", ".join([f'"info": {{"x": [1, {{"y": "z"}}]}}'] +
+                           [f"{json.dumps(k)}: {json.dumps(coco[k])}" for k in order]) + "}"
+    assert _stream(tmp_path, text) == read_coco(coco, str(tmp_path / "s.json"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.999])
+def test_truncated_json_is_one_error_naming_file_position_and_entry(tmp_path, cut):
+    text = json.dumps(_standard(_coco()))
+    with pytest.raises(CocoError) as err:
+        _stream(tmp_path, text[:int(len(text) * cut)], name="cut.json")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'cut.json'}: not valid JSON (") and "\n" not in message, message
+    assert "within bytes 0-" in message and "at or after" in message, message
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text, message", [
+    ('{"images": [], "images": []}', "'images' appears twice"),
+    ('{"annotations": []}', "no 'images' list"),
+    ('{"images": 5}', "no 'images' list"),
+    ('{"images": [], "annotations": "x"}', "'annotations' is a str, not a list"),
+    ('[{"images": []}]', "no 'images' list"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg", "x": ' + "[" * 200 + "]" * 200 + "}]}", "nested deeper than 32"),
+    ('{"images": [], "annotations": [' + "[" * 100_000 + "]" * 100_000 + "]}", "nested deeper than 32"),
+    ('{"images": []} trailing', "not valid JSON"),
+    ('{"images": [{"id": 1, "file_name": "a\x01.jpg"}]}', "not valid JSON"),
+    (b'{"images": [{"id": 1, "file_name": "\xff\xfe"}]}', "not valid JSON"),
+    (b"\x89PNG\r\n\x1a\n\x00binary", "not valid JSON"),
+    ("", "not valid JSON"),
+], ids=["dup-key", "no-images", "images-int", "ann-str", "root-list", "deep-image", "deep-ann", "trailing",
+        "control-char", "not-utf8", "binary", "empty"])
+def test_garbage_is_one_clear_error(tmp_path, text, message):
+    with pytest.raises(CocoError) as err:
+        _stream(tmp_path, text, name="g.json")
+    assert str(err.value).startswith(f"{tmp_path / 'g.json'}: ") and message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_nested_garbage_inside_entries_is_refused_per_entry(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48, "extra": {"a": [[{"b": [[]]}]]}}],
+            "categories": [{"id": 1, "name": "dog"}, {"id": {"x": [1]}, "name": "bad"}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": {"a": [[{}]]}},
+                            {"id": 11, "image_id": 1, "category_id": 1, "segmentation": [[[1, 2], [3, [4]]]]},
+                            {"id": 12, "image_id": {"id": 1}, "category_id": 1, "bbox": [1, 2, 3, 4]},
+                            {"id": 13, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]}
+    (human,) = _stream(tmp_path, json.dumps(coco))
+    assert len(human["objects"]) == 1 and len(human["rejected"]) == 2
+    assert all("(id 1" in r for r in human["rejected"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["caption", "file_name", "category", "label_key"])
+def test_a_20_mb_string_refuses_its_entry_only(tmp_path, where, caplog):
+    from engine.ingest.coco import MAX_CELL_CHARS
+
+    huge = "x" * (20 << 20)
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"},
+                       {"id": 2, "file_name": huge if where == "file_name" else "b.jpg"}],
+            "categories": [{"id": 1, "name": huge if where == "category" else "dog"}, {"id": 2, "name": "cat"}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [1, 2, 3, 4]},
+                            {"id": 11, "image_id": 1, "caption": huge if where == "caption" else "ok"},
+                            {"id": 12, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4],
+                             **({huge: 1} if where == "label_key" else {})}]}
+    with caplog.at_level(logging.WARNING, logger="engine.ingest.coco"):
+        humans = _stream(tmp_path, json.dumps(coco))
+    by_name = {h["file_name"]: h for h in humans}
+    assert "a.jpg" in by_name and all(len(h["file_name"]) < 100 for h in humans)
+    a = by_name["a.jpg"]
+    assert {o["label"] for o in a["objects"]} >= {"cat"}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    if where == "file_name":
+        assert "images[1]" in warned and f"over {MAX_CELL_CHARS}" in warned
+    elif where == "category":
+        assert "categories[0]" in warned and [o["label"] for o in a["objects"]] == ["cat"]
+        assert any("(id 12)" in r and "not in 'categories'" in r for r in a["rejected"])
+    elif where == "caption":
+        assert a["captions"] == [] and any("(id 11)" in r and f"over {MAX_CELL_CHARS}" in r for r in a["rejected"])
+    else:  # a 20 MB key: json keys are not values, ijson hands them whole: kept, bounded by the run cap
+        assert len(a["objects"]) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_value_without_end_is_refused_before_it_is_buffered(tmp_path, monkeypatch):
+    """One multi-GB string (or number) would be buffered whole by the parser: a run of MAX_RUN_BYTES
+    without an unescaped quote ends the file with one error (here 1 MiB; escaped quotes do not count)."""
+    import engine.ingest.coco as coco_mod
+
+    monkeypatch.setattr(coco_mod, "MAX_RUN_BYTES", 1 << 20)
+    for value in ('"' + '\\"' * (1 << 20) + '"', "1" * (2 << 20)):
+        with pytest.raises(CocoError, match="a JSON value of more than 1 MiB"):
+            _stream(tmp_path, '{"images": [{"id": 1, "file_name": ' + value + "}]}")
+
+
+@pytest.mark.timeout(60)
+def test_per_image_caps_hold_while_reading_and_orphans_are_counted(tmp_path, caplog):
+    from engine.config import IngestConfig
+
+    limits = IngestConfig(max_objects_per_image=5, max_captions_per_image=2, max_caption_chars=10)
+    anns = [{"id": i, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]} for i in range(50)]
+    anns += [{"id": 100 + i, "image_id": 1, "caption": "short"} for i in range(4)]
+    anns += [{"id": 200, "image_id": 1, "caption": "much longer than ten"}]
+    anns += [{"id": 300 + i, "image_id": 99, "bbox": [1, 2, 3, 4]} for i in range(30)]
+    anns += [{"id": 400 + i, "image_id": 1, "category_id": 1, "bbox": [1, 2, -3, 4]} for i in range(150)]
+    coco = {"annotations": anns, "images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "dog"}]}
+    with caplog.at_level(logging.WARNING, logger="engine.ingest.coco"):
+        (human,) = _stream(tmp_path, json.dumps(coco), limits)
+    assert len(human["objects"]) == 5 and len(human["captions"]) == 2
+    rejected = human["rejected"]
+    assert any("50 boxes/masks, over ingest.max_objects_per_image=5; the 45 after" in r for r in rejected)
+    assert any("4 captions, over ingest.max_captions_per_image=2; the 2 after" in r for r in rejected)
+    assert any("(id 200)" in r and "max_caption_chars=10" in r for r in rejected)
+    assert any("51 more annotations of this image not imported" in r for r in rejected)  # 151 refused, 100 kept
+    assert len(rejected) == 100 + 3
+    assert any("30 annotations name no image of the file" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(120)
+def test_a_50_mb_coco_file_is_read_in_bounded_memory(tmp_path):
+    """A 50 MB file of 600,000 small annotations on 20 images, `images` last: parsed whole it took
+    635 MiB peak RSS; streamed with the per-image caps, ~130 MiB (measured, under load)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.json"
+    with open(path, "w") as f:
+        f.write('{"annotations": [')
+        for start in range(0, 640_000, 10_000):
+            f.write(("," if start else "") + ",".join(
+                f'{{"id": {i}, "image_id": {i % 20}, "category_id": 1, "bbox": [{i % 300}, 5, 10.5, 20.25]}}'
+                for i in range(start, start + 10_000)))
+        f.write('], "images": [' + ",".join(f'{{"id": {k}, "file_name": "i{k}.jpg"}}' for k in range(20)))
+        f.write('], "categories": [{"id": 1, "name": "thing"}]}')
+    assert path.stat().st_size > 50_000_000
+    code = ("import sys; from engine.config import IngestConfig; from engine.ingest.sources import list_inputs; "
+            "items = list_inputs(sys.argv[1], limits=IngestConfig()); "
+            "print(len(items), sum(len(i.human['objects']) for i in items))")
+    # a small launcher reports the reader's own peak RSS (a child forked from pytest would count pytest's pages)
+    launcher = ("import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', *sys.argv[1:]]); "
+                "_, status, usage = os.wait4(p.pid, 0); print(usage.ru_maxrss // 1024); "
+                "sys.exit(os.waitstatus_to_exitcode(status))")
+    res = subprocess.run([sys.executable, "-c", launcher, code, str(path)], capture_output=True, text=True, timeout=100)
+    assert res.returncode == 0, res.stderr[-2000:]
+    n_items, n_objects, rss_mib = map(int, res.stdout.split())
+    assert (n_items, n_objects) == (20, 20 * 5000)
+    assert rss_mib < 250, rss_mib
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value, why", [("NaN", "non-finite"), ("-Infinity", "non-finite"),
+                                        ('"\\udc80"', "not valid Unicode")], ids=["nan", "-inf", "surrogate"])
+def test_non_standard_json_is_parsed_whole_up_to_a_cap(tmp_path, monkeypatch, value, why):
+    """NaN / Infinity literals and lone surrogate escapes (Python's json writes them) stop ijson: such a
+    file is parsed whole, its entries refused one by one as before; over the cap, one error."""
+    import engine.ingest.sources as sources
+
+    field = '"caption"' if value.startswith('"') else '"category_id": 1, "bbox"'
+    text = ('{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "dog"}], "annotations": ['
+            '{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}, '
+            f'{{"id": 2, "image_id": 1, {field}: '
+            + (value if value.startswith('"') else f"[1, 2, {value}, 4]") + "}]}")
+    (tmp_path / "n.json").write_text(text)
+    (item,) = sources.list_inputs(str(tmp_path / "n.json"))
+    (reason,) = item.human["rejected"]
+    assert len(item.human["objects"]) == 1 and why in reason and "(id 2)" in reason
+    monkeypatch.setattr(sources, "MAX_COCO_WHOLE_BYTES", 100)
+    with pytest.raises(sources.InputError, match="n.json: has NaN / Infinity literals or lone surrogates"):
+        sources.list_inputs(str(tmp_path / "n.json"))

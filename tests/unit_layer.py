@@ -58,6 +58,7 @@ NOT_UNIT = {
     "test_hostile_coco.py::test_run_finishes_and_rejections_are_counted_and_queryable",
     "test_hostile_coco.py::test_rerun_resumes_with_identical_rows",
     "test_hostile_coco.py::test_file_that_is_not_coco_is_one_clear_error_through_the_cli",
+    "test_hostile_coco.py::test_a_50_mb_coco_file_is_read_in_bounded_memory",
     "test_preflight.py::test_offline_profile_resolves_everything_with_revisions",
     "test_florence2.py::test_random_build_is_identical_in_another_process",
     "test_hostile_ingest.py::test_size_cap_before_and_while_reading",

@@ -36,7 +36,7 @@ RETRY_BUDGET_S = 30.0  # no new attempt starts once one input has taken this lon
 # then GET); with RETRY_BUDGET_S one input's deadline is RETRY_BUDGET_S + 2 * (connect + read) seconds.
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 20.0
-# One URL input's reading (every request of one attempt: HEAD, GETs of its blocks) ends after this many seconds:
+# One URL or S3 input's reading (every request of one attempt: HEAD, GETs of its blocks) ends after this many seconds:
 # a server that drips a byte now and then never trips READ_TIMEOUT_S. It is past RETRY_BUDGET_S, so a
 # timed-out attempt is not tried again: one URL input costs at most about INPUT_DEADLINE_S + READ_TIMEOUT_S.
 INPUT_DEADLINE_S = 120.0
@@ -165,7 +165,7 @@ def _storage_options(location: str) -> dict:
     if protocol in ("s3", "s3a"):
         # botocore waits 60 s to connect and per read, and retries inside s3fs's own attempts (a silent endpoint
         # took 67 s per input with 1 s timeouts): one botocore request per call, read_with_retries retries.
-        # FSSPEC_S3_* settings still win.
+        # FSSPEC_S3_* settings still win. An input's reads also meet INPUT_DEADLINE_S (_read_s3).
         from fsspec.config import conf
 
         configured = conf.get("s3") or {}
@@ -282,8 +282,49 @@ class LocationReader(Reader):
 
     def __call__(self, max_bytes: int | None = None) -> bytes:
         deadline = time.monotonic() + INPUT_DEADLINE_S if is_url(self.location) else None
+        if deadline is not None and _is_s3(self.location):
+            return _read_s3(self.location, max_bytes, deadline)
         with open_regular(self.location) as (f, size):
             return read_capped(f, max_bytes, size, deadline)
+
+
+def _is_s3(location: str) -> bool:
+    return location.split("://", 1)[0].lower() in ("s3", "s3a") and MEMBER_SEPARATOR not in location
+
+
+def _read_s3(location: str, max_bytes: int | None, deadline: float) -> bytes:
+    """One S3 object (HEAD, then one ranged GET up to the cap) within one deadline: s3fs's blocking
+    calls cannot be interrupted and it tries a timed-out call 5 times itself (15.5 s with 1 s
+    timeouts, minutes with the defaults), so its coroutines run on its loop under asyncio.wait_for,
+    and a call that outlives the deadline is cancelled: TimeoutError, reason `timeout`."""
+    from fsspec.asyn import sync
+    from fsspec.exceptions import FSTimeoutError
+
+    fs, path = _fs(location)
+
+    def call(func, *args, **kwargs):
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise FSTimeoutError
+            return sync(fs.loop, func, *args, timeout=left, **kwargs)
+        except FSTimeoutError:
+            raise TimeoutError(f"no answer within the input deadline of {INPUT_DEADLINE_S:g} s") from None
+
+    info = call(fs._info, path)
+    kind = info.get("type")
+    if kind not in (None, "file"):
+        raise Quarantined("not_a_file", f"a {kind}, not a file")
+    size = info.get("size")
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise too_large(size, max_bytes)
+    if size == 0:
+        return b""
+    data = call(fs._cat_file, path, start=0, end=None if max_bytes is None else max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise Quarantined("too_large", f"more than ingest.max_file_bytes = {max_bytes} bytes while reading, although "
+                                       f"its size said {size}; not used")
+    return data
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator
 
 from engine.ingest import locations as loc
-from engine.ingest.coco import parse_coco_json, read_coco
+from engine.ingest.coco import NonStandardJson, parse_coco_json, read_coco, read_coco_file
 from engine.ingest.human import limit_annotations
 from engine.ingest.locations import InputError, ListingProblem, escape_name, location_of
 from engine.ingest.quarantine import Quarantined
@@ -42,7 +42,7 @@ CAPTION_COLUMNS = ("caption", "text")  # optional column of a list file: enters 
 MAX_CSV_CELL_BYTES = 16 << 20
 MAX_LINE_BYTES = 32 << 20  # a JSONL / CSV line longer than this is one error naming the file and line
 MAX_PARQUET_COLUMN_BYTES = 256 << 20  # uncompressed bytes of one column chunk of a Parquet list file
-MAX_COCO_JSON_BYTES = 2 << 30  # a COCO JSON is parsed whole (about 8x its size in memory): larger is an error
+MAX_COCO_WHOLE_BYTES = 256 << 20  # a COCO JSON with NaN literals is parsed whole (~8x its size in memory)
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,21 @@ def limited(item: InputItem, cfg) -> InputItem:
 
 
 def list_inputs(src: str, source: str | None = None, image_root: str | None = None,
-                max_file_bytes: int | None = None, allow_urls: bool = False) -> list[InputItem]:
+                max_file_bytes: int | None = None, allow_urls: bool = False, limits: Any = None) -> list[InputItem]:
     """Every input image of `src`, in a deterministic order (small sources; see iter_inputs)."""
-    return list(iter_inputs(src, source, image_root, max_file_bytes, allow_urls))
+    return list(iter_inputs(src, source, image_root, max_file_bytes, allow_urls, limits))
 
 
 def iter_inputs(src: str, source: str | None = None, image_root: str | None = None,
-                max_file_bytes: int | None = None, allow_urls: bool = False) -> Iterator[InputItem]:
+                max_file_bytes: int | None = None, allow_urls: bool = False, limits: Any = None) -> Iterator[InputItem]:
     """Every input image of `src`, streamed in a deterministic order.
 
     `source` overrides the origin name recorded on each image (default: the folder / file name).
     `image_root` (COCO only) is where `file_name`s are resolved; default the JSON's folder, and a
     relative image_root is taken from the JSON's folder (COCO's `annotations/` + `val2017/` layout:
     image_root="../val2017"). `max_file_bytes` bounds what the listing itself reads (tar captions).
-    A COCO `file_name` must stay inside the image root; `allow_urls` also lets it be a URL.
+    A COCO `file_name` must stay inside the image root; `allow_urls` also lets it be a URL. `limits`
+    (the ingest config) caps the COCO annotations kept per image while the file is read.
     """
     src = str(src)
     loc.require_protocol(src, "input")
@@ -93,7 +94,7 @@ def iter_inputs(src: str, source: str | None = None, image_root: str | None = No
             raise FileNotFoundError(f"input {src!r}: the glob matches no file")
         for path in paths:
             name = source or escape_name(loc.folder_name(loc.dirname(path)))
-            yield from iter_inputs(path, name, image_root, max_file_bytes, allow_urls)
+            yield from iter_inputs(path, name, image_root, max_file_bytes, allow_urls, limits)
         return
     if not loc.exists(src):
         raise FileNotFoundError(f"input {src!r} does not exist")
@@ -106,7 +107,7 @@ def iter_inputs(src: str, source: str | None = None, image_root: str | None = No
     elif lower.endswith(".tar"):
         yield from _iter_tar(src, source or escape_name(loc.stem(src)), None, max_file_bytes)
     elif lower.endswith(".json"):
-        yield from _list_coco(src, source or escape_name(loc.stem(src)), image_root, allow_urls)
+        yield from _list_coco(src, source or escape_name(loc.stem(src)), image_root, allow_urls, limits)
     elif has_image_extension(lower):
         yield InputItem(uri=loc.input_uri(src), source=source or escape_name(loc.basename(loc.dirname(src))),
                         read=loc.reader(src), fingerprint=loc.local_fingerprint(src))
@@ -315,18 +316,16 @@ def outside_root(file_name: str, allow_urls: bool = False) -> str | None:
     return None
 
 
-def _list_coco(json_path: str, source: str, image_root: str | None, allow_urls: bool = False) -> list[InputItem]:
-    with _input_file(json_path) as f:
-        try:
-            data = loc.read_capped(f, MAX_COCO_JSON_BYTES, _size_of(f))
-        except Quarantined:
-            raise InputError(f"{escape_name(json_path)}: over {MAX_COCO_JSON_BYTES} bytes; a COCO JSON is parsed whole "
-                             "and this one would not fit in memory (split it)") from None
-        coco = parse_coco_json(data, escape_name(json_path))
+def _list_coco(json_path: str, source: str, image_root: str | None, allow_urls: bool = False,
+               limits: Any = None) -> list[InputItem]:
+    try:
+        humans = read_coco_file(lambda: _input_file(json_path), escape_name(json_path), limits)
+    except NonStandardJson:
+        humans = _read_coco_whole(json_path, limits)
     json_dir = loc.dirname(json_path)
     root = loc.join(json_dir, image_root) if image_root else json_dir
     items = []
-    for human in read_coco(coco, escape_name(json_path)):
+    for human in humans:
         refused = outside_root(human["file_name"], allow_urls)
         if refused is not None:
             items.append(InputItem(uri=escape_name(human["file_name"].strip()), source=source,
@@ -338,3 +337,17 @@ def _list_coco(json_path: str, source: str, image_root: str | None, allow_urls: 
         items.append(InputItem(uri=uri, source=source, read=loc.reader(location), human=human,
                                fingerprint=loc.local_fingerprint(location)))
     return sorted(items, key=lambda it: it.uri)
+
+
+def _read_coco_whole(json_path: str, limits: Any) -> list[dict]:
+    """A COCO file that is not standard JSON (NaN / Infinity literals, as Python's json writes, or
+    lone surrogate escapes) is parsed whole, up to MAX_COCO_WHOLE_BYTES (the streaming parser refuses them)."""
+    with _input_file(json_path) as f:
+        try:
+            data = loc.read_capped(f, MAX_COCO_WHOLE_BYTES, _size_of(f))
+        except Quarantined:
+            raise InputError(f"{escape_name(json_path)}: has NaN / Infinity literals or lone surrogates (not "
+                             f"standard JSON) and is over {MAX_COCO_WHOLE_BYTES >> 20} MiB; such a file is parsed "
+                             "whole: write null for missing numbers, or split it") from None
+        coco = parse_coco_json(data, escape_name(json_path))
+    return read_coco(coco, escape_name(json_path), limits)
