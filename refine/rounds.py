@@ -220,7 +220,9 @@ class FlorenceRounds:
                    "health": self.health().model_dump()}
         relabel.update({k: v for k, v in (("cpus", r.cpus), ("gpus", r.gpus), ("concurrency", r.concurrency)) if v is not None})
         filters = [(stage_class(spec.stage), dict(spec.params)) for spec in self._filter_specs()]
-        return [(RefineRelabeler, relabel), *filters, (MergeStage, self.cfg.merge.model_dump())]
+        # the categories the round trained on: a caption naming one its image lacks loses agreement (refine.merge)
+        vocabulary = (store.read_json(f"{model_folder}/train_summary.json") or {}).get("categories") or []
+        return [(RefineRelabeler, relabel), *filters, (MergeStage, {**self.cfg.merge.model_dump(), "vocabulary": vocabulary})]
 
     # ------------------------------------------------------------------ metrics
     def metrics(self, store, folder: str, round_: int, counters: dict, folds: int = 0) -> dict:

@@ -23,6 +23,7 @@ Nothing executable is ever unpickled from OUT.
 from __future__ import annotations
 
 import json
+import re
 import random
 import shutil
 import time
@@ -344,11 +345,14 @@ class Florence2Trainer(Trainer):
         # longest target (tokens, <s> and </s> included, truncated as in training) per task among the examples
         # of every window the stream loads: what the round trains on sizes its generation (generation_lengths)
         target_tokens: dict[str, int] = {}
+        categories: set[str] = set()  # the <OD> categories the round trains on (refine.merge's caption vocabulary)
 
         def measure(window) -> None:
             for task, examples in window.by_task.items():
                 ids = processor.tokenizer([ex.target for ex in examples], truncation=True, max_length=max_target).input_ids
                 target_tokens[task] = max(target_tokens.get(task, 0), *map(len, ids))
+            for ex in window.by_task.get("<OD>", []):
+                categories.update(target_categories(ex.target))
 
         stream = ShardStream(store, job.input_folder, shards, codec, seed=cfg.seed, rank=world.rank,
                              weights=cfg.task_weights, window_shards=cfg.window_shards, exclude=val_ids, keep=keep,
@@ -371,6 +375,7 @@ class Florence2Trainer(Trainer):
             best = plain.get("best") or best
             for task, n in (plain.get("target_tokens") or {}).items():
                 target_tokens[task] = max(target_tokens.get(task, 0), n)
+            categories.update(plain.get("categories") or [])
         net = world.wrap(model) if world.wrap else model
         collate = Collator(processor, stream.image, max_target)
         pad, dstart = text_cfg.pad_token_id, text_cfg.decoder_start_token_id
@@ -447,16 +452,18 @@ class Florence2Trainer(Trainer):
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 rng_tensors, rng_plain = _rng_state()
                 workers = world.all_gather({"rng_tensors": rng_tensors, "rng": rng_plain, "data": stream.state(),
-                                            "target_tokens": target_tokens})
+                                            "target_tokens": target_tokens, "categories": sorted(categories)})
                 for w in workers:
                     for task, n in w["target_tokens"].items():
                         target_tokens[task] = max(target_tokens.get(task, 0), n)
+                    categories.update(w["categories"])
                 if world.main:
                     _save_checkpoint(model_dir, step, model=model, processor=processor,
                                      tensors={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                               "rng": [w["rng_tensors"] for w in workers]},
                                      plain={"step": step, "scheduler": scheduler.state_dict(), "history": history,
                                             "config": cfg.model_dump(), "best": best, "target_tokens": target_tokens,
+                                            "categories": sorted(categories),
                                             "workers": [{"rng": w["rng"], "data": w["data"]} for w in workers]},
                                      keep=cfg.keep_checkpoints)
                     _publish(store, job, model_dir)
@@ -464,7 +471,8 @@ class Florence2Trainer(Trainer):
         summary.update(lr=lr, validation={"images": len(val_ids), "train_images": n_images - len(val_ids),
                                           "fraction": cfg.val_fraction},
                        best_step=best["step"], best_val_loss=best["val_loss"], target_tokens=dict(sorted(target_tokens.items())),
-                       generation_tokens=generation_lengths(dict(sorted(target_tokens.items()))))
+                       generation_tokens=generation_lengths(dict(sorted(target_tokens.items()))),
+                       categories=sorted(categories))
         if fold is not None:
             summary["cross_fit"] = fold.model_dump()
         if world.main and step >= cfg.steps:
@@ -480,6 +488,14 @@ class Florence2Trainer(Trainer):
             atomic_write_bytes(model_dir / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
             _publish(store, job, model_dir)
         return summary
+
+
+def target_categories(target: str) -> set[str]:
+    """The category names of an <OD> target (`label<loc_a><loc_b><loc_c><loc_d>...`, schemas.task_codec)."""
+    return {" ".join(p.lower().split()) for p in _LOCS.split(target)} - {""}
+
+
+_LOCS = re.compile(r"(?:<loc_\d+>)+")
 
 
 def generation_lengths(target_tokens: dict[str, int], margin: float = 1.25, extra: int = 8) -> dict[str, int]:
