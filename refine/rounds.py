@@ -277,15 +277,15 @@ class FlorenceRounds:
             whose = (f"fold model{'s' if len(models) > 1 else ''} {', '.join(map(str, models))}" if folds else "model")
             first = found[0][1]
             more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-            where = f"the relabels of {'their folds' if len(models) > 1 else 'its fold'}" if folds else "its relabels"
+            whose_relabels = (f"{'their folds' if len(models) > 1 else 'its fold'}'s" if folds else "its")
             if scope == MODEL:
-                messages.append(f"round {round_}: {whose} failed its health check ({first}{more}): {where} are kept "
-                                "as dropped, reason round:unhealthy_model"
+                messages.append(f"round {round_}: {whose} failed its health check ({first}{more}): {whose_relabels} "
+                                "relabels are kept as dropped, reason round:unhealthy_model"
                                 + ("" if folds else "; the round keeps the previous labels"))
             elif folds or MODEL not in scopes:
-                messages.append(f"round {round_}: {whose} failed the {scope} health check ({first}{more}): {scope} "
-                                f"{where.replace('its relabels', 'relabels')} are kept as dropped, reason "
-                                "round:unhealthy_model; the other tasks merge")
+                messages.append(f"round {round_}: {whose} failed the {scope} health check ({first}{more}): "
+                                f"{whose_relabels} {scope} relabels are kept as dropped, reason round:unhealthy_model; "
+                                "the other tasks merge")
         if not health.get("checked") and not failed:
             images = (f"validation images per fold: {', '.join(str(f['images']) for f in health['folds'])}" if folds
                       else f"{health.get('images', 0)} validation images")
