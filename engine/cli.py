@@ -281,8 +281,10 @@ def run(
              f"{t.get('last_loss') or 0:.3f}); relabel added {added} on {made.get('images_with_output', 0)}/"
              f"{made.get('images', 0)} images" + (f"; mAP vs human {gt['map']}" if gt else ""),
              style="yellow" if r.get("empty") else None)
-        if (r.get("health") or {}).get("message"):
-            _say(r["health"]["message"], style="yellow")
+        from engine.run import health_messages
+
+        for line in health_messages(r.get("health")):
+            _say(line, style="yellow")
 
 
 @app.command()

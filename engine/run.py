@@ -26,6 +26,13 @@ from engine.store import ShardStore, StoreError
 
 log = logging.getLogger(__name__)
 
+
+def health_messages(health: dict | None) -> list[str]:
+    """A round's health warnings (refine.rounds: one line for a failed model, one per failed task; manifests
+    written before per-task gating hold one `message`)."""
+    health = health or {}
+    return list(health.get("messages") or ([health["message"]] if health.get("message") else []))
+
 INPUTS, QUARANTINE = "inputs", "quarantine"
 
 ProgressFactory = Callable[[str, int, int], Progress]  # (job name, images, shards) -> Progress
@@ -241,8 +248,8 @@ def run_rounds(store: ShardStore, pipeline: Pipeline, runner, progress: Progress
                                                                "samples_per_s", "examples")},
                    "cross_fit": {"folds": folds, "fold_models": [t.model_folder for t in trainings[:-1]]},
                    **plan.metrics(store, folder, k, counters, folds), "seconds": round(time.perf_counter() - t0, 2)}
-        if (metrics.get("health") or {}).get("message"):  # stage 3's one line on a model that did not prove itself
-            log.warning("%s", metrics["health"]["message"])
+        for line in health_messages(metrics.get("health")):  # stage 3: a line per task (or model) that did not prove itself
+            log.warning("%s", line)
         if not any((metrics.get("relabel") or {}).get("added", {}).values()):
             log.warning("round %d: the model of this round produced no parseable annotation on any of the %s images "
                         "(undertrained?): round %d holds only round %d's annotations", k,

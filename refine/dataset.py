@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -193,15 +194,42 @@ class ShardStream:
             self._load()
 
 
-class Collator:
-    """Examples -> processor inputs + labels (pad -> -100), with a small cache of decoded images."""
+# tasks whose targets are labels + boxes only: mirroring the image and the boxes keeps them true
+# (OCR would mirror the glyphs; captions may say left / right)
+FLIPPABLE = ("<OD>", "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>")
+_BOX_TOKENS = re.compile(r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>")
+LOC_BINS = 1000
 
-    def __init__(self, processor, image_bytes, max_target_tokens: int = 1024, cache_size: int = 256):
+
+def flip_target(target: str) -> str:
+    """A box target (`label<loc_x0><loc_y0><loc_x1><loc_y1>...`) of the left-right mirrored image: each
+    x bin b becomes LOC_BINS - 1 - b, x0 and x1 trade places."""
+    def mirror(m: re.Match) -> str:
+        x0, y0, x1, y1 = (int(v) for v in m.groups())
+        return f"<loc_{LOC_BINS - 1 - x1}><loc_{y0}><loc_{LOC_BINS - 1 - x0}><loc_{y1}>"
+
+    return _BOX_TOKENS.sub(mirror, target)
+
+
+def flipped(seed: int, key, index: int) -> bool:
+    """Whether example `index` of the micro-batch `key` (step, micro) is mirrored: a hash, so a resumed
+    run mirrors the same examples."""
+    return hashlib.sha256(f"flip:{seed}:{key}:{index}".encode()).digest()[0] & 1 == 1
+
+
+class Collator:
+    """Examples -> processor inputs + labels (pad -> -100), with a small cache of decoded images.
+    `flip_tasks`: examples of these tasks (FLIPPABLE) are mirrored left-right, image and boxes, in half
+    of the training micro-batches' draws (augmentation against memorising a few hundred images)."""
+
+    def __init__(self, processor, image_bytes, max_target_tokens: int = 1024, cache_size: int = 256,
+                 flip_tasks: Sequence[str] = (), seed: int = 0):
         self.processor = processor
         self.image_bytes = image_bytes  # image_id -> encoded bytes (the stream's current window)
         self.max_target_tokens = max_target_tokens
         self._cache: OrderedDict[str, object] = OrderedDict()
         self.cache_size = cache_size
+        self.flip_tasks, self.seed = frozenset(flip_tasks), seed
 
     def image(self, image_id: str):
         img = self._cache.get(image_id)
@@ -214,16 +242,26 @@ class Collator:
             self._cache.move_to_end(image_id)
         return img
 
-    def __call__(self, examples: Sequence[Example]) -> dict:
+    def __call__(self, examples: Sequence[Example], key=None) -> dict:
+        """`key` (step, micro) of a training micro-batch: flip_tasks' examples may be mirrored; None: never."""
         tok = self.processor.tokenizer
+        images, targets = [], []
+        for i, ex in enumerate(examples):
+            img, target = self.image(ex.image_id), ex.target
+            if key is not None and ex.task in self.flip_tasks and flipped(self.seed, key, i):
+                from PIL import ImageOps
+
+                img, target = ImageOps.mirror(img), flip_target(target)
+            images.append(img)
+            targets.append(target)
         inputs = self.processor(
             text=[ex.prompt for ex in examples],
-            images=[self.image(ex.image_id) for ex in examples],
+            images=images,
             return_tensors="pt",
             padding=True,
         )
         labels = tok(
-            [ex.target for ex in examples],  # the tokenizer adds <s> ... </s>
+            targets,  # the tokenizer adds <s> ... </s>
             return_tensors="pt",
             padding=True,
             truncation=True,

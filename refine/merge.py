@@ -27,8 +27,11 @@ The policy (the paper gives none; P §4 "merge"), written out with its reasons i
 - Texts, per tier: round k's kept caption is compared with round k-1's kept (non-human) ones, not
   blindly swapped in. Its grounding agreement is `merge.caption_agreement`: the mean of (a) the
   fraction of its groundings whose box matches a kept object region (IoU >= 0.5) and (b) the
-  fraction of the region categories of the image that it mentions which are kept regions'
-  categories (mention precision); undefined parts are left out, none at all counts 0. The new
+  fraction of the categories it mentions which are kept regions' categories of the image
+  (mention precision); a category counts as mentioned when it is one of the image's region labels
+  or of the round's training vocabulary (every `<OD>` category the round trained on: `vocabulary`,
+  from the round's train_summary.json), so a caption naming an object the image does not hold is
+  penalised, not ignored; undefined parts are left out, none at all counts 0. The new
   caption replaces the old ones when (agreement, own score) is at least theirs (lexicographic);
   otherwise the new caption is dropped `merge:outscored`. Both passed the same stage-2 text
   filters before (a filtered-out new caption never competes). A caption keeps its groundings:
@@ -61,6 +64,7 @@ HUMAN_SCORE = 2.0  # above any probability: ground truth wins every comparison
 @dataclass(frozen=True)
 class MergePolicy:
     nms_iou: float = 0.7  # above the usual 0.5 of detectors: two rounds' boxes of one object overlap a lot
+    vocabulary: frozenset = frozenset()  # the categories the round trained on (normalised: _norm)
 
     def __post_init__(self) -> None:
         if not 0 < self.nms_iou <= 1:
@@ -169,15 +173,35 @@ def _merge_regions(old: list[dict], new: list[dict], policy: MergePolicy) -> Non
 
 
 # ----------------------------------------------------------------------- captions
+_WORD = re.compile(r"\w+(?:[-']\w+)*")
+MAX_CATEGORY_WORDS = 6
+
+
+def _norm(category: str) -> str:
+    """A category as the words a caption can name it with ("Traffic  light" -> "traffic light")."""
+    return " ".join(_WORD.findall(category.lower()))
+
+
 def _mentions(text: str, categories: set[str]) -> set[str]:
-    """The categories (region labels of the image) a caption names, as words (plural s / es allowed)."""
-    low = text.lower()
-    return {c for c in categories if c and re.search(rf"\b{re.escape(c)}(?:e?s)?\b", low)}
+    """The categories (normalised, _norm) a caption names, as whole words (plural s / es allowed):
+    a set lookup of the caption's n-grams, so a vocabulary of thousands costs no regex each."""
+    words = _WORD.findall(text.lower())
+    longest = min(MAX_CATEGORY_WORDS, max((c.count(" ") + 1 for c in categories), default=0))
+    found = set()
+    for n in range(1, longest + 1):
+        for i in range(len(words) - n + 1):
+            gram = " ".join(words[i:i + n])
+            for form in (gram, gram[:-1] if gram.endswith("s") else None, gram[:-2] if gram.endswith("es") else None):
+                if form and form in categories:
+                    found.add(form)
+    return found
 
 
-def caption_agreement(caption: dict, groundings: list[dict], regions: list[dict]) -> float | None:
+def caption_agreement(caption: dict, groundings: list[dict], regions: list[dict],
+                      vocabulary: frozenset = frozenset()) -> float | None:
     """Mean of the grounded-box match rate and the mention precision against the kept regions
-    (each where defined); None when neither is (no grounding, no known category named)."""
+    (each where defined); None when neither is (no grounding, no known category named). Known
+    categories: the image's region labels and `vocabulary` (the round's training categories)."""
     kept = [r for r in regions if r["status"] == "kept" and r["kind"] == "object"]
     parts = []
     own = [g for g in groundings if g["text_ann_id"] == caption["ann_id"] and g.get("box")]
@@ -187,13 +211,15 @@ def caption_agreement(caption: dict, groundings: list[dict], regions: list[dict]
             parts.append(float((iou.max(axis=1) >= MATCH_IOU).mean()))
         else:
             parts.append(0.0)
-    named = _mentions(caption.get("text") or "", {_label(r) for r in regions if r["kind"] == "object"})
+    known = {_norm(_label(r)) for r in regions if r["kind"] == "object"} | set(vocabulary)
+    named = _mentions(caption.get("text") or "", known - {""})
     if named:
-        parts.append(len(named & {_label(r) for r in kept}) / len(named))
+        parts.append(len(named & {_norm(_label(r)) for r in kept}) / len(named))
     return float(np.mean(parts)) if parts else None
 
 
-def _merge_texts(old: list[dict], new: list[dict], groundings: list[dict], regions: list[dict]) -> tuple[set[str], set[str]]:
+def _merge_texts(old: list[dict], new: list[dict], groundings: list[dict], regions: list[dict],
+                 vocabulary: frozenset = frozenset()) -> tuple[set[str], set[str]]:
     """Returns (ann_ids of old texts replaced, ann_ids of new texts outscored)."""
     replaced, outscored = set(), set()
     for t in old:
@@ -202,7 +228,7 @@ def _merge_texts(old: list[dict], new: list[dict], groundings: list[dict], regio
         _mark(t, NEW)
 
     def key(t: dict) -> tuple[float, float]:
-        a = caption_agreement(t, groundings, regions)
+        a = caption_agreement(t, groundings, regions, vocabulary)
         if a is not None:
             _check(t, CAPTION_AGREEMENT, a)
         return (0.0 if a is None else a, own_score(t))
@@ -246,7 +272,7 @@ def merge_record(old: dict, new: dict, policy: MergePolicy = MergePolicy()) -> d
     _merge_regions(old_r, new_r, policy)
     old_texts, new_texts = list(old.get("texts") or []), list(new.get("texts") or [])
     old_g, new_g = list(old.get("groundings") or []), list(new.get("groundings") or [])
-    replaced, _ = _merge_texts(old_texts, new_texts, old_g + new_g, old_r + new_r)
+    replaced, _ = _merge_texts(old_texts, new_texts, old_g + new_g, old_r + new_r, policy.vocabulary)
     _merge_groundings(old_g, new_g, replaced, new_texts)
     out["texts"] = old_texts + new_texts
     out["groundings"] = old_g + new_g
@@ -263,6 +289,9 @@ def merge_records(old: list[dict], new: list[dict], policy: MergePolicy = MergeP
 
 class MergeParams(StageParams):
     nms_iou: float = Field(0.7, gt=0, le=1, description="IoU above which two boxes of a kind are one object")
+    vocabulary: list[str] = Field(default_factory=list, description="the categories the round trained on (its "
+                                  "train_summary.json `categories`, set by refine.rounds): a caption naming one the "
+                                  "image has no kept region of loses caption agreement")
 
 
 class MergeStage(Stage):
@@ -277,7 +306,7 @@ class MergeStage(Stage):
     params: MergeParams
 
     def process_batch(self, records: list[dict], images=None) -> list[dict]:
-        policy = MergePolicy(self.params.nms_iou)
+        policy = MergePolicy(self.params.nms_iou, frozenset(_norm(c) for c in self.params.vocabulary) - {""})
         out = []
         for new in records:
             stashed = new.pop(PREVIOUS, None)

@@ -12,9 +12,12 @@ ids unique across rounds (the round is part of the id, and groundings' `text_ann
 
 A round proves its model first (refine.health): the trainer measured it on held-out images and
 wrote the figures to the model's train_summary.json; this stage applies `health` (the thresholds)
-to them. When a check fails, every annotation the model makes is kept in the round's shards but
-dropped, reason `round:unhealthy_model`, so the merge keeps the previous labels. Every annotation
-of the round carries the round's headline figures as checks `round.<figure>` (re-threshold in SQL).
+to them (refine.health.failures). A model-wide failure (the same answer to different prompts, every
+task collapsed) drops every annotation the model makes; a task's failure (its distinct generations,
+parse rate or agreement) drops only that task's annotations (and the groundings of a failed brief
+caption). Dropped annotations stay in the round's shards, reason `round:unhealthy_model`, so the
+merge keeps the previous labels. Every annotation carries its task's health figures as checks
+`round.<figure>` (re-threshold in SQL).
 It also sizes generation per task from the longest target the round trained on (+25%, +8 tokens;
 `max_new_tokens` stays the cap), so long captions are not cut and short outputs stop early.
 
@@ -38,7 +41,8 @@ from annotators.florence2_model import Florence2Model
 from engine.stage import STASH_PREFIX
 from filters.decision import drop, reset_own, set_check
 from refine.crossfit import fold_folder, fold_of
-from refine.health import HealthThresholds, headline, verdict
+from refine.health import MODEL, HealthThresholds, failures, headline
+from schemas.florence2_tasks import CAPTION_TOKENS
 from schemas.records import ANNOTATION_KINDS, make_ann_id
 
 log = logging.getLogger(__name__)
@@ -67,8 +71,8 @@ class RoundModel:
 
     florence: Any
     source: dict
-    figures: dict
-    failed: list
+    health: dict  # the figures of its training summary (refine.health)
+    failed: dict  # refine.health.failures: scope (MODEL or a task token) -> failed checks
     fold: int | None = None
 
 
@@ -78,16 +82,36 @@ def model_summary(folder: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def mark_health(records: list[dict], figures: dict[str, float], failed: list[str]) -> None:
-    """The round's figures as checks of each of its annotations; all dropped when a check failed."""
+GROUNDING = "<CAPTION_TO_PHRASE_GROUNDING>"
+
+
+def task_of(key: str, ann: dict) -> str:
+    """The task token whose output an annotation of the florence2 stage is (annotators.florence2 maps
+    captions by tier, OCR to text regions, dense region captions to objects with a brief)."""
+    if key == "texts":
+        return CAPTION_TOKENS[ann.get("tier") or "brief"]
+    if key == "groundings":
+        return GROUNDING
+    if ann.get("kind") == "text":
+        return "<OCR_WITH_REGION>"
+    return "<DENSE_REGION_CAPTION>" if ann.get("brief") is not None else "<OD>"
+
+
+def mark_health(records: list[dict], health: dict | None, failed: dict[str, list[str]]) -> None:
+    """Each annotation carries its task's health figures as checks (`round.<figure>`, refine.health.headline)
+    and is dropped when the model failed as a whole or at its task (groundings also when the brief
+    caption they ground failed)."""
     for rec in records:
         for key in ANNOTATION_KINDS:
             for ann in rec.get(key) or []:
+                task = task_of(key, ann)
+                scopes = (MODEL, task, CAPTION_TOKENS["brief"]) if task == GROUNDING else (MODEL, task)
+                bad = any(failed.get(s) for s in scopes)
                 reset_own(ann, CHECK)
-                for name, value in figures.items():
+                for name, value in headline(health, task).items():
                     set_check(ann, CHECK, name, value)
-                set_check(ann, CHECK, "healthy", not failed)
-                if failed:
+                set_check(ann, CHECK, "healthy", not bad)
+                if bad:
                     drop(ann, CHECK, UNHEALTHY)
 
 
@@ -140,20 +164,21 @@ class RefineRelabeler(Florence2Annotator):
         self.model_ref = self.resolve_model(folder)
         florence = Florence2Model.load(self.model_ref, dtype=self.params.dtype)
         summary = model_summary(self.model_ref)
-        failed = verdict(summary.get("health"), self.params.health)
-        if failed:
-            log.info("round %d: model %s unhealthy (%s): its annotations are dropped as %s:%s", self.params.round, folder,
-                     "; ".join(failed), CHECK, UNHEALTHY)
+        failed = failures(summary.get("health"), self.params.health)
+        for scope, checks in sorted(failed.items()):
+            log.info("round %d: model %s unhealthy%s (%s): %s annotations are dropped as %s:%s", self.params.round, folder,
+                     "" if scope == MODEL else f" at {scope}", "; ".join(checks),
+                     "its" if scope == MODEL else f"its {scope}", CHECK, UNHEALTHY)
         # generation per task sized from the targets the round trained on (the configured value is the cap)
         florence.token_limits = {task: min(n, self.params.max_new_tokens)
                                  for task, n in (summary.get("generation_tokens") or {}).items()}
         # provenance names the model as the pipeline does (OUT-relative models/round<k>), not where this
         # worker found it, so the same round on two machines writes the same annotations
-        return RoundModel(florence, self.source(folder, florence.revision), headline(summary.get("health")), failed, fold)
+        return RoundModel(florence, self.source(folder, florence.revision), summary.get("health") or {}, failed, fold)
 
     def _use(self, member: RoundModel) -> None:
         self.florence, self._source = member.florence, member.source
-        self.figures, self.failed = member.figures, member.failed
+        self.health, self.failed = member.health, member.failed
 
     def process_batch(self, records: list[dict], images: list | None) -> list[dict]:
         for rec in records:
@@ -171,7 +196,7 @@ class RefineRelabeler(Florence2Annotator):
             self._use(member)
             part = super().process_batch([records[i] for i in idx], [images[i] for i in idx] if images is not None else None)
             part = stamp_round(part, self.params.round)
-            mark_health(part, self.figures, self.failed)
+            mark_health(part, self.health, self.failed)
             if member.fold is not None:
                 mark_fold(part, member.fold)
             for i, rec in zip(idx, part):

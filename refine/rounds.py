@@ -41,7 +41,7 @@ from engine.values import BoundedModel
 from engine.stage import EXECUTION_PARAMS
 from engine.training import TrainJob
 from refine.crossfit import CrossFitSettings, fold_folder
-from refine.health import HealthThresholds, verdict
+from refine.health import MODEL, HealthThresholds, failures, verdict
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
 from refine.trainer import TRAIN_EXECUTION_SETTINGS, Florence2Trainer, TrainConfig
@@ -153,6 +153,17 @@ class FlorenceRounds:
     def start_model(self) -> str:
         return self.pipeline.models.get(self.cfg.model, self.cfg.model)
 
+    def from_random(self) -> bool:
+        """Whether the rounds' weights descend from random ones (refine.model is random:): every round's, since
+        a later round starts from the previous one or from refine.model again (the trainer's lr says the same)."""
+        from engine.models import parse_model_ref
+
+        return parse_model_ref(self.start_model()).kind == "random"
+
+    def health(self) -> HealthThresholds:
+        """refine.health with the agreement checks on when the rounds start from trained weights."""
+        return self.cfg.health.for_start(self.from_random())
+
     def next_start(self, previous_folder: str, previous_hash: str, start_ref: str, start: dict) -> tuple[str, dict, bool]:
         """(reference, identity, read from the store?) of the weights round k + 1 starts from, given
         round k's model folder and hash and what round k started from (refine.round_start)."""
@@ -172,10 +183,8 @@ class FlorenceRounds:
         model on every image (the last job). Round 1 starts from a model reference; a later round from
         the previous round's folder in `start_store` (start_ref is then OUT-relative)."""
         c = self.cfg
-        from engine.models import parse_model_ref
-
         params = {"start": start_ref, "start_store": start_store.spec() if start_store is not None else None,
-                  "train": c.train.model_dump(), "from_random": parse_model_ref(self.start_model()).kind == "random",
+                  "train": c.train.model_dump(), "from_random": self.from_random(),
                   "codec": {"tasks": c.train_tasks, "max_target_tokens": c.max_target_tokens,
                             "max_region_examples": c.max_region_examples}}
         runs = [(f"round{round_}-fold{i}-train", fold_folder(model_folder, i), {"fold": i, "folds": folds})
@@ -208,10 +217,12 @@ class FlorenceRounds:
                    "tasks": r.tasks, "batch_size": r.batch_size,
                    "max_new_tokens": r.max_new_tokens, "num_beams": r.num_beams,
                    "no_repeat_ngram_size": r.no_repeat_ngram_size, "dtype": r.dtype,
-                   "health": self.cfg.health.model_dump()}
+                   "health": self.health().model_dump()}
         relabel.update({k: v for k, v in (("cpus", r.cpus), ("gpus", r.gpus), ("concurrency", r.concurrency)) if v is not None})
         filters = [(stage_class(spec.stage), dict(spec.params)) for spec in self._filter_specs()]
-        return [(RefineRelabeler, relabel), *filters, (MergeStage, self.cfg.merge.model_dump())]
+        # the categories the round trained on: a caption naming one its image lacks loses agreement (refine.merge)
+        vocabulary = (store.read_json(f"{model_folder}/train_summary.json") or {}).get("categories") or []
+        return [(RefineRelabeler, relabel), *filters, (MergeStage, {**self.cfg.merge.model_dump(), "vocabulary": vocabulary})]
 
     # ------------------------------------------------------------------ metrics
     def metrics(self, store, folder: str, round_: int, counters: dict, folds: int = 0) -> dict:
@@ -232,32 +243,55 @@ class FlorenceRounds:
         summary = store.read_json(f"models/round{round_}/train_summary.json") or {}
         health = dict(summary.get("health") or {})
         health.pop("generations", None)
-        failed = verdict(health, self.cfg.health)
+        thresholds = self.health()
+        # scope (MODEL or a task) -> [(fold or None, failed check)]
+        scopes: dict[str, list] = {}
         if folds:
             health["folds"] = []
-            failed = []
             for i in range(folds):
                 fold_health = (store.read_json(f"{fold_folder(f'models/round{round_}', i)}/train_summary.json") or {}).get("health")
-                fold_failed = verdict(fold_health, self.cfg.health)
+                fold_failed = failures(fold_health, thresholds)
                 health["folds"].append({"fold": i, "checked": bool((fold_health or {}).get("checked")),
                                         "images": (fold_health or {}).get("images", 0), "ok": not fold_failed,
-                                        "failed": fold_failed})
-                failed += [f"fold {i}: {f}" for f in fold_failed]
+                                        "failed": verdict(fold_health, thresholds),
+                                        "dropped_tasks": sorted(s for s in fold_failed if s != MODEL),
+                                        "model_failed": MODEL in fold_failed})
+                for scope, checks in fold_failed.items():
+                    scopes.setdefault(scope, []).extend((i, c) for c in checks)
+        else:
+            for scope, checks in failures(health, thresholds).items():
+                scopes[scope] = [(None, c) for c in checks]
+        failed = [f"fold {i}: {c}" if i is not None else c
+                  for scope in sorted(scopes, key=lambda s: s == MODEL) for i, c in scopes[scope]]
         # fewer validation images than `min_images`: figures reported, no verdict
-        health["checked"] = (all(f["checked"] and f["images"] >= self.cfg.health.min_images for f in health["folds"])
-                             if folds else bool(health.get("checked")) and health.get("images", 0) >= self.cfg.health.min_images)
-        health.update(ok=not failed, failed=failed, validation=summary.get("validation"),
-                      best_step=summary.get("best_step"), val_loss=summary.get("best_val_loss") or summary.get("val_loss"))
-        if failed:
-            whose = "a fold model" if folds else "model"
-            health["message"] = (f"round {round_}: {whose} failed its health check ({failed[0]}"
-                                 f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}): its relabels are kept "
-                                 "as dropped, reason round:unhealthy_model; the round keeps the previous labels")
-        elif not health.get("checked"):
+        health["checked"] = (all(f["checked"] and f["images"] >= thresholds.min_images for f in health["folds"])
+                             if folds else bool(health.get("checked")) and health.get("images", 0) >= thresholds.min_images)
+        health.update(ok=not failed, failed=failed, model_failed=MODEL in scopes,
+                      dropped_tasks=sorted(s for s in scopes if s != MODEL), thresholds=thresholds.model_dump(),
+                      validation=summary.get("validation"), best_step=summary.get("best_step"),
+                      val_loss=summary.get("best_val_loss") or summary.get("val_loss"))
+        messages = []
+        for scope in sorted(scopes, key=lambda s: s != MODEL):  # the model-wide line first
+            found = scopes[scope]
+            models = sorted({i for i, _ in found if i is not None})
+            whose = (f"fold model{'s' if len(models) > 1 else ''} {', '.join(map(str, models))}" if folds else "model")
+            first = found[0][1]
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            whose_relabels = (f"{'their folds' if len(models) > 1 else 'its fold'}'s" if folds else "its")
+            if scope == MODEL:
+                messages.append(f"round {round_}: {whose} failed its health check ({first}{more}): {whose_relabels} "
+                                "relabels are kept as dropped, reason round:unhealthy_model"
+                                + ("" if folds else "; the round keeps the previous labels"))
+            elif folds or MODEL not in scopes:
+                messages.append(f"round {round_}: {whose} failed the {scope} health check ({first}{more}): "
+                                f"{whose_relabels} {scope} relabels are kept as dropped, reason round:unhealthy_model; "
+                                "the other tasks merge")
+        if not health.get("checked") and not failed:
             images = (f"validation images per fold: {', '.join(str(f['images']) for f in health['folds'])}" if folds
                       else f"{health.get('images', 0)} validation images")
-            health["message"] = (f"round {round_}: {'a fold ' if folds else ''}model not health-checked ({images}, "
-                                 f"health.min_images {self.cfg.health.min_images}): its relabels were merged unchecked")
+            messages.append(f"round {round_}: {'a fold ' if folds else ''}model not health-checked ({images}, "
+                            f"health.min_images {thresholds.min_images}): its relabels were merged unchecked")
+        health["messages"] = messages
         return {"health": health, "agreement": reduce_agreement([sums]),
                 "ground_truth": coco_map(records[:GROUND_TRUTH_SAMPLE], round_),
                 "relabel": {"images": int(made.get("images", 0)),

@@ -23,13 +23,14 @@ Nothing executable is ever unpickled from OUT.
 from __future__ import annotations
 
 import json
+import re
 import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from engine.atomic import atomic_write, atomic_write_bytes
 from engine.training import Trainer, TrainerParams, World
@@ -86,6 +87,10 @@ class TrainConfig(BoundedModel):  # finite numbers, 64-bit integers ("nan" refus
         None, description="per-task sampling: null draws a task uniformly, then an example of it, so <OD> (one example "
         "per image) is not drowned by region tasks (up to max_region_examples per image); a weight makes a task "
         "more frequent")
+    hflip_tasks: list[str] = Field(
+        default_factory=list, description="tasks whose training examples are mirrored left-right (image and boxes) "
+        "in half the draws: more distinct examples from few images. Only box tasks (<OD>, <DENSE_REGION_CAPTION>, "
+        "<REGION_PROPOSAL>): a mirrored sign reads backwards and a caption may say left or right. Off by default")
     freeze_vision: bool = Field(False, description="train only the language model + projector (less memory)")
     window_shards: int = Field(1, ge=1, description="shards read into memory at a time (the shuffle window)")
     num_workers: int = Field(1, ge=1, description="training workers (Ray Train DDP on --runner ray; 1 elsewhere)")
@@ -101,6 +106,16 @@ class TrainConfig(BoundedModel):  # finite numbers, 64-bit integers ("nan" refus
     select_best: bool = Field(
         True, description="the round's model is the weights of the lowest validation loss, not the last step's: "
         "a small model on noisy labels overfits them, and the loss on unseen images says when")
+
+    @field_validator("hflip_tasks")
+    @classmethod
+    def _flippable(cls, v: list[str]) -> list[str]:
+        from refine.dataset import FLIPPABLE
+
+        bad = [t for t in v if t not in FLIPPABLE]
+        if bad:
+            raise ValueError(f"hflip_tasks: {bad} cannot be mirrored; choose among {list(FLIPPABLE)}")
+        return v
 
     def resolved_lr(self, from_random: bool) -> float:
         return self.lr if self.lr is not None else (LR_FROM_RANDOM if from_random else LR_PRETRAINED)
@@ -344,11 +359,14 @@ class Florence2Trainer(Trainer):
         # longest target (tokens, <s> and </s> included, truncated as in training) per task among the examples
         # of every window the stream loads: what the round trains on sizes its generation (generation_lengths)
         target_tokens: dict[str, int] = {}
+        categories: set[str] = set()  # the <OD> categories the round trains on (refine.merge's caption vocabulary)
 
         def measure(window) -> None:
             for task, examples in window.by_task.items():
                 ids = processor.tokenizer([ex.target for ex in examples], truncation=True, max_length=max_target).input_ids
                 target_tokens[task] = max(target_tokens.get(task, 0), *map(len, ids))
+            for ex in window.by_task.get("<OD>", []):
+                categories.update(target_categories(ex.target))
 
         stream = ShardStream(store, job.input_folder, shards, codec, seed=cfg.seed, rank=world.rank,
                              weights=cfg.task_weights, window_shards=cfg.window_shards, exclude=val_ids, keep=keep,
@@ -371,8 +389,9 @@ class Florence2Trainer(Trainer):
             best = plain.get("best") or best
             for task, n in (plain.get("target_tokens") or {}).items():
                 target_tokens[task] = max(target_tokens.get(task, 0), n)
+            categories.update(plain.get("categories") or [])
         net = world.wrap(model) if world.wrap else model
-        collate = Collator(processor, stream.image, max_target)
+        collate = Collator(processor, stream.image, max_target, flip_tasks=cfg.hflip_tasks, seed=cfg.seed)
         pad, dstart = text_cfg.pad_token_id, text_cfg.decoder_start_token_id
 
         log_path = model_dir / LOG_FILE
@@ -386,7 +405,7 @@ class Florence2Trainer(Trainer):
             batch_sum, batch_tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
                 examples = stream.batch(step, micro, cfg.batch_size)
-                batch = collate(examples)
+                batch = collate(examples, key=(step, micro))
                 labels = batch["labels"].to(world.device)
                 with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = net(
@@ -447,16 +466,18 @@ class Florence2Trainer(Trainer):
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 rng_tensors, rng_plain = _rng_state()
                 workers = world.all_gather({"rng_tensors": rng_tensors, "rng": rng_plain, "data": stream.state(),
-                                            "target_tokens": target_tokens})
+                                            "target_tokens": target_tokens, "categories": sorted(categories)})
                 for w in workers:
                     for task, n in w["target_tokens"].items():
                         target_tokens[task] = max(target_tokens.get(task, 0), n)
+                    categories.update(w["categories"])
                 if world.main:
                     _save_checkpoint(model_dir, step, model=model, processor=processor,
                                      tensors={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                               "rng": [w["rng_tensors"] for w in workers]},
                                      plain={"step": step, "scheduler": scheduler.state_dict(), "history": history,
                                             "config": cfg.model_dump(), "best": best, "target_tokens": target_tokens,
+                                            "categories": sorted(categories),
                                             "workers": [{"rng": w["rng"], "data": w["data"]} for w in workers]},
                                      keep=cfg.keep_checkpoints)
                     _publish(store, job, model_dir)
@@ -464,7 +485,8 @@ class Florence2Trainer(Trainer):
         summary.update(lr=lr, validation={"images": len(val_ids), "train_images": n_images - len(val_ids),
                                           "fraction": cfg.val_fraction},
                        best_step=best["step"], best_val_loss=best["val_loss"], target_tokens=dict(sorted(target_tokens.items())),
-                       generation_tokens=generation_lengths(dict(sorted(target_tokens.items()))))
+                       generation_tokens=generation_lengths(dict(sorted(target_tokens.items()))),
+                       categories=sorted(categories))
         if fold is not None:
             summary["cross_fit"] = fold.model_dump()
         if world.main and step >= cfg.steps:
@@ -480,6 +502,14 @@ class Florence2Trainer(Trainer):
             atomic_write_bytes(model_dir / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
             _publish(store, job, model_dir)
         return summary
+
+
+def target_categories(target: str) -> set[str]:
+    """The category names of an <OD> target (`label<loc_a><loc_b><loc_c><loc_d>...`, schemas.task_codec)."""
+    return {" ".join(p.lower().split()) for p in _LOCS.split(target)} - {""}
+
+
+_LOCS = re.compile(r"(?:<loc_\d+>)+")
 
 
 def generation_lengths(target_tokens: dict[str, int], margin: float = 1.25, extra: int = 8) -> dict[str, int]:

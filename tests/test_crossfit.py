@@ -142,7 +142,7 @@ def _says(who: str):
 def test_each_image_is_relabelled_by_its_folds_model_and_a_failed_fold_drops_its_own(tmp_path, photos):
     """Two fold models (the random tiny Florence-2 saved twice): fold 0's summary fails the health check,
     fold 1's passes; each image's annotations name its fold's model and carry round.fold; only fold 0's
-    are dropped `round:unhealthy_model`; generation is sized per fold from its own training targets."""
+    captions (the task that failed) are dropped `round:unhealthy_model`; generation is sized per fold from its own training targets."""
     from refine.relabel import RefineRelabeler
 
     records, images = _records(photos, 6)
@@ -169,7 +169,9 @@ def test_each_image_is_relabelled_by_its_folds_model_and_a_failed_fold_drops_its
         for ann in rec["texts"] + rec["regions"]:
             assert ann["source"]["model"] == f"models/round1-folds/fold{fold}"
             assert ann["checks"]["round.fold"] == fold and ann["round"] == 1
-            assert (ann["status"], ann["reason"]) == (("dropped", "round:unhealthy_model") if fold == 0 else ("kept", None))
+            # fold 0's model failed at <CAPTION> only: its captions are dropped, its boxes merge
+            failed = fold == 0 and ann in rec["texts"]
+            assert (ann["status"], ann["reason"]) == (("dropped", "round:unhealthy_model") if failed else ("kept", None))
         seen.add(fold)
     assert seen == {0, 1}
 
@@ -293,8 +295,9 @@ def test_the_rounds_health_is_its_fold_models(tmp_path):
     health = plan.metrics(store, "annotations/round1", 1, {}, folds=2)["health"]
     assert not health["ok"] and health["failed"] == ["fold 1: <OD> parse rate 0.20 < 0.5"]
     assert [(f["fold"], f["ok"]) for f in health["folds"]] == [(0, True), (1, False)]
-    assert health["message"].startswith("round 1: a fold model failed its health check (fold 1: <OD> parse rate")
+    assert health["dropped_tasks"] == ["<OD>"] and len(health["messages"]) == 1
+    assert health["messages"][0].startswith("round 1: fold model 1 failed the <OD> health check (<OD> parse rate 0.20")
     assert plan.metrics(store, "annotations/round1", 1, {}, folds=0)["health"]["ok"]  # the published model alone passes
     store.write_json("models/round1-folds/fold1/train_summary.json", {"health": {**figures, "images": 1}})
     health = plan.metrics(store, "annotations/round1", 1, {}, folds=2)["health"]
-    assert health["ok"] and not health["checked"] and "validation images per fold: 3, 1" in health["message"]
+    assert health["ok"] and not health["checked"] and "validation images per fold: 3, 1" in health["messages"][0]

@@ -16,7 +16,8 @@ from PIL import Image
 
 from engine.stage import decode_image
 from engine.training import TrainJob, World
-from refine.health import HealthThresholds, box_agreement, check_model, verdict
+from refine.health import MODEL as WHOLE_MODEL
+from refine.health import HealthThresholds, box_agreement, check_model, failures, sound, verdict
 from refine.relabel import RefineRelabeler
 from refine.trainer import Florence2Trainer, generation_lengths
 from schemas.records import empty_record, make_ann_id, new_annotation, source_of
@@ -243,7 +244,7 @@ def test_health_figures_of_a_perfect_and_a_collapsed_model():
     assert collapsed["same_across_tasks"] == 1.0 and collapsed["box_recall"] == 0.0
     failed = verdict(collapsed, HealthThresholds())
     assert [f.split(" ")[:2] for f in failed] == [["<CAPTION>", "distinct"], ["<OD>", "distinct"], ["<OD>", "parse"],
-                                                 ["same", "answer"]]
+                                                 ["same", "answer"], ["every", "task"]]
     assert verdict(collapsed, HealthThresholds(min_distinct=None, min_parse_rate=None, max_same_across_tasks=None)) == []
     assert verdict(collapsed, HealthThresholds(min_images=5)) == []  # too few validation images: unchecked
 
@@ -326,3 +327,131 @@ def test_generation_length_per_task_is_sized_from_the_targets_the_round_trained_
     stage.setup()
     caption = int(longest["<CAPTION>"] * 1.25) + 8
     assert stage.florence.token_limits == {"<CAPTION>": min(caption, cap), "<OD>": cap}
+
+
+def test_agreement_checks_are_on_by_default_only_from_trained_weights(tmp_path):
+    """min_box_recall / min_mention_precision: off for rounds from random: weights, on (0.1 / 0.3) when
+    refine.model is trained weights; a value the config sets (null included) is kept."""
+    from engine.config import load_pipeline
+    from refine.rounds import FlorenceRounds
+
+    scratch = HealthThresholds().for_start(True)
+    assert scratch.min_box_recall is None and scratch.min_mention_precision is None
+    trained = HealthThresholds().for_start(False)
+    assert (trained.min_box_recall, trained.min_mention_precision) == (0.1, 0.3)
+    kept = HealthThresholds(min_box_recall=None, min_mention_precision=0.5).for_start(False)
+    assert (kept.min_box_recall, kept.min_mention_precision) == (None, 0.5)
+    text = "models: {florence2: MODEL}\npipelines:\n  p:\n    steps: [{name: s, stages: [{stage: text_filter}]}]\n" \
+           "    rounds: 2\n    refine: {model: florence2}\n"
+    (tmp_path / "pretrained").mkdir()
+    for ref, expected in (("random:tiny", None), (str(tmp_path / "pretrained"), 0.1)):
+        (tmp_path / "p.yaml").write_text(text.replace("MODEL", ref))
+        rounds = FlorenceRounds(load_pipeline(tmp_path / "p.yaml", "p"))
+        assert rounds.health().min_box_recall == expected
+        relabel = rounds.stages(2, "models/round2", _NoStore())[0][1]
+        assert relabel["health"]["min_box_recall"] == expected  # round 2 (from round 1's weights) too
+
+
+class _NoStore:
+    def spec(self):
+        return None
+
+    def read_json(self, rel):
+        return None
+
+
+HAND_MADE = {  # a round's health figures: captions fine, <OD> does not parse, OCR collapsed
+    "checked": True, "images": 6, "same_across_tasks": 0.0, "box_recall": 0.0, "box_precision": 0.0,
+    "mention_precision": 0.6,
+    "tasks": {"<CAPTION>": {"distinct": 1.0, "distinct_generations": 6, "distinct_targets": 6, "mention_precision": 0.6},
+              "<OD>": {"distinct": 0.8, "distinct_generations": 5, "distinct_targets": 6, "parse_rate": 0.2,
+                       "box_recall": 0.0, "box_precision": 0.0},
+              "<OCR_WITH_REGION>": {"distinct": 0.0, "distinct_generations": 1, "distinct_targets": 4, "parse_rate": 0.9}},
+}
+
+
+def _round_record() -> dict:
+    """One image with what a round's relabel makes: a brief caption, its grounding, an <OD> box, an OCR region."""
+    src = source_of("refine")
+    rec = empty_record({"image_id": "i" * 64, "uri": "x", "width": 64, "height": 64, "source": "t"})
+    rec["texts"] = [new_annotation(src, 0.9, ann_id="t0", tier="brief", text="a cross")]
+    rec["regions"] = [new_annotation(src, 0.9, ann_id="r0", kind="object", box=[1.0, 1.0, 9.0, 9.0], quad=None,
+                                     polygon=None, mask=None, label="cross", brief=None),
+                      new_annotation(src, 0.9, ann_id="r1", kind="text", box=[1.0, 1.0, 9.0, 9.0], quad=None,
+                                     polygon=None, mask=None, label="STOP", brief=None)]
+    rec["groundings"] = [new_annotation(src, 0.9, ann_id="g0", text_ann_id="t0", span=[2, 7], box=[1.0, 1.0, 9.0, 9.0])]
+    return rec
+
+
+def test_a_task_that_fails_drops_only_its_own_relabels(tmp_path):
+    """Per-task gating on hand-made figures: <OD> (parse rate) and <OCR_WITH_REGION> (distinct) fail, so only
+    their relabels are dropped `round:unhealthy_model` (each carrying its own task's figures); the caption and
+    its grounding merge. A model-wide failure (same answer to different prompts) drops every relabel."""
+    from refine.relabel import mark_health
+
+    t = HealthThresholds()
+    found = failures(HAND_MADE, t)
+    assert set(found) == {"<OD>", "<OCR_WITH_REGION>"}
+    assert found["<OD>"] == ["<OD> parse rate 0.20 < 0.5"] and "distinct" in found["<OCR_WITH_REGION>"][0]
+    rec = _round_record()
+    mark_health([rec], HAND_MADE, found)
+    status = {a["ann_id"]: (a["status"], a["reason"]) for k in ("texts", "regions", "groundings") for a in rec[k]}
+    dropped = ("dropped", "round:unhealthy_model")
+    assert status == {"t0": ("kept", None), "g0": ("kept", None), "r0": dropped, "r1": dropped}
+    od, ocr = rec["regions"]
+    assert od["checks"]["round.parse_rate"] == 0.2 and ocr["checks"]["round.parse_rate"] == 0.9  # re-thresholdable
+    assert ocr["checks"]["round.distinct"] == 0.0 and rec["texts"][0]["checks"]["round.mention_precision"] == 0.6
+    assert od["checks"]["round.healthy"] == 0 and rec["texts"][0]["checks"]["round.healthy"] == 1
+    # pretrained thresholds: a caption that mentions little of the image's labels drops the caption and its grounding
+    worse = copy.deepcopy(HAND_MADE)
+    worse["tasks"]["<CAPTION>"]["mention_precision"] = 0.1
+    rec = _round_record()
+    mark_health([rec], worse, failures(worse, t.for_start(False)))
+    assert rec["texts"][0]["reason"] == rec["groundings"][0]["reason"] == "round:unhealthy_model"
+    # the model as a whole fails: everything dropped
+    same = {**HAND_MADE, "same_across_tasks": 0.9}
+    assert set(failures(same, t)) == {"<OD>", "<OCR_WITH_REGION>", WHOLE_MODEL}
+    rec = _round_record()
+    mark_health([rec], same, failures(same, t))
+    assert {a["reason"] for k in ("texts", "regions", "groundings") for a in rec[k]} == {"round:unhealthy_model"}
+
+
+def test_the_run_says_one_line_per_failed_task(tmp_path):
+    """The round's metrics (what `fld run` logs, `fld stats` and the report show): one warning per failed task
+    naming its check, the dropped tasks listed; a model-wide failure is one line."""
+    from engine.config import load_pipeline
+    from engine.store import ShardStore
+    from engine.views.stats import _health_cells
+    from refine.rounds import FlorenceRounds
+
+    (tmp_path / "p.yaml").write_text("models: {florence2: random:tiny}\npipelines:\n  p:\n    steps: [{name: s, stages: "
+                                     "[{stage: text_filter}]}]\n    rounds: 1\n    refine: {model: florence2}\n")
+    rounds = FlorenceRounds(load_pipeline(tmp_path / "p.yaml", "p"))
+    store = ShardStore(str(tmp_path / "out"))
+    store.write_json("models/round1/train_summary.json", {"health": HAND_MADE})
+    health = rounds.metrics(store, "annotations/round1", 1, {})["health"]
+    assert health["dropped_tasks"] == ["<OCR_WITH_REGION>", "<OD>"] and not health["model_failed"] and not health["ok"]
+    lines = health["messages"]
+    assert len(lines) == 2 and "<OCR_WITH_REGION> distinct generations 0.00" in lines[0], lines
+    assert "<OD> parse rate 0.20 < 0.5" in lines[1] and "the other tasks merge" in lines[1]
+    assert _health_cells(health)[2].startswith("FAILED for <OCR_WITH_REGION>, <OD> (those relabels dropped)")
+    store.write_json("models/round1/train_summary.json", {"health": {**HAND_MADE, "same_across_tasks": 0.9}})
+    health = rounds.metrics(store, "annotations/round1", 1, {})["health"]
+    assert health["model_failed"] and len(health["messages"]) == 1 and "same answer" in health["messages"][0]
+
+
+def test_degenerate_boxes_do_not_count_as_parsed():
+    """<OD> outputs made of zero-area boxes (one loc token repeated), sub-pixel boxes (neighbouring loc
+    tokens) or loc-token debris as label parse to nothing sound: parse rate 0; a real box parses."""
+    records, images, _ = world_images(2)
+    examples = TaskCodec(["<OD>"], 256).encode_all(records)
+    pixels = {iid: decode_image(data) for iid, data in images.items()}
+    outputs = {"repeated": "cross<loc_500><loc_500><loc_500><loc_500>" * 3,
+               "sub-pixel": "cross<loc_500><loc_500><loc_501><loc_501>",
+               "debris": "loc_12><loc_100><loc_100><loc_300><loc_300>",
+               "real": "cross<loc_100><loc_100><loc_300><loc_300>"}
+    rates = {name: check_model(Canned(lambda task, i, t=text: t), examples, pixels)["tasks"]["<OD>"]["parse_rate"]
+             for name, text in outputs.items()}
+    assert rates == {"repeated": 0.0, "sub-pixel": 0.0, "debris": 0.0, "real": 1.0}, rates
+    box = [10.0, 10.0, 20.0, 20.0]
+    assert sound([("a", box), ("a", box), ("b", box), ("a", [5.0, 5.0, 5.5, 30.0])], (64, 64)) == [("a", box), ("b", box)]

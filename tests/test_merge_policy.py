@@ -161,3 +161,36 @@ def test_a_new_caption_dropped_by_a_filter_never_competes():
     new_caption = text(ROUND1, "new", "garbage", score=0.99, round_=1, status="dropped")
     out = merged(record([], [old_caption]), record([], [new_caption]))
     assert out["old"]["status"] == "kept" and out["new"]["status"] == "dropped"
+
+
+def test_a_caption_naming_an_object_the_image_lacks_is_penalised_by_the_rounds_vocabulary():
+    """Mention precision counts every category the round trained on, not only the image's own: a confident
+    new caption that hallucinates a tree (a training category, no region of it here) loses to the old caption;
+    without the vocabulary the tree went unnoticed and the hallucination won."""
+    from refine.merge import MergeStage, caption_agreement
+
+    dog = region(SPECIALIST, "dog", [10, 10, 60, 60])
+    hallucinating = text(ROUND1, "new", "a dog under two Trees", score=0.95, round_=1)
+    assert caption_agreement(hallucinating, [], [dog]) == 1.0  # the image's categories only: the tree is invisible
+    assert caption_agreement(hallucinating, [], [dog], frozenset({"dog", "tree", "traffic light"})) == 0.5
+    assert caption_agreement(text(ROUND1, "x", "a Traffic Lights pole"), [], [dog], frozenset({"traffic light"})) == 0.0
+
+    def run(vocabulary):
+        old = record([region(SPECIALIST, "dog", [10, 10, 60, 60])], [text(CAPTIONER, "old", "a dog", score=0.3)])
+        new = record([], [text(ROUND1, "new", "a dog under two Trees", score=0.95, round_=1)])
+        stage = MergeStage({"vocabulary": vocabulary})
+        import json as _json
+        from refine.relabel import PREVIOUS
+        rec = {**new, PREVIOUS: _json.dumps({k: old.get(k) or [] for k in (*ANNOTATION_KINDS, "errors")})}
+        (out,) = stage.process_batch([rec])
+        return {t["ann_id"]: (t["status"], t["reason"]) for t in out["texts"]}
+
+    assert run([]) == {"old": ("dropped", "merge:replaced"), "new": ("kept", None)}
+    assert run(["Dog", "tree"]) == {"old": ("kept", None), "new": ("dropped", "merge:outscored")}
+
+
+def test_the_round_records_the_categories_it_trained_on():
+    from refine.trainer import target_categories
+
+    assert target_categories("cross<loc_1><loc_2><loc_3><loc_4>Traffic  light<loc_5><loc_6><loc_7><loc_8>cross"
+                             "<loc_9><loc_9><loc_20><loc_20>") == {"cross", "traffic light"}

@@ -4,10 +4,11 @@ cell with its interval, every round's health recorded). The numbers mean nothing
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from bench.quality.stage3 import HEADLINE, SIZES, TruthLabels, arm_outs, main, model_view, pretrain, score
+from bench.quality.stage3 import HEADLINE, SIZES, TruthLabels, arm_outs, main, model_view, pooled, pretrain, score
 
 
 def test_truth_labels_score_perfectly(tmp_path):
@@ -18,7 +19,8 @@ def test_truth_labels_score_perfectly(tmp_path):
     stage = TruthLabels({"world": str(tmp_path / "world")})
     stage.setup()
     records = [stage.process_batch([r], None)[0] for r in world_records(tmp_path / "world", "train")]
-    m = score(records, load_truth(tmp_path / "world", ["train"]), resamples=20)
+    m, per_image = score(records, load_truth(tmp_path / "world", ["train"]), resamples=20)
+    assert len(per_image) == 3 and pooled(per_image + per_image, 20)["obj_recall"] == pytest.approx(1.0)
     for key in ("obj_precision", "obj_recall", "category_accuracy", "ocr_precision", "ocr_recall", "grounding_accuracy",
                 "brief_object_precision", "detailed_object_precision", "brief_coverage", "detailed_coverage"):
         assert m[key] == pytest.approx(1.0), key
@@ -56,7 +58,7 @@ def test_small_stage3_end_to_end(tmp_path):
             lo, hi = m[f"{key}_ci"]
             assert 0.0 <= lo <= hi <= 1.0, (row["arm"], row["view"], key)
 
-    outs = arm_outs(work / "stage3")
+    outs = arm_outs(work / "stage3", Path(res.pretrain["model"]).name)
     for arm in ("rounds", "clean"):
         manifest = json.loads((outs[arm]["train"] / "manifest.json").read_text())
         assert set(manifest["rounds"]) == {"1", "2"}, arm
@@ -77,12 +79,34 @@ def test_small_stage3_end_to_end(tmp_path):
     assert res.pretrain["summary"]["steps"] == size.pretrain["steps"] and "tasks" in res.pretrain["health"]
     import yaml
 
-    cfg = yaml.safe_load((work / "stage3" / "stage3.yaml").read_text())
+    cfg = yaml.safe_load((work / "stage3" / f"stage3-pretrain{size.pretrain_images}.yaml").read_text())
     said = []
-    folder, _ = pretrain(work / "stage3" / "pretrain", cfg, size, res.pretrain["world"], said.append)
+    folder, _ = pretrain(work / "stage3" / f"pretrain_{size.pretrain_images}", cfg, size, res.pretrain["world"], said.append)
     assert str(folder) == res.pretrain["model"] and said and "cached" in said[0]
 
     md = (work / "stage3" / "stage3.md").read_text()
     assert md.startswith("> **Smoke test")
     assert all(label in md for _, label in HEADLINE) and " [" in md and "| pretrained model | 1 |" in md
     assert set(res.cpu_seconds) >= {"pretrain", "rounds", "clean", "pretrained", "total"}
+
+
+def test_world_seeds_are_pooled_image_by_image(tmp_path):
+    """combine: each headline figure of several worlds is their images' counts summed, with one interval over
+    all images; the tables show the pooled rows and each world's own figures."""
+    from bench.quality.stage3 import Stage3Result, combine, tables
+
+    def world(seed, recall_hits):  # 2 images, 2 true objects each
+        tallies = [{"obj_tp": h, "obj_kept": h, "obj_true": 2} for h in recall_hits]
+        m = {**pooled(tallies, 10), "box_map": 0.5}
+        return Stage3Result("default", "mild", 1, world_seed=seed, cpu_seconds={"total": 1.0}, seconds={"total": 2.0},
+                            rows=[{"arm": "stage 2", "round": 0, "view": "dataset", "metrics": m, "tallies": tallies}])
+
+    res = combine([world(0, [2, 2]), world(1, [0, 0])], 50)
+    (row,) = res.rows
+    assert row["metrics"]["images"] == 4 and row["metrics"]["obj_recall"] == pytest.approx(0.5)
+    lo, hi = row["metrics"]["obj_recall_ci"]
+    assert lo < 0.5 < hi
+    assert res.cpu_seconds == {"w0 total": 1.0, "w1 total": 1.0}
+    md = tables(res)
+    assert "world seeds 0, 1 pooled" in md
+    assert "| 0 | stage 2 (no round) | 0 |" in md and "| 1 | stage 2 (no round) | 0 |" in md

@@ -239,3 +239,53 @@ def test_ray_train_two_workers_trains_and_resumes(photo_store):
     assert all(set(w["data"]) == {"epoch", "window", "draws"} and w["data"]["draws"] > 0 for w in plain["workers"])
     model = Florence2Model.load(str(run_dir), device="cpu")  # the final model loads back
     assert model.model.config.text_config.d_model == 256
+
+
+def test_mirrored_box_examples_keep_their_boxes_true():
+    """hflip_tasks: a mirrored <OD> example's target, parsed by the processor on the mirrored image, gives
+    the mirrored boxes (within a location bin); other tasks and validation batches (no key) are never mirrored."""
+    from annotators.florence2_model import Florence2Model
+    from refine.dataset import Collator, flip_target, flipped
+    from refine.trainer import TrainConfig
+    from schemas.loc_tokens import box_to_tokens
+    from schemas.task_codec import Example
+
+    w, h = 200, 100
+    box = [10.0, 20.0, 60.0, 90.0]
+    target = "dog" + box_to_tokens(box, w, h) + "cat" + box_to_tokens([150.0, 0.0, 199.0, 40.0], w, h)
+    florence = Florence2Model.load("random:tiny")
+    parsed = florence.parse(flip_target(target), "<OD>", (w, h))["<OD>"]
+    assert parsed["labels"] == ["dog", "cat"]
+    for got, want in zip(parsed["bboxes"], ([w - 60, 20, w - 10, 90], [w - 199, 0, w - 150, 40])):
+        assert all(abs(a - b) <= 1.0 for a, b in zip(got, want)), (got, want)
+    assert flip_target(flip_target(target)) == target
+
+    img = Image.new("RGB", (w, h))
+    ImageDraw.Draw(img).rectangle([0, 0, 20, h], fill=(255, 0, 0))  # red on the left
+    data = io.BytesIO()
+    img.save(data, "PNG")
+    examples = [Example("i", t, "", target) for t in ("<OD>", "<CAPTION>") for _ in range(8)]
+    seen = []
+    collate = Collator(florence.processor, lambda _: data.getvalue(), flip_tasks=["<OD>"], seed=0)
+    real = collate.processor
+
+    class Spy:  # what reaches the processor
+        tokenizer = real.tokenizer
+
+        def __call__(self, text, images, **kw):
+            seen.extend(images)
+            return real(text=text, images=images, **kw)
+
+    collate.processor = Spy()
+    batch = collate(examples, key=(3, 0))
+    mirrored = [i for i, ex in enumerate(examples) if ex.task == "<OD>" and flipped(0, (3, 0), i)]
+    assert 0 < len(mirrored) < 8  # about half of the <OD> draws
+    for i, image in enumerate(seen):
+        assert (image.getpixel((w - 1, 0)) == (255, 0, 0)) == (i in mirrored)
+    decoded = real.tokenizer.batch_decode(batch["labels"].clamp(min=0), skip_special_tokens=False)
+    assert sum(flip_target(target) in d for d in decoded) == len(mirrored)
+    seen.clear()
+    collate(examples)  # validation: no key, nothing mirrored
+    assert not any(image.getpixel((w - 1, 0)) == (255, 0, 0) for image in seen)
+    with pytest.raises(ValueError, match="hflip_tasks"):
+        TrainConfig(hflip_tasks=["<OCR_WITH_REGION>"])

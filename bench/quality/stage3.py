@@ -29,7 +29,11 @@ minutes (issue 17), so the rounds start, as real users do, from a pretrained mod
    them: what the model itself can do). Every figure has a 95% bootstrap interval over held-out images.
 
 `--refine-set KEY=VALUE` changes the rounds' `refine:` block (e.g. `--refine-set cross_fit.folds=3`;
-`cross_fit.folds=0` turns cross-fitted relabelling off); the pipelines actually run are in <work>/stage3/stage3.yaml.
+`cross_fit.folds=0` turns cross-fitted relabelling off); `--pretrain-set KEY=VALUE` / `--pretrain-images N` change
+the pretraining (another recipe is another cached model and another set of runs, <work>/stage3/runs/<model>/);
+`--world-seeds 0,1` runs each world in <work>/w<seed> (stage 1/2 one after the other, sharing the CLIP scorer, then
+`--jobs` worlds in parallel) and pools the held-out images of all of them in the tables. The pipelines actually run
+are in <work>/stage3/stage3-<model>.yaml.
 """
 from __future__ import annotations
 
@@ -122,9 +126,11 @@ SIZES: dict[str, Stage3Size] = {
 
 
 # -------------------------------------------------------------------- the stage-1/2 part
-def ensure_base(work: Path, noise: str, small: bool, log) -> dict:
-    """The stage-1/2 benchmark's world, CLIP scorer, effective pipelines and stage-2 OUTs of both
-    splits in `work` (made with bench.quality.run's own functions when missing). Returns the config."""
+def ensure_base(work: Path, noise: str, small: bool, log, world_seed: int | None = None,
+                clip_cache: Path | None = None) -> dict:
+    """The stage-1/2 benchmark's world (its size's, or seed `world_seed`), CLIP scorer (trained once per
+    configuration in `clip_cache`), effective pipelines and stage-2 OUTs of both splits in `work` (made
+    with bench.quality.run's own functions when missing). Returns the config."""
     from bench.quality import run
 
     yaml_path = work / "pipelines.yaml"
@@ -134,8 +140,8 @@ def ensure_base(work: Path, noise: str, small: bool, log) -> dict:
 
         size = run.SIZES["small" if small else "default"]
         log("stage 1/2: world and CLIP scorer (python -m bench.quality's own steps)")
-        write_world(work / "world", size.world)
-        clip = train_clip(work / "world", work / "models" / "clip", size.clip, log=log)
+        write_world(work / "world", size.world if world_seed is None else replace(size.world, seed=world_seed))
+        clip = train_clip(work / "world", work / "models" / "clip", size.clip, log=log, cache=clip_cache)
         # the clip_score rules the stage-1/2 benchmark switches off (held-out AUC below run.AUC_MIN) are off here too
         off = tuple(r for r, sw in run.clip_switch(dict(clip["auc"]["heldout"])).items() if not sw["on"])
         cfg = run.effective_config(work, size, clip["thresholds"], size.rounds, clip_off=off)
@@ -283,16 +289,24 @@ def image_tally(rec: dict, truth: dict):
     return tally
 
 
-def score(records: list[dict], truth: dict, resamples: int, seed: int = 0) -> dict:
+def score(records: list[dict], truth: dict, resamples: int, seed: int = 0) -> tuple[dict, list]:
     """Every metric of bench.quality.metrics on these records, with a 95% bootstrap interval over
-    images for the headline ones: {metric: value, metric + '_ci': [lo, hi]} (mAP needs every box of
-    a resample: no interval)."""
-    import warnings
-
-    from bench.quality.metrics import Tally, evaluate
+    images for the headline ones: ({metric: value, metric + '_ci': [lo, hi]}, the per-image counts
+    (pooled over world seeds by `pooled`)). mAP needs every box of a resample: no interval."""
+    from bench.quality.metrics import evaluate
 
     figures = evaluate(records, truth)
-    per_image = [image_tally(rec, truth).n for rec in records]
+    per_image = [dict(image_tally(rec, truth).n) for rec in records]
+    figures.update(intervals(per_image, resamples, seed))
+    return figures, per_image
+
+
+def intervals(per_image: list[dict], resamples: int, seed: int = 0) -> dict:
+    """{headline metric + '_ci': [lo, hi]}: 95% bootstrap over the images' counts."""
+    import warnings
+
+    from bench.quality.metrics import Tally
+
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k, _ in HEADLINE}
     for _ in range(resamples if per_image else 0):
@@ -306,10 +320,25 @@ def score(records: list[dict], truth: dict, resamples: int, seed: int = 0) -> di
         for k in draws:
             if f.get(k) is not None:
                 draws[k].append(f[k])
-    for k, values in draws.items():
-        figures[f"{k}_ci"] = ([round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
-                              if values else None)
-    return figures
+    return {f"{k}_ci": ([round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
+                        if values else None) for k, values in draws.items()}
+
+
+def pooled(per_image: list[dict], resamples: int, seed: int = 0) -> dict:
+    """The headline metrics of the images of several world seeds together (their counts summed), with
+    a bootstrap interval over all of them."""
+    import warnings
+
+    from bench.quality.metrics import Tally
+
+    t = Tally()
+    for n in per_image:
+        for k, v in n.items():
+            t.n[k] += v
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        figures = {k: t.figures().get(k) for k, _ in HEADLINE}
+    return {**figures, "images": len(per_image), **intervals(per_image, resamples, seed)}
 
 
 # ---------------------------------------------------------------------------------- main
@@ -327,6 +356,8 @@ class Stage3Result:
     health: list = field(default_factory=list)  # {arm, round, health} of every trained model
     runs: list = field(default_factory=list)
     machine: dict = field(default_factory=dict)
+    world_seed: int | None = None
+    worlds: list = field(default_factory=list)  # several world seeds: each one's Stage3Result (rows: its own figures)
 
 
 def _cpu() -> float:
@@ -335,28 +366,45 @@ def _cpu() -> float:
     return cpu_seconds()
 
 
-def arm_outs(s3: Path) -> dict[str, dict[str, Path]]:
-    return {arm: {split: s3 / "runs" / arm / split for split in ("train", "heldout")} for arm in ("rounds", "clean", "pretrained")}
+def arm_outs(s3: Path, model: str) -> dict[str, dict[str, Path]]:
+    """The arms' OUTs, per pretrained model (another pretraining recipe is another set of runs)."""
+    return {arm: {split: s3 / "runs" / model / arm / split for split in ("train", "heldout")}
+            for arm in ("rounds", "clean", "pretrained")}
+
+
+def _parse_sets(items: list[str], what: str) -> dict:
+    out: dict = {}
+    _apply_sets(out, items)
+    unknown = set(out) - set(__import__("refine.trainer", fromlist=["TrainConfig"]).TrainConfig.model_fields)
+    if unknown:
+        raise SystemExit(f"{what}: unknown refine.train key(s) {sorted(unknown)}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> Stage3Result:
     from bench.quality import run
-    from bench.quality.metrics import read_version
-    from bench.quality.world import WorldConfig, image_dir, load_truth, write_world
 
     ap = argparse.ArgumentParser(prog="python -m bench.quality.stage3", description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_const", dest="size", const="small", default="default", help="smoke size (test suite)")
     ap.add_argument("--work", default=None, help="the stage-1/2 benchmark's work folder (default out/quality[-small]); "
-                    "stage 3 writes into <work>/stage3")
+                    "stage 3 writes into <work>/stage3 (with --world-seeds: <work>/w<seed>/...)")
     ap.add_argument("--noise", choices=run.NOISES, default="mild", help="specialists' noise level")
     ap.add_argument("--rounds", type=int, default=None, help="refinement rounds (default: the size's)")
     ap.add_argument("--arms", default="rounds,clean,pretrained", help="comma-separated arms besides stage 2")
     ap.add_argument("--refine-set", action="append", default=[], metavar="KEY=VALUE",
                     help="set a key of the rounds' refine: block (YAML value), e.g. cross_fit.folds=3")
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a key of the pretraining's refine.train config (YAML value), e.g. steps=800")
+    ap.add_argument("--pretrain-images", type=int, default=None, help="images of the pretraining world (default: the size's)")
+    ap.add_argument("--world-seeds", default=None, help="comma-separated world seeds, each a world of its own "
+                    "(<work>/w<seed>), pooled in the tables (default: the size's one world)")
+    ap.add_argument("--jobs", type=int, default=1, help="world seeds run in parallel (after their stage 1/2)")
     ap.add_argument("--results", default=None, help="folder for stage3.json + stage3.md "
                     "(default: bench/quality/results for the default size, else <work>/stage3)")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
+    size = replace(size, pretrain={**size.pretrain, **_parse_sets(args.pretrain_set, "--pretrain-set")},
+                   pretrain_images=args.pretrain_images or size.pretrain_images)
     rounds = args.rounds if args.rounds is not None else size.rounds
     arms = [a for a in args.arms.split(",") if a]
     unknown = set(arms) - {"rounds", "clean", "pretrained"}
@@ -364,20 +412,57 @@ def main(argv: list[str] | None = None) -> Stage3Result:
         raise SystemExit(f"--arms: unknown arm(s) {sorted(unknown)}; choose from rounds, clean, pretrained")
     small = args.size == "small"
     work = Path(args.work or REPO / "out" / ("quality-small" if small else "quality")).resolve()
-    s3 = work / "stage3"
-    results_dir = Path(args.results) if args.results else (s3 if small else HERE / "results")
+    results_dir = Path(args.results) if args.results else (work / "stage3" if small else HERE / "results")
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    res = Stage3Result(args.size, args.noise, rounds)
+    task = {"size_name": args.size, "size": size, "noise": args.noise, "rounds": rounds, "arms": arms,
+            "refine_sets": args.refine_set}
+    if args.world_seeds is None:
+        res = run_world({**task, "work": work, "world_seed": None, "clip_cache": None})
+    else:
+        seeds = [int(x) for x in args.world_seeds.split(",") if x.strip()]
+        t_all, cpu_all = time.perf_counter(), _cpu()
+        tasks = [{**task, "work": work / f"w{w}", "world_seed": w, "clip_cache": work / "clip_cache"} for w in seeds]
+        for t in tasks:  # stage 1/2 one world after the other: the CLIP scorer is trained once, then reused
+            ensure_base(t["work"], args.noise, small, lambda m, w=t["world_seed"]: print(f"[stage3 w{w}] {m}", flush=True),
+                        world_seed=t["world_seed"], clip_cache=t["clip_cache"])
+        if args.jobs > 1 and len(tasks) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+                worlds = list(pool.map(run_world, tasks))
+        else:
+            worlds = [run_world(t) for t in tasks]
+        res = combine(worlds, size.bootstrap)
+        res.seconds["total"] = round(time.perf_counter() - t_all, 1)
+        res.cpu_seconds["total"] = round(_cpu() - cpu_all, 1)  # the parent and its finished workers
+    written = write_outputs(res, results_dir)
+    print(f"[stage3] done in {res.seconds['total']} s ({res.cpu_seconds['total']} CPU s); wrote "
+          f"{', '.join(map(str, written))}", flush=True)
+    return res
+
+
+def run_world(task: dict) -> Stage3Result:
+    """Stage 3 on one world: pretraining, the arms, their held-out scores (rows keep the per-image counts)."""
+    from bench.quality import run
+    from bench.quality.metrics import read_version
+    from bench.quality.world import WorldConfig, image_dir, load_truth, write_world
+
+    work, size, rounds, arms, noise = task["work"], task["size"], task["rounds"], task["arms"], task["noise"]
+    small = task["size_name"] == "small"
+    s3 = work / "stage3"
+    res = Stage3Result(task["size_name"], noise, rounds, world_seed=task["world_seed"])
     t_all, cpu_all = time.perf_counter(), _cpu()
-    say = lambda msg: print(f"[stage3 {time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)  # noqa: E731
+    tag = "" if task["world_seed"] is None else f" w{task['world_seed']}"
+    say = lambda msg: print(f"[stage3{tag} {time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)  # noqa: E731
 
     def phase(name: str, t0: float, c0: float) -> None:
         res.seconds[name] = round(time.perf_counter() - t0, 1)
         res.cpu_seconds[name] = round(_cpu() - c0, 1)
 
     t0, c0 = time.perf_counter(), _cpu()
-    base = ensure_base(work, args.noise, small, say)
+    base = ensure_base(work, noise, small, say, world_seed=task["world_seed"], clip_cache=task["clip_cache"])
     phase("stage12", t0, c0)
 
     # 1. pretraining world -> stage 1 + 2 -> Florence-2 from random weights
@@ -385,12 +470,12 @@ def main(argv: list[str] | None = None) -> Stage3Result:
     main_world = json.loads((work / "world" / "world.json").read_text())["config"]
     wcfg = {k: tuple(v) if isinstance(v, list) else v for k, v in main_world.items()}
     pre_world_cfg = replace(WorldConfig(**wcfg), seed=wcfg["seed"] + PRETRAIN_SEED_OFFSET, n_train=size.pretrain_images, n_heldout=0)
-    pre_world = s3 / "pretrain_world"
+    pre_world = s3 / f"pretrain_world_{size.pretrain_images}"
     write_world(pre_world, pre_world_cfg)
-    yaml_path = s3 / "stage3.yaml"
-    cfg = stage3_config(base, args.noise, pre_world, None, size, rounds, args.refine_set)
+    yaml_path = s3 / f"stage3-pretrain{size.pretrain_images}.yaml"  # per pretraining world: runs may share <work>
+    cfg = stage3_config(base, noise, pre_world, None, size, rounds, task["refine_sets"])
     yaml_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    pre_out = s3 / "pretrain"
+    pre_out = s3 / f"pretrain_{size.pretrain_images}"
     res.runs.append(run.run_engine(str(yaml_path), "pretrain_base", str(image_dir(pre_world, "train")), str(pre_out)))
     say(f"pretraining labels: {size.pretrain_images} images through stage 1 + 2 in {pre_out}")
     model_dir, summary = pretrain(pre_out, cfg, size, asdict(pre_world_cfg), say)
@@ -401,14 +486,15 @@ def main(argv: list[str] | None = None) -> Stage3Result:
                         "validation", "lr")},
                     "health": {k: v for k, v in (summary.get("health") or {}).items() if k != "generations"}}
     phase("pretrain", t0, c0)
-    cfg = stage3_config(base, args.noise, pre_world, model_dir, size, rounds, args.refine_set)
+    cfg = stage3_config(base, noise, pre_world, model_dir, size, rounds, task["refine_sets"])
+    yaml_path = s3 / f"stage3-{model_dir.name}.yaml"
     yaml_path.write_text("# written by python -m bench.quality.stage3 from <work>/pipelines.yaml\n"
                          + yaml.safe_dump(cfg, sort_keys=False))
 
     # 2. the arms: train OUTs seeded with the stage-1/2 OUT's committed folders, held-out OUTs relabel only
-    outs = arm_outs(s3)
+    outs = arm_outs(s3, model_dir.name)
     shared = ["images", "quarantine", "annotations/ocr", "annotations/stage1", "annotations/stage2"]
-    base_out = {split: run.out_dir(work, args.noise, "full", split) for split in ("train", "heldout")}
+    base_out = {split: run.out_dir(work, noise, "full", split) for split in ("train", "heldout")}
     for arm in arms:
         t0, c0 = time.perf_counter(), _cpu()
         train_out, held_out = outs[arm]["train"], outs[arm]["heldout"]
@@ -429,14 +515,17 @@ def main(argv: list[str] | None = None) -> Stage3Result:
     # 3. scores on the held-out images
     t0, c0 = time.perf_counter(), _cpu()
     truth = load_truth(work / "world")
-    res.rows.append({"arm": "stage 2", "round": 0, "view": "dataset",
-                     "metrics": score(read_version(base_out["heldout"], "stage2"), truth, size.bootstrap)})
+    metrics, tallies = score(read_version(base_out["heldout"], "stage2"), truth, size.bootstrap)
+    res.rows.append({"arm": "stage 2", "round": 0, "view": "dataset", "metrics": metrics, "tallies": tallies})
     for arm in arms:
         held_out = outs[arm]["heldout"]
         for k in range(1, (1 if arm == "pretrained" else rounds) + 1):
             records = read_version(held_out, f"round{k}")
             for view, recs in (("dataset", records), ("model", model_view(records, k))):
-                res.rows.append({"arm": arm, "round": k, "view": view, "metrics": score(recs, truth, size.bootstrap)})
+                metrics, tallies = score(recs, truth, size.bootstrap)
+                res.rows.append({"arm": arm, "round": k, "view": view, "metrics": metrics, "tallies": tallies})
+            # the verdict that decided what merged is the train OUT's (its models made the train labels;
+            # the held-out OUT reuses the same models, so its health is the same figures)
             manifest = json.loads((held_out / "manifest.json").read_text())
             health = ((manifest.get("rounds") or {}).get(str(k)) or {}).get("health") or {}
             res.health.append({"arm": arm, "round": k, "health": health})
@@ -444,8 +533,25 @@ def main(argv: list[str] | None = None) -> Stage3Result:
     res.seconds["total"] = round(time.perf_counter() - t_all, 1)
     res.cpu_seconds["total"] = round(_cpu() - cpu_all, 1)
     res.machine = run.machine_info()
-    written = write_outputs(res, results_dir)
-    say(f"done in {res.seconds['total']} s ({res.cpu_seconds['total']} CPU s); wrote {', '.join(map(str, written))}")
+    if task["world_seed"] is not None:
+        write_outputs(res, s3)  # this world's own tables, next to its runs
+    return res
+
+
+def combine(worlds: list[Stage3Result], resamples: int) -> Stage3Result:
+    """Several worlds' results as one: each headline figure pooled over every world's held-out images
+    (counts summed, one bootstrap over all images), the worlds kept as they are in `worlds`."""
+    first = worlds[0]
+    res = Stage3Result(first.size, first.noise, first.rounds, worlds=worlds, machine=first.machine)
+    for i, row in enumerate(first.rows):
+        tallies = [n for w in worlds for n in w.rows[i]["tallies"]]
+        res.rows.append({"arm": row["arm"], "round": row["round"], "view": row["view"],
+                         "metrics": {**pooled(tallies, resamples), "box_map": float(np.mean(
+                             [w.rows[i]["metrics"].get("box_map") or 0.0 for w in worlds]))}})
+    for w in worlds:
+        for name, v in w.cpu_seconds.items():
+            res.cpu_seconds[f"w{w.world_seed} {name}"] = v
+            res.seconds[f"w{w.world_seed} {name}"] = w.seconds.get(name)
     return res
 
 
@@ -462,13 +568,17 @@ def _ci(m: dict, key: str) -> str:
 
 
 def tables(res: Stage3Result) -> str:
-    """Markdown: held-out figures per arm and round, dataset view then model view; pretraining; costs."""
+    """Markdown: held-out figures per arm and round, dataset view then model view (pooled over the world
+    seeds when there are several, then each world's headline); pretraining; health; costs."""
     out = [SMOKE_BANNER] if res.size == "small" else []
     images = next((r["metrics"].get("images") for r in res.rows), "?")
+    seeds = [w.world_seed for w in res.worlds]
+    where = f"world seeds {', '.join(map(str, seeds))} pooled" if seeds else f"world seed {res.world_seed or 0}"
     for view, title in (("dataset", "the labels the engine keeps (annotations/round<k>)"),
                         ("model", "the round's model alone (its relabels, before filters and merge)")):
-        out.append(f"**Held-out ({images} images), {res.noise} noise: {title}.** Mean [95% bootstrap interval over images].\n")
-        out.append("| arm | round | " + " | ".join(label for _, label in HEADLINE) + " | box mAP |")
+        out.append(f"**Held-out ({images} images, {where}), {res.noise} noise: {title}.** Mean [95% bootstrap "
+                   "interval over images].\n")
+        out.append("| arm | round | " + " | ".join(label for _, label in HEADLINE) + (" | box mAP (mean of seeds) |" if seeds else " | box mAP |"))
         out.append("|---|---|" + "---|" * (len(HEADLINE) + 1))
         for row in res.rows:
             if row["view"] != view and not (row["arm"] == "stage 2" and view == "dataset"):
@@ -477,21 +587,48 @@ def tables(res: Stage3Result) -> str:
             out.append(f"| {ARM_LABEL[row['arm']]} | {row['round']} | " + " | ".join(_ci(m, k) for k, _ in HEADLINE)
                        + f" | {m.get('box_map', float('nan')):.3f} |")
         out.append("")
-    p = res.pretrain
-    h, s = p.get("health") or {}, p.get("summary") or {}
-    out.append(f"**Pretraining** ({p.get('images')} images of world seed {p.get('world_seed')}, "
-               f"{s.get('steps')} steps, lr {s.get('lr')}): loss {s.get('first_loss') or float('nan'):.3f} -> "
-               f"{s.get('last_loss') or float('nan'):.3f}, best validation loss {s.get('best_val_loss') or float('nan'):.3f} "
-               f"at step {s.get('best_step')}; health check on its {h.get('images')} validation images: "
-               + json.dumps({k: v for k, v in h.items() if k not in ("checked", "images")}, sort_keys=True) + "\n")
-    out.append("**Round health** (refine.health, on each round's validation images):\n")
-    out.append("| arm | round | ok | failed checks | box recall | box precision | mention precision |")
-    out.append("|---|---|---|---|---|---|---|")
-    for row in res.health:
-        h = row["health"]
-        fig = lambda k: "-" if h.get(k) is None else f"{h[k]:.3f}"  # noqa: E731
-        out.append(f"| {ARM_LABEL[row['arm']]} | {row['round']} | {h.get('ok')} | {'; '.join(h.get('failed') or []) or '-'} | "
-                   f"{fig('box_recall')} | {fig('box_precision')} | {fig('mention_precision')} |")
+    worlds = res.worlds or [res]
+    if seeds:
+        keys = (("obj_precision", "box P"), ("obj_recall", "box R"), ("brief_object_precision", "brief mention P"),
+                ("brief_coverage", "brief coverage"), ("ocr_recall", "OCR R"))
+        out.append("**Per world seed** (held-out, each world's own images; dataset view / model view):\n")
+        out.append("| world | arm | round | " + " | ".join(f"{label} (dataset / model)" for _, label in keys) + " |")
+        out.append("|---|---|---|" + "---|" * len(keys))
+        for w in worlds:
+            by = {(r["arm"], r["round"], r["view"]): r["metrics"] for r in w.rows}
+            for (arm, k, view), m in by.items():
+                if view != "dataset":
+                    continue
+                model = by.get((arm, k, "model"), {})
+                cell = lambda key: " / ".join("-" if x.get(key) is None else f"{x[key]:.3f}" for x in (m, model) if x)  # noqa: E731
+                out.append(f"| {w.world_seed} | {ARM_LABEL[arm]} | {k} | " + " | ".join(cell(key) for key, _ in keys) + " |")
+        out.append("")
+    for w in worlds:
+        p = w.pretrain
+        h, s = p.get("health") or {}, p.get("summary") or {}
+        tasks = h.get("tasks") or {}
+        od = tasks.get("<OD>") or {}
+        out.append(f"**Pretraining**{f' (world {w.world_seed})' if seeds else ''} ({p.get('images')} images of world seed "
+                   f"{p.get('world_seed')}, {s.get('steps')} steps, lr {s.get('lr')}, recipe {json.dumps(p.get('train'), sort_keys=True)}): "
+                   f"loss {s.get('first_loss') or float('nan'):.3f} -> {s.get('last_loss') or float('nan'):.3f}, best validation "
+                   f"loss {s.get('best_val_loss') or float('nan'):.3f} at step {s.get('best_step')}; health on its "
+                   f"{h.get('images')} validation images: <OD> box recall {h.get('box_recall')}, box precision "
+                   f"{h.get('box_precision')}, <OD> distinct {od.get('distinct')}, parse rate {od.get('parse_rate')}, mention "
+                   f"precision {h.get('mention_precision')}; per task: "
+                   + json.dumps({t: {k: v for k, v in f.items() if k in ("distinct", "parse_rate", "mention_precision")}
+                                 for t, f in tasks.items()}, sort_keys=True) + "\n")
+    out.append("**Round health** (refine.health, on each round's validation images; `dropped`: whose relabels the "
+               "check dropped, `model` = all of them):\n")
+    out.append("| world | arm | round | ok | dropped | failed checks | box recall | box precision | mention precision |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for w in worlds:
+        for row in w.health:
+            h = row["health"]
+            fig = lambda k: "-" if h.get(k) is None else f"{h[k]:.3f}"  # noqa: E731
+            dropped = "model" if h.get("model_failed") else (", ".join(h.get("dropped_tasks") or []) or "-")
+            out.append(f"| {w.world_seed if w.world_seed is not None else 0} | {ARM_LABEL[row['arm']]} | {row['round']} | "
+                       f"{h.get('ok')} | {dropped} | {'; '.join(h.get('failed') or []) or '-'} | "
+                       f"{fig('box_recall')} | {fig('box_precision')} | {fig('mention_precision')} |")
     out.append("")
     out.append("**Cost** (CPU seconds of this process and its workers; wall seconds measured under other load):\n")
     out.append("| part | CPU s | wall s |")
@@ -501,10 +638,19 @@ def tables(res: Stage3Result) -> str:
     return "\n".join(out) + "\n"
 
 
+def _plain(res: Stage3Result) -> dict:
+    """The result as JSON, without the per-image counts."""
+    d = asdict(res)
+    for r in [d, *d["worlds"]]:
+        for row in r["rows"]:
+            row.pop("tallies", None)
+    return d
+
+
 def write_outputs(res: Stage3Result, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     js, md = folder / "stage3.json", folder / "stage3.md"
-    js.write_text(json.dumps(asdict(res), indent=1, default=str))
+    js.write_text(json.dumps(_plain(res), indent=1, default=str))
     md.write_text(tables(res))
     return [js, md]
 

@@ -312,6 +312,8 @@ def model_uses(config: dict | None, models: dict[str, str]) -> dict[str, list[st
 def _round_health(manifest: dict) -> str:
     """One line per refinement round: what its model showed on its validation images (refine.health);
     a round whose model failed is a red warning (its relabels were dropped as round:unhealthy_model)."""
+    from engine.run import health_messages
+
     lines = []
     for k, m in sorted((manifest.get("rounds") or {}).items(), key=lambda kv: int(kv[0])):
         h = m.get("health") or {}
@@ -325,8 +327,9 @@ def _round_health(manifest: dict) -> str:
         text = (f"round {k}: {v.get('images', 0)} validation images, val loss {h['val_loss']:.3f}" if h.get("val_loss") is not None
                 else f"round {k}: {v.get('images', 0)} validation images")
         text += f" &middot; {e(tasks)}" + (f" &middot; {e(figures)}" if figures else "")
-        if h.get("message"):
-            lines.append(f"<div class='warning' id='round{k}-health'>&#9888; {e(h['message'])}. {text}</div>")
+        messages = health_messages(h)
+        if messages:
+            lines.append(f"<div class='warning' id='round{k}-health'>&#9888; {'<br>'.join(e(m) for m in messages)}. {text}</div>")
         else:
             lines.append(f"<p class='facts' id='round{k}-health'>{text} &middot; health check passed</p>")
     return "".join(lines)

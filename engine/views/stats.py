@@ -117,8 +117,14 @@ def _health_cells(h: dict) -> list[str]:
         verdict = "unchecked"
     else:
         failed = h.get("failed") or []  # the first failed check; manifest.json rounds.<k>.health.failed lists all
-        verdict = "passed" if h.get("ok") else "FAILED: " + (failed[0] if failed else "?") + (
-            f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        tasks = h.get("dropped_tasks") or []
+        if h.get("ok"):
+            verdict = "passed"
+        elif tasks and not h.get("model_failed"):  # per-task gating: only these tasks' relabels were dropped
+            verdict = f"FAILED for {', '.join(tasks)} (those relabels dropped): " + (failed[0] if failed else "?") + more
+        else:
+            verdict = "FAILED: " + (failed[0] if failed else "?") + more
     return [loss, figures, verdict]
 
 
