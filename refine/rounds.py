@@ -31,6 +31,8 @@ model of its fold, which never saw it; each fold model's health decides over its
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
@@ -40,7 +42,7 @@ from engine.registry import stage_class
 from engine.values import BoundedModel
 from engine.stage import EXECUTION_PARAMS
 from engine.training import TrainJob
-from refine.crossfit import CrossFitSettings, fold_folder
+from refine.crossfit import CrossFitSettings, fold_folder, fold_of
 from refine.health import MODEL, HealthThresholds, failures, verdict
 from refine.merge import MergeStage
 from refine.relabel import RefineRelabeler
@@ -48,6 +50,8 @@ from refine.trainer import TRAIN_EXECUTION_SETTINGS, Florence2Trainer, TrainConf
 from schemas.records import ANNOTATION_KINDS
 from schemas.florence2_tasks import STAGE_TASKS, TRAINED_TOKENS
 from schemas.task_codec import TaskCodec
+
+log = logging.getLogger(__name__)
 
 GROUND_TRUTH_SAMPLE = 2000  # images of a round read for the mAP against imported ground truth
 
@@ -174,8 +178,20 @@ class FlorenceRounds:
     # ---------------------------------------------------------------- the jobs
     def folds(self, store, input_folder: str) -> int:
         """The folds of round k's cross-fitting over `input_folder` (0: none), from refine.cross_fit and
-        the folder's image count (its commit records' rows: nothing read)."""
-        return self.cfg.cross_fit.resolve(sum(int(r.get("rows", 0)) for r in store.committed(input_folder).values()))
+        the folder's image count (its commit records' rows). Folds are drawn by image-id hash, so on a
+        small input one can come out empty; its fold model would have nothing to train on, so the round
+        then relabels without cross-fitting and says so (read: the image_id column only)."""
+        k = self.cfg.cross_fit.resolve(sum(int(r.get("rows", 0)) for r in store.committed(input_folder).values()))
+        if k:
+            sizes = Counter(fold_of(i, k) for shard in store.shards(input_folder)
+                            for i in store.read_shard(input_folder, shard, columns=["image_id"]).column("image_id").to_pylist())
+            empty = [f for f in range(k) if not sizes.get(f)]
+            if empty:
+                log.warning("refine.cross_fit: fold %s of %d holds none of the %d images of %s (folds are drawn by "
+                            "image-id hash); this round relabels without cross-fitting", empty[0], k,
+                            sum(sizes.values()), input_folder)
+                return 0
+        return k
 
     def train_jobs(self, round_: int, *, start_ref: str, start_store=None, input_folder: str, model_folder: str,
                    config_hash: str, data_hash: str, folds: int = 0) -> list[TrainJob]:

@@ -62,9 +62,17 @@ def rendered_sign() -> bytes:
     return buf.getvalue()
 
 
-def coco_input(photos, folder):
-    """Real photos + a COCO file with one box and one caption each (imported as `human`)."""
-    names = [n for n in photos if n.startswith("jpeg_")][:3] + ["coffee"]
+def coco_input(photos, folder, *, both_folds: bool = False):
+    """Real photos + a COCO file with one box and one caption each (imported as `human`): three camera
+    JPEGs and `coffee`; `both_folds`: the skimage photo is chosen so that a 2-fold cross-fit (folds by
+    image-id hash) finds images in both folds whichever photo set this machine has
+    (tests/conftest._jpeg_photos: darknet's photos or scikit-image's)."""
+    from refine.crossfit import fold_of
+
+    names = [n for n in photos if n.startswith("jpeg_")][:3]
+    folds = {fold_of(hashlib.sha256(photos[n]).hexdigest(), 2) for n in names}
+    names.append(next(n for n in ("coffee", "chelsea", "astronaut", "rocket", "camera")
+                      if not both_folds or folds | {fold_of(hashlib.sha256(photos[n]).hexdigest(), 2)} == {0, 1}))
     images, anns = [], []
     for i, name in enumerate(names, start=1):
         data = photos[name]

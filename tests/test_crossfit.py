@@ -101,6 +101,23 @@ def test_the_default_rule_and_the_yaml_spellings(tmp_path):
         ("round1-train", "models/round1", None)]
 
 
+def test_a_round_whose_hash_folds_leave_one_empty_relabels_without_cross_fitting(tmp_path, photos, caplog):
+    """Folds are drawn by image-id hash: on a small input every image can land in one fold, and that
+    fold's model would have nothing to train on (it stopped the run with NoExamplesError)."""
+    from engine.registry import rounds_plan
+
+    records, images = _records(photos, len(photos))
+    by_fold = {f: [r for r in records if _fold(r["image_id"], 2) == f] for f in (0, 1)}
+    one_sided = max(by_fold.values(), key=len)[:3]
+    plan = rounds_plan(_pipeline(tmp_path, folds="2"))
+    store = write_train_store(tmp_path / "one", one_sided, images, 2)
+    with caplog.at_level("WARNING"):
+        assert plan.folds(store, TRAIN_FOLDER) == 0
+    assert "holds none of the 3 images" in caplog.text and "without cross-fitting" in caplog.text
+    both = by_fold[0][:2] + by_fold[1][:1]
+    assert plan.folds(write_train_store(tmp_path / "both", both, images, 2), TRAIN_FOLDER) == 2
+
+
 def test_a_fold_model_never_draws_nor_validates_on_its_fold(tmp_path, photos):
     from refine.dataset import ShardStream, validation_split
     from schemas.task_codec import TaskCodec
@@ -179,7 +196,7 @@ def test_each_image_is_relabelled_by_its_folds_model_and_a_failed_fold_drops_its
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory, photos):
-    return coco_input(photos, tmp_path_factory.mktemp("coco_in"))
+    return coco_input(photos, tmp_path_factory.mktemp("coco_in"), both_folds=True)
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def _metrics(out) -> dict:
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory, photos):
-    return _coco_input(photos, tmp_path_factory.mktemp("coco_in"))
+    return _coco_input(photos, tmp_path_factory.mktemp("coco_in"), both_folds=True)
 
 
 @pytest.mark.timeout(1500)
