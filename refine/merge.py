@@ -26,9 +26,10 @@ The policy (the paper gives none; P §4 "merge"), written out with its reasons i
      kept box above nms_iou (its partner went to another box) is dropped `merge:duplicate`.
 - Texts, per tier: round k's kept caption is compared with round k-1's kept (non-human) ones, not
   blindly swapped in. Its grounding agreement is `merge.caption_agreement`: the mean of (a) the
-  fraction of its groundings whose box matches a kept object region (IoU >= 0.5) and (b) the
-  fraction of the categories it mentions which are kept regions' categories of the image
-  (mention precision); a category counts as mentioned when it is one of the image's region labels
+  fraction of its groundings whose box matches a kept object region (IoU >= 0.5) and (b) its mention
+  F1: precision (the fraction of the categories it mentions which are kept regions' categories of
+  the image) and coverage (the fraction of those kept categories it mentions), so a short caption
+  naming one kept object no longer beats a complete one; a category counts as mentioned when it is one of the image's region labels
   or of the round's training vocabulary (every `<OD>` category the round trained on: `vocabulary`,
   from the round's train_summary.json), so a caption naming an object the image does not hold is
   penalised, not ignored; undefined parts are left out, none at all counts 0. The new
@@ -199,8 +200,8 @@ def _mentions(text: str, categories: set[str]) -> set[str]:
 
 def caption_agreement(caption: dict, groundings: list[dict], regions: list[dict],
                       vocabulary: frozenset = frozenset()) -> float | None:
-    """Mean of the grounded-box match rate and the mention precision against the kept regions
-    (each where defined); None when neither is (no grounding, no known category named). Known
+    """Mean of the grounded-box match rate and the mention F1 against the kept regions' categories
+    (each where defined); None when neither is (no grounding, nothing named, no kept object). Known
     categories: the image's region labels and `vocabulary` (the round's training categories)."""
     kept = [r for r in regions if r["status"] == "kept" and r["kind"] == "object"]
     parts = []
@@ -213,8 +214,10 @@ def caption_agreement(caption: dict, groundings: list[dict], regions: list[dict]
             parts.append(0.0)
     known = {_norm(_label(r)) for r in regions if r["kind"] == "object"} | set(vocabulary)
     named = _mentions(caption.get("text") or "", known - {""})
-    if named:
-        parts.append(len(named & {_norm(_label(r)) for r in kept}) / len(named))
+    present = {_norm(_label(r)) for r in kept} - {""}
+    if named or present:  # mention F1: precision alone let a short caption ("a dog") beat a complete one
+        hit = len(named & present)
+        parts.append(2 * hit / (len(named) + len(present)))
     return float(np.mean(parts)) if parts else None
 
 
