@@ -487,7 +487,9 @@ def quickstart(
 ) -> None:
     """The main job on the embedded default: sample images -> the quickstart pipeline -> stats."""
     samples(samples_dir, False)
-    run(pipelines, pipeline, str(samples_dir), out, runner, profile, False, None, None, None, [], False, [])
+    # by keyword: a positional call silently shifts when run() gains an option (--ray-fuse did)
+    run(pipelines, pipeline, str(samples_dir), out, runner=runner, profile=profile, force=False, from_step=None,
+        address=None, ray_fuse=None, beam_runner=None, beam_option=[], verbose=False, storage_option=[])
     stats(out, None, "table", 2000, [])
     from engine.views.stats import round_summaries
 

@@ -1,5 +1,5 @@
 """Shared fixtures: real photos (scikit-image, Debian darknet) and image-record batches; the hooks of the unit
-layer (`python3 -m pytest -m unit`, tests/unit_layer.py)."""
+layer (`python3 -m pytest -m unit`, tests/unit_layer.py) and of the files' order (tests/suite_order.py)."""
 from __future__ import annotations
 
 import glob
@@ -18,12 +18,21 @@ from PIL import Image
 
 from helpers import make_batch, rendered_sign
 from helpers import ocr_pipelines as write_ocr_pipelines
+import suite_order
+import unit_layer
 from unit_layer import (  # noqa: F401  (the unit layer's hooks: pytest finds them here)
-    pytest_collection_modifyitems,
     pytest_runtest_call,
     pytest_runtest_setup,
     pytest_runtest_teardown,
 )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """The unit layer's markers (tests/unit_layer.py), then the files' order (tests/suite_order.py)."""
+    unit_layer.pytest_collection_modifyitems(config, items)
+    suite_order.heaviest_first(items)
+
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 DARKNET_DIR = "/usr/share/darknet/data"

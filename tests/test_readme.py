@@ -9,9 +9,13 @@ file blocks are written there. Placeholders get small real inputs (PLACEHOLDERS)
 is either listed in CANNOT_RUN with the reason and the error it must fail fast with, or, in its line, ends with
 `# needs: cluster|gpu|network <test>` naming the test that covers its code path (`tests/test_x.py` or
 `tests/test_x.py::test_name`), instead of being left out silently.
+
+The README's `fld quickstart` is also the quickstart's end-to-end test (one run, not two): what it prints (the
+round's summary, the next commands, which then work) and what its report shows in Chromium.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -21,7 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -204,6 +210,7 @@ class Folder:
     env: dict[str, str]
     server: object = None
     timings: list[tuple[float, str]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)  # command text -> its stdout + stderr
 
     def s3_options(self) -> list[str]:
         if self.server is None:
@@ -231,7 +238,7 @@ class Folder:
         res = subprocess.run([sys.executable, "-m", "engine.cli", *argv[1:]], cwd=self.path, env=run_env,
                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
         self.timings.append((round(time.perf_counter() - t0, 1), f"{command.doc}: {command.text}"))
-        output = res.stdout + res.stderr
+        output = self.outputs[command.text] = res.stdout + res.stderr
         if command.text in CANNOT_RUN:
             reason, expected = CANNOT_RUN[command.text]
             assert res.returncode == 2 and expected in output and "Traceback" not in output, (reason, output[-3000:])
@@ -277,6 +284,67 @@ def test_every_readme_command_finishes(folder):
     labels = set(done.stdout.split()[1:])
     assert {"cup", "cat", "person"} <= labels, done.stdout
     assert (folder.path / "samples").is_dir() and (folder.path / "out" / "quickstart" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_says_what_the_round_did_and_what_to_try_next(folder):
+    out = folder.outputs["fld quickstart"]  # tables on stdout, messages (the round, the next commands) on stderr
+    line = next(x for x in out.splitlines() if x.startswith("stage 3 round 1: "))
+    assert "trained 12 steps (loss " in line and "relabelled 11 images (" in line and " merged" in line
+    assert "CLIP score rule: off" in out  # fld stats says why no CLIP rule applies
+    tail = out[out.index("next, try:"):].splitlines()[1:]
+    commands = [shlex.split(x.strip()) for x in tail if x.strip().startswith("fld ")]
+    assert [c[1] for c in commands] == ["query", "show", "export"]
+    (folder.path / "report.html").unlink(missing_ok=True)  # the README's `fld show` wrote one: these write theirs
+    for cmd in commands:
+        res = subprocess.run([sys.executable, "-m", "engine.cli", *cmd[1:]], cwd=folder.path, capture_output=True,
+                             text=True, timeout=300, env={**folder.env, "COLUMNS": "200"})
+        assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+    assert (folder.path / "report.html").stat().st_size > 50_000 and (folder.path / "export").is_dir()
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quickstart_report_draws_captions_boxes_and_masks_in_chromium(folder, sync_api, tmp_path):
+    from engine.views.show import build_report
+    from helpers import CHROMIUM, FLAGS
+
+    report = tmp_path / "screenshot-report.html"
+    assert build_report(folder.path / "out" / "quickstart", report, step="stage2") == 11
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.goto(report.as_uri())
+            card = page.locator("article.card").filter(has_text="photo_darknet_dog.jpg")
+            card.scroll_into_view_if_needed()
+            caption = card.locator("ul.captions li").first
+            assert caption.is_visible() and "dog" in caption.inner_text()
+            assert card.locator("b.phrase").first.is_visible()  # a grounded phrase, coloured like its box
+            assert card.locator(".layer-objects rect").count() >= 2 and card.locator(".layer-objects rect").first.is_visible()
+            assert card.locator(".layer-masks path.mask-outline").count() >= 2
+            assert page.is_checked("#layer-masks")  # few masks: shown at start
+            svg = card.locator("svg.annotated")
+            with_all = _png(svg.screenshot())
+            page.click("label[for=layer-masks]")
+            no_masks = _png(svg.screenshot())
+            page.click("label[for=layer-objects]")
+            page.click("label[for=layer-groundings]")
+            bare = _png(svg.screenshot())
+            page.click("label[for=layer-masks]")
+            page.click("label[for=layer-objects]")
+            page.click("label[for=layer-groundings]")
+            card.screenshot(path=str(tmp_path / "card.png"))
+            page.screenshot(path=str(tmp_path / "report.png"))
+        finally:
+            browser.close()
+    # masks and boxes change visible pixels: they are drawn, not only present in the markup
+    assert (np.abs(with_all - no_masks).sum(axis=2) > 30).mean() > 0.01
+    assert (np.abs(no_masks - bare).sum(axis=2) > 30).mean() > 0.002
 
 
 @pytest.mark.slow

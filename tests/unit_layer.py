@@ -51,6 +51,7 @@ UNIT_MODULES = {
     "test_schemas.py",
     "test_show.py",
     "test_store.py",
+    "test_suite_order.py",
     "test_task_codec.py",
 }
 # Tests of those modules that are not unit tests (they start a subprocess, Ray or Beam, or take long).
