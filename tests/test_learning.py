@@ -17,7 +17,7 @@ from PIL import Image
 from engine.stage import decode_image
 from engine.training import TrainJob, World
 from refine.health import MODEL as WHOLE_MODEL
-from refine.health import HealthThresholds, box_agreement, check_model, failures, sound, verdict
+from refine.health import HealthThresholds, box_agreement, check_model, failures, headline, sound, verdict
 from refine.relabel import RefineRelabeler
 from refine.trainer import Florence2Trainer, generation_lengths
 from schemas.records import empty_record, make_ann_id, new_annotation, source_of
@@ -223,6 +223,25 @@ class Canned:
 
     def parse(self, text, task, size):
         return self.real.parse(text, task, size)
+
+
+def test_a_caption_that_fits_another_image_as_well_fails_the_mention_lift_control():
+    """Word overlap with the kept labels passes generic captions (they share colours, backgrounds, common
+    objects); the lift subtracts the same caption's overlap with another validation image's labels."""
+    records, images, _ = world_images(4)
+    examples = TaskCodec(["<CAPTION>"], 256).encode_all(records)
+    pixels = {iid: decode_image(data) for iid, data in images.items()}
+    ordered = [ex.target for ex in examples if ex.task == "<CAPTION>"]
+    perfect = check_model(Canned(lambda task, i: ordered[i]), examples, pixels, batch_size=8)
+    assert perfect["tasks"]["<CAPTION>"]["mention_lift"] > 0.1 and perfect["mention_lift"] > 0.1
+    # every image gets its neighbour's caption: distinct, well-formed, but about another image
+    shifted = check_model(Canned(lambda task, i: ordered[(i + 1) % len(ordered)]), examples, pixels, batch_size=8)
+    assert shifted["tasks"]["<CAPTION>"]["distinct"] == 1.0 and shifted["mention_lift"] < 0.1
+    trained = HealthThresholds().for_start(False)
+    assert trained.min_mention_lift == 0.1 and HealthThresholds().min_mention_lift is None
+    assert any("mention lift" in f for f in failures(shifted, trained).get("<CAPTION>", []))
+    assert not any("mention lift" in f for f in failures(perfect, trained).get("<CAPTION>", []))
+    assert headline(shifted, "<CAPTION>")["mention_lift"] == shifted["tasks"]["<CAPTION>"]["mention_lift"]
 
 
 def test_health_figures_of_a_perfect_and_a_collapsed_model():

@@ -321,7 +321,7 @@ def _round_health(manifest: dict) -> str:
             continue
         v = h.get("validation") or {}
         figures = ", ".join(f"{name.replace('_', ' ')} {h[name]:.2f}" for name in
-                            ("same_across_tasks", "box_recall", "box_precision", "mention_precision") if h.get(name) is not None)
+                            ("same_across_tasks", "box_recall", "box_precision", "mention_precision", "mention_lift") if h.get(name) is not None)
         tasks = "; ".join(f"{t} distinct {f['distinct']:.2f}" if f.get("distinct") is not None else t
                           for t, f in (h.get("tasks") or {}).items())
         text = (f"round {k}: {v.get('images', 0)} validation images, val loss {h['val_loss']:.3f}" if h.get("val_loss") is not None
