@@ -293,7 +293,7 @@ class FlorenceRounds:
             whose = (f"fold model{'s' if len(models) > 1 else ''} {', '.join(map(str, models))}" if folds else "model")
             first = found[0][1]
             more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-            whose_relabels = (f"{'their folds' if len(models) > 1 else 'its fold'}'s" if folds else "its")
+            whose_relabels = (("their folds'" if len(models) > 1 else "its fold's") if folds else "its")
             if scope == MODEL:
                 messages.append(f"round {round_}: {whose} failed its health check ({first}{more}): {whose_relabels} "
                                 "relabels are kept as dropped, reason round:unhealthy_model"
