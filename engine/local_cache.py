@@ -15,6 +15,7 @@ folder's *version*: a hash of its object listing (names, sizes, ETags). So:
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -71,8 +72,9 @@ def cached_copy(fs, root: str, store_url: str, rel: str) -> Path:
             if _intact(slot):
                 return slot
             index += 1
+        for dead in base.parent.glob(f"{glob.escape(base.name)}@{version}*.tmp-*"):  # killed downloads' leftovers:
+            shutil.rmtree(dead, ignore_errors=True)  # every download of this version runs under the lock we hold
         tmp = Path(f"{slot}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed downloader's leftover (we hold the lock)
         tmp.mkdir(parents=True)
         if files:
             names = sorted(files)
