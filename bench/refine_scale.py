@@ -7,7 +7,8 @@
   images of the same generated world (a COCO file with a box and a caption per image). Target:
   within 15% (a round streams its shards; nothing holds the dataset).
 - relabel: images/s of the round's relabel stage (a trained tiny Florence-2) as a bare in-process
-  loop over the shards vs the engine on Ray with 1 and 2 actors. Target: 2 actors >= 1.5x one. CPU seconds
+  loop over the shards vs the engine on Ray with 1 and 2 actors (`--relabel-model random:base`: a model of
+  Florence-2-base's size instead of the round's tiny one). Target: 2 actors >= 1.5x one. CPU seconds
   per image beside each (bench.scale.TreeCPU: driver + Ray processes), the work shared cores hide.
 - train: training samples/s with 1 worker (in-process) vs Ray Train `num_workers: 2` (DDP, CPU).
   On 2 cores expect < 2x (the workers share the cores and synchronise gradients). And the same 1-worker
@@ -140,10 +141,10 @@ def section_relabel_and_train(args, work: Path) -> dict:
     model_dir = store.local_dir("models/round1")
     shards = store.shards("images")
     n = sum(store.commit_record("images", s)["rows"] for s in shards)
-    params = {"model": model_dir, "round": 1, "tasks": ["caption", "od"], "batch_size": 8, "max_new_tokens": 12,
+    params = {"model": args.relabel_model or model_dir, "round": 1, "tasks": ["caption", "od"], "batch_size": 8, "max_new_tokens": 12,
               "num_beams": 1, "cpus": 1}
     if "relabel" in args.sections:
-        print(f"\n== relabel: round-1 model, {n} images in {len(shards)} shards, batch 8, 1 thread per worker", flush=True)
+        print(f"\n== relabel: {args.relabel_model or 'round-1 model'}, {n} images in {len(shards)} shards, batch 8, 1 thread per worker", flush=True)
 
     def bare() -> float:
         tables = [read_step_input(store, "annotations/filtered", s, frozenset({"pixels"})) for s in shards]
@@ -223,6 +224,9 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=200)
     ap.add_argument("--large", type=int, default=800)
     ap.add_argument("--relabel-images", type=int, default=64)
+    ap.add_argument("--relabel-model", default="", help="relabel section: the model relabelling instead of the "
+                    "round's tiny one, e.g. random:base (Florence-2-base's size, random weights): work per image that "
+                    "dwarfs an actor's start-up, so the 2-actor ratio measures the scaling, not the start-up")
     ap.add_argument("--shard-size", type=int, default=8, help="relabel section: images per shard")
     ap.add_argument("--train-steps", type=int, default=12, help="training steps of the measured rounds")
     ap.add_argument("--train-bench-steps", type=int, default=20)
