@@ -20,7 +20,7 @@ SECONDS = {
     "test_segments.py": 110,
     "test_runners.py": 60,
     "test_ray_resume.py": 55,
-    "test_ray_rounds_s3.py": 55,
+    "test_ray_rounds_s3.py": 84,
     "test_crossfit.py": 52,
     "test_ray_cluster.py": 50,
     "test_quality_stage3.py": 40,
