@@ -168,7 +168,10 @@ def section_relabel_and_train(args, work: Path) -> dict:
         return time.perf_counter() - t0
 
     temp = tempfile.mkdtemp(prefix="fldrb", dir="/tmp")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    from engine.runners.ray_runner import local_system_config
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             **local_system_config(os.cpu_count()))  # as the engine starts a local instance
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -285,7 +285,8 @@ runner = {runner!r}
 options = {{}}
 if runner == "ray":
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir={temp!r}, log_to_driver=False)
+    from engine.runners.ray_runner import local_system_config
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir={temp!r}, log_to_driver=False, **local_system_config(2))
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
 t0 = time.perf_counter()
@@ -380,7 +381,10 @@ def section_runners(args, work: Path) -> dict:
     import ray
 
     ray_temp = tempfile.mkdtemp(prefix="fldbench", dir="/tmp")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=ray_temp, log_to_driver=False)
+    from engine.runners.ray_runner import local_system_config
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=ray_temp, log_to_driver=False,
+             **local_system_config(os.cpu_count()))  # as the engine starts a local instance
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

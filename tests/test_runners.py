@@ -341,6 +341,20 @@ def _stages(*resources: Resources) -> list[Stage]:
     return [type(f"S{k}", (_Model,), {"name": f"s{k}", "default_resources": r})() for k, r in enumerate(resources)]
 
 
+def test_a_local_ray_instance_keeps_idle_task_workers(monkeypatch):
+    """Ray kills idle workers beyond num_workers_soft_limit (default: the CPU count); with actors holding the
+    CPU slots every 0.25-CPU read / commit task then started a fresh process. A local instance keeps 4 per CPU;
+    a limit the user set in the environment wins."""
+    from engine.runners.ray_runner import local_system_config
+
+    monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
+    assert local_system_config(2) == {"_system_config": {"num_workers_soft_limit": 8}}
+    assert local_system_config(0.5) == {"_system_config": {"num_workers_soft_limit": 2}}
+    assert local_system_config(None)["_system_config"]["num_workers_soft_limit"] == 4 * (os.cpu_count() or 1)
+    monkeypatch.setenv("RAY_num_workers_soft_limit", "3")
+    assert local_system_config(2) == {}
+
+
 def test_fuse_plan_fuses_model_stages_only_where_their_pools_do_not_fit():
     from engine.runners.ray_runner import fuse_plan
 
