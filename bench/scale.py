@@ -331,7 +331,6 @@ def section_rss(args, work: Path) -> dict:
 
 # ------------------------------------------------------------------------- runners
 def section_runners(args, work: Path) -> dict:
-    from engine.execute import batches, read_step_input
     from engine.run import run_pipeline
     from engine.runners.base import get_runner
     from engine.run import ingest
@@ -349,16 +348,7 @@ def section_runners(args, work: Path) -> dict:
           "with 2 actors), batch 4", flush=True)
 
     def bare() -> float:
-        from annotators.ocr import RapidOCRAnnotator
-
-        tables = [read_step_input(store, "images", s, frozenset({"pixels"})) for s in store.shards("images")]
-        t0 = time.perf_counter()
-        stage = RapidOCRAnnotator({"batch_size": 4, "threads": 1})
-        stage.ensure_setup()
-        for table in tables:
-            for batch in batches(table, 4):
-                stage(batch)
-        return time.perf_counter() - t0
+        return bare_ocr_loop(str(base), store.shards("images"))
 
     def bare_two() -> float:  # the machine's own ceiling for 2 workers: the bare loop in 2 OS processes, no Ray
         import multiprocessing
@@ -414,7 +404,8 @@ def section_runners(args, work: Path) -> dict:
 
 
 def bare_ocr_loop(base: str, shards: list[str]) -> float:
-    """The bare RapidOCR loop over some shards of `base`/images (one process of `bare, 2 processes`)."""
+    """The bare RapidOCR loop over some shards of `base`/images, timed from the model's load (the shards are
+    read and decoded before): `bare model loop` runs it over every shard, `bare, 2 processes` over half in each."""
     from annotators.ocr import RapidOCRAnnotator
     from engine.execute import batches, read_step_input
     from engine.store import ShardStore

@@ -353,6 +353,20 @@ def test_a_local_ray_instance_keeps_idle_task_workers(monkeypatch):
     assert local_system_config(None)["_system_config"]["num_workers_soft_limit"] == 4 * (os.cpu_count() or 1)
     monkeypatch.setenv("RAY_num_workers_soft_limit", "3")
     assert local_system_config(2) == {}
+    monkeypatch.delenv("RAY_num_workers_soft_limit")
+
+    import ray
+
+    from engine.runners.ray_runner import RayRunner
+
+    calls = []  # what connect() hands ray.init: the local instance it starts gets the setting, a cluster does not
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    RayRunner(num_cpus=2).connect()
+    RayRunner(address="auto").connect()
+    assert calls[0]["_system_config"] == {"num_workers_soft_limit": 8} and "_system_config" not in calls[1], calls
 
 
 def test_fuse_plan_fuses_model_stages_only_where_their_pools_do_not_fit():
